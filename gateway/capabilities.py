@@ -1,0 +1,128 @@
+"""What each backend can do, as data, and the one pure eligibility check.
+
+A backend that would silently change the request (another size, fewer images,
+fewer steps) is not eligible for it: the caller gets what they asked for or a
+clear refusal, never a quiet substitute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from gateway.job import ImageJob, JobKind
+
+# Model-wide limits (ARCHITECTURE section 1; BFL: width/height >= 64, multiples
+# of 16, <= 4 MP; shared/reference/providers.md section 7).
+MODEL_MIN_SIDE = 64
+MODEL_MAX_SIDE = 2048
+MODEL_MULTIPLE = 16
+MODEL_MAX_PIXELS = 2048 * 2048
+MODEL_MAX_N = 4
+MODEL_MAX_STEPS = 50
+MODEL_MAX_REFERENCES = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    min_side: int = MODEL_MIN_SIDE
+    max_side: int = MODEL_MAX_SIDE
+    multiple_of: int = MODEL_MULTIPLE
+    max_pixels: int = MODEL_MAX_PIXELS
+    # When set, only these exact (width, height) pairs can be produced
+    # (Replicate's klein takes an aspect ratio and a megapixel count, not sizes).
+    exact_sizes: frozenset[tuple[int, int]] | None = None
+    max_n: int = MODEL_MAX_N
+    min_steps: int = 1
+    max_steps: int = MODEL_MAX_STEPS
+    fixed_steps: int | None = None  # the backend ignores the step count and always runs this many
+    text_to_image: bool = True
+    edit: bool = True
+    max_references: int = MODEL_MAX_REFERENCES
+    # Reference images can be sent inline as data: URIs. When False, the
+    # backend needs a public https URL, so uploaded bytes are not eligible.
+    accepts_data_uri_refs: bool = True
+    output_formats: frozenset[str] = frozenset({"png", "jpeg", "webp"})
+    seed: bool = True
+
+    def merged(self, overrides: dict[str, Any] | None) -> Capabilities:
+        """These capabilities with providers.yaml overrides applied."""
+        if not overrides:
+            return self
+        fixed = dict(overrides)
+        if "exact_sizes" in fixed and fixed["exact_sizes"] is not None:
+            fixed["exact_sizes"] = frozenset(_parse_size(s) for s in fixed["exact_sizes"])
+        if "output_formats" in fixed:
+            fixed["output_formats"] = frozenset(fixed["output_formats"])
+        return replace(self, **fixed)
+
+
+def _parse_size(value: Any) -> tuple[int, int]:
+    if isinstance(value, str):
+        w, _, h = value.lower().partition("x")
+        return int(w), int(h)
+    w, h = value
+    return int(w), int(h)
+
+
+@dataclass(frozen=True, slots=True)
+class Eligibility:
+    ok: bool
+    reason: str = ""
+    param: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+ELIGIBLE = Eligibility(True)
+
+
+def eligible(job: ImageJob, caps: Capabilities) -> Eligibility:
+    """Can this backend do exactly this job? Pure; the reason names the limit."""
+    w, h = job.width, job.height
+    if job.kind is JobKind.EDIT and not caps.edit:
+        return Eligibility(False, "does not support edits", "image")
+    if job.kind is JobKind.GENERATE and not caps.text_to_image:
+        return Eligibility(False, "does not support text-to-image", "prompt")
+    if caps.exact_sizes is not None:
+        if (w, h) not in caps.exact_sizes:
+            return Eligibility(False, f"cannot produce exactly {w}x{h}", "size")
+    else:
+        if w % caps.multiple_of or h % caps.multiple_of:
+            return Eligibility(False, f"width and height must be multiples of {caps.multiple_of}", "size")
+        if not (caps.min_side <= w <= caps.max_side and caps.min_side <= h <= caps.max_side):
+            return Eligibility(False, f"width and height must be {caps.min_side} to {caps.max_side}", "size")
+    if w * h > caps.max_pixels:
+        return Eligibility(False, f"at most {caps.max_pixels:,} pixels per image", "size")
+    if job.n > caps.max_n:
+        return Eligibility(False, f"at most {caps.max_n} images per request", "n")
+    if caps.fixed_steps is not None and job.steps != caps.fixed_steps:
+        return Eligibility(False, f"always runs {caps.fixed_steps} steps", "num_inference_steps")
+    if not caps.min_steps <= job.steps <= caps.max_steps:
+        return Eligibility(False, f"num_inference_steps must be {caps.min_steps} to {caps.max_steps}", "num_inference_steps")
+    if len(job.references) > caps.max_references:
+        return Eligibility(False, f"at most {caps.max_references} reference images", "image")
+    if not caps.accepts_data_uri_refs and any(ref.url is None for ref in job.references):
+        return Eligibility(False, "needs reference images as public URLs, not uploads", "image")
+    if job.seed is not None and not caps.seed:
+        return Eligibility(False, "does not accept a seed", "seed")
+    return ELIGIBLE
+
+
+def union_limits(all_caps: list[Capabilities]) -> Capabilities:
+    """The loosest limits over all backends: a request outside them can be
+    refused before routing, naming the limit."""
+    if not all_caps:
+        return Capabilities()
+    return Capabilities(
+        min_side=min(c.min_side for c in all_caps),
+        max_side=max(c.max_side for c in all_caps),
+        max_pixels=max(c.max_pixels for c in all_caps),
+        max_n=max(c.max_n for c in all_caps),
+        min_steps=min(c.min_steps for c in all_caps),
+        max_steps=max(c.max_steps for c in all_caps),
+        max_references=max(c.max_references for c in all_caps),
+    )
+
+

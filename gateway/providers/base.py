@@ -1,0 +1,260 @@
+"""The one small interface every backend adapter implements.
+
+An adapter translates an `ImageJob` into one provider's wire protocol and back
+into a provider-neutral `ProviderResult`. It knows nothing about pricing,
+routing or other providers. Every failure leaves an adapter as a
+`ProviderError` whose `failure` class says what it means for billing and
+health (ARCHITECTURE section 4); dispatch decides what to do with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import httpx
+
+from gateway.capabilities import Capabilities
+from gateway.job import ImageJob
+
+
+class FailureClass(StrEnum):
+    """What a failure means for billing and for the backend's health."""
+
+    UNREACHABLE = "unreachable"  # never reached the provider: connect, DNS, TLS, refused
+    REFUSED = "refused"  # refused before any work: 429, 503, 402, 401/403
+    REJECTED = "rejected"  # the provider rejected the input: 400/422
+    FAILED = "failed"  # the provider tried and failed: 5xx, status failed, garbage body
+    UNKNOWN_OUTCOME = "unknown_outcome"  # submitted (job id exists), then timeout/reset
+    CONTENT_FILTERED = "content_filtered"  # every image flagged by the safety checker
+
+
+@dataclass(eq=False)
+class ProviderError(Exception):
+    """A classified failure of one attempt on one backend.
+
+    `message` is safe to show a caller: adapters never put credentials, auth
+    headers or the provider's internal URLs into it.
+    """
+
+    failure: FailureClass
+    message: str
+    status: int | None = None
+    retry_after: float | None = None
+    job_id: str | None = None
+    billed: bool = False  # the provider may charge for this attempt
+    credentials_invalid: bool = False  # 401/403: the backend is down until fixed
+    code: str | None = None  # the provider's own error code, if any
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        return f"{self.failure}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    """One output image: a URL the provider serves, or the bytes themselves."""
+
+    url: str | None = None
+    data: bytes | None = None
+    content_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+    nsfw: bool | None = None  # None: not checked
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class ProviderResult:
+    images: list[GeneratedImage]
+    seed: int | None = None
+    job_id: str | None = None
+    reported_cost_usd: Decimal | None = None  # the provider's own figure, where it reports one
+    raw: Mapping[str, Any] = field(default_factory=dict)  # for debugging; never logged whole
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """Outcome of a free health probe. Probes never generate a paid image."""
+
+    ok: bool
+    detail: str = ""
+    latency_s: float | None = None
+    live: Mapping[str, Any] = field(default_factory=dict)  # e.g. local queue wait, live cost
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0
+    request: float = 60.0  # one HTTP exchange (read), e.g. Replicate's Prefer: wait
+    poll_interval: float = 0.25  # first poll delay; grows up to max_poll_interval
+    max_poll_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSettings:
+    """What an adapter is built from; comes from providers.yaml and the environment."""
+
+    name: str
+    base_url: str
+    credential: str | None
+    timeouts: Timeouts = Timeouts()
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Adapter(ABC):
+    """Base of every provider adapter. Subclasses set `kind` and implement
+    `generate` and `probe`; `cancel` is optional (not every provider has one)."""
+
+    kind: ClassVar[str]
+    default_capabilities: ClassVar[Capabilities]
+
+    def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.client = client
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return self.settings.options.get(key, default)
+
+    @abstractmethod
+    async def generate(self, job: ImageJob, deadline: float) -> ProviderResult:
+        """Run the job; `deadline` is a `time.monotonic()` instant.
+
+        Raises `ProviderError` for every failure. Past the deadline with a job
+        id in hand, raise UNKNOWN_OUTCOME carrying that id."""
+
+    @abstractmethod
+    async def probe(self) -> ProbeResult:
+        """A health check that costs nothing (never a generation)."""
+
+    async def cancel(self, job_id: str) -> bool:
+        """Ask the provider to cancel a submitted job; True if it accepted."""
+        return False
+
+    # ---- helpers shared by HTTP adapters -------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        deadline: float,
+        job_id: str | None = None,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> httpx.Response:
+        """One HTTP exchange, with transport errors classified.
+
+        Before a job id exists a transport failure is UNREACHABLE (connect) or
+        FAILED (the request may have reached the provider but nothing was
+        created we know of). With a job id it is UNKNOWN_OUTCOME."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise deadline_error(job_id)
+        read = min(timeout or self.settings.timeouts.request, remaining)
+        t = httpx.Timeout(read, connect=min(self.settings.timeouts.connect, remaining))
+        try:
+            return await self.client.request(method, url, timeout=t, **kw)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            if job_id:
+                raise ProviderError(FailureClass.UNKNOWN_OUTCOME, f"connection lost while following job: {type(exc).__name__}", job_id=job_id, billed=True) from None
+            raise ProviderError(FailureClass.UNREACHABLE, f"could not connect: {type(exc).__name__}") from None
+        except httpx.TimeoutException as exc:
+            if job_id:
+                raise ProviderError(FailureClass.UNKNOWN_OUTCOME, f"timed out following job: {type(exc).__name__}", job_id=job_id, billed=True) from None
+            raise ProviderError(FailureClass.UNKNOWN_OUTCOME, f"timed out waiting for the provider: {type(exc).__name__}", billed=True) from None
+        except httpx.TransportError as exc:
+            if job_id:
+                raise ProviderError(FailureClass.UNKNOWN_OUTCOME, f"connection broke while following job: {type(exc).__name__}", job_id=job_id, billed=True) from None
+            raise ProviderError(FailureClass.FAILED, f"connection broke: {type(exc).__name__}") from None
+
+
+def deadline_error(job_id: str | None) -> ProviderError:
+    if job_id:
+        return ProviderError(FailureClass.UNKNOWN_OUTCOME, "deadline passed while the job was running", job_id=job_id, billed=True)
+    return ProviderError(FailureClass.UNREACHABLE, "deadline passed before the request was sent")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def classify_status(status: int, *, job_id: str | None = None) -> FailureClass:
+    """The failure class of an HTTP error status, before a provider's own rules."""
+    if status in (401, 402, 403, 429, 503):
+        return FailureClass.REFUSED
+    if status in (400, 404, 409, 413, 415, 422):
+        return FailureClass.REJECTED
+    if job_id and status in (408, 504):
+        return FailureClass.UNKNOWN_OUTCOME
+    return FailureClass.FAILED
+
+
+def http_error(
+    response: httpx.Response,
+    message: str,
+    *,
+    job_id: str | None = None,
+    code: str | None = None,
+    billed: bool = False,
+) -> ProviderError:
+    """A ProviderError from an HTTP error response, with Retry-After honoured."""
+    status = response.status_code
+    return ProviderError(
+        classify_status(status, job_id=job_id),
+        f"HTTP {status}: {message}"[:500],
+        status=status,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+        job_id=job_id,
+        billed=billed,
+        credentials_invalid=status in (401, 403),
+        code=code,
+    )
+
+
+def json_body(response: httpx.Response, *, job_id: str | None = None) -> Any:
+    """The JSON body, or a FAILED (garbage body) error."""
+    try:
+        return response.json()
+    except ValueError:
+        raise ProviderError(
+            FailureClass.UNKNOWN_OUTCOME if job_id else FailureClass.FAILED,
+            f"HTTP {response.status_code}: response body is not JSON",
+            status=response.status_code,
+            job_id=job_id,
+            billed=bool(job_id),
+        ) from None
+
+
+async def sleep_until_next_poll(attempt: int, timeouts: Timeouts, deadline: float, job_id: str) -> None:
+    """Back off between polls, never past the deadline."""
+    delay = min(timeouts.poll_interval * (1.5**attempt), timeouts.max_poll_interval)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise deadline_error(job_id)
+    await asyncio.sleep(min(delay, remaining))

@@ -1,0 +1,79 @@
+"""Wire schema of the local backend's HTTP API.
+
+Shared by the service (`local_backend.app`), the gateway's local adapter
+(`gateway.providers.local`) and the local emulator, so the three cannot drift.
+Pure pydantic: importing it never pulls in torch.
+
+    POST /v1/images/generations   GenerateRequest -> GenerateResponse
+                                  429 + Retry-After when the queue is full,
+                                  503 while warming up, 504 past the deadline,
+                                  errors as {"error": {"message", "type", "code"}}
+    GET  /v1/info                 BackendInfo (queue, measured speed, live cost)
+    GET  /health/live             200 while the process runs
+    GET  /health/ready            200 once warm-up finished, else 503
+    GET  /metrics                 Prometheus text
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=4000)
+    width: int = Field(ge=64, le=2048, multiple_of=16)
+    height: int = Field(ge=64, le=2048, multiple_of=16)
+    num_inference_steps: int = Field(default=4, ge=1, le=50)
+    guidance_scale: float = 1.0  # accepted and ignored: the distilled model runs without CFG
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    num_images: int = Field(default=1, ge=1, le=4)
+    output_format: OutputFormat = "png"
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    enable_safety_checker: bool = False
+    reference_images: list[str] = Field(default_factory=list, max_length=4)  # base64 (or data: URIs)
+    timeout_s: float | None = Field(default=None, gt=0, le=3600)
+
+
+class LocalImage(BaseModel):
+    b64_json: str
+    width: int
+    height: int
+    seed: int
+    content_type: str
+    nsfw: bool | None = None  # None: not checked
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    inference_ms: float
+    batch_size: int
+
+
+class GenerateResponse(BaseModel):
+    images: list[LocalImage]
+    seed: int
+    timings: Timings
+    cost_usd_estimate: float | None = None
+
+
+class CostFigures(BaseModel):
+    marginal_usd_per_image: float | None = None  # busy GPU time only
+    amortized_usd_per_image: float | None = None  # wall time at measured utilisation
+    gpu_usd_per_hour: float = 0.0
+
+
+class BackendInfo(BaseModel):
+    model: str
+    device: str
+    ready: bool
+    buckets: list[str]  # "WxH"
+    max_batch_images: int
+    seconds_per_image: dict[str, float] = Field(default_factory=dict)  # by bucket, at 4 steps
+    queue_depth: int = 0
+    queue_capacity: int = 0
+    estimated_wait_s: float = 0.0
+    cost: CostFigures = Field(default_factory=CostFigures)
