@@ -42,6 +42,9 @@ class Capabilities:
     # Reference images can be sent inline as data: URIs. When False, the
     # backend needs a public https URL, so uploaded bytes are not eligible.
     accepts_data_uri_refs: bool = True
+    # Reference images can be sent as the caller's URLs. When False (the local
+    # GPU takes bytes), the gateway fetches them first, with its SSRF guard.
+    accepts_url_refs: bool = True
     output_formats: frozenset[str] = frozenset({"png", "jpeg", "webp"})
     seed: bool = True
 

@@ -1,0 +1,193 @@
+"""The OpenAI Images surface: generations, edits, models, and served files.
+
+Handlers only parse and validate into an ImageJob, call the gateway, and
+shape the answer as the OpenAI SDK expects (shared/reference/providers.md
+section 5). Nothing after `build_job` knows which wire shape was used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from litestar import MediaType, Request, Response, get, post
+from litestar.datastructures import UploadFile
+
+from gateway.api.context import CallContext, authenticate, deadline_for, json_object, request_id_for
+from gateway.api.parse import build_job, parse_body
+from gateway.dispatch import DispatchFailed
+from gateway.errors import GatewayError, InvalidRequest, NotFound, UnsupportedMediaType
+from gateway.job import ImageJob, JobKind, ReferenceImage
+from gateway.models import ALIASES, MODEL_ID, model_object, resolve_model
+from gateway.references import check_image_bytes, parse_reference
+from gateway.service import Gateway
+
+IMAGE_FIELDS = ("image", "image[]") + tuple(f"image[{i}]" for i in range(8))
+
+JobBuilder = Callable[[Request[Any, Any, Any], Gateway, CallContext], Awaitable[ImageJob]]
+
+
+def gateway_of(request: Request[Any, Any, Any]) -> Gateway:
+    return request.app.state.gateway
+
+
+def begin(request: Request[Any, Any, Any], gw: Gateway) -> CallContext:
+    request_id = request_id_for(request)
+    request.state.request_id = request_id
+    request.state.klein_headers = {"x-request-id": request_id}
+    caller = authenticate(request, gw.keys)
+    request.state.caller = caller
+    settings = gw.config.settings
+    return CallContext(request_id, caller, deadline_for(request, settings.default_deadline_s, settings.max_deadline_s))
+
+
+def base_url_of(request: Request[Any, Any, Any], gw: Gateway) -> str:
+    configured = gw.config.settings.public_base_url
+    return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
+
+
+async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuilder) -> Response[bytes]:
+    """The shared path of generations and edits: job, dispatch, answer, metrics, log."""
+    gw = gateway_of(request)
+    started = time.monotonic()
+    status, backend, upstream, cost, attempts = 500, None, 0.0, None, 0
+    with gw.metrics.in_flight():
+        try:
+            ctx = begin(request, gw)
+            job = await build(request, gw, ctx)
+            outcome = await gw.images(job, started=started, base_url=base_url_of(request, gw))
+            backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, len(outcome.attempts)
+            headers = {
+                "x-request-id": ctx.request_id,
+                "x-klein-backend": outcome.backend,
+                "x-klein-cost-usd": str(outcome.cost_usd),
+                "x-klein-attempts": str(attempts),
+            }
+            if any(img.nsfw for img in outcome.images):
+                headers["x-klein-nsfw"] = ",".join(str(i) for i, img in enumerate(outcome.images) if img.nsfw)
+            body = {
+                "created": int(time.time()),
+                "data": [img.as_openai() for img in outcome.images],
+                "output_format": job.output_format,
+                "size": job.size,
+            }
+            status = 200
+            return Response(msgspec.json.encode(body), media_type=MediaType.JSON, headers=headers)
+        except DispatchFailed as err:
+            status, upstream, cost, attempts = err.status, err.upstream_s, err.cost_usd, len([a for a in err.attempts if a.outcome != "skipped"])
+            request.state.klein_headers.update({"x-klein-cost-usd": str(err.cost_usd), "x-klein-attempts": str(attempts)})
+            raise
+        except GatewayError as err:
+            status = err.status
+            if hasattr(request.state, "klein_headers"):
+                request.state.klein_headers.update({"x-klein-cost-usd": "0", "x-klein-attempts": "0"})
+            raise
+        finally:
+            total = time.monotonic() - started
+            gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
+            gw.log_request(request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream))
+
+
+async def _generation_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallContext) -> ImageJob:
+    raw = await json_object(request)
+    return _job_from_raw(raw, gw, ctx, JobKind.GENERATE)
+
+
+def _job_from_raw(raw: dict[str, Any], gw: Gateway, ctx: CallContext, kind: JobKind, uploads: list[ReferenceImage] | None = None) -> ImageJob:
+    body = parse_body(raw)
+    refs = list(uploads or [])
+    for i, value in enumerate(body.images or []):
+        refs.append(parse_reference(value, f"images[{i}]"))
+    if refs:
+        kind = JobKind.EDIT
+    return build_job(
+        body,
+        kind=kind,
+        references=refs,
+        max_prompt_chars=gw.config.settings.max_prompt_chars,
+        deadline_s=ctx.deadline_s,
+        caller=ctx.caller,
+        known_backends=gw.fleet.names,
+        request_id=ctx.request_id,
+    )
+
+
+async def _edit_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallContext) -> ImageJob:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        raw = await json_object(request)
+        if not raw.get("images"):
+            raise InvalidRequest("an edit needs `images`: 1 to 4 image URLs or data: URIs", param="images", code="missing_image")
+        return _job_from_raw(raw, gw, ctx, JobKind.EDIT)
+    if ctype != "multipart/form-data":
+        raise UnsupportedMediaType("send multipart/form-data with `image` files, or JSON with `images`")
+    form = await request.form()
+    fields: dict[str, Any] = {}
+    uploads: list[ReferenceImage] = []
+    for key, value in form.multi_items():
+        if key in IMAGE_FIELDS:
+            if not isinstance(value, UploadFile):
+                raise InvalidRequest(f"{key} must be a file upload", param="image", code="invalid_image")
+            uploads.append(check_image_bytes(await value.read(), "image"))
+        elif key == "mask":
+            raise InvalidRequest("mask is not supported: FLUX.2 [klein] edits from reference images, not masks", param="mask", code="unsupported_parameter")
+        elif isinstance(value, UploadFile):
+            raise InvalidRequest(f"unexpected file field {key!r}; send images as image, image[] or image[0..3]", param=key, code="invalid_image")
+        elif key == "provider":
+            try:
+                fields[key] = msgspec.json.decode(value)
+            except msgspec.DecodeError:
+                raise InvalidRequest("provider must be a JSON object", param="provider", code="invalid_value") from None
+        elif key.startswith("images"):
+            fields.setdefault("images", []).append(value)
+        else:
+            fields[key] = value
+    if not uploads and not fields.get("images"):
+        raise InvalidRequest("an edit needs 1 to 4 images: send them as image, image[] or image[0..3]", param="image", code="missing_image")
+    return _job_from_raw(fields, gw, ctx, JobKind.EDIT, uploads)
+
+
+@post("/v1/images/generations", status_code=200)
+async def generations(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return await run_images(request, "generations", _generation_job)
+
+
+@post("/v1/images/edits", status_code=200)
+async def edits(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return await run_images(request, "edits", _edit_job)
+
+
+@get("/v1/models")
+async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
+    gw = gateway_of(request)
+    begin(request, gw)
+    data = [model_object()] + [model_object(f"{name}/{MODEL_ID}") for name in sorted(gw.fleet.backends)]
+    return Response(msgspec.json.encode({"object": "list", "data": data}), media_type=MediaType.JSON)
+
+
+@get("/v1/models/{model_id:path}")
+async def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
+    gw = gateway_of(request)
+    begin(request, gw)
+    model_id = model_id.lstrip("/")
+    resolved = resolve_model(model_id, set(gw.fleet.backends))
+    if resolved is False:
+        raise NotFound(f"model {model_id!r} does not exist", param="model", code="model_not_found")
+    shown = MODEL_ID if model_id.lower() in ALIASES else model_id
+    return Response(msgspec.json.encode(model_object(shown)), media_type=MediaType.JSON)
+
+
+@get("/v1/images/files/{name:str}")
+async def image_file(request: Request[Any, Any, Any], name: str, expires: int = 0, sig: str = "") -> Response[bytes]:
+    """Images the gateway serves itself; the signed URL is the credential."""
+    gw = gateway_of(request)
+    image_id = name.rsplit(".", 1)[0]
+    item = gw.images_store.get(image_id, expires, sig)
+    if item is None:
+        raise NotFound("image not found or its URL expired", code="image_not_found")
+    return Response(item.data, media_type=item.content_type, headers={"cache-control": "private, max-age=3600"})
+
+
+ROUTES = [generations, edits, list_models, get_model, image_file]

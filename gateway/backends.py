@@ -1,0 +1,92 @@
+"""The backends in service: adapter, capabilities and price sheet, built from config.
+
+`BackendFleet` owns the shared HTTP client and turns a job into routing
+candidates (eligibility, quote, health) for the pure router.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+
+import httpx
+
+from gateway.capabilities import Capabilities, eligible
+from gateway.config import GatewayConfig, ResolvedBackend
+from gateway.healthview import HealthView
+from gateway.job import ImageJob
+from gateway.pricing import PriceSheet, Quote, quote
+from gateway.providers import adapter_class, capabilities_for
+from gateway.providers.base import Adapter, AdapterSettings, Timeouts
+from gateway.references import fetch_reference
+from gateway.routing import Candidate
+
+
+@dataclass
+class Backend:
+    name: str
+    kind: str
+    adapter: Adapter
+    capabilities: Capabilities
+    sheet: PriceSheet
+    expected_latency_s: float | None
+    fetch_client: httpx.AsyncClient
+    baseline_sheet: PriceSheet | None = None
+    _fetched: dict[str, ImageJob] = field(default_factory=dict)
+
+    def quote(self, job: ImageJob, view: HealthView | None = None) -> Quote:
+        live = view.live_usd_per_image if view is not None and self.kind == "local" else None
+        return quote(self.sheet, job, live)
+
+    def baseline_quote(self, job: ImageJob) -> Decimal | None:
+        return quote(self.baseline_sheet, job).usd if self.baseline_sheet is not None else None
+
+    async def prepare(self, job: ImageJob) -> ImageJob:
+        """The job as this backend needs it: URL references fetched for a backend that takes bytes."""
+        if self.capabilities.accepts_url_refs or all(r.data is not None for r in job.references):
+            return job
+        refs = tuple([await fetch_reference(r, self.fetch_client) for r in job.references])
+        return replace(job, references=refs)
+
+
+class BackendFleet:
+    def __init__(self, config: GatewayConfig, client: httpx.AsyncClient, fetch_client: httpx.AsyncClient) -> None:
+        self.config = config
+        self.client = client
+        self.disabled: dict[str, str] = {b.name: b.disabled_reason or "" for b in config.backends if not b.enabled}
+        baseline_name = config.settings.baseline_backend
+        sheets = {b.name: b.sheet for b in config.backends}
+        baseline = sheets.get(baseline_name) if baseline_name else None
+        self.backends: dict[str, Backend] = {}
+        for resolved in config.enabled:
+            self.backends[resolved.name] = build_backend(resolved, client, fetch_client, baseline)
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.backends) | set(self.disabled)
+
+    def candidates(self, job: ImageJob, views: dict[str, HealthView]) -> list[Candidate]:
+        out = []
+        for name, backend in self.backends.items():
+            view = views.get(name, HealthView(latency_p50_s=backend.expected_latency_s))
+            if view.latency_p50_s is None and backend.expected_latency_s is not None:
+                view = replace(view, latency_p50_s=backend.expected_latency_s)
+            out.append(Candidate(name=name, eligibility=eligible(job, backend.capabilities), quote=backend.quote(job, view), health=view))
+        return out
+
+
+def build_backend(resolved: ResolvedBackend, client: httpx.AsyncClient, fetch_client: httpx.AsyncClient, baseline: PriceSheet | None) -> Backend:
+    cfg = resolved.config
+    t = cfg.timeouts
+    settings = AdapterSettings(
+        name=resolved.name,
+        base_url=resolved.base_url or "",
+        credential=resolved.credential,
+        timeouts=Timeouts(connect=t.connect, request=t.request, poll_interval=t.poll_interval, max_poll_interval=t.max_poll_interval),
+        options=cfg.options,
+    )
+    adapter = adapter_class(cfg.kind)(settings, client)
+    caps = capabilities_for(cfg.kind, cfg.options, cfg.capabilities)
+    if cfg.kind == "local":
+        caps = replace(caps, accepts_url_refs=False)
+    return Backend(resolved.name, cfg.kind, adapter, caps, resolved.sheet, cfg.expected_latency_s, fetch_client, baseline)

@@ -1,0 +1,120 @@
+"""Shape a provider's images into what the caller asked for.
+
+`url` or `b64_json`, in the requested format, with the requested size. Images
+are decoded only when they must be transcoded; otherwise only their header is
+read to check the size. A provider URL in the right format is passed through
+when the caller wants a URL (no download at all); bytes, or transcoded images,
+are served by the gateway itself from a signed, expiring URL.
+`output_compression` is applied when the gateway transcodes; adapters pass it
+to providers that take a quality setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from dataclasses import dataclass
+
+import httpx
+from PIL import Image
+
+from gateway.image_store import ImageStore
+from gateway.job import MEDIA_TYPES, ImageJob
+from gateway.providers.base import FailureClass, GeneratedImage, ProviderError
+from gateway.references import sniff
+
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ShapedImage:
+    url: str | None = None
+    b64_json: str | None = None
+    nsfw: bool | None = None
+    seed: int | None = None
+
+    def as_openai(self) -> dict[str, str]:
+        return {"url": self.url} if self.url is not None else {"b64_json": self.b64_json or ""}
+
+
+class ResultShaper:
+    def __init__(self, client: httpx.AsyncClient, store: ImageStore) -> None:
+        self.client = client
+        self.store = store
+
+    async def shape(self, job: ImageJob, images: list[GeneratedImage], *, backend: str, deadline: float, base_url: str) -> list[ShapedImage]:
+        if len(images) < job.n:
+            raise ProviderError(FailureClass.FAILED, f"returned {len(images)} of {job.n} images", billed=True)
+        return list(await asyncio.gather(*(self._one(job, img, deadline, base_url) for img in images[: job.n])))
+
+    async def _one(self, job: ImageJob, img: GeneratedImage, deadline: float, base_url: str) -> ShapedImage:
+        wanted = MEDIA_TYPES[job.output_format]
+        if img.data is None and job.response_format == "url" and img.url and img.content_type == wanted and (img.width, img.height) == (job.width, job.height):
+            return ShapedImage(url=img.url, nsfw=img.nsfw, seed=img.seed)
+        data = img.data if img.data is not None else await self._download(img.url, deadline)
+        actual = sniff(data)
+        if actual is None:
+            raise ProviderError(FailureClass.FAILED, "returned something that is not a PNG, JPEG or WebP image", billed=True)
+        if actual != wanted:
+            data = await asyncio.to_thread(transcode, data, job.output_format, job.output_compression, (job.width, job.height))
+        else:
+            check_size(data, job.width, job.height)
+        if job.response_format == "b64_json":
+            return ShapedImage(b64_json=base64.b64encode(data).decode("ascii"), nsfw=img.nsfw, seed=img.seed)
+        image_id, expires = self.store.put(data, wanted)
+        return ShapedImage(url=base_url + self.store.path_for(image_id, expires, job.output_format), nsfw=img.nsfw, seed=img.seed)
+
+    async def _download(self, url: str | None, deadline: float) -> bytes:
+        if not url:
+            raise ProviderError(FailureClass.FAILED, "returned an image with neither URL nor bytes", billed=True)
+        if url.startswith("data:"):
+            try:
+                return base64.b64decode(url.partition(",")[2], validate=True)
+            except ValueError:
+                raise ProviderError(FailureClass.FAILED, "returned a broken data: URI", billed=True) from None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProviderError(FailureClass.FAILED, "deadline passed while downloading the image", billed=True)
+        try:
+            resp = await self.client.get(url, timeout=min(remaining, 60.0))
+        except httpx.HTTPError as exc:
+            raise ProviderError(FailureClass.FAILED, f"image download failed: {type(exc).__name__}", billed=True) from None
+        if resp.status_code != 200:
+            raise ProviderError(FailureClass.FAILED, f"image download answered HTTP {resp.status_code}", billed=True)
+        if len(resp.content) > MAX_OUTPUT_BYTES:
+            raise ProviderError(FailureClass.FAILED, "image is implausibly large", billed=True)
+        return resp.content
+
+
+def check_size(data: bytes, width: int, height: int) -> None:
+    """Read the header only; a wrong size is a provider failure, never passed on."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size = im.size
+    except Exception:  # noqa: BLE001
+        raise ProviderError(FailureClass.FAILED, "returned an image that cannot be read", billed=True) from None
+    if size != (width, height):
+        raise ProviderError(FailureClass.FAILED, f"returned {size[0]}x{size[1]}, not the requested {width}x{height}", billed=True)
+
+
+def transcode(data: bytes, fmt: str, compression: int | None, size: tuple[int, int]) -> bytes:
+    """Decode and re-encode in the requested format (runs in a worker thread)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.size != size:
+                raise ProviderError(FailureClass.FAILED, f"returned {im.size[0]}x{im.size[1]}, not the requested {size[0]}x{size[1]}", billed=True)
+            im = im.convert("RGB")
+            out = io.BytesIO()
+            kwargs: dict[str, object] = {}
+            if fmt in ("jpeg", "webp"):
+                kwargs["quality"] = compression if compression is not None else 90
+            im.save(out, PIL_FORMATS[fmt], **kwargs)
+            return out.getvalue()
+    except ProviderError:
+        raise
+    except Exception:  # noqa: BLE001
+        raise ProviderError(FailureClass.FAILED, "returned an image that cannot be decoded", billed=True) from None
