@@ -1,0 +1,95 @@
+"""The gateway's parts, assembled: what a request handler calls.
+
+`Gateway.images(job)` prices the job on every backend, asks the router for a
+plan and hands it to dispatch. `Gateway.quote(job)` is the same without the
+dispatch. HTTP stays in gateway/api; this module holds no wire shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx
+
+from gateway.backends import BackendFleet
+from gateway.config import GatewayConfig
+from gateway.dispatch import Dispatcher, Outcome
+from gateway.health import HealthTracker
+from gateway.image_store import ImageStore
+from gateway.job import ImageJob
+from gateway.logs import RequestLogger
+from gateway.metrics import GatewayMetrics
+from gateway.routing import Plan, plan, refusal
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    fleet: BackendFleet
+    health: HealthTracker
+    dispatcher: Dispatcher
+    metrics: GatewayMetrics
+    images_store: ImageStore
+    keys: frozenset[str]
+    store: Any  # the state store, for readiness
+    clients: list[httpx.AsyncClient] = field(default_factory=list)
+    request_log: RequestLogger = field(default_factory=RequestLogger)
+    ready: bool = False
+
+    def log_request(self, request: Any, *, route: str, status: int, backend: str | None, attempts: int, cost: Decimal | None, latency_s: float, overhead_s: float) -> None:
+        """The request's one JSON log line (no prompt text, no secrets)."""
+        state = request.state
+        self.request_log.log(
+            request_id=getattr(state, "request_id", "-"), route=route, status=status, backend=backend, attempts=attempts,
+            cost_usd=cost or Decimal(0), latency_s=latency_s, overhead_s=overhead_s, caller=getattr(state, "caller", None),
+        )
+
+    async def plan(self, job: ImageJob) -> Plan:
+        views = await self.health.views(self.fleet.backends)
+        return plan(job, self.fleet.candidates(job, views))
+
+    async def images(self, job: ImageJob, *, started: float, base_url: str) -> Outcome:
+        p = await self.plan(job)
+        if not p.attempts:
+            raise refusal(p)
+        return await self.dispatcher.run(job, p, started=started, base_url=base_url)
+
+    async def quote_table(self, job: ImageJob) -> dict[str, Any]:
+        """Every backend's price and eligibility for this job, and the one that would be chosen."""
+        views = await self.health.views(self.fleet.backends)
+        cands = self.fleet.candidates(job, views)
+        p = plan(job, cands)
+        skipped = dict(p.skipped)
+        rows = []
+        for c in sorted(cands, key=lambda c: (c.quote.usd if c.quote else Decimal("Infinity"), c.name)):
+            rows.append({
+                "name": c.name,
+                "eligible": c.eligibility.ok,
+                "reason": skipped.get(c.name, "") or c.eligibility.reason,
+                "cost_usd": str(c.quote.usd) if c.quote else None,
+                "basis": c.quote.basis if c.quote else None,
+                "breakdown": c.quote.breakdown if c.quote else None,
+                "state": c.health.state.value if c.health.available else (c.health.why_unavailable or c.health.state.value),
+            })
+        for name, reason in sorted(self.fleet.disabled.items()):
+            rows.append({"name": name, "eligible": False, "reason": reason, "cost_usd": None, "basis": None, "breakdown": None, "state": "disabled"})
+        chosen = p.chosen.name if p.chosen else None
+        return {
+            "object": "quote",
+            "model": "flux-2-klein-4b",
+            "size": job.size,
+            "n": job.n,
+            "kind": job.kind.value,
+            "chosen": chosen,
+            "cost_usd": str(p.chosen.quote.usd) if p.chosen and p.chosen.quote else None,
+            "order": [c.name for c in p.attempts],
+            "backends": rows,
+        }
+
+    async def close(self) -> None:
+        await self.dispatcher.drain()
+        for client in self.clients:
+            await client.aclose()
+

@@ -1,0 +1,140 @@
+"""Building blocks for gateway tests: an app from the shipped config, fake
+adapters, and a real uvicorn server on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from litestar import Litestar
+from PIL import Image
+
+from gateway.app import create_app
+from gateway.capabilities import Capabilities
+from gateway.job import ImageJob
+from gateway.metrics import GatewayMetrics
+from gateway.providers.base import Adapter, FailureClass, GeneratedImage, ProbeResult, ProviderError, ProviderResult
+from prometheus_client import CollectorRegistry
+
+REPO = Path(__file__).resolve().parent.parent
+PROVIDERS_YAML = REPO / "providers.yaml"
+
+SECRETS = {
+    "FAL_KEY": "fal-key-id:fal-secret-0000",
+    "REPLICATE_API_TOKEN": "r8_replicate-secret-0000",
+    "RUNFLOW_API_KEY": "rf_live_runflow_secret_0000",
+    "EMPIRIOLABS_API_KEY": "sk-empiriolabs-secret-0000",
+}
+ENV: dict[str, str] = {**SECRETS, "KLEIN_LOCAL_URL": "http://local.test:9000"}
+
+
+def make_app(env: Mapping[str, str] | None = None, *, transport: httpx.AsyncBaseTransport | None = None, config: Path = PROVIDERS_YAML) -> Litestar:
+    """The real app from the shipped providers.yaml and pricing/, probes off, a private metrics registry."""
+    return create_app(config, env=dict(ENV if env is None else env), transport=transport, probes=False, metrics=GatewayMetrics(registry=CollectorRegistry()))
+
+
+def png_bytes(width: int, height: int, fmt: str = "PNG", color: tuple[int, int, int] = (200, 80, 40)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, fmt)
+    return out.getvalue()
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+class FakeAdapter(Adapter):
+    """An adapter whose behaviour a test scripts: a list of outcomes, one per call."""
+
+    kind = "fake"
+    default_capabilities = Capabilities()
+
+    def __init__(self, name: str, outcomes: list[ProviderError | str] | None = None, delay_s: float = 0.0) -> None:
+        self._name = name
+        self.outcomes = list(outcomes or ["ok"])
+        self.delay_s = delay_s
+        self.calls: list[ImageJob] = []
+        self.cancelled: list[str] = []
+        self.probes = 0
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def generate(self, job: ImageJob, deadline: float) -> ProviderResult:
+        self.calls.append(job)
+        outcome = self.outcomes.pop(0) if len(self.outcomes) > 1 else self.outcomes[0]
+        if self.delay_s:
+            await asyncio.sleep(min(self.delay_s, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                raise ProviderError(FailureClass.UNKNOWN_OUTCOME, "deadline passed", job_id="job-slow", billed=True)
+        if isinstance(outcome, ProviderError):
+            raise outcome
+        data = png_bytes(job.width, job.height)
+        images = [GeneratedImage(data=data, content_type="image/png", width=job.width, height=job.height, seed=7 + i) for i in range(job.n)]
+        return ProviderResult(images=images, seed=7, job_id=f"{self._name}-job")
+
+    async def probe(self) -> ProbeResult:
+        self.probes += 1
+        return ProbeResult(ok=True)
+
+    async def cancel(self, job_id: str) -> bool:
+        self.cancelled.append(job_id)
+        return True
+
+
+def install_fakes(app: Litestar, fakes: Mapping[str, FakeAdapter]) -> None:
+    """Swap the named backends' adapters for fakes (capabilities and prices stay real)."""
+    backends = app.state.gateway.fleet.backends
+    for name, fake in fakes.items():
+        backends[name].adapter = fake
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving an app on 127.0.0.1 in a background thread; stopped by the test."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()

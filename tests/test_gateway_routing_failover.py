@@ -1,0 +1,197 @@
+"""Routing by price and failover by failure class, through the real HTTP app.
+
+Adapters are scripted fakes; capabilities, price sheets, routing, dispatch,
+result shaping and the error envelope are the real ones.
+"""
+
+from __future__ import annotations
+
+import base64
+from decimal import Decimal
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from gateway.providers.base import FailureClass, ProviderError
+from tests.gateway_support import SECRETS, FakeAdapter, image_size_of, install_fakes, make_app
+
+# At 1024x1024 text-to-image the shipped sheets order the backends:
+# local 0.000415.. < replicate 0.00104858 < fal 0.00524288 < empiriolabs 0.0085 < runflow 0.01404858
+PRICE_ORDER = ["local", "replicate", "fal", "empiriolabs", "runflow"]
+BODY = {"prompt": "a lighthouse at dusk", "size": "1024x1024", "response_format": "b64_json"}
+
+
+def fakes(**scripts: list[ProviderError | str]) -> dict[str, FakeAdapter]:
+    return {name: FakeAdapter(name, scripts.get(name, ["ok"])) for name in PRICE_ORDER}
+
+
+@pytest.fixture
+async def client_and_fakes(request: pytest.FixtureRequest):
+    scripts = getattr(request, "param", {})
+    app = make_app()
+    f = fakes(**scripts)
+    install_fakes(app, f)
+    async with AsyncTestClient(app) as client:
+        yield client, f, app
+
+
+async def test_cheapest_eligible_backend_serves_the_request(client_and_fakes):
+    client, f, _ = client_and_fakes
+    resp = await client.post("/v1/images/generations", json=BODY)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-klein-backend"] == "local"
+    assert resp.headers["x-klein-attempts"] == "1"
+    assert len(f["local"].calls) == 1 and not f["replicate"].calls
+    data = resp.json()["data"]
+    assert image_size_of(base64.b64decode(data[0]["b64_json"])) == (1024, 1024)
+
+
+async def test_size_replicate_cannot_make_exactly_skips_it(client_and_fakes):
+    client, f, app = client_and_fakes
+    app.state.gateway.fleet.backends.pop("local")
+    resp = await client.post("/v1/images/generations", json={**BODY, "size": "1024x768"})
+    assert resp.status_code == 200, resp.text
+    # replicate only makes its published (aspect ratio, 1 MP) sizes; fal is next cheapest
+    assert resp.headers["x-klein-backend"] == "fal"
+    assert not f["replicate"].calls
+
+
+FAILURES = [
+    ("server_error", ProviderError(FailureClass.FAILED, "HTTP 500: boom", status=500)),
+    ("timeout_after_submit", ProviderError(FailureClass.UNKNOWN_OUTCOME, "timed out", job_id="j-1", billed=True)),
+    ("rate_limited", ProviderError(FailureClass.REFUSED, "HTTP 429: slow down", status=429, retry_after=3)),
+    ("connect_error", ProviderError(FailureClass.UNREACHABLE, "could not connect: ConnectError")),
+    ("garbage_body", ProviderError(FailureClass.FAILED, "HTTP 200: response body is not JSON", status=200)),
+    ("bad_credentials", ProviderError(FailureClass.REFUSED, "HTTP 401: bad key", status=401, credentials_invalid=True)),
+]
+
+
+@pytest.mark.parametrize("label,error", FAILURES, ids=[f[0] for f in FAILURES])
+async def test_cheapest_failing_fails_over_to_next_cheapest(label, error):
+    app = make_app()
+    f = fakes(local=[error])
+    install_fakes(app, f)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-klein-backend"] == "replicate"
+    assert resp.headers["x-klein-attempts"] == "2"
+    assert len(f["local"].calls) == 1 and len(f["replicate"].calls) == 1
+
+
+async def test_unknown_outcome_cancels_the_job_and_bills_both_attempts():
+    app = make_app()
+    f = fakes(local=[ProviderError(FailureClass.UNKNOWN_OUTCOME, "timed out", job_id="job-42", billed=True)])
+    install_fakes(app, f)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY)
+        await app.state.gateway.dispatcher.drain()
+    assert resp.status_code == 200
+    assert f["local"].cancelled == ["job-42"]
+    gw = app.state.gateway
+    local_cost = gw.fleet.backends["local"].quote(f["local"].calls[0]).usd
+    assert Decimal(resp.headers["x-klein-cost-usd"]) == local_cost + Decimal("0.00104858")
+    assert gw.metrics.registry.get_sample_value("klein_possible_double_spend_total", {"backend": "replicate"}) == 1
+
+
+async def test_every_backend_failing_gives_502_envelope_with_attempts_and_no_secrets():
+    app = make_app()
+    err = ProviderError(FailureClass.FAILED, "HTTP 500: upstream exploded", status=500)
+    f = fakes(**{name: [err] for name in PRICE_ORDER})
+    install_fakes(app, f)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY)
+    assert resp.status_code == 502
+    body = resp.json()["error"]
+    assert body["type"] == "server_error" and body["code"] == "all_backends_failed"
+    assert [a["backend"] for a in body["attempts"]] == PRICE_ORDER
+    assert resp.headers["x-klein-attempts"] == "5"
+    for secret in SECRETS.values():
+        assert secret not in resp.text
+
+
+async def test_rejected_everywhere_gives_422_and_no_retry():
+    app = make_app()
+    err = ProviderError(FailureClass.REJECTED, "HTTP 422: prompt rejected", status=422)
+    install_fakes(app, fakes(**{name: [err] for name in PRICE_ORDER}))
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY)
+    assert resp.status_code == 422
+    assert resp.headers["x-should-retry"] == "false"
+    assert resp.json()["error"]["code"] == "rejected_by_backends"
+
+
+async def test_content_filtered_is_reported_without_failover():
+    app = make_app()
+    f = fakes(local=[ProviderError(FailureClass.CONTENT_FILTERED, "all images flagged", billed=True)])
+    install_fakes(app, f)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "content_policy_violation"
+    assert not f["replicate"].calls
+    assert Decimal(resp.headers["x-klein-cost-usd"]) > 0
+
+
+ROUTING_CASES = [
+    ("pin_by_model_prefix", {"model": "fal/flux-2-klein-4b"}, "fal"),
+    ("alias_does_not_pin", {"model": "black-forest-labs/flux-2-klein-4b"}, "local"),
+    ("provider_only", {"provider": {"only": ["empiriolabs", "runflow"]}}, "empiriolabs"),
+    ("provider_ignore", {"provider": {"ignore": ["local", "replicate"]}}, "fal"),
+    ("provider_order_first", {"provider": {"order": ["runflow"]}}, "runflow"),
+    ("max_price_keeps_cheap", {"provider": {"max_price": "0.002", "ignore": ["local"]}}, "replicate"),
+]
+
+
+@pytest.mark.parametrize("label,extra,expected", ROUTING_CASES, ids=[c[0] for c in ROUTING_CASES])
+async def test_routing_preferences_choose_the_backend(client_and_fakes, label, extra, expected):
+    client, _, _ = client_and_fakes
+    resp = await client.post("/v1/images/generations", json={**BODY, **extra})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-klein-backend"] == expected
+
+
+async def test_max_price_below_every_backend_is_refused_clearly(client_and_fakes):
+    client, f, _ = client_and_fakes
+    resp = await client.post("/v1/images/generations", json={**BODY, "provider": {"max_price": "0.0001"}})
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert err["code"] == "max_price_exceeded"
+    assert "0.0001" in err["message"]
+    assert not any(fake.calls for fake in f.values())
+
+
+async def test_allow_fallbacks_false_stops_after_first_failure():
+    app = make_app()
+    f = fakes(local=[ProviderError(FailureClass.FAILED, "HTTP 500", status=500)])
+    install_fakes(app, f)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json={**BODY, "provider": {"allow_fallbacks": False}})
+    assert resp.status_code == 502
+    assert not f["replicate"].calls
+
+
+async def test_url_response_for_bytes_is_served_from_a_signed_url(client_and_fakes):
+    client, _, _ = client_and_fakes
+    resp = await client.post("/v1/images/generations", json={**BODY, "response_format": "url", "output_format": "webp", "n": 2})
+    assert resp.status_code == 200, resp.text
+    urls = [d["url"] for d in resp.json()["data"]]
+    assert len(urls) == 2
+    for url in urls:
+        path = url.split("://", 1)[1].split("/", 1)[1]
+        img = await client.get("/" + path)
+        assert img.status_code == 200
+        assert img.headers["content-type"] == "image/webp"
+        assert image_size_of(img.content) == (1024, 1024)
+    tampered = "/" + urls[0].split("://", 1)[1].split("/", 1)[1].replace("sig=", "sig=0")
+    assert (await client.get(tampered)).status_code == 404
+
+
+async def test_deadline_header_bounds_the_whole_request():
+    app = make_app()
+    slow = {name: FakeAdapter(name, ["ok"], delay_s=5.0) for name in PRICE_ORDER}
+    install_fakes(app, slow)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "300"})
+    assert resp.status_code == 504
+    assert resp.json()["error"]["code"] == "deadline_exceeded"
