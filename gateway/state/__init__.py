@@ -1,0 +1,28 @@
+"""Where shared state lives: memory by default, Redis when `REDIS_URL` is set.
+
+`open_store()` is what the app calls; with a URL it returns a
+`ResilientStore` over Redis with memory as the fallback, so a Redis outage
+degrades the gateway (status "degraded") instead of failing requests.
+"""
+
+from __future__ import annotations
+
+import os
+
+from gateway.state.base import StateStore, StoreStatus
+from gateway.state.memory import MemoryStore
+from gateway.state.resilient import ResilientStore
+
+__all__ = ["MemoryStore", "ResilientStore", "StateStore", "StoreStatus", "open_store"]
+
+
+def open_store(url: str | None = None, *, namespace: str | None = None) -> StateStore:
+    """The configured store. `url` defaults to `REDIS_URL`; the namespace to
+    `KLEIN_STATE_NAMESPACE` or "default" (keys are `klein:<namespace>:...`)."""
+    url = url if url is not None else os.environ.get("REDIS_URL")
+    if not url:
+        return MemoryStore()
+    from gateway.state.redis import RedisStore  # redis is only imported when used
+
+    ns = namespace or os.environ.get("KLEIN_STATE_NAMESPACE") or "default"
+    return ResilientStore(RedisStore.from_url(url, namespace=ns), MemoryStore())

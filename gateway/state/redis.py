@@ -1,0 +1,123 @@
+"""Shared state in Redis (`REDIS_URL`), so every replica sees what one learned.
+
+Keys are `klein:<namespace>:<logical key>`. Operations where replicas race
+are single atomic commands (SET NX PX, INCRBY) or a Lua script (compare and
+set); the others are MULTI pipelines. Timeouts are short (0.25 s by default)
+and the client retries once, at once (a pooled connection may be stale after
+Redis restarted; the retry reconnects): a dead Redis costs two quick errors,
+after which `ResilientStore` stops asking it for a while.
+
+Errors are raised, not hidden: wrap this store in `ResilientStore` to carry
+on in memory when Redis is away. The URL (which may hold a password) never
+appears in a log or an exception raised here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.state.base import StateStore, StoreStatus
+
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if cur then return 0 end
+elseif cur ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+return 1
+"""
+
+
+def _ms(ttl_s: float) -> int:
+    return max(1, int(ttl_s * 1000))
+
+
+class RedisStore(StateStore):
+    def __init__(self, client: aioredis.Redis, *, namespace: str = "default") -> None:
+        self._client = client
+        self._prefix = f"klein:{namespace}:"
+        self._cas = client.register_script(_CAS)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = "default",
+        socket_timeout: float = 0.25,
+        max_connections: int = 64,
+    ) -> RedisStore:
+        """A client with bounded timeouts, one immediate retry and a bounded pool."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=socket_timeout,  # wait for a free connection at most this long
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 1),
+            decode_responses=True,
+        )
+        return cls(aioredis.Redis(connection_pool=pool), namespace=namespace)
+
+    def _k(self, key: str) -> str:
+        return self._prefix + key
+
+    async def get(self, key: str) -> str | None:
+        return await self._client.get(self._k(key))
+
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        if not keys:
+            return []
+        return list(await self._client.mget([self._k(k) for k in keys]))
+
+    async def set(self, key: str, value: str, *, ttl_s: float) -> None:
+        await self._client.set(self._k(key), value, px=_ms(ttl_s))
+
+    async def set_if_absent(self, key: str, value: str, *, ttl_s: float) -> bool:
+        return bool(await self._client.set(self._k(key), value, px=_ms(ttl_s), nx=True))
+
+    async def compare_and_set(self, key: str, expected: str | None, value: str, *, ttl_s: float) -> bool:
+        args = ["1", "", value, _ms(ttl_s)] if expected is None else ["0", expected, value, _ms(ttl_s)]
+        return bool(await self._cas(keys=[self._k(key)], args=args))
+
+    async def delete(self, key: str) -> None:
+        await self._client.delete(self._k(key))
+
+    async def incr(self, key: str, amount: int = 1, *, ttl_s: float) -> int:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.incrby(self._k(key), amount)
+            pipe.pexpire(self._k(key), _ms(ttl_s))
+            value, _ = await pipe.execute()
+        return int(value)
+
+    async def append_sample(self, key: str, value: float, *, keep: int, ttl_s: float) -> None:
+        k = self._k(key)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.lpush(k, repr(float(value)))
+            pipe.ltrim(k, 0, keep - 1)
+            pipe.pexpire(k, _ms(ttl_s))
+            await pipe.execute()
+
+    async def samples(self, key: str) -> list[float]:
+        return [float(v) for v in await self._client.lrange(self._k(key), 0, -1)]
+
+    async def status(self) -> StoreStatus:
+        try:
+            await self._client.ping()
+        except Exception:  # noqa: BLE001 - any failure means not reachable
+            return "degraded"
+        return "ok"
+
+    async def ping(self) -> None:
+        """Raises when Redis does not answer."""
+        await self._client.ping()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+        await self._client.connection_pool.disconnect()

@@ -1,0 +1,177 @@
+"""A shared store that degrades to memory: Redis failures never fail a request.
+
+Every write goes to the primary (Redis) and is mirrored into the fallback
+(memory), so when Redis goes away this replica carries on with what it last
+knew. While the primary is down (an error within `retry_interval_s`) calls
+go straight to memory, so a dead Redis costs one bounded timeout per second,
+not one per call, and `status()` says "degraded".
+
+Resync when Redis returns: reads simply resume from Redis (the shared truth),
+and the string keys this replica wrote while degraded (an opened breaker,
+a parking, a credentials mark) are pushed back with SET NX and their
+remaining TTL, so what was learned alone is shared but never overwrites
+what other replicas wrote meanwhile. Counters' samples stay local.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from gateway.state.base import StateStore, StoreStatus
+from gateway.state.memory import MemoryStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_FAILED: Any = object()
+
+
+class ResilientStore(StateStore):
+    def __init__(
+        self,
+        primary: StateStore,
+        fallback: MemoryStore | None = None,
+        *,
+        retry_interval_s: float = 1.0,
+        max_dirty: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.primary = primary
+        self.fallback = fallback if fallback is not None else MemoryStore()
+        self.retry_interval_s = retry_interval_s
+        self._max_dirty = max_dirty
+        self._clock = clock
+        self._up = True
+        self._down_until = 0.0
+        self._dirty: set[str] = set()
+        self._resync: asyncio.Task[None] | None = None
+
+    # ---- the circuit on the primary -------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        return not self._up
+
+    def _usable(self) -> bool:
+        return self._up or self._clock() >= self._down_until
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self._up:
+            # The type only: messages can carry addresses; URLs can carry passwords.
+            log.warning("state store unreachable (%s); carrying on in memory", type(exc).__name__)
+        self._up = False
+        self._down_until = self._clock() + self.retry_interval_s
+
+    def _mark_up(self) -> None:
+        if self._up:
+            return
+        self._up = True
+        log.warning("state store reachable again; resyncing %d keys", len(self._dirty))
+        if self._dirty and (self._resync is None or self._resync.done()):
+            self._resync = asyncio.get_running_loop().create_task(self._push_back())
+
+    async def _try(self, call: Callable[[], Awaitable[T]]) -> T:
+        """The primary's answer, or _FAILED (without calling it while it is down)."""
+        if not self._usable():
+            return _FAILED
+        try:
+            result = await call()
+        except Exception as exc:  # noqa: BLE001 - any failure of the primary degrades
+            self._mark_down(exc)
+            return _FAILED
+        self._mark_up()
+        return result
+
+    def _dirtied(self, key: str) -> None:
+        if len(self._dirty) < self._max_dirty:
+            self._dirty.add(key)
+
+    async def _push_back(self) -> None:
+        for key in list(self._dirty):
+            exported = self.fallback.export(key)
+            self._dirty.discard(key)
+            if exported is None or exported[1] <= 0:
+                continue
+            value, ttl_s = exported
+            if await self._try(lambda: self.primary.set_if_absent(key, value, ttl_s=ttl_s)) is _FAILED:
+                self._dirty.add(key)
+                return
+
+    # ---- StateStore ---------------------------------------------------------
+
+    async def get(self, key: str) -> str | None:
+        value = await self._try(lambda: self.primary.get(key))
+        return await self.fallback.get(key) if value is _FAILED else value
+
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        values = await self._try(lambda: self.primary.get_many(keys))
+        return await self.fallback.get_many(keys) if values is _FAILED else values
+
+    async def set(self, key: str, value: str, *, ttl_s: float) -> None:
+        await self.fallback.set(key, value, ttl_s=ttl_s)
+        if await self._try(lambda: self.primary.set(key, value, ttl_s=ttl_s)) is _FAILED:
+            self._dirtied(key)
+
+    async def set_if_absent(self, key: str, value: str, *, ttl_s: float) -> bool:
+        won = await self._try(lambda: self.primary.set_if_absent(key, value, ttl_s=ttl_s))
+        if won is _FAILED:
+            won = await self.fallback.set_if_absent(key, value, ttl_s=ttl_s)
+            if won:
+                self._dirtied(key)
+        elif won:
+            await self.fallback.set(key, value, ttl_s=ttl_s)
+        return won
+
+    async def compare_and_set(self, key: str, expected: str | None, value: str, *, ttl_s: float) -> bool:
+        won = await self._try(lambda: self.primary.compare_and_set(key, expected, value, ttl_s=ttl_s))
+        if won is _FAILED:
+            won = await self.fallback.compare_and_set(key, expected, value, ttl_s=ttl_s)
+            if won:
+                self._dirtied(key)
+        elif won:
+            await self.fallback.set(key, value, ttl_s=ttl_s)
+        return won
+
+    async def delete(self, key: str) -> None:
+        await self.fallback.delete(key)
+        self._dirty.discard(key)
+        await self._try(lambda: self.primary.delete(key))
+
+    async def incr(self, key: str, amount: int = 1, *, ttl_s: float) -> int:
+        value = await self._try(lambda: self.primary.incr(key, amount, ttl_s=ttl_s))
+        if value is _FAILED:
+            return await self.fallback.incr(key, amount, ttl_s=ttl_s)
+        await self.fallback.set(key, str(value), ttl_s=ttl_s)
+        return value
+
+    async def append_sample(self, key: str, value: float, *, keep: int, ttl_s: float) -> None:
+        await self.fallback.append_sample(key, value, keep=keep, ttl_s=ttl_s)
+        await self._try(lambda: self.primary.append_sample(key, value, keep=keep, ttl_s=ttl_s))
+
+    async def samples(self, key: str) -> list[float]:
+        values = await self._try(lambda: self.primary.samples(key))
+        return await self.fallback.samples(key) if values is _FAILED else values
+
+    async def status(self) -> StoreStatus:
+        """Asks the primary (at most once per retry interval while it is down)."""
+        answer = await self._try(self._ping)
+        return "degraded" if answer is _FAILED else "ok"
+
+    async def _ping(self) -> bool:
+        if await self.primary.status() != "ok":
+            raise ConnectionError("primary store did not answer")
+        return True
+
+    async def close(self) -> None:
+        if self._resync is not None and not self._resync.done():
+            self._resync.cancel()
+            try:
+                await self._resync
+            except asyncio.CancelledError:
+                pass
+        await self.primary.close()
+        await self.fallback.close()

@@ -1,0 +1,35 @@
+# ---- shared state: a real redis-server, and a store fixture over memory and Redis ----
+
+import uuid as _uuid
+
+import pytest as _pytest
+
+from tests.redis_server import RedisServer as _RedisServer
+from tests.redis_server import redis_available as _redis_available
+
+
+@_pytest.fixture(scope="session")
+def redis_server():
+    """One redis-server for the session (loopback, no persistence); skips when
+    redis-server is not installed. Tests isolate themselves by namespace."""
+    if not _redis_available():
+        _pytest.skip("redis-server is not installed")
+    server = _RedisServer().start()
+    yield server
+    server.close()
+
+
+@_pytest.fixture(params=["memory", "redis"])
+async def state_store(request):
+    """A StateStore of each kind; the Redis one has a namespace of its own."""
+    from gateway.state.memory import MemoryStore
+
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    from gateway.state.redis import RedisStore
+
+    server = request.getfixturevalue("redis_server")
+    store = RedisStore.from_url(server.url, namespace=f"test-{_uuid.uuid4().hex[:12]}")
+    yield store
+    await store.close()

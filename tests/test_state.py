@@ -1,0 +1,234 @@
+"""The state store contract, for memory and Redis, and the Redis-to-memory fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.state import MemoryStore, ResilientStore, open_store
+from gateway.state.base import StateStore, StoreStatus
+from gateway.state.redis import RedisStore
+from tests.redis_server import RedisServer, redis_available
+
+needs_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+
+
+# ---- the contract, against both stores -------------------------------------
+
+
+async def test_set_then_get_and_get_many_keep_order(state_store: StateStore) -> None:
+    await state_store.set("a", "1", ttl_s=60)
+    await state_store.set("c", "3", ttl_s=60)
+    assert await state_store.get("a") == "1"
+    assert await state_store.get("b") is None
+    assert await state_store.get_many(["c", "b", "a"]) == ["3", None, "1"]
+    assert await state_store.get_many([]) == []
+
+
+async def test_set_if_absent_only_first_writer_wins(state_store: StateStore) -> None:
+    assert await state_store.set_if_absent("lease", "one", ttl_s=60) is True
+    assert await state_store.set_if_absent("lease", "two", ttl_s=60) is False
+    assert await state_store.get("lease") == "one"
+
+
+@pytest.mark.parametrize(
+    ("start", "expected", "new", "wins", "after"),
+    [
+        (None, None, "x", True, "x"),  # absent expected absent
+        ("a", None, "x", False, "a"),  # present, expected absent
+        ("a", "a", "x", True, "x"),  # matches
+        ("a", "b", "x", False, "a"),  # stale expectation
+        (None, "a", "x", False, None),  # expected a value that is gone
+    ],
+)
+async def test_compare_and_set_table(
+    state_store: StateStore, start: str | None, expected: str | None, new: str, wins: bool, after: str | None
+) -> None:
+    if start is not None:
+        await state_store.set("k", start, ttl_s=60)
+    assert await state_store.compare_and_set("k", expected, new, ttl_s=60) is wins
+    assert await state_store.get("k") == after
+
+
+async def test_compare_and_set_lets_exactly_one_racer_win(state_store: StateStore) -> None:
+    await state_store.set("k", "v0", ttl_s=60)
+    results = await asyncio.gather(*(state_store.compare_and_set("k", "v0", f"v{i}", ttl_s=60) for i in range(1, 21)))
+    assert sum(results) == 1
+
+
+async def test_incr_counts_from_zero_and_delete_resets(state_store: StateStore) -> None:
+    assert await state_store.incr("n", ttl_s=60) == 1
+    assert await state_store.incr("n", 4, ttl_s=60) == 5
+    assert await state_store.get("n") == "5"
+    await state_store.delete("n")
+    assert await state_store.incr("n", ttl_s=60) == 1
+
+
+async def test_samples_are_newest_first_and_bounded(state_store: StateStore) -> None:
+    for value in range(10):
+        await state_store.append_sample("lat", float(value), keep=4, ttl_s=60)
+    assert await state_store.samples("lat") == [9.0, 8.0, 7.0, 6.0]
+    assert await state_store.samples("none") == []
+
+
+async def test_values_expire_after_their_ttl(state_store: StateStore) -> None:
+    await state_store.set("short", "v", ttl_s=0.05)
+    await state_store.incr("count", ttl_s=0.05)
+    await state_store.append_sample("lat", 1.0, keep=3, ttl_s=0.05)
+    await asyncio.sleep(0.12)
+    assert await state_store.get_many(["short", "count"]) == [None, None]
+    assert await state_store.samples("lat") == []
+
+
+async def test_status_is_ok_when_reachable(state_store: StateStore) -> None:
+    assert await state_store.status() == "ok"
+
+
+# ---- memory specifics ---------------------------------------------------------
+
+
+async def test_memory_sweep_drops_expired_entries_so_the_store_stays_bounded() -> None:
+    now = [0.0]
+    store = MemoryStore(clock=lambda: now[0])
+    for i in range(100):
+        await store.set(f"k{i}", "v", ttl_s=1)
+    now[0] = 2.0
+    assert store.sweep() == 100
+    assert len(store) == 0
+
+
+# ---- Redis specifics ----------------------------------------------------------
+
+
+@needs_redis
+async def test_redis_keys_are_prefixed_with_klein_and_the_namespace_and_carry_ttls(redis_server) -> None:
+    ns = f"ns-{uuid.uuid4().hex[:8]}"
+    store = RedisStore.from_url(redis_server.url, namespace=ns)
+    raw = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await store.set("health:fal:park", "1", ttl_s=30)
+        await store.incr("health:fal:consec", ttl_s=30)
+        await store.append_sample("health:fal:lat", 0.5, keep=5, ttl_s=30)
+        keys = sorted(await raw.keys(f"klein:{ns}:*"))
+        assert keys == [f"klein:{ns}:health:fal:{k}" for k in ("consec", "lat", "park")]
+        for k in keys:
+            assert 0 < await raw.pttl(k) <= 30_000
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+@needs_redis
+def test_redis_server_helper_restarts_on_the_same_port() -> None:
+    with RedisServer() as server:
+        port = server.port
+        server.stop()
+        assert not server.running
+        server.start()
+        assert server.running and server.port == port
+
+
+def test_open_store_is_memory_without_a_url_and_resilient_redis_with_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    assert isinstance(open_store(), MemoryStore)
+    store = open_store("redis://127.0.0.1:1/0")
+    assert isinstance(store, ResilientStore) and isinstance(store.primary, RedisStore)
+
+
+# ---- ResilientStore: the circuit on the primary ---------------------------------
+
+
+class BrokenStore(MemoryStore):
+    """A primary that fails every call while `broken`, counting the calls it got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = False
+        self.calls = 0
+
+    def __getattribute__(self, name: str):  # noqa: ANN204
+        attr = super().__getattribute__(name)
+        if name in {"get", "get_many", "set", "set_if_absent", "compare_and_set", "incr", "delete", "append_sample", "samples"}:
+
+            async def guarded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                self.calls += 1
+                if self.broken:
+                    raise ConnectionError("down")
+                return await attr(*args, **kwargs)
+
+            return guarded
+        return attr
+
+    async def status(self) -> StoreStatus:
+        self.calls += 1
+        return "degraded" if self.broken else "ok"
+
+
+async def test_resilient_store_falls_back_and_asks_a_dead_primary_once_per_retry_interval() -> None:
+    now = [100.0]
+    primary = BrokenStore()
+    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0])
+    await store.set("k", "before", ttl_s=60)
+    primary.broken = True
+    primary.calls = 0
+    for i in range(50):
+        await store.set(f"x{i}", "v", ttl_s=60)
+        assert await store.get("k") == "before"  # the mirror in memory answers
+    assert primary.calls == 1
+    assert await store.status() == "degraded"
+    now[0] += 1.5
+    primary.broken = False
+    assert await store.status() == "ok"
+
+
+async def test_resilient_store_pushes_keys_learned_alone_back_without_overwriting() -> None:
+    now = [0.0]
+    primary = BrokenStore()
+    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0])
+    primary.broken = True
+    await store.set("learned-alone", "open", ttl_s=60)
+    await store.set("also-written-elsewhere", "mine", ttl_s=60)
+    primary.broken = False
+    await primary.set("also-written-elsewhere", "theirs", ttl_s=60)
+    now[0] += 2
+    assert await store.status() == "ok"
+    await asyncio.sleep(0)  # the resync task
+    await asyncio.sleep(0)
+    assert await primary.get("learned-alone") == "open"
+    assert await primary.get("also-written-elsewhere") == "theirs"
+    await store.close()
+
+
+@needs_redis
+async def test_redis_killed_mid_run_degrades_to_memory_and_recovers_when_restarted() -> None:
+    with RedisServer() as server:
+        store = ResilientStore(RedisStore.from_url(server.url, namespace="kill"), retry_interval_s=0.2)
+        other = RedisStore.from_url(server.url, namespace="kill")  # another replica's view
+        try:
+            await store.set("before", "1", ttl_s=60)
+            assert await other.get("before") == "1"
+            server.stop()
+            started = time.monotonic()
+            for i in range(20):  # every call keeps working, fast
+                await store.set(f"during{i}", "v", ttl_s=60)
+                assert await store.get("before") == "1"
+                assert await store.incr("count", ttl_s=60) == i + 1
+            assert time.monotonic() - started < 2.0
+            assert await store.status() == "degraded"
+
+            server.start()
+            deadline = time.monotonic() + 3.0
+            while await store.status() != "ok":
+                assert time.monotonic() < deadline, "status did not return to ok"
+                await asyncio.sleep(0.05)
+            await store.set("after", "2", ttl_s=60)
+            assert await other.get("after") == "2"  # shared again
+            await asyncio.sleep(0.05)  # the push-back of keys written while degraded
+            assert await other.get("during0") == "v"
+        finally:
+            await other.close()
+            await store.close()
