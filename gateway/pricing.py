@@ -2,20 +2,16 @@
 
 A price sheet is data (one YAML file per backend under `pricing/`), so a price
 change never needs a code change. `quote()` says what a job will cost before it
-runs; `bill()` says what it did cost once we know how many images came back.
-Both are pure: no I/O, no clock. Money is `Decimal` throughout and results are
-quantized to 1e-8 USD, half up (ARCHITECTURE section 3).
+runs; `bill()` what it did cost once we know how many images came back. Both are
+pure (no I/O, no clock); money is `Decimal`, quantized to 1e-8 USD half up.
 
-Choices where the documents are silent (written down here, configurable in the
-sheets):
-- Rounding (`ceil`) applies to each billed quantity on its own: each output
+Choices where the documents are silent (ARCHITECTURE section 3):
+- `ceil` rounding applies to each billed quantity on its own: each output
   image's MP and each reference's input MP, not to the request's sum.
-- Edit input MP is charged once per request (k references), not per image, as
-  in ARCHITECTURE's "(n x output MP + k x 1 MP)".
+- Edit input MP is charged once per request (k references), not per image:
+  "(n x output MP + k x 1 MP)".
 - A request that returned no image bills nothing (failed runs are not billed:
   providers.md section 3.7), even where a successful edit would bill inputs.
-- `gpu_time` scales linearly with output MP relative to `reference_mp` and with
-  steps relative to `reference_steps`; see `GpuTime`.
 """
 
 from __future__ import annotations
@@ -152,18 +148,13 @@ class GpuTime(_Sheet):
     """The local GPU: what its time costs (local_backend.md section 3.4).
 
     Per image = gpu_usd_per_hour / 3600 x seconds_per_image x (MP / reference_mp)
-    x (steps / reference_steps), divided by `utilisation` when `amortized`
-    (wall time, not just busy time, is paid for).
-
-    `reference_mp` defaults to 1 (1,000,000 px), reading ARCHITECTURE's "0.57 s
-    per image at 1 MP" literally: 1024x1024 then costs 2.50/3600 x 0.57 x
-    1.048576 = $0.00041506, the worked example's "about $0.000415". The
-    published 0.57 s was measured at 1024x1024; a sheet may set
-    `reference_mp: 1.048576` to follow the measurement instead (about 5% less).
-
+    x (steps / reference_steps), divided by `utilisation` when `amortized`.
+    `reference_mp` 1 reads ARCHITECTURE's "0.57 s per image at 1 MP" literally:
+    1024x1024 costs 2.50/3600 x 0.57 x 1.048576 = $0.00041506, its worked
+    example; set 1.048576 to follow the 1024x1024 measurement instead (5% less).
     A live figure from the backend replaces the sheet's per-image figure; it is
-    read as the cost of one image at the reference conditions (reference_mp,
-    reference_steps) in the sheet's mode, and scaled the same way.
+    read as one image at the reference conditions, in the sheet's mode, and
+    scaled the same way.
     """
 
     basis: Literal["gpu_time"]
@@ -228,9 +219,7 @@ def bill(
 
 def _live(sheet: PriceSheet, live: Decimal | None) -> Decimal | None:
     # Only the GPU backend reports a live figure; a negative one is nonsense.
-    if isinstance(sheet, GpuTime) and live is not None and live >= 0:
-        return live
-    return None
+    return live if isinstance(sheet, GpuTime) and live is not None and live >= 0 else None
 
 
 def parse_sheet(data: Any, origin: str = "<price sheet>") -> PriceSheet:
@@ -279,14 +268,11 @@ def load_sheets(directory: str | Path) -> dict[str, PriceSheet]:
     directory = Path(directory)
     if not directory.is_dir():
         raise PriceSheetError(f"{directory}: not a directory of price sheets")
-    sheets: dict[str, PriceSheet] = {}
-    origins: dict[str, Path] = {}
+    found: dict[str, tuple[PriceSheet, Path]] = {}
     for path in sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]):
         sheet = load_sheet(path)
-        if sheet.backend in sheets:
-            raise PriceSheetError(
-                f"{path}: backend: {sheet.backend!r} is already priced by {origins[sheet.backend]}"
-            )
-        sheets[sheet.backend] = sheet
-        origins[sheet.backend] = path
-    return sheets
+        if sheet.backend in found:
+            first = found[sheet.backend][1]
+            raise PriceSheetError(f"{path}: backend: {sheet.backend!r} is already priced by {first}")
+        found[sheet.backend] = (sheet, path)
+    return {name: sheet for name, (sheet, _) in found.items()}
