@@ -1,0 +1,254 @@
+"""Structured JSON logs: one line per request, and no secrets or prompts, ever.
+
+`configure_logging()` installs one handler that writes each record as a JSON
+object on its own line and scrubs anything that looks like a credential:
+`Authorization` values, `Bearer ...` and `Key ...` tokens (fal's scheme),
+OpenAI-style `sk-...`, Replicate `r8_...`, Runflow `rf_live_...`, fal's
+`uuid:secret` keys, passwords in URLs, key-like query parameters, and the
+exact values of configured secrets (the provider credentials and gateway keys
+from the environment, see `secrets_from_env`). Scrubbing runs on the message,
+its arguments, extra fields and tracebacks, so an exception that quotes a
+header cannot leak it.
+
+`RequestLogger.log()` writes the one line per request. Prompts are never
+logged; with `log_prompt_length=True` the line carries the prompt's length in
+characters, never its text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Final, TextIO
+
+REDACTED: Final = "[REDACTED]"
+
+# Credential names from ARCHITECTURE section 1; each value is a secret.
+SECRET_ENV_VARS: Final = ("FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY")
+GATEWAY_KEYS_ENV: Final = "KLEIN_GATEWAY_KEYS"  # comma-separated caller keys
+
+_TOKEN = r"[A-Za-z0-9._~+/=:\-]"
+_PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
+    # Header values, whatever the scheme: `Authorization: Key abc`, JSON or repr forms.
+    (re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?)[^\"'\n,}]+"), r"\1" + REDACTED),
+    (re.compile(rf"(?i)\b(bearer|basic)\s+{_TOKEN}+"), r"\1 " + REDACTED),
+    # `Key <fal key>`: only tokens with a digit, so prose like "Key rotation" survives.
+    (re.compile(rf"\b(Key|Token)\s+(?={_TOKEN}*\d){_TOKEN}{{8,}}"), r"\1 " + REDACTED),
+    # Provider key shapes.
+    (re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"), REDACTED),
+    (re.compile(r"\br8_[A-Za-z0-9]{8,}"), REDACTED),
+    (re.compile(r"\brf_(?:live|test)_[A-Za-z0-9_\-]{4,}"), REDACTED),
+    (re.compile(r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}:[0-9a-fA-F]{16,}"), REDACTED),
+    # Passwords in URLs (redis://:pw@host), key-like query parameters and fields.
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)[^@\s/]+@"), r"\1" + REDACTED + "@"),
+    (re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access_token|secret|password|signature|sig)=)[^&\s\"']+"), r"\1" + REDACTED),
+    (re.compile(r"(?i)(\b(?:api[_-]?key|secret|password|token|credential)[\"']?\s*[:=]\s*[\"']?)[^\"'\s,}&]+"), r"\1" + REDACTED),
+)
+
+# Extra fields whose values are never written, whatever they hold.
+_NEVER_LOGGED_FIELDS: Final = frozenset({
+    "prompt", "negative_prompt", "revised_prompt", "authorization", "api_key", "key", "token",
+    "secret", "password", "credential", "credentials", "b64_json", "image", "images",
+})
+_MIN_SECRET_LEN: Final = 4  # shorter configured "secrets" would shred ordinary text
+
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+def register_secrets(values: Iterable[str | None]) -> None:
+    """Add exact values that must never appear in a log line or label."""
+    with _secrets_lock:
+        _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET_LEN)
+
+
+def secrets_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The configured secret values: provider credentials and gateway keys."""
+    env = os.environ if environ is None else environ
+    found = [env[name] for name in SECRET_ENV_VARS if env.get(name)]
+    found += [k.strip() for k in env.get(GATEWAY_KEYS_ENV, "").split(",") if k.strip()]
+    return found
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every credential-looking token replaced by [REDACTED]."""
+    with _secrets_lock:
+        known = sorted(_secrets.union(s for s in secrets if s and len(s) >= _MIN_SECRET_LEN), key=len, reverse=True)
+    for secret in known:
+        text = text.replace(secret, REDACTED)
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def looks_like_secret(value: str) -> bool:
+    """True if `value` is, or contains, something `redact` would scrub."""
+    return redact(value) != value
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {k: REDACTED if str(k).lower() in _NEVER_LOGGED_FIELDS else _scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    return value
+
+
+_STANDARD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+
+
+class RedactingFilter(logging.Filter):
+    """Scrubs a record before any handler formats it: message and arguments
+    (rendered first), extra fields, traceback text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not drop the record
+            message = f"{record.msg!r} {record.args!r}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        for name, value in list(record.__dict__.items()):
+            if name in _STANDARD_ATTRS:
+                continue
+            record.__dict__[name] = REDACTED if name.lower() in _NEVER_LOGGED_FIELDS else _scrub(value)
+        return True
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    return str(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then extra fields.
+    The finished line is scrubbed again, so nothing reaches the stream
+    unredacted even without `RedactingFilter`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name, value in record.__dict__.items():
+            if name in _STANDARD_ATTRS or name in entry:
+                continue
+            entry[name] = REDACTED if name.lower() in _NEVER_LOGGED_FIELDS else value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        line = json.dumps(entry, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+        return redact(line)
+
+
+_HANDLER_MARK: Final = "_klein_json_handler"
+
+
+def configure_logging(
+    *,
+    level: int | str = "INFO",
+    stream: TextIO | None = None,
+    secrets: Iterable[str] | None = None,
+) -> logging.Handler:
+    """Route every log record to one JSON-lines handler on the root logger.
+
+    `secrets`: exact values to scrub; None reads them from the environment
+    (`secrets_from_env`). Calling again replaces the handler, not adds one."""
+    register_secrets(secrets_from_env() if secrets is None else secrets)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
+
+
+class RequestLogger:
+    """Writes the one log line of each request (logger `klein.request`).
+
+    `log_prompt_length`: opt in to a `prompt_chars` field; the prompt text is
+    never written either way."""
+
+    def __init__(self, logger: logging.Logger | None = None, *, log_prompt_length: bool = False) -> None:
+        self.logger = logger if logger is not None else logging.getLogger("klein.request")
+        self.log_prompt_length = log_prompt_length
+
+    def fields(
+        self,
+        *,
+        request_id: str,
+        route: str,
+        status: int,
+        backend: str | None,
+        attempts: int,
+        cost_usd: Decimal,
+        latency_s: float,
+        overhead_s: float,
+        caller: str | None = None,
+        error_code: str | None = None,
+        prompt: str | None = None,
+    ) -> dict[str, Any]:
+        """The fields of one request line. `caller` is a key id, never a
+        key; `prompt` is only measured, and only with `log_prompt_length`."""
+        entry: dict[str, Any] = {
+            "request_id": request_id,
+            "route": route,
+            "status": status,
+            "backend": backend,
+            "attempts": attempts,
+            "cost_usd": str(cost_usd),
+            "latency_s": round(latency_s, 6),
+            "overhead_s": round(overhead_s, 6),
+        }
+        if caller is not None:
+            entry["caller"] = caller
+        if error_code is not None:
+            entry["error_code"] = error_code
+        if self.log_prompt_length and prompt is not None:
+            entry["prompt_chars"] = len(prompt)
+        return entry
+
+    def log(
+        self,
+        *,
+        request_id: str,
+        route: str,
+        status: int,
+        backend: str | None,
+        attempts: int,
+        cost_usd: Decimal,
+        latency_s: float,
+        overhead_s: float,
+        caller: str | None = None,
+        error_code: str | None = None,
+        prompt: str | None = None,
+    ) -> None:
+        """Write the request's one line: level warning for 5xx, info otherwise."""
+        entry = self.fields(
+            request_id=request_id, route=route, status=status, backend=backend, attempts=attempts,
+            cost_usd=cost_usd, latency_s=latency_s, overhead_s=overhead_s, caller=caller,
+            error_code=error_code, prompt=prompt,
+        )
+        self.logger.log(logging.WARNING if status >= 500 else logging.INFO, "request", extra=entry)

@@ -1,0 +1,354 @@
+"""Prometheus metrics for cost, latency and health (ARCHITECTURE section 5).
+
+Every name starts with `klein_`. Labels stay low-cardinality: backend, route,
+status class, outcome, failure reason, and a bounded caller key id; never
+prompts, request ids or raw keys.
+
+Several worker processes: prometheus_client keeps one value per process, so a
+scrape that lands on one worker sees only that worker's counters and they
+jump between scrapes (LiteLLM's bug, gateways.md section c item 10). When
+`PROMETHEUS_MULTIPROC_DIR` is set before the process starts, every worker
+writes its values to files in that directory and `render()` sums them. It
+must be set before `prometheus_client` is first imported (the library picks
+its value store at import time), and emptied before the server starts.
+
+Multiprocess gauge modes, chosen here:
+- in-flight requests: `livesum` (the total across live workers);
+- breaker state: `livemax` (the worst state any live worker holds: with
+  in-memory state each worker has its own breaker, and "open somewhere" is
+  what an operator needs to see); backend up: `livemin` to match;
+- prices: `mostrecent` (every worker sets the same figure; the newest wins
+  after a price-sheet reload).
+"live" modes drop a dead worker's figures once `mark_process_dead(pid)` is
+called (a gunicorn `child_exit` hook); without it they behave as max/min/sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import ContextManager, Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+    values,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from gateway.logs import looks_like_secret
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+# Whole-request latency: an image takes about 0.5-3 s end to end on hosted
+# backends, queued work up to a minute (gateways.md section b), so buckets run
+# from tens of milliseconds to two minutes.
+REQUEST_BUCKETS: Final = (
+    0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
+    10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0,
+)
+# Gateway overhead (total time minus time waiting on backends): the target is
+# p50 <= 2 ms and p99 <= 10 ms (gateways.md section b), so buckets start below
+# a millisecond and have edges at both targets.
+OVERHEAD_BUCKETS: Final = (
+    0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+
+ANONYMOUS: Final = "anonymous"  # no caller key (the gateway runs open)
+OTHER: Final = "other"  # callers past the first `max_callers`
+REDACTED: Final = "redacted"  # a caller label that looked like a secret
+
+BREAKER_STATES: Final = {"closed": 0, "half_open": 1, "open": 2}
+ONE_MP_AT_1024: Final = Decimal(1024 * 1024) / Decimal(1_000_000)
+
+
+def multiprocess_dir() -> str | None:
+    """The shared metrics directory, or None in single-process mode."""
+    return os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()) or None
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (in-flight, breaker state).
+
+    Call from the process manager when a worker exits (gunicorn: the
+    `child_exit` server hook). A no-op in single-process mode."""
+    path = multiprocess_dir()
+    if path:
+        multiprocess.mark_process_dead(pid, path)
+
+
+def status_class(status: int) -> str:
+    """200 -> "2xx"; the label that keeps status codes low-cardinality."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
+
+
+class GatewayMetrics:
+    """Every `klein_*` metric, behind the calls the request path makes.
+
+    `registry`: where the metrics live; a fresh private registry when None
+    (so several apps in one test process do not collide), which also carries
+    the process and platform collectors in single-process mode.
+    `baseline_backend`: savings are measured against this backend's price;
+    the caller of `record_spend` supplies the baseline figure per request.
+    `max_callers`: the first N distinct caller key ids get their own label
+    value on spend; later ones share "other". In multiprocess mode each
+    worker admits its own first N, so the bound is N per worker.
+    """
+
+    def __init__(
+        self,
+        *,
+        baseline_backend: str | None = "fal",
+        registry: CollectorRegistry | None = None,
+        max_callers: int = 50,
+    ) -> None:
+        self.baseline_backend = baseline_backend
+        self.max_callers = max_callers
+        self.multiprocess_dir = multiprocess_dir()
+        if self.multiprocess_dir and values.ValueClass is values.MutexValue:
+            log.warning(
+                "%s is set but prometheus_client was imported before it was; this process's "
+                "own metrics stay in memory and are not in the shared figures",
+                MULTIPROC_ENV,
+            )
+        owned = registry is None
+        self.registry = registry if registry is not None else CollectorRegistry()
+        if owned and not self.multiprocess_dir:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        self._callers: set[str] = set()
+        self._callers_lock = threading.Lock()
+        self._known_backends: set[str] = set()
+        r = self.registry
+
+        # --- traffic and latency -------------------------------------------
+        self.requests = Counter(
+            "klein_requests", "Requests answered, by route, status class and serving backend ('none' if no backend served).",
+            ["route", "status_class", "backend"], registry=r)
+        self.request_duration = Histogram(
+            "klein_request_duration_seconds", "Whole-request latency as the caller sees it.",
+            ["route"], buckets=REQUEST_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "klein_gateway_overhead_seconds", "Request time not spent waiting on backends.",
+            ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.in_flight_requests = Gauge(
+            "klein_in_flight_requests", "Requests being handled now.",
+            registry=r, multiprocess_mode="livesum")
+
+        # --- upstream attempts ---------------------------------------------
+        self.upstream_duration = Histogram(
+            "klein_upstream_duration_seconds", "Latency of one attempt on one backend, by outcome.",
+            ["backend", "outcome"], buckets=REQUEST_BUCKETS, registry=r)
+        self.upstream_attempts = Counter(
+            "klein_upstream_attempts", "Attempts on backends, by outcome ('success' or a failure class).",
+            ["backend", "outcome"], registry=r)
+        self.failovers = Counter(
+            "klein_failovers", "Times dispatch moved on from a backend, by the failure that caused it.",
+            ["from_backend", "reason"], registry=r)
+        self.double_spend = Counter(
+            "klein_possible_double_spend", "Work that may have been billed twice (an unknown outcome followed by another attempt).",
+            ["backend"], registry=r)
+
+        # --- spend ----------------------------------------------------------
+        self.cost = Counter(
+            "klein_cost_usd", "USD billed, every billed attempt included; sums to the x-klein-cost-usd headers.",
+            ["backend", "caller"], registry=r)
+        self.megapixels = Counter(
+            "klein_megapixels", "Output megapixels billed.", ["backend"], registry=r)
+        self.images = Counter(
+            "klein_images", "Images billed.", ["backend"], registry=r)
+        self.baseline_cost = Counter(
+            "klein_baseline_cost_usd", "What the same requests would have cost on the baseline backend.",
+            ["backend"], registry=r)
+        self.savings = Counter(
+            "klein_savings_usd", "Baseline cost minus actual cost, where positive.", ["backend"], registry=r)
+        self.excess_cost = Counter(
+            "klein_excess_cost_usd", "Actual cost minus baseline cost, where positive (net savings = savings - excess).",
+            ["backend"], registry=r)
+
+        # --- health and prices ---------------------------------------------
+        self.breaker_state = Gauge(
+            "klein_backend_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+            ["backend"], registry=r, multiprocess_mode="livemax")
+        self.backend_up = Gauge(
+            "klein_backend_up", "1 if the breaker lets traffic through (closed or half-open), else 0.",
+            ["backend"], registry=r, multiprocess_mode="livemin")
+        self.backend_quote = Gauge(
+            "klein_backend_quote_usd", "Price of one 1024x1024 text-to-image on each backend.",
+            ["backend"], registry=r, multiprocess_mode="mostrecent")
+        self.baseline_quote = Gauge(
+            "klein_baseline_quote_usd", "Price of one 1024x1024 text-to-image on the baseline backend.",
+            registry=r, multiprocess_mode="mostrecent")
+
+    # ---- request path ------------------------------------------------------
+
+    @contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        self.in_flight_requests.inc()
+        try:
+            yield
+        finally:
+            self.in_flight_requests.dec()
+
+    def in_flight(self) -> ContextManager[None]:
+        """Count a request as in flight while the block runs (klein_in_flight_requests)."""
+        return self._in_flight()
+
+    def observe_request(self, *, route: str, status: int, backend: str | None, latency_s: float, overhead_s: float) -> None:
+        """One answered request. `route` is the route template (never a raw
+        path); `backend` is the one that served it, None when none did;
+        `overhead_s` is total time minus time waiting on backends."""
+        self.requests.labels(route, status_class(status), backend or "none").inc()
+        self.request_duration.labels(route).observe(max(0.0, latency_s))
+        self.overhead.labels(route).observe(max(0.0, overhead_s))
+
+    def observe_attempt(self, *, backend: str, outcome: str, latency_s: float) -> None:
+        """One attempt on one backend; `outcome` is "success" or a FailureClass value."""
+        self._know_backend(backend)
+        outcome = str(outcome)
+        self.upstream_attempts.labels(backend, outcome).inc()
+        self.upstream_duration.labels(backend, outcome).observe(max(0.0, latency_s))
+
+    def record_spend(
+        self,
+        *,
+        backend: str,
+        caller: str | None,
+        usd: Decimal,
+        megapixels: Decimal,
+        images: int,
+        baseline_usd: Decimal | None,
+    ) -> None:
+        """Money spent on one billed attempt.
+
+        Call it for every billed attempt, failed billed attempts included, so
+        that klein_cost_usd_total sums to the x-klein-cost-usd headers.
+
+        Savings: when `baseline_usd` is given, `baseline_usd - usd` is added
+        to klein_savings_usd_total (if positive) or to
+        klein_excess_cost_usd_total (if negative), and `baseline_usd` to
+        klein_baseline_cost_usd_total; net savings are savings minus excess.
+        Give the request's baseline figure once per request (with the attempt
+        that delivered, or the last billed one); give `Decimal(0)` on other
+        billed attempts so money lost on them counts against savings; give
+        None where no baseline comparison exists (no baseline configured, or
+        the baseline backend could not have served the job).
+        """
+        if usd < 0 or megapixels < 0 or images < 0:
+            raise ValueError("spend figures cannot be negative")
+        self._know_backend(backend)
+        self.cost.labels(backend, self._caller_label(caller)).inc(float(usd))
+        self.megapixels.labels(backend).inc(float(megapixels))
+        self.images.labels(backend).inc(images)
+        if baseline_usd is None:
+            return
+        if baseline_usd < 0:
+            raise ValueError("baseline_usd cannot be negative")
+        self.baseline_cost.labels(backend).inc(float(baseline_usd))
+        delta = baseline_usd - usd
+        if delta >= 0:
+            self.savings.labels(backend).inc(float(delta))
+        else:
+            self.excess_cost.labels(backend).inc(float(-delta))
+
+    def record_failover(self, *, from_backend: str, reason: str) -> None:
+        """Dispatch left `from_backend` for another; `reason` is a FailureClass value."""
+        self.failovers.labels(from_backend, str(reason)).inc()
+
+    def record_double_spend(self, *, backend: str) -> None:
+        """Work on `backend` may have been billed twice (unknown outcome, then more work)."""
+        self.double_spend.labels(backend).inc()
+
+    def set_breaker_state(self, backend: str, state: str) -> None:
+        """The breaker of `backend` is now "closed", "half_open" or "open"."""
+        value = BREAKER_STATES.get(str(state))
+        if value is None:
+            raise ValueError(f"unknown breaker state {state!r}; expected one of {sorted(BREAKER_STATES)}")
+        self._know_backend(backend)
+        self.breaker_state.labels(backend).set(value)
+        self.backend_up.labels(backend).set(0 if value == 2 else 1)
+
+    def set_backend_price(self, backend: str, usd_per_mp_at_1mp: Decimal) -> None:
+        """Publish the price of one 1024x1024 image on `backend`, for price ladders.
+
+        `usd_per_mp_at_1mp` is the backend's per-MP price for a 1 MP image;
+        the gauge holds it times 1.048576 MP. Setting it for the baseline
+        backend also sets klein_baseline_quote_usd, which the savings-lost
+        alert compares against. Call at start-up and on every price reload."""
+        quote = float(usd_per_mp_at_1mp * ONE_MP_AT_1024)
+        self._know_backend(backend)
+        self.backend_quote.labels(backend).set(quote)
+        if backend == self.baseline_backend:
+            self.baseline_quote.set(quote)
+
+    # ---- exposition --------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type. In multiprocess mode the
+        figures of every worker, summed; otherwise this registry's."""
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+            return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+    def metric_names(self) -> frozenset[str]:
+        """Every `klein_*` sample name this class can expose (with the
+        `_total`, `_bucket`, `_sum`, `_count` suffixes), for checking
+        dashboards and rules against."""
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+            "gauge": ("",),
+        }
+        names: set[str] = set()
+        for collector in (
+            self.requests, self.request_duration, self.overhead, self.in_flight_requests,
+            self.upstream_duration, self.upstream_attempts, self.failovers, self.double_spend,
+            self.cost, self.megapixels, self.images, self.baseline_cost, self.savings,
+            self.excess_cost, self.breaker_state, self.backend_up, self.backend_quote,
+            self.baseline_quote,
+        ):
+            for family in collector.describe():
+                names.update(family.name + s for s in suffixes[family.type])
+        return frozenset(names)
+
+    # ---- internals ---------------------------------------------------------
+
+    def _caller_label(self, caller: str | None) -> str:
+        """Bound the caller label: the first `max_callers` ids, then "other".
+        A value that looks like a key is never used as a label."""
+        if not caller:
+            return ANONYMOUS
+        if looks_like_secret(caller):
+            return REDACTED
+        caller = caller[:64]
+        with self._callers_lock:
+            if caller in self._callers:
+                return caller
+            if len(self._callers) < self.max_callers:
+                self._callers.add(caller)
+                return caller
+        return OTHER
+
+    def _know_backend(self, backend: str) -> None:
+        """Create a backend's counters at zero the first time it is named, so
+        `rate()` and `increase()` see their first increment."""
+        if backend in self._known_backends:
+            return
+        self._known_backends.add(backend)
+        for counter in (self.megapixels, self.images, self.double_spend, self.baseline_cost, self.savings, self.excess_cost):
+            counter.labels(backend)
