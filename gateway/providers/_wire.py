@@ -1,0 +1,131 @@
+"""Rules for following a submitted job on a provider's API.
+
+- Which URLs may receive our credential: a provider's response names the URLs
+  to poll (fal's `status_url`, Replicate's `urls.get`). Following a URL on any
+  other host would hand the key to whoever controls that host, so only URLs
+  under the configured base are followed; anything else is replaced by the URL
+  the adapter builds itself.
+- Keeping the credential out of messages, whatever the provider echoes back.
+- Patience while polling: a status GET is idempotent and the job exists, so a
+  transient failure (429, 5xx, a dropped connection) is retried a few times
+  before the outcome is declared unknown.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+import httpx
+
+from gateway.providers.base import Adapter, FailureClass, ProviderError
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# Statuses worth another status poll rather than giving up on a job that exists.
+TRANSIENT_POLL_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+def _origin(url: str) -> tuple[str, str, int | None, str] | None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return None
+    if not parts.scheme or not parts.hostname or parts.username or parts.password:
+        return None
+    return parts.scheme.lower(), parts.hostname.lower(), port, parts.path
+
+
+def same_origin(url: str, base: str) -> bool:
+    """True when `url` has the base's scheme, host and port and lies under its path."""
+    got, want = _origin(url), _origin(base)
+    if got is None or want is None or got[:3] != want[:3]:
+        return False
+    prefix = want[3].rstrip("/")
+    return not prefix or got[3] == prefix or got[3].startswith(prefix + "/")
+
+
+def trusted_url(candidate: object, base: str, fallback: str, *, what: str = "URL") -> str:
+    """The provider's URL if it stays under `base`; otherwise our own `fallback`."""
+    if isinstance(candidate, str) and candidate and same_origin(candidate, base):
+        return candidate
+    if candidate:
+        log.warning("provider returned a %s outside the configured base URL; using the rebuilt one", what)
+    return fallback
+
+
+def redact(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of the secret (and of its parts, for `id:secret` keys) masked."""
+    if not secret:
+        return text
+    for part in {secret, *secret.split(":")}:
+        if len(part) >= 4:
+            text = text.replace(part, "***")
+    return text
+
+
+def clip(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Patience:
+    """Counts consecutive transient failures while following one job."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(0, int(limit))
+        self.spent = 0
+
+    def spend(self, error: ProviderError) -> None:
+        self.spent += 1
+        if self.spent > self.limit:
+            raise error
+
+    def reset(self) -> None:
+        self.spent = 0
+
+
+async def get_patiently(
+    adapter: Adapter,
+    url: str,
+    *,
+    deadline: float,
+    job_id: str,
+    headers: Mapping[str, str],
+    patience: Patience,
+    transient: Callable[[httpx.Response], bool] = lambda r: r.status_code in TRANSIENT_POLL_STATUSES,
+) -> httpx.Response | None:
+    """One GET while following a job; None after a transient failure the caller should wait out.
+
+    Raises UNKNOWN_OUTCOME (with `job_id`) past the deadline or once `patience` runs out."""
+    try:
+        response = await adapter.request("GET", url, deadline=deadline, job_id=job_id, headers=dict(headers))
+    except ProviderError as exc:
+        if exc.failure is not FailureClass.UNKNOWN_OUTCOME or time.monotonic() >= deadline:
+            raise
+        patience.spend(exc)
+        return None
+    if transient(response):
+        patience.spend(
+            ProviderError(
+                FailureClass.UNKNOWN_OUTCOME,
+                f"HTTP {response.status_code} while following the job, repeatedly",
+                status=response.status_code,
+                job_id=job_id,
+                billed=True,
+            )
+        )
+        return None
+    patience.reset()
+    return response
+
+
+def as_outcome_unknown(error: ProviderError, job_id: str) -> ProviderError:
+    """A poll error re-cast: the job exists and may still run (and bill), whatever the poll said."""
+    return replace(error, failure=FailureClass.UNKNOWN_OUTCOME, job_id=job_id, billed=True)
