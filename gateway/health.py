@@ -29,6 +29,7 @@ from gateway.providers.base import FailureClass, ProbeResult, ProviderError
 from gateway.state import health_records as hr
 from gateway.state.base import StateStore
 from gateway.state.breaker import BreakerPolicy, BreakerRecord, after_failure, after_probe, after_success
+from gateway.state.trials import TrialLeases
 
 __all__ = ["BreakerPolicy", "HealthEffect", "HealthTracker", "health_effect"]
 
@@ -87,8 +88,6 @@ def health_effect(
     return HealthEffect(True, park, False)
 
 
-
-
 # ---- the tracker ------------------------------------------------------------
 
 StateCallback = Callable[[str, BreakerState], None]
@@ -122,7 +121,7 @@ class HealthTracker:
         self.live_ttl_s = live_ttl_s
         self._callbacks: list[StateCallback] = []
         self._seen: dict[str, BreakerState] = {}
-        self._trials: dict[str, list[str]] = {}
+        self._trials = TrialLeases(store)
 
     def policy(self, name: str) -> BreakerPolicy:
         return self._policies.get(name, self._default)
@@ -193,31 +192,18 @@ class HealthTracker:
                 return False
             if state is BreakerState.CLOSED:
                 return True
-            return await self._take_trial(name, snap.record, now, policy)
+            return await self._trials.take(name, snap.record, now, policy)
         except Exception as exc:  # noqa: BLE001
             self._absorb("acquire", exc)
             return True
 
-    async def _take_trial(self, name: str, record: BreakerRecord, now: float, policy: BreakerPolicy) -> bool:
-        until, ttl = repr(now + policy.trial_timeout_s), policy.trial_timeout_s
-        for slot in range(policy.half_open_max_trials):
-            key = hr.key(name, "trial", record.version, slot)
-            won = await self.store.set_if_absent(key, until, ttl_s=ttl)
-            if not won:  # a lease whose holder never reported lapses on the clock too
-                held = await self.store.get(key)
-                won = held is not None and hr.as_float(held) <= now and await self.store.compare_and_set(key, held, until, ttl_s=ttl)
-            if won:
-                self._trials.setdefault(name, []).append(key)
-                return True
-        return False
-
-    async def _release_trial(self, name: str) -> None:
-        """Give back a lease this replica holds. Leases carry no request id, so
-        any outcome on `name` returns one; a lease of a record that has since
-        moved on is already meaningless."""
-        held = self._trials.get(name)
-        if held:
-            await self.store.delete(held.pop())
+    async def release(self, name: str) -> None:
+        """An acquired attempt ended without an outcome worth recording (it was
+        never sent): give its half-open trial lease back, if it held one."""
+        try:
+            await self._trials.give_back(name)
+        except Exception as exc:  # noqa: BLE001
+            self._absorb("release", exc)
 
     # ---- recording ---------------------------------------------------------
 
@@ -233,7 +219,7 @@ class HealthTracker:
                 return after_success(record, now)
 
             await self._transition(name, raw, decide)
-            await self._release_trial(name)
+            await self._trials.give_back(name)
         except Exception as exc:  # noqa: BLE001
             self._absorb("record_success", exc)
 
@@ -255,7 +241,7 @@ class HealthTracker:
             if effect.mark_credentials_invalid:
                 await self.store.set(hr.key(name, "creds"), repr(now), ttl_s=policy.credentials_recheck_s)
             if not effect.counts_as_failure:
-                await self._release_trial(name)
+                await self._trials.give_back(name)
                 return
             raw = await self.store.get(hr.key(name, "breaker"))
             await self._count(name, BreakerRecord.decode(raw), now, policy, "fail")
@@ -268,7 +254,7 @@ class HealthTracker:
                 return after_failure(record, now, policy, window, in_row)
 
             await self._transition(name, raw, decide)
-            await self._release_trial(name)
+            await self._trials.give_back(name)
         except Exception as exc:  # noqa: BLE001
             self._absorb("record_failure", exc)
 

@@ -468,3 +468,14 @@ async def test_a_failing_store_never_fails_a_request() -> None:
     await t.record_failure("b", err(F.FAILED, 500))
     await t.record_probe("b", ProbeResult(ok=True, live={"estimated_wait_s": 1}))
     assert (await t.describe(["b"]))["b"]["state"] == "unknown"
+
+
+async def test_release_returns_a_trial_lease_for_an_attempt_never_sent(state_store: StateStore) -> None:
+    clock = FakeClock()
+    t = tracker_on(state_store, clock)
+    await open_it(t)
+    clock.advance(5)
+    assert await t.acquire("b") is True
+    assert await t.acquire("b") is False
+    await t.release("b")
+    assert await t.acquire("b") is True

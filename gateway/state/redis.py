@@ -51,7 +51,7 @@ class RedisStore(StateStore):
         *,
         namespace: str = "default",
         socket_timeout: float = 0.25,
-        max_connections: int = 64,
+        max_connections: int = 256,
     ) -> RedisStore:
         """A client with bounded timeouts, one immediate retry and a bounded pool."""
         pool = aioredis.BlockingConnectionPool.from_url(

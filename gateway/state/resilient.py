@@ -10,7 +10,8 @@ Resync when Redis returns: reads simply resume from Redis (the shared truth),
 and the string keys this replica wrote while degraded (an opened breaker,
 a parking, a credentials mark) are pushed back with SET NX and their
 remaining TTL, so what was learned alone is shared but never overwrites
-what other replicas wrote meanwhile. Counters' samples stay local.
+what other replicas wrote meanwhile. Counters and latency samples from the
+outage stay local: they age out of their windows within a minute anyway.
 """
 
 from __future__ import annotations
