@@ -156,6 +156,7 @@ class BrokenStore(MemoryStore):
 
             async def guarded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
                 self.calls += 1
+                await asyncio.sleep(0)  # a real round trip suspends
                 if self.broken:
                     raise ConnectionError("down")
                 return await attr(*args, **kwargs)
@@ -206,7 +207,7 @@ async def test_resilient_store_pushes_keys_learned_alone_back_without_overwritin
 @needs_redis
 async def test_redis_killed_mid_run_degrades_to_memory_and_recovers_when_restarted() -> None:
     with RedisServer() as server:
-        store = ResilientStore(RedisStore.from_url(server.url, namespace="kill"), retry_interval_s=0.2)
+        store = ResilientStore(RedisStore.from_url(server.url, namespace="kill"))  # retries once a second
         other = RedisStore.from_url(server.url, namespace="kill")  # another replica's view
         try:
             await store.set("before", "1", ttl_s=60)
@@ -232,3 +233,15 @@ async def test_redis_killed_mid_run_degrades_to_memory_and_recovers_when_restart
         finally:
             await other.close()
             await store.close()
+
+
+async def test_only_one_call_retries_a_primary_that_was_down() -> None:
+    now = [0.0]
+    primary = BrokenStore()
+    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0])
+    primary.broken = True
+    await store.set("k", "v", ttl_s=60)
+    now[0] += 2
+    primary.calls = 0
+    await asyncio.gather(*(store.get("k") for _ in range(20)))
+    assert primary.calls == 1

@@ -3,8 +3,9 @@
 Every write goes to the primary (Redis) and is mirrored into the fallback
 (memory), so when Redis goes away this replica carries on with what it last
 knew. While the primary is down (an error within `retry_interval_s`) calls
-go straight to memory, so a dead Redis costs one bounded timeout per second,
-not one per call, and `status()` says "degraded".
+go straight to memory and a single call retries the primary once per
+interval, so a dead Redis costs one bounded timeout per second, not one per
+call, and `status()` says "degraded".
 
 Resync when Redis returns: reads simply resume from Redis (the shared truth),
 and the string keys this replica wrote while degraded (an opened breaker,
@@ -48,6 +49,7 @@ class ResilientStore(StateStore):
         self._clock = clock
         self._up = True
         self._down_until = 0.0
+        self._retrying = False  # one call at a time tries a primary that was down
         self._dirty: set[str] = set()
         self._resync: asyncio.Task[None] | None = None
 
@@ -58,7 +60,8 @@ class ResilientStore(StateStore):
         return not self._up
 
     def _usable(self) -> bool:
-        return self._up or self._clock() >= self._down_until
+        """Up, or down with the retry due and no other call already retrying."""
+        return self._up or (not self._retrying and self._clock() >= self._down_until)
 
     def _mark_down(self, exc: BaseException) -> None:
         if self._up:
@@ -79,11 +82,16 @@ class ResilientStore(StateStore):
         """The primary's answer, or _FAILED (without calling it while it is down)."""
         if not self._usable():
             return _FAILED
+        retrying = not self._up
+        self._retrying = self._retrying or retrying
         try:
             result = await call()
         except Exception as exc:  # noqa: BLE001 - any failure of the primary degrades
             self._mark_down(exc)
             return _FAILED
+        finally:
+            if retrying:
+                self._retrying = False
         self._mark_up()
         return result
 
