@@ -33,6 +33,7 @@ REDACTED: Final = "[REDACTED]"
 # Credential names from ARCHITECTURE section 1; each value is a secret.
 SECRET_ENV_VARS: Final = ("FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY")
 GATEWAY_KEYS_ENV: Final = "KLEIN_GATEWAY_KEYS"  # comma-separated caller keys
+PROMPT_LENGTH_ENV: Final = "KLEIN_LOG_PROMPT_LENGTH"  # opt-in: log prompt length (never text)
 
 _TOKEN = r"[A-Za-z0-9._~+/=:\-]"
 _PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
@@ -188,11 +189,14 @@ def configure_logging(
 class RequestLogger:
     """Writes the one log line of each request (logger `klein.request`).
 
-    `log_prompt_length`: opt in to a `prompt_chars` field; the prompt text is
-    never written either way."""
+    `log_prompt_length`: opt in to a `prompt_chars` field; None reads
+    `KLEIN_LOG_PROMPT_LENGTH` (1/true/yes). The prompt text is never written
+    either way."""
 
-    def __init__(self, logger: logging.Logger | None = None, *, log_prompt_length: bool = False) -> None:
+    def __init__(self, logger: logging.Logger | None = None, *, log_prompt_length: bool | None = None) -> None:
         self.logger = logger if logger is not None else logging.getLogger("klein.request")
+        if log_prompt_length is None:
+            log_prompt_length = os.environ.get(PROMPT_LENGTH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
         self.log_prompt_length = log_prompt_length
 
     def fields(

@@ -428,7 +428,7 @@ def test_the_redacting_filter_protects_plain_handlers_too():
 
 
 def test_one_json_line_per_request_with_the_request_fields(log_stream):
-    requests = RequestLogger()
+    requests = RequestLogger(log_prompt_length=False)
     for i, status in enumerate([200, 502, 200]):
         requests.log(
             request_id=f"req-{i}", route=GEN, status=status, backend="fal" if status == 200 else None, attempts=i + 1,
@@ -457,6 +457,20 @@ def test_prompt_length_is_logged_only_on_opt_in_and_never_the_text(log_stream):
     entry = json.loads(log_stream.getvalue())
     assert entry["prompt_chars"] == len("a red fox in the snow")
     assert "red fox" not in log_stream.getvalue()
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, False), ("0", False), ("1", True), ("true", True), ("no", False)])
+def test_prompt_length_opt_in_from_the_environment(monkeypatch, env, expected):
+    if env is None:
+        monkeypatch.delenv("KLEIN_LOG_PROMPT_LENGTH", raising=False)
+    else:
+        monkeypatch.setenv("KLEIN_LOG_PROMPT_LENGTH", env)
+    entry = RequestLogger().fields(
+        request_id="r", route=GEN, status=200, backend="fal", attempts=1, cost_usd=Decimal("0.01"),
+        latency_s=1.0, overhead_s=0.001, prompt="four",
+    )
+    assert ("prompt_chars" in entry) is expected
+    assert "four" not in json.dumps(entry)
 
 
 def test_prompt_passed_as_an_extra_field_is_withheld(log_stream):
