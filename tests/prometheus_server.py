@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -270,14 +271,10 @@ def _unwrap(expr: str) -> str:
 
 
 def _strip_modifiers(expr: str) -> str:
-    import re
-
     return re.sub(rf"^(?:{_MODIFIER})+", "", expr).strip()
 
 
 def _split_at(expr: str, operators: tuple[str, ...], words: bool) -> list[str] | None:
-    import re
-
     for i, _ in _top_level_scan(expr):
         for op in operators:
             if not expr.startswith(op, i):
