@@ -37,6 +37,10 @@ model's limit, is assumed.
 Response: the exact JSON was not captured (open question 10). OpenAI's
 `{"created", "data": [{"url" | "b64_json"}]}` is read, and, defensively,
 `images: [...]` with objects or plain strings (URLs, data URIs or base64).
+A URL's media type comes from its extension, else the `format` asked for;
+decoded bytes are sniffed. A `seed` or per-image `nsfw` flag is kept if the
+response carries one (none is documented); every image flagged is
+CONTENT_FILTERED.
 Errors come in OpenAI's envelope `{"error": {"message", "type", "code"}}`;
 the documented codes decide the class where the status alone would not:
 `missing_api_key`/`invalid_api_key` (credentials), `insufficient_credits`,
@@ -58,7 +62,7 @@ import httpx
 
 from gateway.capabilities import Capabilities
 from gateway.job import MEDIA_TYPES, ImageJob, JobKind
-from gateway.providers._images import is_data_uri, parse_data_uri
+from gateway.providers._images import content_type_from_url, is_data_uri, parse_data_uri
 from gateway.providers._wire import redact
 from gateway.providers.base import (
     Adapter,
@@ -231,7 +235,7 @@ def _item_image(item: Any, requested_type: str, size: tuple[int | None, int | No
         if is_data_uri(url):
             data = _decode_b64(url)
             return GeneratedImage(data=data, content_type=sniff_media_type(data) or requested_type, width=width, height=height, nsfw=nsfw)
-        return GeneratedImage(url=url, content_type=requested_type, width=width, height=height, nsfw=nsfw)
+        return GeneratedImage(url=url, content_type=content_type_from_url(url) or requested_type, width=width, height=height, nsfw=nsfw)
     return None
 
 

@@ -71,6 +71,9 @@ Behaviour where the protocol leaves room:
 - Images whose `nsfw_detected` flag is true are reported as such; if every
   image is flagged the attempt is CONTENT_FILTERED (billed).
 - `cost` (a decimal string) becomes `reported_cost_usd`.
+- An output's media type is taken from the output entry or its URL's
+  extension, else left unknown (edits: JPEG, as documented), so the gateway
+  checks the bytes before it hands a URL on.
 """
 
 from __future__ import annotations
@@ -497,7 +500,9 @@ class RunflowAdapter(Adapter):
         cost = parse_cost(run.get("cost"))
         if status in SUCCEEDED:
             output = run.get("output")
-            default_type = "image/jpeg" if job.kind is JobKind.EDIT else job.media_type
+            # The edit endpoint documents JPEG output (RF-EDIT); a text-to-image
+            # output's type is only claimed when the provider or the URL says it.
+            default_type = "image/jpeg" if job.kind is JobKind.EDIT else None
             images = extract_images(output if output is not None else run, default_type)
             if not images:
                 raise ProviderError(FailureClass.FAILED, f"run {status} without any image", job_id=run_id, billed=cost is None or cost > 0)

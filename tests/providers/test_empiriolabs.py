@@ -105,6 +105,12 @@ async def test_width_height_and_jpg_name_are_options(mock, adapter, make_job, de
     assert "size" not in sent
 
 
+async def test_url_extension_beats_the_requested_format(mock, adapter, make_job, deadline):
+    mock.post(GEN).respond(200, json={"data": [{"url": "https://media.empiriolabs-cdn.test/a.webp?sig=2"}, {"url": "https://media.empiriolabs-cdn.test/b"}]})
+    result = await adapter().generate(make_job(n=2, output_format="png"), deadline)
+    assert [img.content_type for img in result.images] == ["image/webp", "image/png"]
+
+
 async def test_assume_requested_size_reports_the_size_asked_for(mock, adapter, make_job, deadline):
     mock.post(GEN).respond(200, json={"data": [{"url": CDN}]})
     result = await adapter(assume_requested_size=True).generate(make_job(width=1024, height=512), deadline)

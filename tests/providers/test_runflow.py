@@ -86,6 +86,20 @@ async def test_text_to_image_follows_queued_dispatching_running_to_succeeded(moc
     assert (img.url, img.width, img.height, img.content_type, img.nsfw) == (CDN, 1024, 1024, "image/png", False)
 
 
+@pytest.mark.parametrize(
+    ("url", "kind", "media"),
+    [
+        ("https://o/x.webp?sig=1", JobKind.GENERATE, "image/webp"),
+        ("https://o/x?sig=1", JobKind.GENERATE, None),
+        ("https://o/x?sig=1", JobKind.EDIT, "image/jpeg"),
+    ],
+)
+async def test_output_media_type_is_claimed_only_when_known(mock, adapter, make_job, deadline, url, kind, media):
+    mock.post(EDIT if kind is JobKind.EDIT else T2I).respond(201, json=succeeded(outputs=[{"url": url, "type": "image", "width": 1024, "height": 1024}]))
+    result = await adapter().generate(make_job(kind=kind, output_format="png"), deadline)
+    assert result.images[0].content_type == media
+
+
 async def test_create_answering_a_terminal_run_needs_no_poll(mock, adapter, make_job, deadline):
     mock.post(T2I).respond(200, json=succeeded())
     poll = mock.get(RUN).respond(200, json=run("running"))
