@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -64,6 +64,8 @@ class CostFigures(BaseModel):
     marginal_usd_per_image: float | None = None  # busy GPU time only
     amortized_usd_per_image: float | None = None  # wall time at measured utilisation
     gpu_usd_per_hour: float = 0.0
+    basis: str | None = None  # the image the per-image figures are for, e.g. "1024x1024, 4 steps"
+    utilization: float | None = None  # busy / wall time over the recent window, 0..1
 
 
 class BackendInfo(BaseModel):
@@ -77,3 +79,13 @@ class BackendInfo(BaseModel):
     queue_capacity: int = 0
     estimated_wait_s: float = 0.0
     cost: CostFigures = Field(default_factory=CostFigures)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """The first problem of a failed validation as 'field: message', for error envelopes."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request"
+    where = ".".join(str(part) for part in errors[0].get("loc", ()))
+    message = errors[0].get("msg", "invalid value")
+    return f"{where}: {message}" if where else message
