@@ -1,0 +1,212 @@
+"""The local GPU backend (`klein-local serve`), spoken through local_backend.schemas.
+
+Protocol: one synchronous `POST {base}/v1/images/generations` with a
+`GenerateRequest` body answers with a `GenerateResponse`: base64 images, a seed
+per image, NSFW flags, timings and the request's share of GPU cost
+(`cost_usd_estimate`, reported as `reported_cost_usd`). References travel as
+base64 in the body, so a reference the gateway only has as a URL is rejected
+here and the job can go to a backend that fetches URLs itself. No credential:
+the service binds 127.0.0.1 by default and is addressed by `KLEIN_LOCAL_URL`.
+
+Failures (local_backend/app.py):
+
+| answer                   | class       | why                                                    |
+|--------------------------|-------------|--------------------------------------------------------|
+| 429 queue full           | REFUSED     | with Retry-After; the gateway fails over at once and   |
+|                          |             | does not count it against health                       |
+| 503 warming up / no room | REFUSED     | nothing ran                                            |
+| 504 deadline passed      | FAILED      | dropped before its batch started: not billed           |
+| 400 / 413 / 422          | REJECTED    | the input; another backend may take it                 |
+| 500 / garbage body       | FAILED      |                                                        |
+| connect error            | UNREACHABLE |                                                        |
+| every image flagged      | CONTENT_FILTERED                                               |
+
+The service gets the job's remaining time as `timeout_s`, less a margin, so
+its 504 arrives before this side's read timeout would turn into an unknown
+outcome.
+
+`probe()` is free: `GET /health/ready`, then `GET /v1/info`, whose queue wait
+and live cost figures go into `ProbeResult.live` for routing and pricing
+(`estimated_wait_s`, `marginal_usd_per_image`, `amortized_usd_per_image`, per
+1024x1024 image at 4 steps, see local_backend/cost.py).
+
+Capabilities: those the service accepts by default (local_backend/config.py):
+sides 64 to 2048 in multiples of 16, at most 4 MP, steps 1 to 50, 1 to 4
+images, up to 4 references as uploads, png/jpeg/webp, seeds. A service started
+with narrower limits (`--max-pixels`, `--max-steps`) needs the same in
+providers.yaml `capabilities:`; it answers 422 otherwise, which is REJECTED.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from decimal import Decimal
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from gateway.capabilities import Capabilities
+from gateway.job import ImageJob
+from gateway.providers.base import (
+    Adapter,
+    FailureClass,
+    GeneratedImage,
+    ProbeResult,
+    ProviderError,
+    ProviderResult,
+    deadline_error,
+    http_error,
+)
+from local_backend.schemas import BackendInfo, GenerateRequest, GenerateResponse, describe_validation_error
+
+DEFAULT_CAPABILITIES = Capabilities(
+    min_side=64,
+    max_side=2048,
+    multiple_of=16,
+    max_pixels=2048 * 2048,
+    max_n=4,
+    min_steps=1,
+    max_steps=50,
+    max_references=4,
+    accepts_data_uri_refs=True,
+    output_formats=frozenset({"png", "jpeg", "webp"}),
+)
+PROBE_TIMEOUT_S = 5.0
+MAX_TIMEOUT_S = 3600.0  # GenerateRequest.timeout_s upper bound
+DEADLINE_MARGIN_S = 1.0  # at most; never more than a tenth of the time left
+
+
+def service_timeout(remaining: float) -> float:
+    """The deadline the service gets: a little before ours."""
+    return min(MAX_TIMEOUT_S, remaining - min(DEADLINE_MARGIN_S, remaining / 10))
+
+
+def request_body(job: ImageJob, timeout_s: float) -> dict[str, Any]:
+    """The wire body for `job`; REJECTED when a reference has no bytes."""
+    references = []
+    for ref in job.references:
+        if ref.data is None:
+            raise ProviderError(FailureClass.REJECTED, "needs reference images as uploads or data URIs, not URLs")
+        references.append(base64.b64encode(ref.data).decode())
+    try:
+        request = GenerateRequest(
+            prompt=job.prompt,
+            width=job.width,
+            height=job.height,
+            num_inference_steps=job.steps,
+            guidance_scale=1.0 if job.guidance_scale is None else job.guidance_scale,
+            seed=job.seed,
+            num_images=job.n,
+            output_format=job.output_format,
+            output_compression=job.output_compression,
+            enable_safety_checker=job.enable_safety_checker,
+            reference_images=references,
+            timeout_s=timeout_s,
+        )
+    except ValidationError as exc:
+        raise ProviderError(FailureClass.REJECTED, f"the local backend cannot take {describe_validation_error(exc)}") from None
+    return request.model_dump(mode="json", exclude_none=True)
+
+
+def error_text(response: httpx.Response) -> tuple[str | None, str]:
+    """(code, message) from the service's `{"error": {...}}` envelope."""
+    try:
+        error = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    if not isinstance(error, dict):
+        error = {}
+    code = error.get("code") if isinstance(error.get("code"), str) else None
+    message = error.get("message") if isinstance(error.get("message"), str) else response.reason_phrase or "error"
+    return code, message
+
+
+def to_result(payload: GenerateResponse) -> ProviderResult:
+    images = []
+    for item in payload.images:
+        try:
+            data = base64.b64decode(item.b64_json, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProviderError(FailureClass.FAILED, "returned image data that is not base64", billed=True) from None
+        images.append(
+            GeneratedImage(
+                data=data,
+                content_type=item.content_type,
+                width=item.width,
+                height=item.height,
+                nsfw=item.nsfw,
+                seed=item.seed,
+            )
+        )
+    if not images:
+        raise ProviderError(FailureClass.FAILED, "the response holds no image", billed=True)
+    if all(image.nsfw is True for image in images):
+        raise ProviderError(FailureClass.CONTENT_FILTERED, "every image was flagged by the safety checker", billed=True)
+    cost = payload.cost_usd_estimate
+    return ProviderResult(
+        images=images,
+        seed=payload.seed,
+        reported_cost_usd=None if cost is None else Decimal(str(cost)),
+        raw={"timings": payload.timings.model_dump()},
+    )
+
+
+def live_figures(info: BackendInfo) -> dict[str, Any]:
+    return {
+        "estimated_wait_s": info.estimated_wait_s,
+        "marginal_usd_per_image": info.cost.marginal_usd_per_image,
+        "amortized_usd_per_image": info.cost.amortized_usd_per_image,
+        "queue_depth": info.queue_depth,
+        "queue_capacity": info.queue_capacity,
+    }
+
+
+class LocalAdapter(Adapter):
+    kind = "local"
+    default_capabilities = DEFAULT_CAPABILITIES
+
+    @property
+    def base(self) -> str:
+        return self.settings.base_url.rstrip("/")
+
+    async def generate(self, job: ImageJob, deadline: float) -> ProviderResult:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise deadline_error(None)
+        body = request_body(job, service_timeout(remaining))
+        response = await self.request("POST", f"{self.base}/v1/images/generations", deadline=deadline, json=body)
+        if not response.is_success:
+            code, message = error_text(response)
+            raise http_error(response, f"{code}: {message}" if code else message, code=code)
+        try:
+            payload = GenerateResponse.model_validate_json(response.content)
+        except ValidationError:
+            raise ProviderError(
+                FailureClass.FAILED, f"HTTP {response.status_code}: the response is not a GenerateResponse",
+                status=response.status_code, billed=True,
+            ) from None  # fmt: skip
+        return to_result(payload)
+
+    async def probe(self) -> ProbeResult:
+        """Ready, then the live figures; never a generation."""
+        started = time.monotonic()
+        deadline = started + PROBE_TIMEOUT_S
+        try:
+            ready = await self.request("GET", f"{self.base}/health/ready", deadline=deadline)
+            if not ready.is_success:
+                _, message = error_text(ready)
+                return ProbeResult(False, f"not ready: HTTP {ready.status_code}: {message}"[:300], time.monotonic() - started)
+            response = await self.request("GET", f"{self.base}/v1/info", deadline=deadline)
+        except ProviderError as exc:
+            return ProbeResult(False, exc.message, time.monotonic() - started)
+        latency = time.monotonic() - started
+        if not response.is_success:
+            return ProbeResult(False, f"/v1/info: HTTP {response.status_code}", latency)
+        try:
+            info = BackendInfo.model_validate_json(response.content)
+        except ValidationError:
+            return ProbeResult(False, "/v1/info is not a BackendInfo", latency)
+        return ProbeResult(info.ready, f"ready on {info.device}" if info.ready else "not ready", latency, live_figures(info))
