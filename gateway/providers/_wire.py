@@ -17,11 +17,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from gateway.providers.base import Adapter, FailureClass, ProviderError
+from gateway.providers.base import Adapter, FailureClass, ProviderError, sleep_until_next_poll
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def redact(text: str, secret: str | None) -> str:
     """`text` with every occurrence of the secret (and of its parts, for `id:secret` keys) masked."""
     if not secret:
         return text
-    for part in {secret, *secret.split(":")}:
+    for part in (secret, *secret.split(":")):  # the whole first, then the parts of `id:secret` keys
         if len(part) >= 4:
             text = text.replace(part, "***")
     return text
@@ -75,22 +76,6 @@ def clip(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class Patience:
-    """Counts consecutive transient failures while following one job."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(0, int(limit))
-        self.spent = 0
-
-    def spend(self, error: ProviderError) -> None:
-        self.spent += 1
-        if self.spent > self.limit:
-            raise error
-
-    def reset(self) -> None:
-        self.spent = 0
-
-
 async def get_patiently(
     adapter: Adapter,
     url: str,
@@ -98,32 +83,41 @@ async def get_patiently(
     deadline: float,
     job_id: str,
     headers: Mapping[str, str],
-    patience: Patience,
+    max_errors: int,
     transient: Callable[[httpx.Response], bool] = lambda r: r.status_code in TRANSIENT_POLL_STATUSES,
-) -> httpx.Response | None:
-    """One GET while following a job; None after a transient failure the caller should wait out.
+) -> httpx.Response:
+    """GET while following a job, waiting out up to `max_errors` consecutive transient failures.
 
-    Raises UNKNOWN_OUTCOME (with `job_id`) past the deadline or once `patience` runs out."""
+    Returns the first answer that is not transient (success or a real error).
+    Raises UNKNOWN_OUTCOME (with `job_id`) past the deadline or once patience runs out."""
+    failures = 0
+    while True:
+        try:
+            response = await adapter.request("GET", url, deadline=deadline, job_id=job_id, headers=dict(headers))
+        except ProviderError as exc:
+            if exc.failure is not FailureClass.UNKNOWN_OUTCOME or time.monotonic() >= deadline or failures >= max_errors:
+                raise
+        else:
+            if not transient(response):
+                return response
+            if failures >= max_errors:
+                raise ProviderError(
+                    FailureClass.UNKNOWN_OUTCOME,
+                    f"HTTP {response.status_code} while following the job, repeatedly",
+                    status=response.status_code,
+                    job_id=job_id,
+                    billed=True,
+                )
+        await sleep_until_next_poll(failures, adapter.settings.timeouts, deadline, job_id)
+        failures += 1
+
+
+def maybe_json(response: httpx.Response) -> Any:
+    """The JSON body, or None: for error bodies, which may be anything."""
     try:
-        response = await adapter.request("GET", url, deadline=deadline, job_id=job_id, headers=dict(headers))
-    except ProviderError as exc:
-        if exc.failure is not FailureClass.UNKNOWN_OUTCOME or time.monotonic() >= deadline:
-            raise
-        patience.spend(exc)
+        return response.json()
+    except ValueError:
         return None
-    if transient(response):
-        patience.spend(
-            ProviderError(
-                FailureClass.UNKNOWN_OUTCOME,
-                f"HTTP {response.status_code} while following the job, repeatedly",
-                status=response.status_code,
-                job_id=job_id,
-                billed=True,
-            )
-        )
-        return None
-    patience.reset()
-    return response
 
 
 def as_outcome_unknown(error: ProviderError, job_id: str) -> ProviderError:

@@ -60,7 +60,7 @@ import httpx
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
 from gateway.providers._images import output_image, reference_uri
-from gateway.providers._wire import Patience, as_outcome_unknown, clip, get_patiently, redact, trusted_url
+from gateway.providers._wire import as_outcome_unknown, clip, get_patiently, maybe_json, redact, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -154,13 +154,6 @@ def error_detail(body: Any, response: httpx.Response) -> tuple[str, str | None, 
     return message, code, types
 
 
-def _maybe_json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
 def _result_transient(response: httpx.Response) -> bool:
     """What fal's own client retries (providers.md section 1.3): 408/409/429 and ingress errors."""
     status = response.status_code
@@ -194,6 +187,7 @@ class FalAdapter(Adapter):
         self.model = str(self.option("model", DEFAULT_MODEL)).strip("/")
         self.edit_model = str(self.option("edit_model", DEFAULT_EDIT_MODEL)).strip("/")
         queue_app(self.model), queue_app(self.edit_model)  # fail at start-up, not on the first request
+        self._max_poll_errors = int(self.option("max_poll_errors", 5))
         self._cancel_urls: OrderedDict[str, str] = OrderedDict()
 
     # ---- generate ------------------------------------------------------------
@@ -275,52 +269,40 @@ class FalAdapter(Adapter):
             self._cancel_urls.popitem(last=False)
 
     async def _wait_until_completed(self, url: str, request_id: str, headers: Mapping[str, str], deadline: float) -> Mapping[str, Any]:
-        patience = Patience(self.option("max_poll_errors", 5))
         attempt = 0
         while True:
-            response = await get_patiently(self, url, deadline=deadline, job_id=request_id, headers=headers, patience=patience)
-            if response is not None:
-                if response.status_code >= 400:
-                    raise as_outcome_unknown(self._error(response, job_id=request_id), request_id)
-                body = json_body(response, job_id=request_id)
-                status = body.get("status") if isinstance(body, dict) else None
-                if status == "COMPLETED":
-                    return body
-                if status not in _QUEUE_STATUSES_PENDING:
-                    raise ProviderError(
-                        FailureClass.FAILED,
-                        f"unknown queue status {clip(str(status), 40)!r}",
-                        status=response.status_code,
-                        job_id=request_id,
-                        billed=True,
-                    )
+            response = await get_patiently(self, url, deadline=deadline, job_id=request_id, headers=headers, max_errors=self._max_poll_errors)
+            if response.status_code >= 400:
+                raise as_outcome_unknown(self._error(response, job_id=request_id), request_id)
+            body = json_body(response, job_id=request_id)
+            status = body.get("status") if isinstance(body, dict) else None
+            if status == "COMPLETED":
+                return body
+            if status not in _QUEUE_STATUSES_PENDING:
+                raise ProviderError(
+                    FailureClass.FAILED, f"unknown queue status {clip(str(status), 40)!r}", status=response.status_code, job_id=request_id, billed=True
+                )
             await sleep_until_next_poll(attempt, self.settings.timeouts, deadline, request_id)
             attempt += 1
 
     async def _fetch_result(self, url: str, request_id: str, headers: Mapping[str, str], deadline: float) -> Any:
-        patience = Patience(self.option("max_poll_errors", 5))
-        attempt = 0
-        while True:
-            response = await get_patiently(
-                self, url, deadline=deadline, job_id=request_id, headers=headers, patience=patience, transient=_result_transient
-            )
-            if response is not None:
-                if response.status_code >= 400:
-                    raise self._error(response, job_id=request_id)
-                try:
-                    return response.json()
-                except ValueError:
-                    raise ProviderError(
-                        FailureClass.FAILED, f"HTTP {response.status_code}: result body is not JSON", status=response.status_code, job_id=request_id, billed=True
-                    ) from None
-            await sleep_until_next_poll(attempt, self.settings.timeouts, deadline, request_id)
-            attempt += 1
+        response = await get_patiently(
+            self, url, deadline=deadline, job_id=request_id, headers=headers, max_errors=self._max_poll_errors, transient=_result_transient
+        )
+        if response.status_code >= 400:
+            raise self._error(response, job_id=request_id)
+        try:
+            return response.json()
+        except ValueError:
+            raise ProviderError(
+                FailureClass.FAILED, f"HTTP {response.status_code}: result body is not JSON", status=response.status_code, job_id=request_id, billed=True
+            ) from None
 
     # ---- errors --------------------------------------------------------------
 
     def _error(self, response: httpx.Response, *, job_id: str | None = None) -> ProviderError:
         """A fal error response as a ProviderError. Without `job_id` it is the submit's."""
-        message, code, types = error_detail(_maybe_json(response), response)
+        message, code, types = error_detail(maybe_json(response), response)
         message = redact(clip(message), self.settings.credential)
         status = response.status_code
         if CONTENT_ERROR_TYPES.intersection(types) or code in CONTENT_ERROR_TYPES:

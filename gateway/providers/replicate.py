@@ -65,7 +65,7 @@ import httpx
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
-from gateway.providers._wire import Patience, as_outcome_unknown, clip, get_patiently, redact, trusted_url
+from gateway.providers._wire import as_outcome_unknown, clip, get_patiently, maybe_json, redact, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -170,13 +170,6 @@ def problem_message(body: Any, response: httpx.Response) -> str:
     return response.text or response.reason_phrase or "error"
 
 
-def _maybe_json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
 class ReplicateAdapter(Adapter):
     kind: ClassVar[str] = "replicate"
     default_capabilities: ClassVar[Capabilities] = Capabilities(
@@ -198,6 +191,7 @@ class ReplicateAdapter(Adapter):
         self.base = settings.base_url.rstrip("/")
         self.model = str(self.option("model", DEFAULT_MODEL)).strip("/")
         self.sizes = size_table(settings.options)
+        self._max_poll_errors = int(self.option("max_poll_errors", 5))
 
     # ---- generate ------------------------------------------------------------
 
@@ -285,7 +279,7 @@ class ReplicateAdapter(Adapter):
         )
         if response.status_code >= 400:
             raise self._error(response)
-        prediction = _maybe_json(response)
+        prediction = maybe_json(response)
         pid = prediction.get("id") if isinstance(prediction, dict) else None
         if not isinstance(pid, str) or not pid:
             raise ProviderError(FailureClass.FAILED, f"HTTP {response.status_code}: create response is not a prediction", status=response.status_code)
@@ -313,7 +307,6 @@ class ReplicateAdapter(Adapter):
         own = f"{self.base}/v1/predictions/{quote(pid, safe='')}"
         urls = prediction.get("urls")
         url = trusted_url(urls.get("get") if isinstance(urls, dict) else None, self.base, own, what="urls.get")
-        patience = Patience(self.option("max_poll_errors", 5))
         attempt = 0
         while True:
             status = prediction.get("status")
@@ -323,9 +316,7 @@ class ReplicateAdapter(Adapter):
                 raise ProviderError(FailureClass.FAILED, f"unknown prediction status {clip(str(status), 40)!r}", job_id=pid, billed=True)
             await sleep_until_next_poll(attempt, self.settings.timeouts, deadline, pid)
             attempt += 1
-            response = await get_patiently(self, url, deadline=deadline, job_id=pid, headers=headers, patience=patience)
-            if response is None:
-                continue
+            response = await get_patiently(self, url, deadline=deadline, job_id=pid, headers=headers, max_errors=self._max_poll_errors)
             if response.status_code >= 400:
                 raise as_outcome_unknown(self._error(response, job_id=pid), pid)
             body = json_body(response, job_id=pid)
@@ -356,7 +347,7 @@ class ReplicateAdapter(Adapter):
 
     def _error(self, response: httpx.Response, *, job_id: str | None = None) -> ProviderError:
         """A problem-details response (providers.md section 2.6) as a ProviderError."""
-        message = redact(clip(problem_message(_maybe_json(response), response)), self.settings.credential)
+        message = redact(clip(problem_message(maybe_json(response), response)), self.settings.credential)
         status = response.status_code
         if job_id is None and status == 404:
             return ProviderError(FailureClass.FAILED, f"HTTP 404: model not found: {message}", status=status)
