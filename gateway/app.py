@@ -20,6 +20,7 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.image_store import ImageStore
+from gateway.job import ImageJob, JobKind
 from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
 from gateway.probes import Prober
@@ -32,6 +33,10 @@ log = logging.getLogger("klein.gateway")
 # One pooled client for every provider: connection reuse matters more than
 # anything else for the gateway's added latency.
 POOL_LIMITS = httpx.Limits(max_connections=2000, max_keepalive_connections=500, keepalive_expiry=30)
+
+
+# The price ladder exported for dashboards: one 1024x1024 text-to-image image.
+REFERENCE_JOB = ImageJob(kind=JobKind.GENERATE, prompt="reference", width=1024, height=1024)
 
 
 def parse_keys(value: str | None) -> frozenset[str]:
@@ -53,6 +58,8 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     settings = config.settings
     images_store = ImageStore(ttl_s=settings.image_url_ttl_s, max_bytes=settings.image_store_bytes, signing_key=(env.get("KLEIN_URL_SIGNING_KEY") or "").encode() or None)
     dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store), metrics)
+    for name, backend in fleet.backends.items():
+        metrics.set_backend_price(name, backend.quote(REFERENCE_JOB).usd)
     gw = Gateway(
         config=config,
         fleet=fleet,
@@ -97,9 +104,9 @@ def create_app(
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
         for line in startup_report(gw):
             (log.warning if "disabled" in line or "open to anyone" in line else log.info)(line)
-        prober = Prober({n: b.adapter for n, b in gw.fleet.backends.items()}, gw.health, interval_s=config.settings.probe_interval_s) if probes else None
+        prober = Prober({n: b.adapter for n, b in gw.fleet.backends.items()}, gw.health, {b.name: b.config.probe for b in config.enabled}) if probes else None
         if prober is not None:
-            await prober.start()
+            prober.start()
         gw.ready = True
         try:
             yield

@@ -6,7 +6,7 @@ candidates (eligibility, quote, health) for the pure router.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 import httpx
@@ -15,7 +15,7 @@ from gateway.capabilities import Capabilities, eligible
 from gateway.config import GatewayConfig, ResolvedBackend
 from gateway.healthview import HealthView
 from gateway.job import ImageJob
-from gateway.pricing import PriceSheet, Quote, quote
+from gateway.pricing import PriceSheet, Quote, bill, quote
 from gateway.providers import adapter_class, capabilities_for
 from gateway.providers.base import Adapter, AdapterSettings, Timeouts
 from gateway.references import fetch_reference
@@ -32,11 +32,17 @@ class Backend:
     expected_latency_s: float | None
     fetch_client: httpx.AsyncClient
     baseline_sheet: PriceSheet | None = None
-    _fetched: dict[str, ImageJob] = field(default_factory=dict)
+
+    def _live(self, view: HealthView | None) -> Decimal | None:
+        """The local GPU's live per-image figure, when its probe reported one."""
+        return view.live_usd_per_image if view is not None and self.kind == "local" else None
 
     def quote(self, job: ImageJob, view: HealthView | None = None) -> Quote:
-        live = view.live_usd_per_image if view is not None and self.kind == "local" else None
-        return quote(self.sheet, job, live)
+        return quote(self.sheet, job, self._live(view))
+
+    def bill(self, job: ImageJob, images: int, view: HealthView | None = None) -> Decimal:
+        """What `images` returned images cost, by the same rule (and live figure) as the quote."""
+        return bill(self.sheet, job, images, self._live(view))
 
     def baseline_quote(self, job: ImageJob) -> Decimal | None:
         return quote(self.baseline_sheet, job).usd if self.baseline_sheet is not None else None

@@ -52,11 +52,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    from gateway.providers import capabilities_for
-
     config = load_config(args.config, args.pricing)
     for b in config.backends:
-        capabilities_for(b.config.kind, b.config.options, b.config.capabilities)
         state = "enabled" if b.enabled else f"disabled ({b.disabled_reason})"
         print(f"{b.name:<12} {b.config.kind:<12} {b.sheet.basis:<17} {state}")
     print(f"ok: {args.config} and {config.pricing_dir}/ are valid")

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.health import BreakerPolicy
+from gateway.probes import ProbeSettings
 from gateway.pricing import PriceSheet, PriceSheetError, load_sheet
 
 KINDS = ("fal", "replicate", "runflow", "empiriolabs", "local")
@@ -73,6 +74,7 @@ class BackendConfig(_Strict):
     capabilities: dict[str, Any] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+    probe: ProbeSettings = Field(default_factory=ProbeSettings)  # free health probes; never a paid generation
     expected_latency_s: float | None = Field(default=None, gt=0)  # tie-break before any is measured
 
 
@@ -85,7 +87,6 @@ class GatewaySettings(_Strict):
     image_store_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     public_base_url: str | None = None  # where signed image URLs point; default: the request's own host
     baseline_backend: str | None = "fal"  # savings are measured against this backend's price
-    probe_interval_s: float = Field(default=30.0, gt=0)
     log_prompts: bool = False
 
 
@@ -170,8 +171,11 @@ def load_config(path: str | Path = "providers.yaml", pricing_dir: str | Path | N
         try:
             sheet = load_sheet(sheet_file)
         except PriceSheetError as exc:
-            problems.append(str(exc))
+            problems.append(f"{path}: backends.{name}.price_sheet: {exc}")
             continue
+        problem = _capability_problem(cfg)
+        if problem:
+            problems.append(f"{path}: backends.{name}.capabilities: {problem}")
         base_env = cfg.base_url_env or DEFAULT_BASE_URL_ENV[cfg.kind]
         base_url = env.get(base_env) or cfg.base_url or DEFAULT_BASE_URLS[cfg.kind]
         cred_env = cfg.credential_env or DEFAULT_CREDENTIAL_ENV[cfg.kind]
@@ -190,3 +194,14 @@ def load_config(path: str | Path = "providers.yaml", pricing_dir: str | Path | N
     if baseline and baseline not in parsed.backends:
         raise ConfigError(f"{path}: gateway.baseline_backend: {baseline!r} is not a configured backend")
     return GatewayConfig(settings=parsed.gateway, backends=resolved, path=path, pricing_dir=pricing)
+
+
+def _capability_problem(cfg: BackendConfig) -> str | None:
+    """Capability overrides and adapter options must make a valid Capabilities."""
+    from gateway.providers import capabilities_for  # adapters import config-free modules only
+
+    try:
+        capabilities_for(cfg.kind, cfg.options, cfg.capabilities)
+    except (TypeError, ValueError, KeyError) as exc:
+        return str(exc).replace("__init__() ", "") or type(exc).__name__
+    return None

@@ -22,7 +22,6 @@ from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.job import ImageJob
 from gateway.metrics import GatewayMetrics
-from gateway.pricing import bill
 from gateway.providers.base import FailureClass, ProviderError
 from gateway.results import ResultShaper, ShapedImage
 from gateway.routing import Plan
@@ -106,7 +105,7 @@ class Dispatcher:
             except ProviderError as err:
                 elapsed = time.monotonic() - t0
                 upstream += elapsed
-                cost = bill(backend.sheet, job, job.n) if err.billed else Decimal(0)
+                cost = backend.bill(job, job.n, cand.health) if err.billed else Decimal(0)
                 spent += cost
                 attempts.append(Attempt(cand.name, err.failure.value, elapsed, cost, err.status, err.message))
                 await self._record_failure(backend, job, err, elapsed, cost)
@@ -123,7 +122,7 @@ class Dispatcher:
                 attempts.append(Attempt(cand.name, FailureClass.REJECTED.value, time.monotonic() - t0, status=err.status, message=err.message))
                 continue
             elapsed = time.monotonic() - t0
-            cost = result.reported_cost_usd if result.reported_cost_usd is not None else bill(backend.sheet, job, len(images))
+            cost = result.reported_cost_usd if result.reported_cost_usd is not None else backend.bill(job, len(images), cand.health)
             spent += cost
             attempts.append(Attempt(cand.name, "success", elapsed, cost))
             await self.health.record_success(cand.name, elapsed)
@@ -135,7 +134,7 @@ class Dispatcher:
     async def _record_failure(self, backend: Backend, job: ImageJob, err: ProviderError, elapsed: float, cost: Decimal) -> None:
         self.metrics.observe_attempt(backend=backend.name, outcome=err.failure.value, latency_s=elapsed)
         if cost:
-            self.metrics.record_spend(backend=backend.name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=None)
+            self.metrics.record_spend(backend=backend.name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=Decimal(0))
         await self.health.record_failure(backend.name, err, elapsed)
 
     def _cancel_later(self, backend: Backend, job_id: str) -> None:

@@ -49,6 +49,11 @@ def usd(value: Decimal) -> Decimal:
     return value.quantize(USD_QUANTUM, rounding=ROUND_HALF_UP)
 
 
+def usd_text(value: Decimal) -> str:
+    """Money as text for headers and JSON: no trailing zeros, never exponent form."""
+    return f"{usd(value).normalize():f}"
+
+
 def _fmt(value: Decimal) -> str:
     return f"{value.normalize():f}"
 

@@ -57,6 +57,8 @@ def check_image_bytes(data: bytes, param: str = "image") -> ReferenceImage:
     try:
         with Image.open(io.BytesIO(data)) as img:  # reads the header only
             width, height = img.size
+    except Image.DecompressionBombError:
+        raise PayloadTooLarge(f"reference image has too many pixels; at most {MAX_REFERENCE_PIXELS:,}", param=param) from None
     except Exception:  # noqa: BLE001 - Pillow raises many types for broken files
         raise InvalidRequest("reference image could not be read", param=param, code="invalid_image") from None
     if width * height > MAX_REFERENCE_PIXELS:

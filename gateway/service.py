@@ -16,11 +16,13 @@ import httpx
 from gateway.backends import BackendFleet
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher, Outcome
+from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.image_store import ImageStore
 from gateway.job import ImageJob
 from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
+from gateway.pricing import usd_text
 from gateway.routing import Plan, plan, refusal
 
 
@@ -38,12 +40,13 @@ class Gateway:
     request_log: RequestLogger = field(default_factory=RequestLogger)
     ready: bool = False
 
-    def log_request(self, request: Any, *, route: str, status: int, backend: str | None, attempts: int, cost: Decimal | None, latency_s: float, overhead_s: float) -> None:
+    def log_request(self, request: Any, *, route: str, status: int, backend: str | None, attempts: int, cost: Decimal | None, latency_s: float, overhead_s: float, prompt: str | None = None) -> None:
         """The request's one JSON log line (no prompt text, no secrets)."""
         state = request.state
         self.request_log.log(
             request_id=getattr(state, "request_id", "-"), route=route, status=status, backend=backend, attempts=attempts,
             cost_usd=cost or Decimal(0), latency_s=latency_s, overhead_s=overhead_s, caller=getattr(state, "caller", None),
+            prompt=prompt,
         )
 
     async def plan(self, job: ImageJob) -> Plan:
@@ -51,6 +54,9 @@ class Gateway:
         return plan(job, self.fleet.candidates(job, views))
 
     async def images(self, job: ImageJob, *, started: float, base_url: str) -> Outcome:
+        if job.pinned_backend in self.fleet.disabled:
+            reason = self.fleet.disabled[job.pinned_backend]
+            raise GatewayError(f"backend {job.pinned_backend} is disabled: {reason}", status=503, code="backend_disabled", param="model", retryable=False)
         p = await self.plan(job)
         if not p.attempts:
             raise refusal(p)
@@ -68,7 +74,7 @@ class Gateway:
                 "name": c.name,
                 "eligible": c.eligibility.ok,
                 "reason": skipped.get(c.name, "") or c.eligibility.reason,
-                "cost_usd": str(c.quote.usd) if c.quote else None,
+                "cost_usd": usd_text(c.quote.usd) if c.quote else None,
                 "basis": c.quote.basis if c.quote else None,
                 "breakdown": c.quote.breakdown if c.quote else None,
                 "state": c.health.state.value if c.health.available else (c.health.why_unavailable or c.health.state.value),
@@ -83,7 +89,7 @@ class Gateway:
             "n": job.n,
             "kind": job.kind.value,
             "chosen": chosen,
-            "cost_usd": str(p.chosen.quote.usd) if p.chosen and p.chosen.quote else None,
+            "cost_usd": usd_text(p.chosen.quote.usd) if p.chosen and p.chosen.quote else None,
             "order": [c.name for c in p.attempts],
             "backends": rows,
         }

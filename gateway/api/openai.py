@@ -21,6 +21,7 @@ from gateway.dispatch import DispatchFailed
 from gateway.errors import GatewayError, InvalidRequest, NotFound, UnsupportedMediaType
 from gateway.job import ImageJob, JobKind, ReferenceImage
 from gateway.models import ALIASES, MODEL_ID, model_object, resolve_model
+from gateway.pricing import usd_text
 from gateway.references import check_image_bytes, parse_reference
 from gateway.service import Gateway
 
@@ -52,7 +53,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
     """The shared path of generations and edits: job, dispatch, answer, metrics, log."""
     gw = gateway_of(request)
     started = time.monotonic()
-    status, backend, upstream, cost, attempts = 500, None, 0.0, None, 0
+    status, backend, upstream, cost, attempts, job = 500, None, 0.0, None, 0, None
     with gw.metrics.in_flight():
         try:
             ctx = begin(request, gw)
@@ -62,7 +63,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             headers = {
                 "x-request-id": ctx.request_id,
                 "x-klein-backend": outcome.backend,
-                "x-klein-cost-usd": str(outcome.cost_usd),
+                "x-klein-cost-usd": usd_text(outcome.cost_usd),
                 "x-klein-attempts": str(attempts),
             }
             if any(img.nsfw for img in outcome.images):
@@ -77,7 +78,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             return Response(msgspec.json.encode(body), media_type=MediaType.JSON, headers=headers)
         except DispatchFailed as err:
             status, upstream, cost, attempts = err.status, err.upstream_s, err.cost_usd, len([a for a in err.attempts if a.outcome != "skipped"])
-            request.state.klein_headers.update({"x-klein-cost-usd": str(err.cost_usd), "x-klein-attempts": str(attempts)})
+            request.state.klein_headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(attempts)})
             raise
         except GatewayError as err:
             status = err.status
@@ -87,7 +88,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
         finally:
             total = time.monotonic() - started
             gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
-            gw.log_request(request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream))
+            gw.log_request(request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream), prompt=job.prompt if job else None)
 
 
 async def _generation_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallContext) -> ImageJob:
@@ -121,7 +122,7 @@ async def _edit_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallConte
         if not raw.get("images"):
             raise InvalidRequest("an edit needs `images`: 1 to 4 image URLs or data: URIs", param="images", code="missing_image")
         return _job_from_raw(raw, gw, ctx, JobKind.EDIT)
-    if ctype != "multipart/form-data":
+    if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise UnsupportedMediaType("send multipart/form-data with `image` files, or JSON with `images`")
     form = await request.form()
     fields: dict[str, Any] = {}
