@@ -122,6 +122,7 @@ def create_app(
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
         request_max_body_size=config.settings.max_body_bytes,
         openapi_config=None,
+        logging_config=None,  # logs are ours: one JSON line per request (gateway.logs)
         debug=False,
     )
     app.state.gateway = gw

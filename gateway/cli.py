@@ -112,6 +112,9 @@ def serve_gateway(args: argparse.Namespace) -> int:
         fleet = EmulatorFleet.start_in_thread()
         os.environ.update(fleet.env())
     configure_logging(level=args.log_level.upper())
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is ours; no per-call noise
     load_config(args.config, args.pricing)  # fail fast, with the field named, before binding a port
     os.environ["KLEIN_CONFIG"] = str(Path(args.config))
     if args.pricing:
@@ -122,10 +125,10 @@ def serve_gateway(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="klein-metrics-")
     print(banner(args, fleet), flush=True)
     try:
-        uvicorn.run("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False)
+        uvicorn.run("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False, log_config=None)
     finally:
         if fleet is not None:
-            fleet.stop()
+            fleet.stop_thread()
     return 0
 
 
@@ -133,7 +136,9 @@ def banner(args: argparse.Namespace, fleet: object | None) -> str:
     url = f"http://{args.host}:{args.port}/v1"
     lines = [f"Klein Gateway on {url}"]
     if fleet is not None:
-        lines.append("Emulated backends (loopback, no keys needed): " + ", ".join(sorted(fleet.names())))  # type: ignore[attr-defined]
+        lines.append("Emulated backends on loopback, no keys needed (knobs: POST <emulator>/_admin/knobs):")
+        for name, running in sorted(fleet.emulators.items()):  # type: ignore[attr-defined]
+            lines.append(f"  {name:<12} {running.base_url}")
     key_hint = "any" if not os.environ.get("KLEIN_GATEWAY_KEYS") else "<a key from KLEIN_GATEWAY_KEYS>"
     lines += [
         "",

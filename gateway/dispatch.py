@@ -22,6 +22,7 @@ from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.job import ImageJob
 from gateway.metrics import GatewayMetrics
+from gateway.pricing import usd
 from gateway.providers.base import FailureClass, ProviderError
 from gateway.results import ResultShaper, ShapedImage
 from gateway.routing import Plan
@@ -122,7 +123,7 @@ class Dispatcher:
                 attempts.append(Attempt(cand.name, FailureClass.REJECTED.value, time.monotonic() - t0, status=err.status, message=err.message))
                 continue
             elapsed = time.monotonic() - t0
-            cost = result.reported_cost_usd if result.reported_cost_usd is not None else backend.bill(job, len(images), cand.health)
+            cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images), cand.health)
             spent += cost
             attempts.append(Attempt(cand.name, "success", elapsed, cost))
             await self.health.record_success(cand.name, elapsed)
