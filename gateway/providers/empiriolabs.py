@@ -62,8 +62,8 @@ import httpx
 
 from gateway.capabilities import Capabilities
 from gateway.job import MEDIA_TYPES, ImageJob, JobKind
-from gateway.providers._images import content_type_from_url, is_data_uri, parse_data_uri
-from gateway.providers._wire import redact
+from gateway.providers._images import content_type_from_url, is_data_uri, parse_data_uri, reference_uri
+from gateway.providers._wire import maybe_json, redact
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -149,15 +149,9 @@ def wire_response_format(job: ImageJob, opts: EmpirioLabsOptions) -> str:
 
 def reference_values(job: ImageJob, allow_data_uri: bool) -> list[str]:
     """`images`: reference URLs (documented), data URIs only when allowed."""
-    values = []
-    for ref in job.references:
-        if ref.url:
-            values.append(ref.url)
-        elif ref.data is not None and allow_data_uri:
-            values.append(ref.data_uri())
-        else:
-            raise ProviderError(FailureClass.REJECTED, "needs reference images as public URLs, not uploads")
-    return values
+    if not allow_data_uri and any(not ref.url for ref in job.references):
+        raise ProviderError(FailureClass.REJECTED, "needs reference images as public URLs, not uploads")
+    return [reference_uri(ref) for ref in job.references]
 
 
 def request_body(job: ImageJob, opts: EmpirioLabsOptions) -> dict[str, Any]:
@@ -297,11 +291,7 @@ class EmpirioLabsAdapter(Adapter):
         return ProviderResult(images=images, seed=seed, raw=raw)
 
     def _error(self, resp: httpx.Response) -> ProviderError:
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        code, message = error_fields(body)
+        code, message = error_fields(maybe_json(resp))
         text = ": ".join(p for p in (code, message or resp.reason_phrase or "error") if p)
         err = http_error(resp, self._scrub(text), code=code and self._scrub(code))
         if code in CODE_FAILURES:

@@ -90,8 +90,8 @@ import httpx
 
 from gateway.capabilities import Capabilities, eligible
 from gateway.job import ImageJob, JobKind
-from gateway.providers._images import content_type_from_url, output_image
-from gateway.providers._wire import redact
+from gateway.providers._images import content_type_from_url, output_image, reference_uri
+from gateway.providers._wire import as_outcome_unknown, maybe_json, redact
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -234,15 +234,9 @@ def image_size_value(width: int, height: int, mode: str) -> str | dict[str, int]
 
 def reference_values(job: ImageJob, allow_data_uri: bool) -> list[str]:
     """`image_urls`: the caller's https URL where there is one, else a data URI."""
-    values = []
-    for ref in job.references:
-        if ref.url:
-            values.append(ref.url)
-        elif ref.data is not None and allow_data_uri:
-            values.append(ref.data_uri())
-        else:
-            raise ProviderError(FailureClass.REJECTED, "needs reference images as public URLs, not uploads")
-    return values
+    if not allow_data_uri and any(not ref.url for ref in job.references):
+        raise ProviderError(FailureClass.REJECTED, "needs reference images as public URLs, not uploads")
+    return [reference_uri(ref) for ref in job.references]
 
 
 def run_input(job: ImageJob, opts: RunflowOptions) -> dict[str, Any]:
@@ -521,33 +515,19 @@ class RunflowAdapter(Adapter):
     # -- errors --
 
     def _create_error(self, resp: httpx.Response) -> ProviderError:
-        code, message = self._error_text(resp)
-        err = http_error(resp, self._scrub(": ".join(p for p in (code, message) if p)), code=code and self._scrub(code))
+        err = self._http_error(resp)
         if resp.status_code == 404:  # the model path, not the input: count it against health
             err = replace(err, failure=FailureClass.FAILED)
         return err
 
     def _lost_run(self, resp: httpx.Response, run_id: str) -> ProviderError:
-        code, message = self._error_text(resp)
-        text = self._scrub(": ".join(p for p in (code, message) if p))
-        return ProviderError(
-            FailureClass.UNKNOWN_OUTCOME,
-            f"HTTP {resp.status_code} while following the run: {text}"[:500],
-            status=resp.status_code,
-            job_id=run_id,
-            billed=True,
-            credentials_invalid=resp.status_code in (401, 403),
-            code=code and self._scrub(code),
-        )
+        """An error answer while following a run: the run may still go on (and bill)."""
+        return as_outcome_unknown(self._http_error(resp, run_id), run_id)
 
-    @staticmethod
-    def _error_text(resp: httpx.Response) -> tuple[str | None, str]:
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        code, message = error_fields(body)
-        return code, message or resp.reason_phrase or "error"
+    def _http_error(self, resp: httpx.Response, run_id: str | None = None) -> ProviderError:
+        code, message = error_fields(maybe_json(resp))
+        text = ": ".join(p for p in (code, message or resp.reason_phrase or "error") if p)
+        return http_error(resp, self._scrub(text), job_id=run_id, code=code and self._scrub(code))
 
     def _scrub(self, text: str) -> str:
         return redact(text, self.settings.credential)
