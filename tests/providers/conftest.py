@@ -7,11 +7,12 @@ shapes; nothing here touches the network.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import respx
 
 from gateway.job import ImageJob, JobKind, ReferenceImage
 from gateway.providers.base import AdapterSettings, Timeouts
@@ -59,3 +60,10 @@ async def http_client() -> AsyncIterator[httpx.AsyncClient]:
 def deadline() -> float:
     """A monotonic deadline a few seconds out: generous for tests, never reached by a passing one."""
     return time.monotonic() + 5.0
+
+
+@pytest.fixture
+def mock() -> Iterator[respx.MockRouter]:
+    """A respx router for one test: an unmocked request fails it, an unused route does not."""
+    with respx.mock(assert_all_called=False) as router:
+        yield router

@@ -27,12 +27,6 @@ B64_PNG = base64.b64encode(PNG_BYTES).decode()
 
 
 @pytest.fixture
-def mock():
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
-        yield router
-
-
-@pytest.fixture
 def adapter(make_settings, http_client):
     def factory(**options: Any) -> EmpirioLabsAdapter:
         return EmpirioLabsAdapter(make_settings("empiriolabs", BASE, KEY, **options), http_client)

@@ -38,12 +38,6 @@ def succeeded(**output: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def mock():
-    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
-        yield router
-
-
-@pytest.fixture
 def adapter(make_settings, http_client):
     def factory(**options: Any) -> RunflowAdapter:
         return RunflowAdapter(make_settings("runflow", BASE, KEY, **options), http_client)
