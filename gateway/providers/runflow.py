@@ -404,6 +404,10 @@ class RunflowAdapter(Adapter):
         super().__init__(settings, client)
         self.opts = RunflowOptions.parse(settings.options)
         self.base = settings.base_url.rstrip("/")
+        self.create_urls = {
+            JobKind.GENERATE: f"{self.base}/v1/models/{_model_path(self.opts.model)}/runs",
+            JobKind.EDIT: f"{self.base}/v1/models/{_model_path(self.opts.edit_path)}/runs",
+        }
 
     @classmethod
     def capabilities_for(cls, options: Mapping[str, Any] | None, kind: JobKind | None = None) -> Capabilities:
@@ -418,11 +422,8 @@ class RunflowAdapter(Adapter):
             ok = eligible(job, capabilities_for_options(self.opts, JobKind.EDIT))
             if not ok:
                 raise ProviderError(FailureClass.REJECTED, f"edit endpoint: {ok.reason}")
-        path = self.opts.edit_path if job.kind is JobKind.EDIT else self.opts.model
         body = {"input": run_input(job, self.opts), "client_ref": job.request_id}
-        resp = await self.request(
-            "POST", f"{self.base}/v1/models/{_model_path(path)}/runs", deadline=deadline, headers=self._auth(), json=body, follow_redirects=False
-        )
+        resp = await self.request("POST", self.create_urls[job.kind], deadline=deadline, headers=self._auth(), json=body, follow_redirects=False)
         if not resp.is_success:
             raise self._create_error(resp)
         run = self._created_run(resp)
