@@ -74,6 +74,7 @@ from gateway.providers.base import (
     ProviderResult,
     http_error,
 )
+from gateway.references import sniff
 
 DEFAULT_MODEL = "flux-2-klein-4b"
 PROBE_TIMEOUT_S = 10.0
@@ -191,16 +192,6 @@ def error_fields(body: Any) -> tuple[str | None, str | None]:
     return (str(code) if code else None), (str(message) if message is not None else None)
 
 
-def sniff_media_type(data: bytes) -> str | None:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
-
-
 def _decode_b64(value: str) -> bytes:
     """Bytes of a `b64_json` value, which may also come as a data: URI."""
     try:
@@ -221,14 +212,12 @@ def _item_image(item: Any, requested_type: str, size: tuple[int | None, int | No
     height = item.get("height") if isinstance(item.get("height"), int) else size[1]
     nsfw = item.get("nsfw") if isinstance(item.get("nsfw"), bool) else None
     b64 = item.get("b64_json") or item.get("b64") or item.get("base64")
-    if isinstance(b64, str) and b64:
-        data = _decode_b64(b64)
-        return GeneratedImage(data=data, content_type=sniff_media_type(data) or requested_type, width=width, height=height, nsfw=nsfw)
     url = item.get("url")
+    inline = b64 if isinstance(b64, str) and b64 else url if isinstance(url, str) and is_data_uri(url) else None
+    if inline:
+        data = _decode_b64(inline)
+        return GeneratedImage(data=data, content_type=sniff(data) or requested_type, width=width, height=height, nsfw=nsfw)
     if isinstance(url, str) and url:
-        if is_data_uri(url):
-            data = _decode_b64(url)
-            return GeneratedImage(data=data, content_type=sniff_media_type(data) or requested_type, width=width, height=height, nsfw=nsfw)
         return GeneratedImage(url=url, content_type=content_type_from_url(url) or requested_type, width=width, height=height, nsfw=nsfw)
     return None
 
