@@ -23,7 +23,7 @@ from gateway.health import HealthTracker
 from gateway.job import ImageJob
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import usd
-from gateway.providers.base import FailureClass, ProviderError
+from gateway.providers.base import FailureClass, ProviderError, submitted_jobs
 from gateway.results import ResultShaper, ShapedImage
 from gateway.routing import Plan
 
@@ -98,6 +98,8 @@ class Dispatcher:
             if maybe_billed_elsewhere:
                 self.metrics.record_double_spend(backend=cand.name)
             t0 = time.monotonic()
+            submitted: list[str] = []
+            token = submitted_jobs.set(submitted)
             try:
                 job_for = await backend.prepare(job)
                 result = await backend.adapter.generate(job_for, t0 + budget)
@@ -121,7 +123,17 @@ class Dispatcher:
                 continue
             except GatewayError as err:  # the job cannot be prepared for this backend (e.g. a reference URL)
                 attempts.append(Attempt(cand.name, FailureClass.REJECTED.value, time.monotonic() - t0, status=err.status, message=err.message))
+                await self.health.release(cand.name)
                 continue
+            except asyncio.CancelledError:
+                # The caller went away (or the server is stopping): cancel what this
+                # attempt submitted, so nobody pays for an image no one will see.
+                for job_id in submitted:
+                    self._cancel_later(backend, job_id)
+                await asyncio.shield(self.health.release(cand.name))
+                raise
+            finally:
+                submitted_jobs.reset(token)
             elapsed = time.monotonic() - t0
             cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images), cand.health)
             spent += cost

@@ -7,6 +7,7 @@ section 5). Nothing after `build_job` knows which wire shape was used.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -58,7 +59,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
         try:
             ctx = begin(request, gw)
             job = await build(request, gw, ctx)
-            outcome = await gw.images(job, started=started, base_url=base_url_of(request, gw))
+            outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw)))
             backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, len(outcome.attempts)
             headers = {
                 "x-request-id": ctx.request_id,
@@ -89,6 +90,33 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             total = time.monotonic() - started
             gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
             gw.log_request(request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream), prompt=job.prompt if job else None)
+
+
+async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitable[Any]) -> Any:
+    """Run `work`, cancelling it if the caller disconnects first.
+
+    Cancelling reaches dispatch, which cancels the provider job the attempt
+    submitted (where the provider allows it), so an abandoned request stops
+    costing money. The body has been read by now, so the next ASGI message can
+    only be the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.cancelled():
+        raise GatewayError("the caller closed the connection", status=499, code="client_closed_request")
+    return task.result()
+
+
+async def _disconnected(request: Request[Any, Any, Any]) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def _generation_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallContext) -> ImageJob:

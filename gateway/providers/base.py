@@ -14,6 +14,7 @@ import email.utils
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -180,6 +181,19 @@ class Adapter(ABC):
             if job_id:
                 raise ProviderError(FailureClass.UNKNOWN_OUTCOME, f"connection broke while following job: {type(exc).__name__}", job_id=job_id, billed=True) from None
             raise ProviderError(FailureClass.FAILED, f"connection broke: {type(exc).__name__}") from None
+
+
+# Job ids an adapter has obtained during the current attempt. Dispatch sets a
+# fresh list before each attempt, so that when the caller goes away mid-attempt
+# it can cancel exactly the jobs this request submitted.
+submitted_jobs: ContextVar[list[str] | None] = ContextVar("submitted_jobs", default=None)
+
+
+def note_job_id(job_id: str) -> None:
+    """Adapters call this as soon as a provider has given the work an id."""
+    jobs = submitted_jobs.get()
+    if jobs is not None:
+        jobs.append(job_id)
 
 
 def deadline_error(job_id: str | None) -> ProviderError:

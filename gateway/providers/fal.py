@@ -71,6 +71,7 @@ from gateway.providers.base import (
     ProviderResult,
     http_error,
     json_body,
+    note_job_id,
     sleep_until_next_poll,
 )
 
@@ -203,6 +204,7 @@ class FalAdapter(Adapter):
         request_id = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(request_id, str) or not request_id:
             raise ProviderError(FailureClass.FAILED, f"HTTP {response.status_code}: submit response has no request_id", status=response.status_code)
+        note_job_id(request_id)
         urls = self._queue_urls(endpoint, request_id, body)
         self._remember(request_id, urls.cancel)
         status = await self._wait_until_completed(urls.status, request_id, headers, deadline)

@@ -76,6 +76,7 @@ from gateway.providers.base import (
     ProviderResult,
     http_error,
     json_body,
+    note_job_id,
     sleep_until_next_poll,
 )
 
@@ -284,6 +285,7 @@ class ReplicateAdapter(Adapter):
         if not isinstance(pid, str) or not pid:
             raise ProviderError(FailureClass.FAILED, f"HTTP {response.status_code}: create response is not a prediction", status=response.status_code)
         created[index] = pid
+        note_job_id(pid)
         if prediction.get("status") not in TERMINAL:
             prediction = await self._follow(prediction, pid, headers, deadline)
         return self._settle(prediction, pid)
