@@ -17,6 +17,7 @@ class GatewayError(Exception):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    retryable_default: bool | None = None  # the x-should-retry a subclass implies
 
     def __init__(
         self,
@@ -36,7 +37,7 @@ class GatewayError(Exception):
             self.code = code
         if status is not None:
             self.status = status
-        self.retryable = retryable
+        self.retryable = self.retryable_default if retryable is None else retryable
         self.retry_after = retry_after
         self.details = details
 
@@ -67,10 +68,7 @@ class InvalidRequest(GatewayError):
 
     status = 400
     code = "invalid_request"
-
-    def __init__(self, message: str, **kw: Any) -> None:
-        kw.setdefault("retryable", False)
-        super().__init__(message, **kw)
+    retryable_default = False
 
 
 class Unprocessable(GatewayError):
@@ -78,53 +76,32 @@ class Unprocessable(GatewayError):
 
     status = 422
     code = "unsupported_request"
-
-    def __init__(self, message: str, **kw: Any) -> None:
-        kw.setdefault("retryable", False)
-        super().__init__(message, **kw)
+    retryable_default = False
 
 
 class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
-
-    def __init__(self, message: str = "Missing or invalid API key.", **kw: Any) -> None:
-        kw.setdefault("retryable", False)
-        super().__init__(message, **kw)
+    retryable_default = False
 
 
 class NotFound(GatewayError):
     status = 404
     code = "not_found"
-
-    def __init__(self, message: str, **kw: Any) -> None:
-        kw.setdefault("retryable", False)
-        super().__init__(message, **kw)
+    retryable_default = False
 
 
 class PayloadTooLarge(GatewayError):
     status = 413
     code = "payload_too_large"
-
-    def __init__(self, message: str, **kw: Any) -> None:
-        kw.setdefault("retryable", False)
-        super().__init__(message, **kw)
+    retryable_default = False
 
 
 class UnsupportedMediaType(GatewayError):
     status = 415
     code = "unsupported_media_type"
-
-    def __init__(self, message: str, **kw: Any) -> None:
-        kw.setdefault("retryable", False)
-        super().__init__(message, **kw)
-
-
-class RateLimited(GatewayError):
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limited"
+    retryable_default = False
 
 
 class UpstreamFailed(GatewayError):
