@@ -110,3 +110,10 @@ def test_stored_input_echo_cuts_long_strings():
     job = JobBook().create(Spec("p", 64, 64), {"prompt": "short", "image_urls": [uri]}, JobTiming())
     assert job.input["prompt"] == "short"
     assert len(job.input["image_urls"][0]) < 200 and "10022 chars" in job.input["image_urls"][0]
+
+
+@pytest.mark.parametrize("provider", ["fal", "replicate", "runflow", "empiriolabs", "local"])
+def test_realistic_knobs_are_valid_and_not_instant(provider):
+    knobs = EmulatorKnobs.realistic(provider)
+    knobs.validate()
+    assert knobs.job.queue_ms + knobs.job.run_ms > 0 and knobs.latency.kind == "lognormal"
