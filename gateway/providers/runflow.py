@@ -102,6 +102,7 @@ from gateway.providers.base import (
     ProviderResult,
     deadline_error,
     http_error,
+    note_job_id,
     parse_retry_after,
     sleep_until_next_poll,
 )
@@ -428,6 +429,7 @@ class RunflowAdapter(Adapter):
             raise self._create_error(resp)
         run = self._created_run(resp)
         run_id = str(run["id"])
+        note_job_id(run_id)  # from here on the run may bill: dispatch can cancel it if the caller leaves
         if run_status(run) not in TERMINAL:
             run = await self._follow(run_id, deadline)
         return self._outcome(run, run_id, job)

@@ -14,7 +14,7 @@ import pytest
 import respx
 
 from gateway.job import JobKind, ReferenceImage
-from gateway.providers.base import FailureClass, ProviderError
+from gateway.providers.base import FailureClass, ProviderError, submitted_jobs
 from gateway.providers.runflow import RunflowAdapter, RunflowOptions, extract_images
 
 from .conftest import PNG_BYTES
@@ -92,6 +92,19 @@ async def test_output_media_type_is_claimed_only_when_known(mock, adapter, make_
     mock.post(EDIT if kind is JobKind.EDIT else T2I).respond(201, json=succeeded(outputs=[{"url": url, "type": "image", "width": 1024, "height": 1024}]))
     result = await adapter().generate(make_job(kind=kind, output_format="png"), deadline)
     assert result.images[0].content_type == media
+
+
+async def test_the_run_id_is_noted_for_dispatch_as_soon_as_it_exists(mock, adapter, make_job, deadline):
+    mock.post(T2I).respond(201, json=run("queued"))
+    mock.get(RUN).respond(200, json=run("failed", failure_code="X", failure_message="boom"))
+    noted: list[str] = []
+    token = submitted_jobs.set(noted)
+    try:
+        with pytest.raises(ProviderError):
+            await adapter().generate(make_job(), deadline)
+    finally:
+        submitted_jobs.reset(token)
+    assert noted == ["run_1"]
 
 
 async def test_create_answering_a_terminal_run_needs_no_poll(mock, adapter, make_job, deadline):
