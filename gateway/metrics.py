@@ -288,7 +288,14 @@ class GatewayMetrics:
         the gauge holds it times 1.048576 MP. Setting it for the baseline
         backend also sets klein_baseline_quote_usd, which the savings-lost
         alert compares against. Call at start-up and on every price reload."""
-        quote = float(usd_per_mp_at_1mp * ONE_MP_AT_1024)
+        self.set_backend_quote(backend, usd_per_mp_at_1mp * ONE_MP_AT_1024)
+
+    def set_backend_quote(self, backend: str, usd_for_1024_square: Decimal) -> None:
+        """Publish the price of one 1024x1024 text-to-image on `backend` as
+        quoted (e.g. `backend.quote(job).usd` for that job), whatever the
+        backend's price basis; for the baseline backend also
+        klein_baseline_quote_usd. Call at start-up and on every price reload."""
+        quote = float(usd_for_1024_square)
         self._know_backend(backend)
         self.backend_quote.labels(backend).set(quote)
         if backend == self.baseline_backend:
