@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
 from pydantic import ValidationError
 
 from local_backend.batcher import (
@@ -69,6 +70,12 @@ def error_response(status: int, message: str, code: str, *, retry_after: float |
         headers=headers,
         media_type=JSON,
     )
+
+
+def http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """Litestar's own refusals (404, 405, 413 body too large) in this service's envelope."""
+    code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, exc.detail, code)
 
 
 class Service:
@@ -209,7 +216,9 @@ def create_app(
     async def generations(request: Request[Any, Any, Any]) -> Response[Any]:
         try:
             body = await request.json()
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, HTTPException) and exc.status_code == 413:
+                raise  # body too large: the framework's answer, in the envelope
             metrics.rejected.labels(reason="invalid").inc()
             return error_response(400, "the body is not valid JSON", "invalid_json")
         try:
@@ -261,6 +270,7 @@ def create_app(
 
     app = Litestar(
         route_handlers=[generations, info, live, ready, metrics_endpoint],
+        exception_handlers={HTTPException: http_exception},
         on_startup=[service.start],
         on_shutdown=[service.stop],
         request_max_body_size=settings.max_body_bytes,

@@ -250,8 +250,10 @@ def build_generator(settings: Settings) -> PipelineGenerator:
     """The generator the service runs: real weights, or the tiny pipeline."""
     device = resolve_device(settings.device)
     if settings.tiny:
-        pipe = tiny_pipeline()
-        pipe.to(dtype=resolve_dtype(settings.dtype, device))
+        pipe = tiny_pipeline()  # built in float32
+        dtype = resolve_dtype(settings.dtype, device)
+        if dtype != pipe.dtype:
+            pipe.to(dtype=dtype)
         pipe = prepare(pipe, settings, device)
     else:
         pipe = load_pipeline(settings)

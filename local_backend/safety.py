@@ -82,11 +82,11 @@ class HFClassifierChecker:
         flagged_labels: Sequence[str] = ("nsfw", "porn", "hentai", "sexy"),
         device: str = "cpu",
     ) -> None:
-        from transformers import pipeline
+        from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-        self._classify: Any = pipeline(
-            "image-classification", model=str(model_path), local_files_only=True, device=device
-        )
+        model = AutoModelForImageClassification.from_pretrained(str(model_path), local_files_only=True)
+        processor = AutoImageProcessor.from_pretrained(str(model_path), local_files_only=True)
+        self._classify: Any = pipeline("image-classification", model=model, image_processor=processor, device=device)
         self.threshold = threshold
         self.flagged_labels = {label.lower() for label in flagged_labels}
 
