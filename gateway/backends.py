@@ -14,7 +14,7 @@ import httpx
 from gateway.capabilities import Capabilities, eligible
 from gateway.config import GatewayConfig, ResolvedBackend
 from gateway.healthview import HealthView
-from gateway.job import ImageJob
+from gateway.job import ImageJob, JobKind
 from gateway.pricing import PriceSheet, Quote, bill, quote
 from gateway.providers import adapter_class, capabilities_for
 from gateway.providers.base import Adapter, AdapterSettings, Timeouts
@@ -27,7 +27,8 @@ class Backend:
     name: str
     kind: str
     adapter: Adapter
-    capabilities: Capabilities
+    capabilities: Capabilities  # text-to-image
+    edit_capabilities: Capabilities
     sheet: PriceSheet
     expected_latency_s: float | None
     fetch_client: httpx.AsyncClient
@@ -47,9 +48,12 @@ class Backend:
     def baseline_quote(self, job: ImageJob) -> Decimal | None:
         return quote(self.baseline_sheet, job).usd if self.baseline_sheet is not None else None
 
+    def capabilities_for(self, job: ImageJob) -> Capabilities:
+        return self.edit_capabilities if job.kind is JobKind.EDIT else self.capabilities
+
     async def prepare(self, job: ImageJob) -> ImageJob:
         """The job as this backend needs it: URL references fetched for a backend that takes bytes."""
-        if self.capabilities.accepts_url_refs or all(r.data is not None for r in job.references):
+        if self.capabilities_for(job).accepts_url_refs or all(r.data is not None for r in job.references):
             return job
         refs = tuple([await fetch_reference(r, self.fetch_client) for r in job.references])
         return replace(job, references=refs)
@@ -77,7 +81,7 @@ class BackendFleet:
             view = views.get(name, HealthView(latency_p50_s=backend.expected_latency_s))
             if view.latency_p50_s is None and backend.expected_latency_s is not None:
                 view = replace(view, latency_p50_s=backend.expected_latency_s)
-            out.append(Candidate(name=name, eligibility=eligible(job, backend.capabilities), quote=backend.quote(job, view), health=view))
+            out.append(Candidate(name=name, eligibility=eligible(job, backend.capabilities_for(job)), quote=backend.quote(job, view), health=view))
         return out
 
 
@@ -92,7 +96,7 @@ def build_backend(resolved: ResolvedBackend, client: httpx.AsyncClient, fetch_cl
         options=cfg.options,
     )
     adapter = adapter_class(cfg.kind)(settings, client)
-    caps = capabilities_for(cfg.kind, cfg.options, cfg.capabilities)
-    if cfg.kind == "local":
-        caps = replace(caps, accepts_url_refs=False)
-    return Backend(resolved.name, cfg.kind, adapter, caps, resolved.sheet, cfg.expected_latency_s, fetch_client, baseline)
+    caps = {k: capabilities_for(cfg.kind, cfg.options, cfg.capabilities, k) for k in JobKind}
+    if cfg.kind == "local":  # the local GPU takes reference bytes, not URLs
+        caps = {k: replace(c, accepts_url_refs=False) for k, c in caps.items()}
+    return Backend(resolved.name, cfg.kind, adapter, caps[JobKind.GENERATE], caps[JobKind.EDIT], resolved.sheet, cfg.expected_latency_s, fetch_client, baseline)

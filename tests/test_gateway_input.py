@@ -210,3 +210,11 @@ async def test_bearer_keys_are_enforced_when_configured(header, status):
     if status == 401:
         assert resp.json()["error"]["type"] == "authentication_error"
         assert "k-good" not in resp.text
+
+
+async def test_quote_judges_edits_by_the_edit_endpoints_limits(client):
+    """Runflow's edit endpoint makes 1024x1024 only; its text-to-image endpoint any size."""
+    edit = (await client.post("/v1/images/quote", json={"prompt": "x", "size": "512x512", "edit_images": 1})).json()
+    t2i = (await client.post("/v1/images/quote", json={"prompt": "x", "size": "512x512"})).json()
+    assert {r["name"]: r["eligible"] for r in edit["backends"]}["runflow"] is False
+    assert {r["name"]: r["eligible"] for r in t2i["backends"]}["runflow"] is True

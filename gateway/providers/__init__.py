@@ -7,9 +7,11 @@ Adding a provider is one module that subclasses `Adapter` and one line in
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from gateway.capabilities import Capabilities
+from gateway.job import JobKind
 from gateway.providers.base import Adapter
 
 ADAPTER_MODULES = {
@@ -30,9 +32,16 @@ def adapter_class(kind: str) -> type[Adapter]:
     raise LookupError(f"module {ADAPTER_MODULES[kind]} defines no adapter of kind {kind!r}")
 
 
-def capabilities_for(kind: str, options: dict[str, Any], overrides: dict[str, Any]) -> Capabilities:
-    """A backend's capabilities: the adapter's (option-aware) defaults, then providers.yaml overrides."""
+def capabilities_for(kind: str, options: dict[str, Any], overrides: dict[str, Any], job_kind: JobKind = JobKind.GENERATE) -> Capabilities:
+    """A backend's capabilities for one kind of job: the adapter's (option-aware)
+    defaults, then providers.yaml overrides. Some providers serve edits from a
+    narrower endpoint (Runflow), so the adapter may answer per job kind."""
     cls = adapter_class(kind)
     derive = getattr(cls, "capabilities_for", None)
-    base = derive(options) if derive is not None else cls.default_capabilities
+    if derive is None:
+        base = cls.default_capabilities
+    elif "kind" in inspect.signature(derive).parameters:
+        base = derive(options, kind=job_kind)
+    else:
+        base = derive(options)
     return base.merged(overrides)
