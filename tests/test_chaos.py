@@ -1,0 +1,284 @@
+"""The chaos table: every emulator fault kind at every position of the price ladder.
+
+Three emulated backends are enabled; at 512x512 the shipped sheets order them
+local (cheapest) < fal (middle) < runflow (last). A row injects one fault
+kind, at rate 1, into the backend at its position *and every cheaper one*, so
+each request has to walk through the faults before it reaches a healthy
+backend:
+
+- cheapest: local faulty; fal and runflow healthy -> every request succeeds;
+- middle:   local and fal faulty; runflow healthy  -> every request succeeds;
+- last:     all three faulty, none healthy         -> a clean 502/503/504 in
+  the OpenAI error envelope, inside the request's deadline.
+
+(Faulting only the middle or the last backend would test nothing: the
+cheaper healthy backend would serve every request before they are reached.)
+
+Each row is a fresh in-process gateway (fresh breakers and metrics) served by
+uvicorn on a free loopback port. Rows run in a few lanes at once, each lane
+with an emulator fleet of its own (knobs are per emulator), so the slow fault
+kinds (stuck, timeout) do not add up. Each row sends a wave of concurrent
+requests, which all meet the faults, then one more, which meets the breakers
+the wave opened. The backends' request timeout is 1 s (a test rig's choice,
+written into the row's providers.yaml) so a held or stuck sync backend costs
+one second, not the shipped 30 to 120; an async job stuck in a queue costs
+what dispatch gives the attempt (at least 5 s while there is time left,
+gateway/dispatch.py MIN_ATTEMPT_S), so the healthy rows use an 8 s deadline
+and the rows without a healthy backend the 3 s the issue asks for.
+
+The table of requests, successes, failovers and possible double spends (read
+from klein_failovers_total and klein_possible_double_spend_total) is printed
+at the end, shown even without `-s`, and stored as the test's
+`chaos_table` property for the JUnit report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from gateway.emulators import EmulatorFleet
+from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app
+
+ORDER = ["local", "fal", "runflow"]  # cheapest -> last at 512x512 (checked by test_the_ladder_is_as_the_table_assumes)
+POSITIONS = {"cheapest": 1, "middle": 2, "last": 3}  # how many of ORDER are faulty
+BODY = {"prompt": "a lighthouse at dusk", "size": "512x512", "response_format": "url"}
+WAVE = 3  # concurrent requests that all meet the faults
+HEALTHY_DEADLINE_MS = 8000
+NONE_HEALTHY_DEADLINE_MS = 3000
+
+# Emulator knobs per fault kind (gateway/emulators/knobs.py FAULT_KINDS).
+FAULTS: dict[str, dict] = {
+    "server_error": {"server_error": 1.0, "server_error_status": 500},  # 5xx
+    "rate_limited": {"rate_limited": 1.0, "retry_after_s": 1.0},  # 429 with Retry-After
+    "out_of_credit": {"out_of_credit": 1.0},  # 402 (fal: 403 exhausted balance)
+    "timeout": {"timeout": 1.0},  # held past the client's timeout
+    "reset": {"reset": 1.0},  # TCP RST, no response
+    "malformed": {"malformed": 1.0},  # 200 with truncated JSON
+    "stuck": {"stuck": 1.0},  # never leaves the queue (sync backends: held)
+    "job_failed": {"job_failed": 1.0},  # fal: COMPLETED with error; runflow: run failed; local: 500
+}
+# Faults whose outcome is unknown to the gateway (the work may exist and be billed):
+# moving on after them is a possible double spend, and must be counted.
+UNKNOWN_OUTCOME_FAULTS = {"timeout", "stuck"}
+# Faults that every backend here counts against health (or parks on) once: after
+# the wave, the follow-up request must not call the faulty backends again.
+# Not rate_limited (local's 429 neither parks nor counts; parking is only 1 s)
+# and not job_failed (fal classifies an unknown error_type as the input's fault).
+ROUTED_AROUND_AFTER_WAVE = {"server_error", "out_of_credit", "timeout", "reset", "malformed", "stuck"}
+
+ROWS = [(fault, position) for fault in FAULTS for position in POSITIONS]
+# Lanes run side by side; the slow kinds get lanes of their own.
+LANES = [["stuck"], ["timeout", "server_error", "rate_limited"], ["out_of_credit", "reset", "malformed", "job_failed"]]
+assert sorted(k for lane in LANES for k in lane) == sorted(FAULTS)
+
+# A defect the table shows, kept visible here and pinned by a strict xfail below.
+KNOWN_ISSUES = {
+    ("job_failed", "last", 422): "fal's COMPLETED-with-error is classed REJECTED, and with the other backends' breakers "
+    "open dispatch answers 422 'every backend rejected the request' (test_only_backend_left_failing_its_job_is_not_a_422)",
+}
+
+
+@dataclass
+class RowResult:
+    fault: str
+    position: str
+    faulty: list[str]
+    deadline_ms: int
+    statuses: list[int] = field(default_factory=list)
+    elapsed_s: list[float] = field(default_factory=list)
+    served_by: list[str] = field(default_factory=list)
+    envelopes_ok: list[bool] = field(default_factory=list)
+    failovers: float = 0.0
+    double_spend: float = 0.0
+    followup_faulty_calls: int = 0
+    problems: list[str] = field(default_factory=list)
+    known: list[str] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return len(self.statuses)
+
+    @property
+    def successes(self) -> int:
+        return sum(1 for s in self.statuses if s == 200)
+
+
+@pytest.fixture(scope="module")
+def fleets() -> Iterator[list[EmulatorFleet]]:
+    """One emulator fleet per lane, each in its own thread and event loop."""
+    started: list[EmulatorFleet] = []
+    try:
+        for _ in LANES:
+            started.append(EmulatorFleet.start_in_thread(ORDER))
+        yield started
+    finally:
+        for fleet in started:
+            fleet.stop_thread()
+
+
+@pytest.fixture
+def fleet(fleets: list[EmulatorFleet]) -> EmulatorFleet:
+    return fleets[0]
+
+
+@pytest.fixture(scope="module")
+def chaos_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped providers.yaml with test-rig timeouts: 1 s per HTTP exchange, quick polls."""
+    root = tmp_path_factory.mktemp("chaos")
+    raw = yaml.safe_load(PROVIDERS_YAML.read_text())
+    for backend in raw["backends"].values():
+        backend["timeouts"] = {"connect": 1.0, "request": 1.0, "poll_interval": 0.05, "max_poll_interval": 0.2}
+    path = root / "providers.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    (root / "pricing").symlink_to(PROVIDERS_YAML.parent / "pricing")
+    return path
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of a counter over all its label sets, from Prometheus text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def paid_calls(client: httpx.Client, fleet: EmulatorFleet, names: list[str]) -> int:
+    return sum(client.get(f"{fleet[n].base_url}/_admin/stats").json()["paid_calls"] for n in names)
+
+
+def is_clean_envelope(resp: httpx.Response) -> bool:
+    try:
+        error = resp.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return all(k in error for k in ("message", "type", "param", "code")) and isinstance(error["message"], str)
+
+
+def run_row(fleet: EmulatorFleet, config: Path, fault: str, position: str) -> RowResult:
+    faulty = ORDER[: POSITIONS[position]]
+    none_healthy = len(faulty) == len(ORDER)
+    row = RowResult(fault, position, faulty, NONE_HEALTHY_DEADLINE_MS if none_healthy else HEALTHY_DEADLINE_MS)
+    fleet.reset()
+    app = make_app(env=fleet.env(), config=config)
+    with ServerThread(app) as server, httpx.Client(timeout=30) as client:
+        for name in faulty:
+            resp = client.post(f"{fleet[name].base_url}/_admin/knobs", json={"faults": FAULTS[fault]})
+            assert resp.status_code == 200, resp.text
+        headers = {"x-klein-deadline-ms": str(row.deadline_ms)}
+
+        def one(_: int) -> tuple[int, float, str, bool]:
+            t0 = time.monotonic()
+            resp = client.post(f"{server.url}/v1/images/generations", json=BODY, headers=headers)
+            elapsed = time.monotonic() - t0
+            return resp.status_code, elapsed, resp.headers.get("x-klein-backend", "-"), resp.status_code == 200 or is_clean_envelope(resp)
+
+        with ThreadPoolExecutor(WAVE) as pool:
+            outcomes = list(pool.map(one, range(WAVE)))
+        before = paid_calls(client, fleet, faulty)
+        outcomes.append(one(WAVE))
+        row.followup_faulty_calls = paid_calls(client, fleet, faulty) - before
+        metrics = client.get(f"{server.url}/metrics").text
+    row.failovers = metric_sum(metrics, "klein_failovers_total")
+    row.double_spend = metric_sum(metrics, "klein_possible_double_spend_total")
+    for status, elapsed, backend, envelope_ok in outcomes:
+        row.statuses.append(status)
+        row.elapsed_s.append(elapsed)
+        row.served_by.append(backend)
+        row.envelopes_ok.append(envelope_ok)
+    row.problems, row.known = check_row(row)
+    return row
+
+
+def check_row(row: RowResult) -> tuple[list[str], list[str]]:
+    """What the issue promises for this row: (broken promises, known issues met)."""
+    problems, known = [], []
+    if len(row.faulty) < len(ORDER):
+        if row.successes != row.requests:
+            problems.append(f"{row.requests - row.successes} of {row.requests} failed with a healthy backend left: {row.statuses}")
+        if any(b in row.faulty for b in row.served_by):
+            problems.append(f"served by a faulty backend: {row.served_by}")
+        if row.failovers < 1:
+            problems.append("no failover was counted")
+        if row.fault in UNKNOWN_OUTCOME_FAULTS and row.double_spend < 1:
+            problems.append("moved on after an unknown outcome without counting a possible double spend")
+        if row.fault in ROUTED_AROUND_AFTER_WAVE and row.followup_faulty_calls:
+            problems.append(f"the follow-up request still called a faulty backend {row.followup_faulty_calls}x")
+    else:
+        for status in sorted({s for s in row.statuses if s not in (502, 503, 504)}):
+            issue = KNOWN_ISSUES.get((row.fault, row.position, status))
+            if issue:
+                known.append(f"known issue: {status}: {issue}")
+            else:
+                problems.append(f"status {status} in {row.statuses}, want 502/503/504")
+        if not all(row.envelopes_ok):
+            problems.append("an error was not in the OpenAI envelope")
+        limit = row.deadline_ms / 1000 + 1.0
+        if max(row.elapsed_s) >= limit:
+            problems.append(f"slowest answer {max(row.elapsed_s):.2f}s, over deadline + 1 s ({limit:.1f}s)")
+    if row.fault not in UNKNOWN_OUTCOME_FAULTS and row.double_spend:
+        problems.append(f"{row.double_spend:g} possible double spends after faults whose outcome is known")
+    return problems, known
+
+
+def render(rows: list[RowResult]) -> str:
+    head = f"{'fault':<14} {'position':<9} {'faulty':<18} {'deadline':>8} {'requests':>8} {'ok':>3} {'failovers':>9} {'dbl_spend':>9} {'max_s':>6}  statuses / served by"
+    lines = ["chaos table (backends local < fal < runflow at 512x512)", head, "-" * len(head)]
+    for r in rows:
+        served = ",".join(sorted(set(r.served_by)))
+        codes = ",".join(str(s) for s in r.statuses)
+        flag = "" if not (r.problems or r.known) else "  <-- " + "; ".join(r.problems + r.known)
+        lines.append(
+            f"{r.fault:<14} {r.position:<9} {'+'.join(r.faulty):<18} {r.deadline_ms:>6}ms {r.requests:>8} {r.successes:>3} "
+            f"{r.failovers:>9g} {r.double_spend:>9g} {max(r.elapsed_s):>6.2f}  {codes} / {served}{flag}"
+        )
+    lines.append(
+        f"totals: {sum(r.requests for r in rows)} requests, {sum(r.successes for r in rows)} successes, "
+        f"{sum(r.failovers for r in rows):g} failovers, {sum(r.double_spend for r in rows):g} possible double spends"
+    )
+    return "\n".join(lines)
+
+
+def test_the_ladder_is_as_the_table_assumes(fleet: EmulatorFleet, chaos_config: Path) -> None:
+    app = make_app(env=fleet.env(), config=chaos_config)
+    with ServerThread(app) as server:
+        quote = httpx.post(f"{server.url}/v1/images/quote", json=BODY, timeout=10).json()
+    assert quote["order"] == ORDER
+
+
+@pytest.mark.slow
+def test_chaos_table(fleets: list[EmulatorFleet], chaos_config: Path, capsys: pytest.CaptureFixture[str], record_property) -> None:
+    def lane(index: int) -> list[RowResult]:
+        return [run_row(fleets[index], chaos_config, fault, position) for fault, position in ROWS if fault in LANES[index]]
+
+    with ThreadPoolExecutor(len(LANES)) as pool:
+        results = [r for rows in pool.map(lane, range(len(LANES))) for r in rows]
+    order = {row: i for i, row in enumerate(ROWS)}
+    rows = sorted(results, key=lambda r: order[(r.fault, r.position)])
+    assert len(rows) == len(ROWS)
+    table = render(rows)
+    print(table)
+    record_property("chaos_table", table)
+    with capsys.disabled():
+        print("\n" + table)
+    bad = [f"{r.fault}/{r.position}: {'; '.join(r.problems)}" for r in rows if r.problems]
+    assert not bad, "chaos rows that broke a promise:\n" + "\n".join(bad)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="dispatch answers 422 rejected_by_backends when the only backend it tried classed its failed job as "
+    "REJECTED, although the others were only skipped for open breakers (gateway/dispatch.py _exhausted; "
+    "gateway/providers/fal.py _completed_error classes an unknown error_type as the input's fault)",
+)
+def test_only_backend_left_failing_its_job_is_not_a_422(fleet: EmulatorFleet, chaos_config: Path) -> None:
+    row = run_row(fleet, chaos_config, "job_failed", "last")
+    assert all(s in (502, 503, 504) for s in row.statuses), row.statuses
