@@ -479,11 +479,15 @@ class Batcher:
         self._running = (started, sum(self._estimate(item) for item in batch))
         try:
             outcome = await self.in_worker(runner.run, batch)
-        except (OutOfMemory, GenerationFailed) as exc:
-            reason = "out_of_memory" if isinstance(exc, OutOfMemory) else "error"
+        except Exception as exc:  # the loop must outlive any batch
+            error: Exception = exc
+            if not isinstance(exc, (OutOfMemory, GenerationFailed)):
+                log.exception("batch failed after generation")
+                error = GenerationFailed(f"the batch failed: {type(exc).__name__}")
+            reason = "out_of_memory" if isinstance(error, OutOfMemory) else "error"
             self.metrics.rejected.labels(reason=reason).inc(len(batch))
             for item in batch:
-                self._fail(item, exc)
+                self._fail(item, error)
             return
         finally:
             self._running = None

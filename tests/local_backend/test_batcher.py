@@ -243,3 +243,19 @@ async def test_estimated_wait_grows_with_the_queue(start: Any, fake: FakeGenerat
     assert batcher.estimated_wait() == pytest.approx(before + 4 * 0.5, abs=0.05)
     gate.set()
     await asyncio.gather(running, *queued)
+
+
+class BrokenChecker:
+    name = "broken"
+
+    def check(self, images: list[Image.Image]) -> list[bool | None]:
+        raise OSError("classifier weights unreadable")
+
+
+async def test_a_failing_safety_checker_fails_its_batch_and_the_loop_goes_on(start: Any, fake: FakeGenerator) -> None:
+    batcher = await start(fake, checker=BrokenChecker())
+    with pytest.raises(GenerationFailed, match="OSError"):
+        await batcher.submit(make_item(safety=True))
+    result = await asyncio.wait_for(batcher.submit(make_item(safety=False)), timeout=5)
+    assert len(result.images) == 1
+    assert batcher.metrics.rejected.labels(reason="error")._value.get() == 1

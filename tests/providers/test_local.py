@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -60,7 +61,8 @@ def test_importing_the_adapter_needs_no_torch() -> None:
     import subprocess
 
     code = "import sys, gateway.providers.local; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    repo = Path(__file__).resolve().parents[2]
+    assert subprocess.run([sys.executable, "-c", code], cwd=repo, check=False).returncode == 0
 
 
 async def test_generate_sends_the_wire_request_and_returns_bytes_seeds_and_cost(mock, adapter, make_job, deadline):
