@@ -42,7 +42,7 @@ from local_backend.config import Settings
 from local_backend.cost import cost_figures
 from local_backend.images import read_reference
 from local_backend.metrics import CONTENT_TYPE, BackendMetrics
-from local_backend.pipeline import Generator
+from local_backend.pipeline import Generator, build_generator
 from local_backend.safety import SafetyChecker, build_checker
 from local_backend.schemas import (
     BackendInfo,
@@ -114,8 +114,6 @@ class Service:
     async def _bring_up(self) -> None:
         try:
             if self.generator is None:
-                from local_backend.pipeline import build_generator
-
                 factory = self._factory or (lambda: build_generator(self.settings))
                 self.generator = await self.batcher.in_worker(factory)
             checker = self._checker or await self.batcher.in_worker(build_checker, self.settings)
@@ -126,8 +124,6 @@ class Service:
                 log.info("warm-up took %.1fs", time.monotonic() - started)
             self.batcher.mark_ready()
             log.info("ready on %s", self.device)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             self.batcher.problem = f"start-up failed: {type(exc).__name__}: {exc}"[:300]
             log.exception("start-up failed")

@@ -25,28 +25,23 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-# fal's presets (local_backend.md section 3.1): square_hd, square, portrait_4_3,
-# portrait_16_9, landscape_4_3, landscape_16_9.
-FAL_PRESETS: dict[str, tuple[int, int]] = {
-    "square_hd": (1024, 1024),
-    "square": (512, 512),
-    "portrait_4_3": (768, 1024),
-    "portrait_16_9": (576, 1024),
-    "landscape_4_3": (1024, 768),
-    "landscape_16_9": (1024, 576),
-}
-DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = tuple(FAL_PRESETS.values())
+# The model's limits (multiples of 16: 8x VAE downsampling then 2x2 patches,
+# local_backend.md section 1.1), shared with the gateway's eligibility check.
+from gateway.capabilities import MODEL_MAX_PIXELS, MODEL_MAX_SIDE, MODEL_MIN_SIDE, MODEL_MULTIPLE
 
-# The model's geometry: 8x VAE downsampling then 2x2 patches (section 1.1).
-SIZE_MULTIPLE = 16
+# fal's presets (local_backend.md section 3.1), as the gateway resolves `image_size`.
+from gateway.sizes import FAL_PRESETS
+
+DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = tuple(FAL_PRESETS.values())
+SIZE_MULTIPLE = MODEL_MULTIPLE
 OTHER_BUCKET = "other"
 
 
 @dataclass(frozen=True, slots=True)
 class SizeLimits:
-    min_side: int = 64
-    max_side: int = 2048
-    max_pixels: int = 2048 * 2048
+    min_side: int = MODEL_MIN_SIDE
+    max_side: int = MODEL_MAX_SIDE
+    max_pixels: int = MODEL_MAX_PIXELS
 
 
 @dataclass(frozen=True, slots=True)

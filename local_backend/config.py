@@ -22,7 +22,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from local_backend.buckets import DEFAULT_BUCKETS, SizeLimits, parse_sizes
+from local_backend.buckets import (
+    DEFAULT_BUCKETS,
+    MODEL_MAX_PIXELS,
+    MODEL_MAX_SIDE,
+    MODEL_MIN_SIDE,
+    SizeLimits,
+    parse_sizes,
+)
 
 ENV_PREFIX = "KLEIN_LOCAL_"
 SafetyOption = Literal["none", "opennsfw", "hf-classifier"]
@@ -46,9 +53,9 @@ class Settings(BaseModel):
     max_body_bytes: int = 64 * 1024 * 1024  # four large base64 references fit
 
     # what requests may ask for
-    min_side: int = 64
-    max_side: int = 2048
-    max_pixels: int = 2048 * 2048
+    min_side: int = MODEL_MIN_SIDE
+    max_side: int = MODEL_MAX_SIDE
+    max_pixels: int = MODEL_MAX_PIXELS
     max_steps: int = Field(default=50, ge=1, le=50)
 
     # batching and the queue

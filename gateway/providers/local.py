@@ -4,8 +4,9 @@ Protocol: one synchronous `POST {base}/v1/images/generations` with a
 `GenerateRequest` body answers with a `GenerateResponse`: base64 images, a seed
 per image, NSFW flags, timings and the request's share of GPU cost
 (`cost_usd_estimate`, reported as `reported_cost_usd`). References travel as
-base64 in the body, so a reference the gateway only has as a URL is rejected
-here and the job can go to a backend that fetches URLs itself. No credential:
+base64 in the body: with `accepts_url_refs=False` the gateway fetches a
+caller's URL reference before this adapter runs, and one that still has no
+bytes is rejected here. No credential:
 the service binds 127.0.0.1 by default and is addressed by `KLEIN_LOCAL_URL`.
 
 Failures (local_backend/app.py):
@@ -32,7 +33,7 @@ and live cost figures go into `ProbeResult.live` for routing and pricing
 
 Capabilities: those the service accepts by default (local_backend/config.py):
 sides 64 to 2048 in multiples of 16, at most 4 MP, steps 1 to 50, 1 to 4
-images, up to 4 references as uploads, png/jpeg/webp, seeds. A service started
+images, up to 4 references as bytes, png/jpeg/webp, seeds. A service started
 with narrower limits (`--max-pixels`, `--max-steps`) needs the same in
 providers.yaml `capabilities:`; it answers 422 otherwise, which is REJECTED.
 """
@@ -62,18 +63,9 @@ from gateway.providers.base import (
 )
 from local_backend.schemas import BackendInfo, GenerateRequest, GenerateResponse, describe_validation_error
 
-DEFAULT_CAPABILITIES = Capabilities(
-    min_side=64,
-    max_side=2048,
-    multiple_of=16,
-    max_pixels=2048 * 2048,
-    max_n=4,
-    min_steps=1,
-    max_steps=50,
-    max_references=4,
-    accepts_data_uri_refs=True,
-    output_formats=frozenset({"png", "jpeg", "webp"}),
-)
+# The model's own limits, which the service accepts by default (see the docstring);
+# references must arrive as bytes, so the gateway fetches URL references first.
+DEFAULT_CAPABILITIES = Capabilities(accepts_url_refs=False)
 PROBE_TIMEOUT_S = 5.0
 MAX_TIMEOUT_S = 3600.0  # GenerateRequest.timeout_s upper bound
 DEADLINE_MARGIN_S = 1.0  # at most; never more than a tenth of the time left

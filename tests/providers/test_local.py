@@ -260,3 +260,8 @@ async def test_probe_of_a_stopped_service_is_unreachable(mock, adapter):
 )
 def test_capabilities_match_what_the_service_accepts(make_job, changes: dict, ok: bool) -> None:
     assert bool(eligible(make_job(**changes), LocalAdapter.default_capabilities)) is ok
+
+
+def test_url_references_are_fetched_by_the_gateway_first() -> None:
+    assert LocalAdapter.default_capabilities.accepts_url_refs is False
+    assert LocalAdapter.default_capabilities.accepts_data_uri_refs is True
