@@ -47,6 +47,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from gateway.logs import looks_like_secret
+from gateway.providers.base import FailureClass
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ OTHER: Final = "other"  # callers past the first `max_callers`
 REDACTED: Final = "redacted"  # a caller label that looked like a secret
 
 BREAKER_STATES: Final = {"closed": 0, "half_open": 1, "open": 2}
+FAILURE_CLASSES: Final = tuple(c.value for c in FailureClass)
+ATTEMPT_OUTCOMES: Final = ("success", *FAILURE_CLASSES)
 ONE_MP_AT_1024: Final = Decimal(1024 * 1024) / Decimal(1_000_000)
 
 
@@ -353,9 +356,17 @@ class GatewayMetrics:
 
     def _know_backend(self, backend: str) -> None:
         """Create a backend's counters at zero the first time it is named, so
-        `rate()` and `increase()` see their first increment."""
+        `rate()` and `increase()` see their first increment. Attempts and
+        failovers get a series per outcome and failure class up front too: a
+        series born at 1 hides its first failure from `rate()`, and the first
+        failures after a restart are the ones an operator looks for."""
         if backend in self._known_backends:
             return
         self._known_backends.add(backend)
         for counter in (self.megapixels, self.images, self.double_spend, self.baseline_cost, self.savings, self.excess_cost):
             counter.labels(backend)
+        for outcome in ATTEMPT_OUTCOMES:
+            self.upstream_attempts.labels(backend, outcome)
+        self.upstream_duration.labels(backend, "success")  # the latency panel's series
+        for reason in FAILURE_CLASSES:
+            self.failovers.labels(backend, reason)

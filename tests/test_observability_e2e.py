@@ -431,6 +431,21 @@ def test_set_backend_quote_publishes_the_quote_as_given(backend, usd, baseline, 
     assert registry.get_sample_value("klein_baseline_quote_usd") == pytest.approx(baseline if baseline else 0.0)
 
 
+@pytest.mark.parametrize("outcome", ["success", "unreachable", "refused", "rejected", "failed", "unknown_outcome", "content_filtered"])
+def test_a_named_backend_has_attempt_and_failover_series_at_zero(outcome, monkeypatch):
+    # Without them a backend's first failure after a restart is a series born
+    # at 1, which rate() cannot see: the failure-ratio panel stayed empty.
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = GatewayMetrics()
+    metrics.set_breaker_state("local", "closed")
+    registry = metrics.registry
+    assert registry.get_sample_value("klein_upstream_attempts_total", {"backend": "local", "outcome": outcome}) == 0
+    if outcome == "success":
+        assert registry.get_sample_value("klein_upstream_duration_seconds_count", {"backend": "local", "outcome": outcome}) == 0
+    else:
+        assert registry.get_sample_value("klein_failovers_total", {"from_backend": "local", "reason": outcome}) == 0
+
+
 # ---- known gaps, kept visible --------------------------------------------------------
 
 
