@@ -22,9 +22,10 @@ Failures (local_backend/app.py):
 | connect error            | UNREACHABLE |                                                        |
 | every image flagged      | CONTENT_FILTERED                                               |
 
-The service gets the job's remaining time as `timeout_s`, less a margin, so
-its 504 arrives before this side's read timeout would turn into an unknown
-outcome.
+The service gets this side's read timeout (the job's remaining time, at most
+`timeouts.request`) as `timeout_s`, less a margin, so a request still queued
+comes back as a clean 504 before the read timeout would make it an unknown
+outcome. A batch that already started runs to its end.
 
 `probe()` is free: `GET /health/ready`, then `GET /v1/info`, whose queue wait
 and live cost figures go into `ProbeResult.live` for routing and pricing
@@ -168,7 +169,9 @@ class LocalAdapter(Adapter):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise deadline_error(None)
-        body = request_body(job, service_timeout(remaining))
+        # The read timeout below is min(timeouts.request, remaining); the service drops
+        # the request (504, nothing billed) a little before it.
+        body = request_body(job, service_timeout(min(remaining, self.settings.timeouts.request)))
         response = await self.request("POST", f"{self.base}/v1/images/generations", deadline=deadline, json=body)
         if not response.is_success:
             code, message = error_text(response)

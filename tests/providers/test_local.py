@@ -21,7 +21,7 @@ from gateway.providers import adapter_class
 from gateway.providers.base import FailureClass, ProviderError
 from gateway.providers.local import LocalAdapter, service_timeout
 
-from .conftest import PNG_BYTES
+from .conftest import FAST_TIMEOUTS, PNG_BYTES
 
 BASE = "http://127.0.0.1:8090"
 GEN = f"{BASE}/v1/images/generations"
@@ -76,7 +76,7 @@ async def test_generate_sends_the_wire_request_and_returns_bytes_seeds_and_cost(
     assert body == {"prompt": job.prompt, "width": 1024, "height": 1024, "num_inference_steps": 4, "guidance_scale": 2.5,
                     "seed": 11, "num_images": 2, "output_format": "png", "enable_safety_checker": True,
                     "reference_images": []}  # fmt: skip
-    assert 0 < timeout < deadline - time.monotonic() + 0.1
+    assert timeout == pytest.approx(service_timeout(FAST_TIMEOUTS.request))  # the read timeout, less a margin
     assert [(i.data, i.seed, i.nsfw, i.content_type, i.width) for i in result.images] == [
         (PNG_BYTES, 11, None, "image/png", 1024),
         (PNG_BYTES, 12, False, "image/png", 1024),
