@@ -98,4 +98,5 @@ class Gateway:
         await self.dispatcher.drain()
         for client in self.clients:
             await client.aclose()
+        await self.store.close()
 
