@@ -21,7 +21,7 @@ from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.image_store import ImageStore
 from gateway.job import ImageJob, JobKind
-from gateway.logs import RequestLogger
+from gateway.logs import RequestLogger, configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.probes import Prober
 from gateway.results import ResultShaper
@@ -59,7 +59,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     images_store = ImageStore(ttl_s=settings.image_url_ttl_s, max_bytes=settings.image_store_bytes, signing_key=(env.get("KLEIN_URL_SIGNING_KEY") or "").encode() or None)
     dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store), metrics)
     for name, backend in fleet.backends.items():
-        metrics.set_backend_price(name, backend.quote(REFERENCE_JOB).usd)
+        metrics.set_backend_quote(name, backend.quote(REFERENCE_JOB).usd)
     gw = Gateway(
         config=config,
         fleet=fleet,
@@ -130,5 +130,9 @@ def create_app(
 
 
 def app_from_env() -> Litestar:
-    """Factory for `uvicorn --factory gateway.app:app_from_env` (several workers)."""
+    """Factory for `uvicorn --factory gateway.app:app_from_env` (several workers).
+
+    Each worker is a fresh process, so it sets up its own JSON, secret-scrubbing logs."""
+    configure_logging(level=os.environ.get("KLEIN_LOG_LEVEL", "INFO").upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is ours; no per-call noise
     return create_app(os.environ.get("KLEIN_CONFIG", "providers.yaml"), os.environ.get("KLEIN_PRICING") or None)

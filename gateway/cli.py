@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
+import tempfile
 from decimal import Decimal
 from pathlib import Path
 
@@ -111,25 +113,40 @@ def serve_gateway(args: argparse.Namespace) -> int:
 
         fleet = EmulatorFleet.start_in_thread()
         os.environ.update(fleet.env())
+    os.environ["KLEIN_LOG_LEVEL"] = args.log_level.upper()
     configure_logging(level=args.log_level.upper())
-    import logging
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is ours; no per-call noise
     load_config(args.config, args.pricing)  # fail fast, with the field named, before binding a port
     os.environ["KLEIN_CONFIG"] = str(Path(args.config))
     if args.pricing:
         os.environ["KLEIN_PRICING"] = args.pricing
-    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        import tempfile
-
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="klein-metrics-")
+    metrics_dir = prepare_metrics_dir(args.workers)
     print(banner(args, fleet), flush=True)
     try:
         uvicorn.run("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False, log_config=None)
     finally:
         if fleet is not None:
             fleet.stop_thread()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def prepare_metrics_dir(workers: int) -> str | None:
+    """Several workers share counters through PROMETHEUS_MULTIPROC_DIR.
+
+    A directory the user named is emptied of the previous run's files (they
+    would be summed in); otherwise one is made, and returned so it is removed
+    at exit."""
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        for stale in Path(given).glob("*.db"):
+            stale.unlink(missing_ok=True)
+        return None
+    if workers <= 1:
+        return None
+    made = tempfile.mkdtemp(prefix="klein-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
+    return made
 
 
 def banner(args: argparse.Namespace, fleet: object | None) -> str:

@@ -27,6 +27,7 @@ from gateway.providers.base import FailureClass, ProviderError, submitted_jobs
 from gateway.results import ResultShaper, ShapedImage
 from gateway.routing import Plan
 
+SKIPPED = "skipped"
 MIN_ATTEMPT_S = 5.0  # an attempt that is not the last gets at least this long (or what is left)
 CANCEL_TIMEOUT_S = 2.0
 
@@ -49,6 +50,11 @@ class Attempt:
         return out
 
 
+def tried(attempts: list[Attempt]) -> int:
+    """Attempts that reached an adapter (a backend skipped at its half-open gate was not tried)."""
+    return sum(1 for a in attempts if a.outcome != SKIPPED)
+
+
 @dataclass(slots=True)
 class Outcome:
     backend: str
@@ -57,6 +63,10 @@ class Outcome:
     cost_usd: Decimal
     upstream_s: float
     seed: int | None = None
+
+    @property
+    def tried(self) -> int:
+        return tried(self.attempts)
 
 
 class DispatchFailed(GatewayError):
@@ -91,7 +101,7 @@ class Dispatcher:
                 break
             backend = self.backends[cand.name]
             if not await self.health.acquire(cand.name):
-                attempts.append(Attempt(cand.name, "skipped", 0.0, message="circuit half-open, trial in progress"))
+                attempts.append(Attempt(cand.name, SKIPPED, 0.0, message="circuit half-open, trial in progress"))
                 continue
             last = index == len(candidates) - 1
             budget = remaining if last else max(remaining * 0.5, min(remaining, MIN_ATTEMPT_S))
@@ -122,7 +132,11 @@ class Dispatcher:
                     self.metrics.record_failover(from_backend=cand.name, reason=err.failure.value)
                 continue
             except GatewayError as err:  # the job cannot be prepared for this backend (e.g. a reference URL)
-                attempts.append(Attempt(cand.name, FailureClass.REJECTED.value, time.monotonic() - t0, status=err.status, message=err.message))
+                elapsed = time.monotonic() - t0
+                attempts.append(Attempt(cand.name, FailureClass.REJECTED.value, elapsed, status=err.status, message=err.message))
+                self.metrics.observe_attempt(backend=cand.name, outcome=FailureClass.REJECTED.value, latency_s=elapsed)
+                if not last:
+                    self.metrics.record_failover(from_backend=cand.name, reason=FailureClass.REJECTED.value)
                 await self.health.release(cand.name)
                 continue
             except asyncio.CancelledError:
@@ -160,7 +174,7 @@ class Dispatcher:
         task.add_done_callback(self._pending_cancels.discard)
 
     def _exhausted(self, job: ImageJob, attempts: list[Attempt], spent: Decimal, upstream: float, deadline: float) -> DispatchFailed:
-        tried = [a for a in attempts if a.outcome != "skipped"]
+        tried = [a for a in attempts if a.outcome != SKIPPED]
         if time.monotonic() >= deadline:
             return self._failed(attempts, spent, upstream, status=504, code="deadline_exceeded", message=f"no backend answered within the {job.deadline_s:g}s deadline", retryable=True)
         if not tried:

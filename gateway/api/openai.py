@@ -18,7 +18,7 @@ from litestar.datastructures import UploadFile
 
 from gateway.api.context import CallContext, authenticate, deadline_for, json_object, request_id_for
 from gateway.api.parse import build_job, parse_body
-from gateway.dispatch import DispatchFailed
+from gateway.dispatch import DispatchFailed, tried
 from gateway.errors import GatewayError, InvalidRequest, NotFound, UnsupportedMediaType
 from gateway.job import ImageJob, JobKind, ReferenceImage
 from gateway.models import ALIASES, MODEL_ID, model_object, resolve_model
@@ -60,7 +60,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             ctx = begin(request, gw)
             job = await build(request, gw, ctx)
             outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw)))
-            backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, len(outcome.attempts)
+            backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, outcome.tried
             headers = {
                 "x-request-id": ctx.request_id,
                 "x-klein-backend": outcome.backend,
@@ -78,7 +78,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             status = 200
             return Response(msgspec.json.encode(body), media_type=MediaType.JSON, headers=headers)
         except DispatchFailed as err:
-            status, upstream, cost, attempts = err.status, err.upstream_s, err.cost_usd, len([a for a in err.attempts if a.outcome != "skipped"])
+            status, upstream, cost, attempts = err.status, err.upstream_s, err.cost_usd, tried(err.attempts)
             request.state.klein_headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(attempts)})
             raise
         except GatewayError as err:

@@ -147,11 +147,21 @@ def to_result(payload: GenerateResponse) -> ProviderResult:
     )
 
 
+# The service states its cost per 1024x1024 image; the gateway's gpu_time sheet
+# prices per image at 1 MP and scales by the job's megapixels. Restating the
+# live figure at 1 MP makes a 1024x1024 quote equal the service's own figure.
+SERVICE_REFERENCE_MP = 1024 * 1024 / 1_000_000
+
+
+def _per_mp(value: float | None) -> float | None:
+    return None if value is None else value / SERVICE_REFERENCE_MP
+
+
 def live_figures(info: BackendInfo) -> dict[str, Any]:
     return {
         "estimated_wait_s": info.estimated_wait_s,
-        "marginal_usd_per_image": info.cost.marginal_usd_per_image,
-        "amortized_usd_per_image": info.cost.amortized_usd_per_image,
+        "marginal_usd_per_image": _per_mp(info.cost.marginal_usd_per_image),
+        "amortized_usd_per_image": _per_mp(info.cost.amortized_usd_per_image),
         "queue_depth": info.queue_depth,
         "queue_capacity": info.queue_capacity,
     }

@@ -211,8 +211,9 @@ async def test_probe_reports_queue_wait_and_live_cost(mock, adapter):
     info = mock.get(INFO).respond(200, json=INFO_BODY)
     result = await adapter.probe()
     assert result.ok and info.called and result.latency_s is not None
-    assert result.live == {"estimated_wait_s": 1.71, "marginal_usd_per_image": 0.000396,
-                           "amortized_usd_per_image": 0.00132, "queue_depth": 3, "queue_capacity": 32}  # fmt: skip
+    # Cost figures are restated at 1 MP (the gpu_time sheet's unit) from the service's per-1024x1024 figures.
+    assert result.live == {"estimated_wait_s": 1.71, "marginal_usd_per_image": pytest.approx(0.000396 / 1.048576),
+                           "amortized_usd_per_image": pytest.approx(0.00132 / 1.048576), "queue_depth": 3, "queue_capacity": 32}  # fmt: skip
 
 
 async def test_probe_without_a_price_reports_no_cost(mock, adapter):
