@@ -25,6 +25,8 @@ from gateway.providers.base import Adapter, ProbeResult, ProviderError
 
 log = logging.getLogger(__name__)
 
+_STOP_RECHECK_S = 0.1
+
 
 class ProbeSettings(BaseModel):
     """How often and how patiently to probe one backend (providers.yaml `probe:`)."""
@@ -69,7 +71,11 @@ class Prober:
         adapter, timeout = self._adapters[name], self.settings(name).timeout_s
         started = self._clock()
         try:
-            result = await asyncio.wait_for(adapter.probe(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns a
+            # result that completed as the caller was cancelled and drops the
+            # cancellation, which left stop() waiting on a loop that went on.
+            async with asyncio.timeout(timeout):
+                result = await adapter.probe()
         except TimeoutError:
             result = ProbeResult(ok=False, detail=f"probe timed out after {timeout:g}s")
         except ProviderError as exc:  # its message is safe to show by contract
@@ -95,11 +101,18 @@ class Prober:
                 self._tasks[name] = loop.create_task(self._run(name), name=f"probe:{name}")
 
     async def stop(self) -> None:
-        """Cancel every loop and wait until each has ended."""
+        """Cancel every loop and wait until each has ended.
+
+        A cancellation can still be lost inside an adapter (one that awaits
+        `asyncio.wait_for` as its call completes), so loops that have not
+        ended are cancelled again rather than waited on forever."""
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
+        pending = {task for task in tasks if not task.done()}
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=_STOP_RECHECK_S)
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, name: str) -> None:

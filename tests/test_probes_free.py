@@ -23,9 +23,12 @@ from gateway.app import build_gateway, create_app
 from gateway.config import load_config
 from gateway.emulators import EmulatorFleet
 from gateway.emulators.launcher import PROVIDERS
+from gateway.health import HealthTracker
 from gateway.healthview import BreakerState
 from gateway.metrics import GatewayMetrics
 from gateway.probes import Prober, ProbeSettings
+from gateway.providers.base import ProbeResult
+from gateway.state import MemoryStore
 from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app, wait_until
 
 INTERVAL_S = 0.05
@@ -131,3 +134,67 @@ def test_shipped_app_with_probes_off_calls_no_backend(fleet: EmulatorFleet) -> N
         time.sleep(5 * INTERVAL_S)
     counts = stats(fleet)
     assert all(s["free_calls"] == 0 and s["paid_calls"] == 0 for s in counts.values()), counts
+
+
+class _SignallingAdapter:
+    """A probe that answers at once and says so; never generates."""
+
+    name = "signalling"
+
+    def __init__(self) -> None:
+        self.probed = asyncio.Event()
+        self.probes = 0
+
+    async def probe(self) -> ProbeResult:
+        self.probes += 1
+        self.probed.set()
+        return ProbeResult(ok=True)
+
+
+async def test_stopping_the_prober_as_a_probe_completes_ends_its_loop() -> None:
+    """stop() lands between a probe's completion and its loop resuming. Python
+    3.11's asyncio.wait_for returns the finished result there and drops the
+    cancellation, so a loop built on it carried on and stop() never returned
+    (an app's shutdown hung on it)."""
+    adapter = _SignallingAdapter()
+    prober = Prober({"signalling": adapter}, HealthTracker(MemoryStore(), {}, {}), ProbeSettings(interval_s=30, jitter=0.0, timeout_s=1))  # type: ignore[dict-item]
+    prober.start()
+    async with asyncio.timeout(2):
+        await adapter.probed.wait()  # resumes this test before the probe loop resumes
+    try:
+        async with asyncio.timeout(2):
+            await prober.stop()
+    except TimeoutError:
+        pytest.fail("Prober.stop() did not end a loop whose cancellation arrived as its probe completed")
+    assert not prober.running
+    assert adapter.probes == 1
+
+
+class _CancelSwallowingAdapter(_SignallingAdapter):
+    """A probe that eats the first cancellation it gets and answers instead,
+    as an adapter awaiting asyncio.wait_for can when its call completes."""
+
+    async def probe(self) -> ProbeResult:
+        self.probes += 1
+        self.probed.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass
+        return ProbeResult(ok=True)
+
+
+async def test_stopping_the_prober_ends_a_loop_whose_adapter_swallowed_the_cancellation() -> None:
+    adapter = _CancelSwallowingAdapter()
+    prober = Prober({"swallowing": adapter}, HealthTracker(MemoryStore(), {}, {}), ProbeSettings(interval_s=30, jitter=0.0, timeout_s=60))  # type: ignore[dict-item]
+    prober.start()
+    async with asyncio.timeout(2):
+        await adapter.probed.wait()
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(2):
+            await prober.stop()
+    except TimeoutError:
+        pytest.fail("Prober.stop() waited on a loop that carried on after its cancellation was swallowed")
+    assert time.monotonic() - started < 1.0
+    assert not prober.running
