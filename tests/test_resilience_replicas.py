@@ -10,6 +10,7 @@ reached a backend.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis as redis_client
 
 from gateway.emulators import EmulatorFleet
+from gateway.state import MemoryStore, ResilientStore
 from tests.gateway_support import free_port, wait_until
 from tests.redis_server import RedisServer, redis_available
 
@@ -32,10 +35,7 @@ BODY = {"prompt": "a lighthouse at dusk", "size": "512x512", "response_format": 
 # At 512x512 the shipped sheets put the local GPU first (cheapest); fal is next.
 CHEAPEST = "local"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not redis_available(), reason="redis-server is not installed"),
-]
+needs_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
 
 @dataclass
@@ -147,19 +147,21 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 
 @pytest.fixture
-def clean(rig: Rig) -> Rig:
+def clean(rig: Rig) -> Iterator[Rig]:
     """Emulators back to healthy and empty; Redis running and empty (the
     gateways keep nothing between calls, so an empty Redis is a fresh start)."""
     rig.fleet.reset()
     if not rig.redis.running:
         rig.redis.start()
-    import redis as redis_client
-
     with redis_client.Redis.from_url(rig.redis.url) as r:
         r.flushdb()
-    return rig
+    yield rig
+    if not rig.redis.running:  # a test that failed while Redis was down
+        rig.redis.start()
 
 
+@pytest.mark.slow
+@needs_redis
 def test_breaker_opened_through_one_replica_is_honoured_by_the_others_within_a_second(clean: Rig) -> None:
     rig = clean
     a, b, c = rig.replicas
@@ -191,6 +193,8 @@ def test_breaker_opened_through_one_replica_is_honoured_by_the_others_within_a_s
     assert time.monotonic() - opened_at < 5.0, "the checks ran past the cooldown; the breaker may have half-opened"
 
 
+@pytest.mark.slow
+@needs_redis
 def test_redis_stopped_and_restarted_mid_stream_loses_no_request(clean: Rig) -> None:
     rig = clean
     stop = threading.Event()
@@ -247,3 +251,118 @@ def test_redis_stopped_and_restarted_mid_stream_loses_no_request(clean: Rig) -> 
         if rig.backend_state(a, CHEAPEST) == "open":
             break
     assert wait_until(lambda: rig.backend_state(b, CHEAPEST) == "open", timeout=1.0)
+
+
+
+def open_breaker_through(rig: Rig, replica: Replica, backend: str) -> None:
+    for _ in range(10):
+        assert rig.generate(replica).status_code == 200
+        if rig.backend_state(replica, backend) == "open":
+            return
+    raise AssertionError(f"{backend}'s breaker did not open through {replica.name}")
+
+
+@pytest.mark.slow
+@needs_redis
+def test_breaker_learned_from_another_replica_is_still_honoured_while_redis_is_down(clean: Rig) -> None:
+    """B and C only ever read the breaker A opened; they keep honouring it
+    through an outage because reads are mirrored into their memory."""
+    rig = clean
+    a, b, c = rig.replicas
+    rig.knobs(CHEAPEST, {"faults": {"server_error": 1.0}})
+    open_breaker_through(rig, a, CHEAPEST)
+    assert rig.backend_state(b, CHEAPEST) == "open" and rig.backend_state(c, CHEAPEST) == "open"
+    calls_before = rig.stats(CHEAPEST)["paid_calls"]
+    rig.redis.stop()
+    assert wait_until(lambda: all(rig.store_status(r) == "degraded" for r in rig.replicas), timeout=3.0)
+    assert {r.name: rig.backend_state(r, CHEAPEST) for r in rig.replicas} == {"A": "open", "B": "open", "C": "open"}
+    for replica in (b, c, a):
+        resp = rig.generate(replica)
+        assert resp.status_code == 200 and resp.headers["x-klein-attempts"] == "1", resp.headers
+    assert rig.stats(CHEAPEST)["paid_calls"] == calls_before
+
+
+# ---- the mirror underneath, without Redis: ResilientStore over a primary that can fail ----
+
+
+class FlakyStore(MemoryStore):
+    """A primary that raises on every call while `down`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def __getattribute__(self, name: str):  # noqa: ANN204
+        attr = super().__getattribute__(name)
+        if name in {"get", "get_many", "set", "set_if_absent", "compare_and_set", "incr", "delete"}:
+
+            async def guarded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                if self.down:
+                    raise ConnectionError("down")
+                return await attr(*args, **kwargs)
+
+            return guarded
+        return attr
+
+
+def resilient_over(primary: FlakyStore) -> tuple[ResilientStore, list[float]]:
+    now = [0.0]
+    return ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0]), now
+
+
+async def test_values_read_from_the_shared_store_are_remembered_for_an_outage() -> None:
+    primary = FlakyStore()
+    store, _ = resilient_over(primary)
+    await primary.set("health:local:breaker", "open-by-another-replica", ttl_s=60)  # another replica wrote it
+    await primary.set("health:fal:park", "123.0", ttl_s=60)
+    assert await store.get("health:local:breaker") == "open-by-another-replica"
+    assert await store.get_many(["health:fal:park", "health:fal:creds"]) == ["123.0", None]
+    primary.down = True
+    assert await store.get("health:local:breaker") == "open-by-another-replica"
+    assert await store.get_many(["health:fal:park", "health:fal:creds"]) == ["123.0", None]
+    assert store.degraded
+
+
+async def test_a_key_the_shared_store_no_longer_holds_is_forgotten_too() -> None:
+    primary = FlakyStore()
+    store, _ = resilient_over(primary)
+    await store.set("health:fal:creds", "1.0", ttl_s=60)  # this replica marked the key bad...
+    await primary.delete("health:fal:creds")  # ...and another cleared the mark after a good probe
+    assert await store.get_many(["health:fal:creds"]) == [None]
+    primary.down = True
+    assert await store.get("health:fal:creds") is None
+
+
+async def test_a_key_learned_during_the_outage_survives_the_first_read_after_it() -> None:
+    primary = FlakyStore()
+    store, now = resilient_over(primary)
+    primary.down = True
+    await store.set("health:local:breaker", "opened-alone", ttl_s=60)
+    primary.down = False
+    now[0] += 2  # the retry is due: this read finds the primary back, without the key
+    assert await store.get("health:local:breaker") is None
+    for _ in range(3):  # the push-back task
+        await asyncio.sleep(0)
+    assert await primary.get("health:local:breaker") == "opened-alone"
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    "present,mirrored,ttl_s,want_value,want_left_s",
+    [
+        (None, "v", 300, "v", 300),  # a new value, for the mirror's TTL
+        (("v", 900), "v", 300, "v", 900),  # the same value keeps its longer expiry
+        (("old", 900), "new", 300, "new", 300),  # a changed value replaces it
+        (("v", 900), None, 300, None, None),  # absent in the shared store: dropped
+    ],
+)
+def test_memory_mirror_table(present, mirrored, ttl_s, want_value, want_left_s) -> None:
+    now = [0.0]
+    memory = MemoryStore(clock=lambda: now[0])
+    if present:
+        asyncio.run(memory.set("k", present[0], ttl_s=present[1]))
+    memory.mirror([("k", mirrored)], ttl_s=ttl_s)
+    exported = memory.export("k")
+    assert (exported[0] if exported else None) == want_value
+    if want_left_s is not None:
+        assert exported is not None and exported[1] == pytest.approx(want_left_s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 
 from gateway.state.base import StateStore, StoreStatus
 
@@ -51,6 +51,26 @@ class MemoryStore(StateStore):
         for k in dead:
             del self._data[k]
         return len(dead)
+
+    def mirror(self, items: Iterable[tuple[str, str | None]], *, ttl_s: float, keep: Container[str] = ()) -> None:
+        """Copy what a shared store answered: values are set (an identical value
+        keeps its longer expiry), absent keys dropped unless in `keep`.
+        Synchronous and without a write per key: it runs on every shared read."""
+        data, expires, added = self._data, self._clock() + max(ttl_s, 0.001), 0
+        for key, value in items:
+            if value is None:
+                if key not in keep:
+                    data.pop(key, None)
+                continue
+            current = data.get(key)
+            if current is not None and current[0] == value and current[1] >= expires:
+                continue
+            data[key] = (value, expires)
+            added += 1
+        if added:
+            before, self._writes = self._writes, self._writes + added
+            if before // _SWEEP_EVERY != self._writes // _SWEEP_EVERY:
+                self.sweep()
 
     def export(self, key: str) -> tuple[str, float] | None:
         """A string value with its remaining TTL, for pushing back to a shared store."""

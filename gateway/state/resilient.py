@@ -1,8 +1,13 @@
 """A shared store that degrades to memory: Redis failures never fail a request.
 
 Every write goes to the primary (Redis) and is mirrored into the fallback
-(memory), so when Redis goes away this replica carries on with what it last
-knew. While the primary is down (an error within `retry_interval_s`) calls
+(memory), and so is every string the primary answers a read with (for
+`mirror_ttl_s`, since a read does not carry the key's TTL; keys it answers
+as absent are dropped). So when Redis goes away this replica carries on with
+what it last knew, including what other replicas had learned: a breaker
+another replica opened before the outage is still honoured during it. Values
+that mean an instant (a cooldown, a parking) carry it in the value, so a
+mirror outliving its meaning does no harm. While the primary is down (an error within `retry_interval_s`) calls
 go straight to memory and a single call retries the primary once per
 interval, so a dead Redis costs one bounded timeout per second, not one per
 call, and `status()` says "degraded".
@@ -39,12 +44,14 @@ class ResilientStore(StateStore):
         fallback: MemoryStore | None = None,
         *,
         retry_interval_s: float = 1.0,
+        mirror_ttl_s: float = 300.0,
         max_dirty: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.primary = primary
         self.fallback = fallback if fallback is not None else MemoryStore()
         self.retry_interval_s = retry_interval_s
+        self.mirror_ttl_s = mirror_ttl_s
         self._max_dirty = max_dirty
         self._clock = clock
         self._up = True
@@ -114,11 +121,17 @@ class ResilientStore(StateStore):
 
     async def get(self, key: str) -> str | None:
         value = await self._try(lambda: self.primary.get(key))
-        return await self.fallback.get(key) if value is _FAILED else value
+        if value is _FAILED:
+            return await self.fallback.get(key)
+        self.fallback.mirror([(key, value)], ttl_s=self.mirror_ttl_s, keep=self._dirty)
+        return value
 
     async def get_many(self, keys: Sequence[str]) -> list[str | None]:
         values = await self._try(lambda: self.primary.get_many(keys))
-        return await self.fallback.get_many(keys) if values is _FAILED else values
+        if values is _FAILED:
+            return await self.fallback.get_many(keys)
+        self.fallback.mirror(zip(keys, values), ttl_s=self.mirror_ttl_s, keep=self._dirty)
+        return values
 
     async def set(self, key: str, value: str, *, ttl_s: float) -> None:
         await self.fallback.set(key, value, ttl_s=ttl_s)
