@@ -27,7 +27,8 @@ gateway/dispatch.py MIN_ATTEMPT_S), so the healthy rows use an 8 s deadline
 and the rows without a healthy backend the 3 s the issue asks for.
 
 The table of requests, successes, failovers and possible double spends (read
-from klein_failovers_total and klein_possible_double_spend_total) is printed
+from klein_failovers_total and klein_possible_double_spend_total), with the
+provider jobs the faulty emulators saw cancelled, is printed
 at the end, shown even without `-s`, and stored as the test's
 `chaos_table` property for the JUnit report.
 """
@@ -105,6 +106,8 @@ class RowResult:
     failovers: float = 0.0
     double_spend: float = 0.0
     followup_faulty_calls: int = 0
+    cancels: int = 0  # provider jobs the faulty backends saw cancelled
+    fal_unknown: float = 0.0  # fal attempts that ended with the job's outcome unknown
     problems: list[str] = field(default_factory=list)
     known: list[str] = field(default_factory=list)
 
@@ -148,11 +151,12 @@ def chaos_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def metric_sum(text: str, name: str) -> float:
-    """The sum of a counter over all its label sets, from Prometheus text."""
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of a counter over the label sets that carry `labels`, from Prometheus text."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and all(w in line for w in wanted):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -193,8 +197,11 @@ def run_row(fleet: EmulatorFleet, config: Path, fault: str, position: str) -> Ro
         outcomes.append(one(WAVE))
         row.followup_faulty_calls = paid_calls(client, fleet, faulty) - before
         metrics = client.get(f"{server.url}/metrics").text
+    # After the server stopped: its shutdown drains the cancels dispatch sent in the background.
+    row.cancels = sum(httpx.get(f"{fleet[n].base_url}/_admin/stats", timeout=5).json()["cancels"] for n in faulty)
     row.failovers = metric_sum(metrics, "klein_failovers_total")
     row.double_spend = metric_sum(metrics, "klein_possible_double_spend_total")
+    row.fal_unknown = metric_sum(metrics, "klein_upstream_attempts_total", backend="fal", outcome="unknown_outcome")
     for status, elapsed, backend, envelope_ok in outcomes:
         row.statuses.append(status)
         row.elapsed_s.append(elapsed)
@@ -230,13 +237,18 @@ def check_row(row: RowResult) -> tuple[list[str], list[str]]:
         limit = row.deadline_ms / 1000 + 1.0
         if max(row.elapsed_s) >= limit:
             problems.append(f"slowest answer {max(row.elapsed_s):.2f}s, over deadline + 1 s ({limit:.1f}s)")
+    # A job stuck in fal's queue ends either dropped by fal itself (the gateway sends its
+    # remaining time as X-Fal-Request-Timeout; FAILED, not billed) or, when its outcome
+    # is left unknown, cancelled by the gateway.
+    if row.fault == "stuck" and row.cancels < row.fal_unknown:
+        problems.append(f"{row.fal_unknown:g} fal jobs left pending, {row.cancels} cancelled")
     if row.fault not in UNKNOWN_OUTCOME_FAULTS and row.double_spend:
         problems.append(f"{row.double_spend:g} possible double spends after faults whose outcome is known")
     return problems, known
 
 
 def render(rows: list[RowResult]) -> str:
-    head = f"{'fault':<14} {'position':<9} {'faulty':<18} {'deadline':>8} {'requests':>8} {'ok':>3} {'failovers':>9} {'dbl_spend':>9} {'max_s':>6}  statuses / served by"
+    head = f"{'fault':<14} {'position':<9} {'faulty':<18} {'deadline':>8} {'requests':>8} {'ok':>3} {'failovers':>9} {'dbl_spend':>9} {'cancels':>7} {'max_s':>6}  statuses / served by"
     lines = ["chaos table (backends local < fal < runflow at 512x512)", head, "-" * len(head)]
     for r in rows:
         served = ",".join(sorted(set(r.served_by)))
@@ -244,11 +256,12 @@ def render(rows: list[RowResult]) -> str:
         flag = "" if not (r.problems or r.known) else "  <-- " + "; ".join(r.problems + r.known)
         lines.append(
             f"{r.fault:<14} {r.position:<9} {'+'.join(r.faulty):<18} {r.deadline_ms:>6}ms {r.requests:>8} {r.successes:>3} "
-            f"{r.failovers:>9g} {r.double_spend:>9g} {max(r.elapsed_s):>6.2f}  {codes} / {served}{flag}"
+            f"{r.failovers:>9g} {r.double_spend:>9g} {r.cancels:>7} {max(r.elapsed_s):>6.2f}  {codes} / {served}{flag}"
         )
     lines.append(
         f"totals: {sum(r.requests for r in rows)} requests, {sum(r.successes for r in rows)} successes, "
-        f"{sum(r.failovers for r in rows):g} failovers, {sum(r.double_spend for r in rows):g} possible double spends"
+        f"{sum(r.failovers for r in rows):g} failovers, {sum(r.double_spend for r in rows):g} possible double spends, "
+        f"{sum(r.cancels for r in rows)} provider jobs cancelled"
     )
     return "\n".join(lines)
 

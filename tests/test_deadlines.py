@@ -5,7 +5,10 @@
 - A job still running (or queued) at the deadline is cancelled where the
   provider has a cancel (fal, Replicate); Runflow's cancel is admin-only and
   off by default (gateway/providers/runflow.py `admin_cancel`), so nothing is
-  sent there.
+  sent there. Provider-side deadlines (fal's X-Fal-Request-Timeout,
+  Replicate's Cancel-After) are turned off for that test, so every cancel
+  counted is the gateway's; with them on, fal drops a job no runner started
+  in time by itself, unbilled.
 - A request its caller abandons (the connection closes mid-request) cancels
   the job it submitted, long before the deadline would have.
 
@@ -59,16 +62,29 @@ def server(fleet: EmulatorFleet) -> Iterator[ServerThread]:
         yield server
 
 
+def config_with(tmp_path_factory: pytest.TempPathFactory, options: dict[str, dict]) -> Path:
+    """The shipped providers.yaml with some adapters' `options:` changed."""
+    root = tmp_path_factory.mktemp("deadlines")
+    raw = yaml.safe_load(PROVIDERS_YAML.read_text())
+    for backend, changes in options.items():
+        raw["backends"][backend].setdefault("options", {}).update(changes)
+    (root / "providers.yaml").write_text(yaml.safe_dump(raw))
+    (root / "pricing").symlink_to(PROVIDERS_YAML.parent / "pricing")
+    return root / "providers.yaml"
+
+
+@pytest.fixture(scope="module")
+def provider_side_deadlines_off(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """No X-Fal-Request-Timeout and no Replicate Cancel-After: the providers keep
+    a pending job until told otherwise, so any cancel they see is the gateway's."""
+    return config_with(tmp_path_factory, {"fal": {"start_timeout_s": None}, "replicate": {"cancel_after": None}})
+
+
 @pytest.fixture(scope="module")
 def replicate_without_wait(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped providers.yaml with Replicate's `Prefer: wait` off: the create
     answers at once with the prediction id, which is then polled."""
-    root = tmp_path_factory.mktemp("deadlines")
-    raw = yaml.safe_load(PROVIDERS_YAML.read_text())
-    raw["backends"]["replicate"].setdefault("options", {})["prefer_wait_s"] = 0
-    (root / "providers.yaml").write_text(yaml.safe_dump(raw))
-    (root / "pricing").symlink_to(PROVIDERS_YAML.parent / "pricing")
-    return root / "providers.yaml"
+    return config_with(tmp_path_factory, {"replicate": {"prefer_wait_s": 0}})
 
 
 def set_knobs(fleet: EmulatorFleet, name: str, patch: dict) -> None:
@@ -112,31 +128,45 @@ CANCELS_AT_DEADLINE = {"fal": True, "replicate": True, "runflow": False}
 
 
 @pytest.mark.parametrize("phase", ["running", "queued"])
-def test_job_still_pending_at_the_deadline_is_cancelled_where_the_provider_allows(fleet: EmulatorFleet, server: ServerThread, phase: str) -> None:
-    """One request pinned to each async provider, side by side, each with 1200 ms.
-
-    1200 ms: Replicate's own Cancel-After (the attempt's time rounded up to 2 s)
-    fires 0.8 s after the deadline, so the cancel counted here is the gateway's."""
-    for backend in CANCELS_AT_DEADLINE:
-        set_knobs(fleet, backend, SLOW_JOB if phase == "running" else QUEUED_JOB)
+def test_job_still_pending_at_the_deadline_is_cancelled_where_the_provider_allows(fleet: EmulatorFleet, provider_side_deadlines_off: Path, phase: str) -> None:
+    """One request pinned to each async provider, side by side, each with 1200 ms."""
 
     def one(backend: str) -> tuple[int, float]:
         t0 = time.monotonic()
         resp = httpx.post(f"{server.url}/v1/images/generations", json=pinned(backend), headers={"x-klein-deadline-ms": "1200"}, timeout=30)
         return resp.status_code, time.monotonic() - t0
 
-    with ThreadPoolExecutor(len(CANCELS_AT_DEADLINE)) as pool:
-        answers = dict(zip(CANCELS_AT_DEADLINE, pool.map(one, CANCELS_AT_DEADLINE)))
-    for backend, (status, elapsed) in answers.items():
-        assert status == 504, (backend, status)
-        assert elapsed < 2.2, (backend, elapsed)
-    cancelling = [b for b, cancels in CANCELS_AT_DEADLINE.items() if cancels]
-    assert wait_until(lambda: all(stats(fleet, b)["cancels"] >= 1 for b in cancelling), timeout=3.0), {b: stats(fleet, b) for b in cancelling}
+    with serving(fleet, provider_side_deadlines_off) as server:
+        for backend in CANCELS_AT_DEADLINE:
+            set_knobs(fleet, backend, SLOW_JOB if phase == "running" else QUEUED_JOB)
+        with ThreadPoolExecutor(len(CANCELS_AT_DEADLINE)) as pool:
+            answers = dict(zip(CANCELS_AT_DEADLINE, pool.map(one, CANCELS_AT_DEADLINE)))
+        for backend, (status, elapsed) in answers.items():
+            assert status == 504, (backend, status)
+            assert elapsed < 2.2, (backend, elapsed)
+        cancelling = [b for b, cancels in CANCELS_AT_DEADLINE.items() if cancels]
+        assert wait_until(lambda: all(stats(fleet, b)["cancels"] >= 1 for b in cancelling), timeout=3.0), {b: stats(fleet, b) for b in cancelling}
     for backend, cancels in CANCELS_AT_DEADLINE.items():
         seen = stats(fleet, backend)
         assert seen["requests"].get("cancel", 0) == (1 if cancels else 0), (backend, seen)
         assert seen["cancels"] == (1 if cancels else 0), (backend, seen)
         assert seen["paid_calls"] == 1, (backend, seen)  # submitted once, never again
+
+
+def test_fal_drops_a_queued_job_at_the_time_the_gateway_gave_it_so_none_is_billed(fleet: EmulatorFleet, server: ServerThread) -> None:
+    """The shipped fal options send the attempt's time as X-Fal-Request-Timeout:
+    a job no runner started by then is dropped by fal itself (not billed), and
+    the request ends before its deadline with nothing to cancel."""
+    set_knobs(fleet, "fal", QUEUED_JOB)
+    t0 = time.monotonic()
+    resp = httpx.post(f"{server.url}/v1/images/generations", json=pinned("fal"), headers={"x-klein-deadline-ms": "3000"}, timeout=30)
+    elapsed = time.monotonic() - t0
+    assert resp.status_code == 502, resp.text
+    assert resp.json()["error"]["attempts"][0]["outcome"] == "failed"
+    assert resp.headers["x-klein-cost-usd"] == "0"
+    assert elapsed < 3.0
+    time.sleep(0.1)
+    assert stats(fleet, "fal")["requests"].get("cancel", 0) == 0
 
 
 def abandon(url: str, body: dict, *, deadline_ms: int, after_s: float) -> None:
