@@ -6,6 +6,9 @@ processes on free loopback ports, with `REDIS_URL` pointing at one
 pointing at one emulator fleet served from this process. Every process is
 stopped by its pid. The emulators' own counters are the witness for what
 reached a backend.
+
+Below them, the same promises on ResilientStore alone (no Redis needed):
+what a replica read from the shared store is remembered for an outage.
 """
 
 from __future__ import annotations
