@@ -8,6 +8,7 @@ section 5). Nothing after `build_job` knows which wire shape was used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -104,9 +105,11 @@ async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitab
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watcher.cancel()
         if not task.done():
             task.cancel()
-        watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # let dispatch cancel the provider job before answering
     if task.cancelled():
         raise GatewayError("the caller closed the connection", status=499, code="client_closed_request")
     return task.result()

@@ -30,9 +30,12 @@ Choices where fal's documents are silent or disagree:
 - A COMPLETED status carrying `error` / `error_type` is a failure, classified
   by `error_type`: fal's infrastructure codes (section 1.6) are FAILED and not
   billed ("5xx responses are never charged"); `content_policy_violation` is
-  CONTENT_FILTERED; `bad_request` is REJECTED and not billed; any other code is
-  a model input error, REJECTED and billed ("a 422 may still be charged if GPU
-  time was used", fal FAQ); no code at all is FAILED and billed.
+  CONTENT_FILTERED; `bad_request` is REJECTED and not billed; a validation
+  code (fal's model errors are pydantic-style: `less_than_equal`, `too_long`,
+  `*_type`, `image_too_large`, ...; section 1.6) is the input's fault, REJECTED
+  and billed ("a 422 may still be charged if GPU time was used", fal FAQ); any
+  other code, or none, is the runner's failure: FAILED and billed, so another
+  backend is tried rather than the caller told their input was wrong.
 - The result fetch is retried only for what fal's own client retries (408,
   409, 429, and nginx-generated 502/503/504 without `x-fal-request-id`); any
   other 4xx is the job's failure (billed), any other 5xx too (not billed).
@@ -100,6 +103,21 @@ INFRA_ERROR_TYPES = frozenset(
 )
 CANCELLED_ERROR_TYPES = frozenset({"client_cancelled", "client_disconnected"})
 CONTENT_ERROR_TYPES = frozenset({"content_policy_violation"})
+
+# Validation codes fal reports for bad model input (pydantic's codes and fal's
+# own image checks, providers.md section 1.6).
+VALIDATION_ERROR_TYPES = frozenset(
+    {"missing", "value_error", "type_error", "literal_error", "enum", "json_invalid", "extra_forbidden",
+     "image_load_error", "file_download_error", "unsupported_image_format", "image_too_large", "image_too_small"}
+)
+_VALIDATION_PREFIXES = ("less_than", "greater_than", "too_", "string_", "int_", "float_", "bool_", "list_", "dict_", "url_")
+_VALIDATION_SUFFIXES = ("_type", "_parsing", "_too_large", "_too_small", "_out_of_range", "_invalid")
+
+
+def is_validation_error(error_type: str) -> bool:
+    """Is this fal error code about the caller's input (not the runner)?"""
+    return error_type in VALIDATION_ERROR_TYPES or error_type.startswith(_VALIDATION_PREFIXES) or error_type.endswith(_VALIDATION_SUFFIXES)
+
 
 _QUEUE_STATUSES_PENDING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 _NAMESPACES = frozenset({"workflows", "comfy"})
@@ -331,7 +349,7 @@ class FalAdapter(Adapter):
             failure, billed = FailureClass.FAILED, True
         elif error_type == "bad_request":
             failure, billed = FailureClass.REJECTED, False
-        elif error_type:
+        elif error_type and is_validation_error(error_type):
             failure, billed = FailureClass.REJECTED, True
         else:
             failure, billed = FailureClass.FAILED, True
