@@ -8,15 +8,7 @@ import math
 
 from PIL import Image
 
-# fal image_size presets (providers.md section 1.5: community consensus, not fal's own docs).
-FAL_PRESETS: dict[str, tuple[int, int]] = {
-    "square_hd": (1024, 1024),
-    "square": (512, 512),
-    "portrait_4_3": (768, 1024),
-    "portrait_16_9": (576, 1024),
-    "landscape_4_3": (1024, 768),
-    "landscape_16_9": (1024, 576),
-}
+from gateway.sizes import FAL_PRESETS  # fal's image_size presets (providers.md section 1.5)
 
 # Replicate klein-4b at output_megapixels "1": the sizes Lumenfall publishes for
 # its 1K tier (providers.md section 2.5). Not all are multiples of 16.
