@@ -110,14 +110,17 @@ class Dispatcher:
             t0 = time.monotonic()
             submitted: list[str] = []
             token = submitted_jobs.set(submitted)
+            waited: float | None = None  # time spent in the adapter, i.e. on the provider
             try:
                 job_for = await backend.prepare(job)
                 result = await backend.adapter.generate(job_for, t0 + budget)
-                upstream += time.monotonic() - t0
+                waited = time.monotonic() - t0
+                upstream += waited
                 images = await self.shaper.shape(job, result.images, backend=cand.name, deadline=deadline, base_url=base_url)
             except ProviderError as err:
                 elapsed = time.monotonic() - t0
-                upstream += elapsed
+                if waited is None:
+                    upstream += elapsed
                 cost = backend.bill(job, job.n, cand.health) if err.billed else Decimal(0)
                 spent += cost
                 attempts.append(Attempt(cand.name, err.failure.value, elapsed, cost, err.status, err.message))
