@@ -71,9 +71,8 @@ FAULTS: dict[str, dict] = {
 UNKNOWN_OUTCOME_FAULTS = {"timeout", "stuck"}
 # Faults that every backend here counts against health (or parks on) once: after
 # the wave, the follow-up request must not call the faulty backends again.
-# Not rate_limited (local's 429 neither parks nor counts; parking is only 1 s)
-# and not job_failed (fal classifies an unknown error_type as the input's fault).
-ROUTED_AROUND_AFTER_WAVE = {"server_error", "out_of_credit", "timeout", "reset", "malformed", "stuck"}
+# Not rate_limited: local's 429 neither parks nor counts, and parking is only 1 s.
+ROUTED_AROUND_AFTER_WAVE = {"server_error", "out_of_credit", "timeout", "reset", "malformed", "stuck", "job_failed"}
 
 ROWS = [(fault, position) for fault in FAULTS for position in POSITIONS]
 # Lanes run side by side, balanced by what their rows wait for (the slow
@@ -85,13 +84,6 @@ LANES: list[list[tuple[str, str]]] = [
     [],
 ]
 LANES[-1] = [row for row in ROWS if not any(row in lane for lane in LANES)]
-
-# A defect the table shows, kept visible here and pinned by a strict xfail below.
-KNOWN_ISSUES = {
-    ("job_failed", "last", 422): "fal's COMPLETED-with-error is classed REJECTED, and with the other backends' breakers "
-    "open dispatch answers 422 'every backend rejected the request' (test_only_backend_left_failing_its_job_is_not_a_422)",
-}
-
 
 @dataclass
 class RowResult:
@@ -109,7 +101,6 @@ class RowResult:
     cancels: int = 0  # provider jobs the faulty backends saw cancelled
     fal_unknown: float = 0.0  # fal attempts that ended with the job's outcome unknown
     problems: list[str] = field(default_factory=list)
-    known: list[str] = field(default_factory=list)
 
     @property
     def requests(self) -> int:
@@ -207,13 +198,13 @@ def run_row(fleet: EmulatorFleet, config: Path, fault: str, position: str) -> Ro
         row.elapsed_s.append(elapsed)
         row.served_by.append(backend)
         row.envelopes_ok.append(envelope_ok)
-    row.problems, row.known = check_row(row)
+    row.problems = check_row(row)
     return row
 
 
-def check_row(row: RowResult) -> tuple[list[str], list[str]]:
-    """What the issue promises for this row: (broken promises, known issues met)."""
-    problems, known = [], []
+def check_row(row: RowResult) -> list[str]:
+    """What the issue promises for this row; an empty list when it holds."""
+    problems = []
     if len(row.faulty) < len(ORDER):
         if row.successes != row.requests:
             problems.append(f"{row.requests - row.successes} of {row.requests} failed with a healthy backend left: {row.statuses}")
@@ -226,12 +217,8 @@ def check_row(row: RowResult) -> tuple[list[str], list[str]]:
         if row.fault in ROUTED_AROUND_AFTER_WAVE and row.followup_faulty_calls:
             problems.append(f"the follow-up request still called a faulty backend {row.followup_faulty_calls}x")
     else:
-        for status in sorted({s for s in row.statuses if s not in (502, 503, 504)}):
-            issue = KNOWN_ISSUES.get((row.fault, row.position, status))
-            if issue:
-                known.append(f"known issue: {status}: {issue}")
-            else:
-                problems.append(f"status {status} in {row.statuses}, want 502/503/504")
+        if any(s not in (502, 503, 504) for s in row.statuses):
+            problems.append(f"statuses {row.statuses}, want 502/503/504")
         if not all(row.envelopes_ok):
             problems.append("an error was not in the OpenAI envelope")
         limit = row.deadline_ms / 1000 + 1.0
@@ -244,7 +231,7 @@ def check_row(row: RowResult) -> tuple[list[str], list[str]]:
         problems.append(f"{row.fal_unknown:g} fal jobs left pending, {row.cancels} cancelled")
     if row.fault not in UNKNOWN_OUTCOME_FAULTS and row.double_spend:
         problems.append(f"{row.double_spend:g} possible double spends after faults whose outcome is known")
-    return problems, known
+    return problems
 
 
 def render(rows: list[RowResult]) -> str:
@@ -253,7 +240,7 @@ def render(rows: list[RowResult]) -> str:
     for r in rows:
         served = ",".join(sorted(set(r.served_by)))
         codes = ",".join(str(s) for s in r.statuses)
-        flag = "" if not (r.problems or r.known) else "  <-- " + "; ".join(r.problems + r.known)
+        flag = "" if not r.problems else "  <-- " + "; ".join(r.problems)
         lines.append(
             f"{r.fault:<14} {r.position:<9} {'+'.join(r.faulty):<18} {r.deadline_ms:>6}ms {r.requests:>8} {r.successes:>3} "
             f"{r.failovers:>9g} {r.double_spend:>9g} {r.cancels:>7} {max(r.elapsed_s):>6.2f}  {codes} / {served}{flag}"
@@ -291,13 +278,3 @@ def test_chaos_table(fleets: list[EmulatorFleet], chaos_config: Path, capsys: py
     bad = [f"{r.fault}/{r.position}: {'; '.join(r.problems)}" for r in rows if r.problems]
     assert not bad, "chaos rows that broke a promise:\n" + "\n".join(bad)
 
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="dispatch answers 422 rejected_by_backends when the only backend it tried classed its failed job as "
-    "REJECTED, although the others were only skipped for open breakers (gateway/dispatch.py _exhausted; "
-    "gateway/providers/fal.py _completed_error classes an unknown error_type as the input's fault)",
-)
-def test_only_backend_left_failing_its_job_is_not_a_422(fleet: EmulatorFleet, chaos_config: Path) -> None:
-    row = run_row(fleet, chaos_config, "job_failed", "last")
-    assert all(s in (502, 503, 504) for s in row.statuses), row.statuses

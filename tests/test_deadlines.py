@@ -218,12 +218,6 @@ def test_request_abandoned_by_its_caller_cancels_the_job_it_submitted(fleet: Emu
         assert seen["requests"].get("cancel") == 1 and seen["paid_calls"] == 1, seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/api/openai.py until_done_or_abandoned calls task.result() right after task.cancel(), before the "
-    "task has run its cancellation: InvalidStateError, so an abandoned request is answered (and counted) as a 500 "
-    "internal error instead of 499 client_closed_request",
-)
 def test_abandoned_request_is_counted_as_client_closed_not_as_a_server_error(fleet: EmulatorFleet, server: ServerThread) -> None:
     set_knobs(fleet, "fal", SLOW_JOB)
     abandon(server.url, pinned("fal"), deadline_ms=20_000, after_s=0.6)
