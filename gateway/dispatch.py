@@ -25,10 +25,20 @@ from gateway.metrics import GatewayMetrics
 from gateway.pricing import usd
 from gateway.providers.base import FailureClass, ProviderError, submitted_jobs
 from gateway.results import ResultShaper, ShapedImage
-from gateway.routing import Plan
+from gateway.routing import Plan, SkipCause
 
 SKIPPED = "skipped"
-MIN_ATTEMPT_S = 5.0  # an attempt that is not the last gets at least this long (or what is left)
+MIN_ATTEMPT_S = 5.0  # an attempt that is not the last gets at least this long...
+FALLBACK_RESERVE = 0.3  # ...but never the share of the deadline kept for the next backend
+
+
+def attempt_budget(remaining: float, last: bool) -> float:
+    """How long one attempt may take: half of what is left (at least MIN_ATTEMPT_S),
+    always keeping FALLBACK_RESERVE of it for the backends after this one, so a
+    hung cheapest backend cannot eat a short deadline whole."""
+    if last:
+        return remaining
+    return min(max(remaining * 0.5, min(remaining, MIN_ATTEMPT_S)), remaining * (1 - FALLBACK_RESERVE))
 CANCEL_TIMEOUT_S = 2.0
 
 
@@ -104,7 +114,7 @@ class Dispatcher:
                 attempts.append(Attempt(cand.name, SKIPPED, 0.0, message="circuit half-open, trial in progress"))
                 continue
             last = index == len(candidates) - 1
-            budget = remaining if last else max(remaining * 0.5, min(remaining, MIN_ATTEMPT_S))
+            budget = attempt_budget(remaining, last)
             if maybe_billed_elsewhere:
                 self.metrics.record_double_spend(backend=cand.name)
             t0 = time.monotonic()
@@ -159,7 +169,7 @@ class Dispatcher:
             self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
             self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))
             return Outcome(cand.name, images, attempts, spent, upstream, result.seed)
-        raise self._exhausted(job, attempts, spent, upstream, deadline)
+        raise self._exhausted(job, plan, attempts, spent, upstream, deadline)
 
     async def _record_failure(self, backend: Backend, job: ImageJob, err: ProviderError, elapsed: float, cost: Decimal) -> None:
         self.metrics.observe_attempt(backend=backend.name, outcome=err.failure.value, latency_s=elapsed)
@@ -176,13 +186,14 @@ class Dispatcher:
         self._pending_cancels.add(task)
         task.add_done_callback(self._pending_cancels.discard)
 
-    def _exhausted(self, job: ImageJob, attempts: list[Attempt], spent: Decimal, upstream: float, deadline: float) -> DispatchFailed:
+    def _exhausted(self, job: ImageJob, plan: Plan, attempts: list[Attempt], spent: Decimal, upstream: float, deadline: float) -> DispatchFailed:
         tried = [a for a in attempts if a.outcome != SKIPPED]
         if time.monotonic() >= deadline:
             return self._failed(attempts, spent, upstream, status=504, code="deadline_exceeded", message=f"no backend answered within the {job.deadline_s:g}s deadline", retryable=True)
         if not tried:
             return self._failed(attempts, spent, upstream, status=503, code="no_backend_available", message="no backend was available for this request", retryable=True, retry_after=1.0)
-        if all(a.outcome == FailureClass.REJECTED.value for a in tried):
+        others_down = any(skip.cause is SkipCause.UNAVAILABLE for skip in plan.details)
+        if all(a.outcome == FailureClass.REJECTED.value for a in tried) and not others_down:
             first = tried[0]
             return self._failed(attempts, spent, upstream, status=422, code="rejected_by_backends", message=f"every backend rejected the request; {first.backend}: {first.message}", retryable=False, type_="invalid_request_error")
         summary = "; ".join(f"{a.backend}: {a.outcome}" for a in tried)

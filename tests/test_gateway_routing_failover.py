@@ -194,3 +194,24 @@ async def test_deadline_header_bounds_the_whole_request():
         resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "300"})
     assert resp.status_code == 504
     assert resp.json()["error"]["code"] == "deadline_exceeded"
+
+
+@pytest.mark.parametrize(
+    "remaining,last,expected",
+    [(120.0, False, 60.0), (8.0, False, 5.0), (6.0, False, 4.2), (3.0, False, 2.1), (3.0, True, 3.0), (0.5, False, 0.35)],
+)
+def test_attempt_budget_keeps_a_share_of_the_deadline_for_the_next_backend(remaining, last, expected):
+    from gateway.dispatch import attempt_budget
+
+    assert attempt_budget(remaining, last) == pytest.approx(expected)
+
+
+async def test_hung_cheapest_backend_leaves_time_for_the_next_within_a_short_deadline():
+    app = make_app()
+    f = fakes()
+    f["local"] = FakeAdapter("local", ["ok"], delay_s=30.0)
+    install_fakes(app, f)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "3000"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-klein-backend"] == "replicate"
