@@ -234,25 +234,8 @@ class RequestLogger:
             entry["prompt_chars"] = len(prompt)
         return entry
 
-    def log(
-        self,
-        *,
-        request_id: str,
-        route: str,
-        status: int,
-        backend: str | None,
-        attempts: int,
-        cost_usd: Decimal,
-        latency_s: float,
-        overhead_s: float,
-        caller: str | None = None,
-        error_code: str | None = None,
-        prompt: str | None = None,
-    ) -> None:
-        """Write the request's one line: level warning for 5xx, info otherwise."""
-        entry = self.fields(
-            request_id=request_id, route=route, status=status, backend=backend, attempts=attempts,
-            cost_usd=cost_usd, latency_s=latency_s, overhead_s=overhead_s, caller=caller,
-            error_code=error_code, prompt=prompt,
-        )
-        self.logger.log(logging.WARNING if status >= 500 else logging.INFO, "request", extra=entry)
+    def log(self, **fields: Any) -> None:
+        """Write the request's one line (the arguments of `fields`): level
+        warning for 5xx, info otherwise."""
+        entry = self.fields(**fields)
+        self.logger.log(logging.WARNING if entry["status"] >= 500 else logging.INFO, "request", extra=entry)

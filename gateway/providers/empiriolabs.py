@@ -63,7 +63,7 @@ import httpx
 from gateway.capabilities import Capabilities
 from gateway.job import MEDIA_TYPES, ImageJob, JobKind
 from gateway.providers._images import content_type_from_url, is_data_uri, parse_data_uri, reference_uri
-from gateway.providers._wire import maybe_json, redact
+from gateway.providers._wire import maybe_json, parse_options, redact
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -123,11 +123,7 @@ class EmpirioLabsOptions:
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> EmpirioLabsOptions:
         """Options from providers.yaml; a ValueError names the bad option."""
-        opts = dict(options or {})
-        unknown = sorted(set(opts) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"empiriolabs: unknown option(s): {', '.join(unknown)}")
-        parsed = cls(**opts)
+        parsed = parse_options(cls, options, "empiriolabs")
         if not isinstance(parsed.model, str) or not parsed.model.strip() or "/" in parsed.model:
             raise ValueError("empiriolabs: option model must be a model id such as flux-2-klein-4b")
         for name, allowed in (("size_field", _SIZE_FIELDS), ("response_format", _RESPONSE_FORMATS), ("jpeg_format", _JPEG_NAMES)):

@@ -91,7 +91,7 @@ import httpx
 from gateway.capabilities import Capabilities, eligible
 from gateway.job import ImageJob, JobKind
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
-from gateway.providers._wire import as_outcome_unknown, maybe_json, redact
+from gateway.providers._wire import as_outcome_unknown, maybe_json, parse_options, redact
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -155,11 +155,7 @@ class RunflowOptions:
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> RunflowOptions:
         """Options from providers.yaml; a ValueError names the bad option."""
-        opts = dict(options or {})
-        unknown = sorted(set(opts) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"runflow: unknown option(s): {', '.join(unknown)}")
-        parsed = cls(**opts)
+        parsed = parse_options(cls, options, "runflow")
         for name in ("model", "edit_model"):
             value = getattr(parsed, name)
             if value is not None:
