@@ -173,7 +173,9 @@ def test_every_backend_down_gives_the_openai_502_envelope(rig: Rig) -> None:
 # ---- edits carry every reference ---------------------------------------------------
 
 
-def job_inputs(rig: Rig, name: str) -> list[Any]:
+def job_specs(rig: Rig, name: str) -> list[Any]:
+    """What each job an async emulator accepted asked for, read from its job
+    book in this process (the stats count jobs, not their references)."""
     return [job.spec for job in rig.fleet.emulators[name].app.jobs._jobs.values()]
 
 
@@ -184,7 +186,7 @@ def test_edit_with_three_images_reaches_the_backend_with_three_references(rig: R
     result = raw.parse()
     assert raw.headers["x-klein-backend"] == backend
     assert image_size_of(base64.b64decode(result.data[0].b64_json)) == (1024, 1024)
-    specs = job_inputs(rig, backend)
+    specs = job_specs(rig, backend)
     assert len(specs) == 1
     assert specs[0].edit_refs == 3
 
@@ -198,7 +200,7 @@ def test_edit_routes_by_edit_price_and_fails_over_with_its_references(rig: Rig) 
     assert raw.headers["x-klein-backend"] == "replicate"
     assert raw.headers["x-klein-attempts"] == "2"
     assert rig.stats("local")["faults"] == {"server_error": 1}
-    assert [s.edit_refs for s in job_inputs(rig, "replicate")] == [3]
+    assert [s.edit_refs for s in job_specs(rig, "replicate")] == [3]
 
 
 # ---- what comes back decodes at the requested size and format -----------------------
