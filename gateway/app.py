@@ -27,12 +27,14 @@ from gateway.probes import Prober
 from gateway.results import ResultShaper
 from gateway.service import Gateway
 from gateway.state import open_store
+from gateway.transport import ShardedTransport
 
 log = logging.getLogger("klein.gateway")
 
 # One pooled client for every provider: connection reuse matters more than
-# anything else for the gateway's added latency.
-POOL_LIMITS = httpx.Limits(max_connections=2000, max_keepalive_connections=500, keepalive_expiry=30)
+# anything else for the gateway's added latency. Enough connections for
+# thousands of requests in flight against slow upstreams.
+MAX_UPSTREAM_CONNECTIONS = 8000
 
 
 # The price ladder exported for dashboards: one 1024x1024 text-to-image image.
@@ -45,7 +47,7 @@ def parse_keys(value: str | None) -> frozenset[str]:
 
 def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: httpx.AsyncBaseTransport | None = None, metrics: GatewayMetrics | None = None) -> Gateway:
     """Every part of the gateway, wired; `transport` lets tests mock all upstream HTTP."""
-    client = httpx.AsyncClient(limits=POOL_LIMITS, transport=transport, headers={"user-agent": "klein-gateway/0.1"})
+    client = httpx.AsyncClient(transport=transport or ShardedTransport(MAX_UPSTREAM_CONNECTIONS), headers={"user-agent": "klein-gateway/0.1"})
     # Caller URLs are fetched with a separate client that never carries provider state.
     fetch_client = httpx.AsyncClient(transport=transport, follow_redirects=False, headers={"user-agent": "klein-gateway/0.1"})
     fleet = BackendFleet(config, client, fetch_client)

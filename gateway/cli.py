@@ -119,6 +119,7 @@ def serve_gateway(args: argparse.Namespace) -> int:
     os.environ["KLEIN_CONFIG"] = str(Path(args.config))
     if args.pricing:
         os.environ["KLEIN_PRICING"] = args.pricing
+    raise_open_file_limit()
     metrics_dir = prepare_metrics_dir(args.workers)
     print(banner(args, fleet), flush=True)
     try:
@@ -129,6 +130,18 @@ def serve_gateway(args: argparse.Namespace) -> int:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def raise_open_file_limit() -> None:
+    """Each request in flight holds about two sockets; let the soft limit go up to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def prepare_metrics_dir(workers: int) -> str | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.healthview import HEALTHY, BreakerState, HealthView
-from gateway.providers.base import FailureClass, ProbeResult, ProviderError
+from gateway.providers.base import GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
 from gateway.state import health_records as hr
 from gateway.state.base import StateStore
 from gateway.state.breaker import BreakerPolicy, BreakerRecord, after_failure, after_probe, after_success
@@ -71,9 +71,11 @@ def health_effect(
       a good probe clears the mark. Not counted: it is configuration, not
       sickness, and counting would keep the breaker open after the fix.
     - REFUSED otherwise (a provider's own refusal code): treated as 503.
+    - A timeout that fired long after it was due (code `gateway_overloaded`):
+      the gateway's own event loop was too busy, not the backend; no effect.
     """
     failure = error.failure
-    if failure in (FailureClass.REJECTED, FailureClass.CONTENT_FILTERED):
+    if failure in (FailureClass.REJECTED, FailureClass.CONTENT_FILTERED) or error.code == GATEWAY_OVERLOADED:
         return NO_EFFECT
     if failure is not FailureClass.REFUSED:
         return COUNTS

@@ -26,6 +26,9 @@ from gateway.capabilities import Capabilities
 from gateway.job import ImageJob
 
 
+GATEWAY_OVERLOADED = "gateway_overloaded"  # ProviderError.code when the gateway, not the backend, was slow
+
+
 class FailureClass(StrEnum):
     """What a failure means for billing and for the backend's health."""
 
@@ -72,6 +75,7 @@ class GeneratedImage:
     height: int | None = None
     nsfw: bool | None = None  # None: not checked
     seed: int | None = None
+    b64: str | None = None  # the provider's own base64, passed through to b64_json callers when it fits
 
 
 @dataclass(slots=True)
@@ -166,10 +170,20 @@ class Adapter(ABC):
         if remaining <= 0:
             raise deadline_error(job_id)
         read = min(timeout or self.settings.timeouts.request, remaining)
-        t = httpx.Timeout(read, connect=min(self.settings.timeouts.connect, remaining))
+        connect = min(self.settings.timeouts.connect, remaining)
+        t = httpx.Timeout(read, connect=connect)
+        started = time.monotonic()
         try:
             return await self.client.request(method, url, timeout=t, **kw)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        except httpx.ConnectTimeout:
+            if time.monotonic() - started > 2 * connect + 1.0:
+                # The timer fired long after it was due: the gateway's own event loop
+                # was saturated, which says nothing about the backend's health.
+                raise ProviderError(FailureClass.UNREACHABLE, "the gateway was too busy to connect in time", code=GATEWAY_OVERLOADED, job_id=job_id) from None
+            if job_id:
+                raise ProviderError(FailureClass.UNKNOWN_OUTCOME, "connection lost while following job: ConnectTimeout", job_id=job_id, billed=True) from None
+            raise ProviderError(FailureClass.UNREACHABLE, "could not connect: ConnectTimeout") from None
+        except httpx.ConnectError as exc:
             if job_id:
                 raise ProviderError(FailureClass.UNKNOWN_OUTCOME, f"connection lost while following job: {type(exc).__name__}", job_id=job_id, billed=True) from None
             raise ProviderError(FailureClass.UNREACHABLE, f"could not connect: {type(exc).__name__}") from None

@@ -110,7 +110,7 @@ async def test_the_gateway_adapter_against_the_real_service(service_url: str) ->
     assert probe.ok and probe.live["estimated_wait_s"] == 0.0
     assert probe.live["marginal_usd_per_image"] > 0
     assert [image.seed for image in result.images] == [11, 12] and result.seed == 11
-    assert all(image.data[:4] == b"RIFF" and image.content_type == "image/webp" for image in result.images)
+    assert all(base64.b64decode(image.b64)[:4] == b"RIFF" and image.content_type == "image/webp" for image in result.images)
     assert result.reported_cost_usd is not None and result.reported_cost_usd > 0
 
 

@@ -77,7 +77,8 @@ async def test_generate_sends_the_wire_request_and_returns_bytes_seeds_and_cost(
                     "seed": 11, "num_images": 2, "output_format": "png", "enable_safety_checker": True,
                     "reference_images": []}  # fmt: skip
     assert timeout == pytest.approx(service_timeout(FAST_TIMEOUTS.request))  # the read timeout, less a margin
-    assert [(i.data, i.seed, i.nsfw, i.content_type, i.width) for i in result.images] == [
+    # Images keep the service's base64 as it came: the gateway passes it through to b64_json callers.
+    assert [(base64.b64decode(i.b64), i.seed, i.nsfw, i.content_type, i.width) for i in result.images] == [
         (PNG_BYTES, 11, None, "image/png", 1024),
         (PNG_BYTES, 12, False, "image/png", 1024),
     ]
@@ -90,7 +91,7 @@ async def test_references_travel_as_base64(mock, adapter, make_job, deadline):
     refs = (ReferenceImage("image/png", data=PNG_BYTES), ReferenceImage("image/jpeg", data=b"\xff\xd8\xff\xe0"))
     result = await adapter.generate(make_job(kind=JobKind.EDIT, references=refs, output_format="webp"), deadline)
     assert sent_json(route)["reference_images"] == [base64.b64encode(r.data).decode() for r in refs]
-    assert result.images[0].content_type == "image/webp" and result.images[0].data == WEBP_BYTES
+    assert result.images[0].content_type == "image/webp" and base64.b64decode(result.images[0].b64) == WEBP_BYTES
 
 
 async def test_a_reference_known_only_by_url_is_rejected_before_sending(mock, adapter, make_job, deadline):
