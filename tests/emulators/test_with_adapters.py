@@ -42,7 +42,7 @@ async def test_probe_is_free_and_generate_round_trips(client, fleet, name):
     result = await adapter.generate(ImageJob(kind=JobKind.GENERATE, prompt="a red fox", width=1024, height=1024), time.monotonic() + 10)
     assert len(result.images) == 1
     image = result.images[0]
-    assert image.url or image.data
+    assert image.url or image.data or image.b64
     assert (await stats(client, fleet, name))["generations"] == 1
 
 
