@@ -114,8 +114,15 @@ class HealthTracker:
         clock: Callable[[], float] = time.time,
         default_policy: BreakerPolicy | None = None,
         live_ttl_s: float = 120.0,
+        view_ttl_s: float = 0.1,
     ) -> None:
         self.store = store
+        # Routing reads every backend's view on every request; re-reading the store's
+        # records at most every `view_ttl_s` keeps that off the hot path. What this replica
+        # records itself invalidates the cache at once, and `acquire` always reads
+        # fresh, so a stale view can only order candidates, never admit an open one.
+        self.view_ttl_s = view_ttl_s
+        self._views_cache: tuple[float, tuple[str, ...], dict[str, hr.Snapshot]] | None = None
         self._policies = dict(policies)
         self._kinds = dict(kinds)
         self._default = default_policy or BreakerPolicy()
@@ -138,11 +145,18 @@ class HealthTracker:
     async def views(self, names: Iterable[str]) -> dict[str, HealthView]:
         names = list(dict.fromkeys(names))
         now = self._clock()
-        try:
-            snaps = await self._snapshots(names, now)
-        except Exception as exc:  # noqa: BLE001
-            self._absorb("views", exc)
-            return {n: HEALTHY for n in names}
+        cached = self._views_cache
+        if cached is not None and cached[1] == tuple(names) and 0 <= now - cached[0] < self.view_ttl_s:
+            snaps = cached[2]
+        else:
+            try:
+                snaps = await self._snapshots(names, now)
+            except Exception as exc:  # noqa: BLE001
+                self._absorb("views", exc)
+                return {n: HEALTHY for n in names}
+            self._views_cache = (now, tuple(names), snaps)
+        # Views are derived at `now` even from cached records, so cooldowns and
+        # parking end on time.
         return {n: self._view(n, snaps[n], now) for n in names}
 
     async def describe(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -210,6 +224,7 @@ class HealthTracker:
     # ---- recording ---------------------------------------------------------
 
     async def record_success(self, name: str, latency_s: float) -> None:
+        self._views_cache = None
         now, policy = self._clock(), self.policy(name)
         try:
             raw = await self.store.get(hr.key(name, "breaker"))
@@ -228,6 +243,7 @@ class HealthTracker:
     async def record_failure(self, name: str, error: ProviderError, latency_s: float | None = None) -> None:
         """Apply `health_effect`. A timeout's latency joins the samples (a lower
         bound that keeps p95 honest); other failures' latencies do not."""
+        self._views_cache = None
         now, policy = self._clock(), self.policy(name)
         effect = health_effect(
             error,
@@ -263,6 +279,7 @@ class HealthTracker:
     async def record_probe(self, name: str, result: ProbeResult) -> None:
         """Store the probe and its live figures; a good probe clears a
         credentials mark. Breaker effects: see `after_probe`."""
+        self._views_cache = None
         now, policy = self._clock(), self.policy(name)
         try:
             note = {"ok": result.ok, "detail": hr.sanitise(result.detail), "latency_s": result.latency_s, "at": now}

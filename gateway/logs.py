@@ -53,6 +53,10 @@ _PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
     (re.compile(r"(?i)(\b(?:api[_-]?key|secret|password|token|credential)[\"']?\s*[:=]\s*[\"']?)[^\"'\s,}&]+"), r"\1" + REDACTED),
 )
 
+# Every pattern above needs one of these in the text: a string without any is
+# passed over without running them (most fields of a request line).
+_TRIGGER: Final = re.compile(r"(?i)authoriz|bearer|basic|key|token|sk-|r8_|rf_|://|[?&]|secret|password|credential|[0-9a-f]{8}-")
+
 # Extra fields whose values are never written, whatever they hold.
 _NEVER_LOGGED_FIELDS: Final = frozenset({
     "prompt", "negative_prompt", "revised_prompt", "authorization", "api_key", "key", "token",
@@ -61,13 +65,16 @@ _NEVER_LOGGED_FIELDS: Final = frozenset({
 _MIN_SECRET_LEN: Final = 4  # shorter configured "secrets" would shred ordinary text
 
 _secrets: set[str] = set()
+_secrets_by_length: tuple[str, ...] = ()  # longest first, so a secret containing another goes whole
 _secrets_lock = threading.Lock()
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
     """Add exact values that must never appear in a log line or label."""
+    global _secrets_by_length
     with _secrets_lock:
         _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET_LEN)
+        _secrets_by_length = tuple(sorted(_secrets, key=len, reverse=True))
 
 
 def secrets_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -80,10 +87,13 @@ def secrets_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` with every credential-looking token replaced by [REDACTED]."""
-    with _secrets_lock:
-        known = sorted(_secrets.union(s for s in secrets if s and len(s) >= _MIN_SECRET_LEN), key=len, reverse=True)
+    extra = [s for s in secrets if s and len(s) >= _MIN_SECRET_LEN]
+    known = sorted(set(_secrets_by_length).union(extra), key=len, reverse=True) if extra else _secrets_by_length
     for secret in known:
-        text = text.replace(secret, REDACTED)
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    if _TRIGGER.search(text) is None:
+        return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
