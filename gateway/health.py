@@ -278,7 +278,8 @@ class HealthTracker:
 
     async def record_probe(self, name: str, result: ProbeResult) -> None:
         """Store the probe and its live figures; a good probe clears a
-        credentials mark. Breaker effects: see `after_probe`."""
+        credentials mark and a probe whose key was refused sets one.
+        Breaker effects: see `after_probe`."""
         self._views_cache = None
         now, policy = self._clock(), self.policy(name)
         try:
@@ -287,6 +288,8 @@ class HealthTracker:
             if figures := hr.live_figures(result.live):
                 doc = json.dumps({"at": now, "figures": figures})
                 await self.store.set(hr.key(name, "live"), doc, ttl_s=self.live_ttl_s)
+            if result.credentials_invalid:  # a probe is as good a witness of a revoked key as a request
+                await self.store.set(hr.key(name, "creds"), repr(now), ttl_s=policy.credentials_recheck_s)
             if result.ok:
                 await self.store.delete(hr.key(name, "creds"))
                 await self.store.set(hr.key(name, "probe_fails"), "0", ttl_s=hr.NOTE_TTL_S)

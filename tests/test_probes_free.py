@@ -198,3 +198,17 @@ async def test_stopping_the_prober_ends_a_loop_whose_adapter_swallowed_the_cance
         pytest.fail("Prober.stop() waited on a loop that carried on after its cancellation was swallowed")
     assert time.monotonic() - started < 1.0
     assert not prober.running
+
+
+async def test_a_probe_refused_for_its_key_marks_the_backend_down_until_a_good_probe():
+    from gateway.health import HealthTracker
+    from gateway.providers.base import ProbeResult
+    from gateway.state import MemoryStore
+
+    tracker = HealthTracker(MemoryStore(), {}, {"fal": "fal"})
+    await tracker.record_probe("fal", ProbeResult(False, "credentials rejected (HTTP 401)", credentials_invalid=True))
+    view = (await tracker.views(["fal"]))["fal"]
+    assert not view.available and view.why_unavailable == "credentials rejected"
+    assert await tracker.acquire("fal") is False
+    await tracker.record_probe("fal", ProbeResult(True, "key accepted"))
+    assert (await tracker.views(["fal"]))["fal"].available

@@ -95,6 +95,7 @@ class ProbeResult:
     detail: str = ""
     latency_s: float | None = None
     live: Mapping[str, Any] = field(default_factory=dict)  # e.g. local queue wait, live cost
+    credentials_invalid: bool = False  # the provider refused the key (401/403)
 
 
 @dataclass(frozen=True, slots=True)

@@ -304,5 +304,5 @@ class EmpirioLabsAdapter(Adapter):
             return ProbeResult(False, err.message, time.monotonic() - started)
         latency = time.monotonic() - started
         if resp.status_code in (401, 403):
-            return ProbeResult(False, f"HTTP {resp.status_code}: credentials rejected", latency)
+            return ProbeResult(False, f"HTTP {resp.status_code}: credentials rejected", latency, credentials_invalid=True)
         return ProbeResult(resp.is_success, f"HTTP {resp.status_code}", latency)

@@ -427,7 +427,7 @@ class FalAdapter(Adapter):
         latency = time.monotonic() - started
         status = response.status_code
         if status in (401, 403):
-            return ProbeResult(False, f"credentials rejected (HTTP {status})", latency)
+            return ProbeResult(False, f"credentials rejected (HTTP {status})", latency, credentials_invalid=True)
         if status == 429 or status >= 500:
             return ProbeResult(False, f"HTTP {status}", latency)
         return ProbeResult(True, f"reachable, key accepted (HTTP {status})", latency)

@@ -424,7 +424,7 @@ class ReplicateAdapter(Adapter):
         latency = time.monotonic() - started
         status = response.status_code
         if status in (401, 403):
-            return ProbeResult(False, f"credentials rejected (HTTP {status})", latency)
+            return ProbeResult(False, f"credentials rejected (HTTP {status})", latency, credentials_invalid=True)
         if status == 404:
             return ProbeResult(False, "model not found (HTTP 404)", latency)
         if status >= 400:

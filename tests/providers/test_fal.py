@@ -435,6 +435,7 @@ async def test_probe_is_free_and_reads_auth_from_a_status_lookup(fal, mock, repl
     assert result.ok is ok and lookup.call_count == 1
     assert submits.call_count == 0
     assert KEY not in result.detail
+    assert result.credentials_invalid is (isinstance(reply, httpx.Response) and reply.status_code in (401, 403))
 
 
 async def test_probe_path_is_configurable(make_settings, http_client, mock):
