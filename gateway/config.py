@@ -88,6 +88,11 @@ class GatewaySettings(_Strict):
     public_base_url: str | None = None  # where signed image URLs point; default: the request's own host
     baseline_backend: str | None = "fal"  # savings are measured against this backend's price
     log_prompts: bool = False
+    # Requests one worker process holds at once; beyond it the caller gets 503
+    # with Retry-After at once, before the event loop saturates and slow timers
+    # start to look like sick backends. Sized for 5,000 in flight against slow
+    # upstreams within 500 MB (bench/overhead.py).
+    max_in_flight: int = Field(default=6000, gt=0)
 
 
 class ProvidersFile(_Strict):

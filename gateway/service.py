@@ -7,6 +7,8 @@ dispatch. HTTP stays in gateway/api; this module holds no wire shapes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -39,6 +41,19 @@ class Gateway:
     clients: list[httpx.AsyncClient] = field(default_factory=list)
     request_log: RequestLogger = field(default_factory=RequestLogger)
     ready: bool = False
+    in_flight: int = 0
+
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[bool]:
+        """Whether one more request fits under `max_in_flight` in this process."""
+        admitted = self.in_flight < self.config.settings.max_in_flight
+        if admitted:
+            self.in_flight += 1
+        try:
+            yield admitted
+        finally:
+            if admitted:
+                self.in_flight -= 1
 
     def log_request(self, request: Any, *, route: str, status: int, backend: str | None, attempts: int, cost: Decimal | None, latency_s: float, overhead_s: float, prompt: str | None = None) -> None:
         """The request's one JSON log line (no prompt text, no secrets)."""

@@ -215,3 +215,27 @@ async def test_hung_cheapest_backend_leaves_time_for_the_next_within_a_short_dea
         resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "3000"})
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-klein-backend"] == "replicate"
+
+
+async def test_requests_beyond_the_in_flight_cap_get_503_with_retry_after_at_once():
+    import asyncio
+
+    app = make_app()
+    gw = app.state.gateway
+    gw.config.settings.max_in_flight = 2
+    slow = fakes()
+    slow["local"] = FakeAdapter("local", ["ok"], delay_s=0.5)
+    install_fakes(app, slow)
+    import httpx
+
+    from tests.gateway_support import ServerThread
+
+    # Over a real socket: the test client does not interleave concurrent requests.
+    with ServerThread(app) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            responses = await asyncio.gather(*(client.post("/v1/images/generations", json=BODY) for _ in range(4)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 2
+    busy = [r for r in responses if r.status_code == 503]
+    assert busy and all(r.json()["error"]["code"] == "gateway_busy" and r.headers["retry-after"] == "1" for r in busy)
+    assert gw.in_flight == 0

@@ -56,9 +56,11 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
     gw = gateway_of(request)
     started = time.monotonic()
     status, backend, upstream, cost, attempts, job = 500, None, 0.0, None, 0, None
-    with gw.metrics.in_flight():
+    with gw.metrics.in_flight(), gw.admission() as admitted:
         try:
             ctx = begin(request, gw)
+            if not admitted:
+                raise GatewayError("the gateway is at capacity; retry shortly", status=503, code="gateway_busy", retryable=True, retry_after=1)
             job = await build(request, gw, ctx)
             outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw)))
             backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, outcome.tried
