@@ -32,7 +32,8 @@ from typing import Any
 from gateway.emulators.asgi import Request, Response, route
 from gateway.emulators.core import EmulatorApp
 from gateway.emulators.jobs import TERMINAL, Job, Spec
-from gateway.emulators.sizes import FAL_PRESETS, data_uri_size
+from gateway.emulators.sizes import data_uri_size
+from gateway.sizes import FAL_PRESETS
 
 ENDPOINT = "/fal-ai/flux-2/klein/4b"
 REQUESTS = "/fal-ai/flux-2/requests"

@@ -38,7 +38,7 @@ from typing import Any
 from gateway.emulators.asgi import Request, Response, route
 from gateway.emulators.core import EmulatorApp
 from gateway.emulators.jobs import TERMINAL, Job, Spec
-from gateway.emulators.sizes import FAL_PRESETS
+from gateway.sizes import FAL_PRESETS
 
 MODEL_ID = "black-forest-labs/flux-2-klein-4b"
 FORMATS = ("jpeg", "png", "webp")

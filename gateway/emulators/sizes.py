@@ -8,8 +8,6 @@ import math
 
 from PIL import Image
 
-from gateway.sizes import FAL_PRESETS  # fal's image_size presets (providers.md section 1.5)
-
 # Replicate klein-4b at output_megapixels "1": the sizes Lumenfall publishes for
 # its 1K tier (providers.md section 2.5). Not all are multiples of 16.
 REPLICATE_1MP: dict[str, tuple[int, int]] = {

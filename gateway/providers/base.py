@@ -132,6 +132,11 @@ class Adapter(ABC):
     def name(self) -> str:
         return self.settings.name
 
+    @property
+    def base(self) -> str:
+        """The configured base URL, without a trailing slash."""
+        return self.settings.base_url.rstrip("/")
+
     def option(self, key: str, default: Any = None) -> Any:
         return self.settings.options.get(key, default)
 

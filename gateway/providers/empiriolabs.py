@@ -240,7 +240,6 @@ class EmpirioLabsAdapter(Adapter):
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
         super().__init__(settings, client)
         self.opts = EmpirioLabsOptions.parse(settings.options)
-        self.base = settings.base_url.rstrip("/")
 
     @classmethod
     def capabilities_for(cls, options: Mapping[str, Any] | None, kind: JobKind | None = None) -> Capabilities:

@@ -202,7 +202,6 @@ class FalAdapter(Adapter):
 
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
         super().__init__(settings, client)
-        self.base = settings.base_url.rstrip("/")
         self.model = str(self.option("model", DEFAULT_MODEL)).strip("/")
         self.edit_model = str(self.option("edit_model", DEFAULT_EDIT_MODEL)).strip("/")
         queue_app(self.model), queue_app(self.edit_model)  # fail at start-up, not on the first request

@@ -166,10 +166,6 @@ class LocalAdapter(Adapter):
     kind = "local"
     default_capabilities = DEFAULT_CAPABILITIES
 
-    @property
-    def base(self) -> str:
-        return self.settings.base_url.rstrip("/")
-
     async def generate(self, job: ImageJob, deadline: float) -> ProviderResult:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -189,7 +189,6 @@ class ReplicateAdapter(Adapter):
 
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
         super().__init__(settings, client)
-        self.base = settings.base_url.rstrip("/")
         self.model = str(self.option("model", DEFAULT_MODEL)).strip("/")
         self.sizes = size_table(settings.options)
         self._max_poll_errors = int(self.option("max_poll_errors", 5))

@@ -400,7 +400,6 @@ class RunflowAdapter(Adapter):
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
         super().__init__(settings, client)
         self.opts = RunflowOptions.parse(settings.options)
-        self.base = settings.base_url.rstrip("/")
         self.create_urls = {
             JobKind.GENERATE: f"{self.base}/v1/models/{_model_path(self.opts.model)}/runs",
             JobKind.EDIT: f"{self.base}/v1/models/{_model_path(self.opts.edit_path)}/runs",
