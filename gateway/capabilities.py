@@ -111,21 +111,3 @@ def eligible(job: ImageJob, caps: Capabilities) -> Eligibility:
     if job.seed is not None and not caps.seed:
         return Eligibility(False, "does not accept a seed", "seed")
     return ELIGIBLE
-
-
-def union_limits(all_caps: list[Capabilities]) -> Capabilities:
-    """The loosest limits over all backends: a request outside them can be
-    refused before routing, naming the limit."""
-    if not all_caps:
-        return Capabilities()
-    return Capabilities(
-        min_side=min(c.min_side for c in all_caps),
-        max_side=max(c.max_side for c in all_caps),
-        max_pixels=max(c.max_pixels for c in all_caps),
-        max_n=max(c.max_n for c in all_caps),
-        min_steps=min(c.min_steps for c in all_caps),
-        max_steps=max(c.max_steps for c in all_caps),
-        max_references=max(c.max_references for c in all_caps),
-    )
-
-

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 
-from gateway.capabilities import Capabilities, Eligibility, eligible
+from gateway.capabilities import Eligibility
 from gateway.errors import GatewayError, InvalidRequest, Unprocessable, UpstreamFailed
 from gateway.healthview import HealthView
 from gateway.job import ImageJob
-from gateway.pricing import PriceSheet, Quote, quote
+from gateway.pricing import Quote
 
 
 @dataclass(frozen=True)
@@ -67,21 +67,16 @@ class Skip:
 @dataclass(frozen=True)
 class Plan:
     attempts: tuple[Candidate, ...]  # in order; attempts[0] is the chosen one
-    skipped: tuple[tuple[str, str], ...]  # (backend, reason) for every candidate not in attempts
-    details: tuple[Skip, ...] = ()  # the same skips, structured
+    details: tuple[Skip, ...] = ()  # every candidate not in attempts, and why
 
     @property
     def chosen(self) -> Candidate | None:
         return self.attempts[0] if self.attempts else None
 
-
-def candidate(
-    name: str, job: ImageJob, caps: Capabilities, sheet: PriceSheet | None, health: HealthView
-) -> Candidate:
-    """One backend as routing sees it; the local GPU's live cost figure, when it
-    reports one, replaces its sheet's (local_backend.md section 3.4)."""
-    priced = quote(sheet, job, health.live_usd_per_image) if sheet is not None else None
-    return Candidate(name, eligible(job, caps), priced, health)
+    @property
+    def skipped(self) -> tuple[tuple[str, str], ...]:
+        """(backend, reason) for every skip, for listings and headers."""
+        return tuple((s.backend, s.reason) for s in self.details)
 
 
 def plan(job: ImageJob, candidates: Sequence[Candidate]) -> Plan:
@@ -99,7 +94,7 @@ def plan(job: ImageJob, candidates: Sequence[Candidate]) -> Plan:
         reason = "not tried: fallbacks disabled (provider.allow_fallbacks is false)"
         skips.extend(Skip(c.name, reason, SkipCause.NO_FALLBACK) for c in ordered[1:])
         ordered = ordered[:1]
-    return Plan(tuple(ordered), tuple((s.backend, s.reason) for s in skips), tuple(skips))
+    return Plan(tuple(ordered), tuple(skips))
 
 
 def _key(name: str) -> str:
@@ -184,7 +179,7 @@ def refusal(plan: Plan) -> GatewayError:
     """
     if plan.attempts:
         raise ValueError("refusal() is for empty plans")
-    details = plan.details or tuple(Skip(b, r, SkipCause.UNAVAILABLE) for b, r in plan.skipped)
+    details = plan.details
     by_cause: dict[SkipCause, list[Skip]] = {}
     for skip in details:
         by_cause.setdefault(skip.cause, []).append(skip)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.capabilities import Capabilities, eligible, union_limits
+from gateway.capabilities import Capabilities, eligible
 from gateway.job import ImageJob, JobKind, ReferenceImage
 
 UPLOAD = ReferenceImage(content_type="image/png", data=b"\x89PNG", width=1024, height=1024)
@@ -106,13 +106,3 @@ def test_overrides_from_config_parse_sizes_and_formats():
     assert eligible(job(768, 1365, n=2), caps).ok
     assert not eligible(job(1024, 768), caps).ok
     assert DEFAULT.merged(None) is DEFAULT
-
-
-def test_union_limits_are_the_loosest_over_backends():
-    other = Capabilities(min_side=128, max_pixels=2_000_000, max_steps=8, max_n=2)
-    union = union_limits([EMPIRIO, other])
-    assert (union.min_side, union.max_pixels, union.max_steps, union.max_n) == (128, 2_000_000, 12, 4)
-    assert eligible(job(1408, 1408), union).ok
-    assert not eligible(job(1440, 1440), union).ok
-    assert not eligible(job(steps=13), union).ok
-    assert union_limits([]) == Capabilities()

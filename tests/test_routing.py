@@ -6,14 +6,19 @@ from __future__ import annotations
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
+import yaml
 
-from gateway.capabilities import ELIGIBLE, Capabilities, Eligibility
+from gateway.backends import BackendFleet
+from gateway.capabilities import ELIGIBLE, Eligibility
+from gateway.config import load_config
 from gateway.errors import InvalidRequest, Unprocessable, UpstreamFailed
 from gateway.healthview import HEALTHY, BreakerState, HealthView
 from gateway.job import ImageJob, JobKind, ProviderPrefs
-from gateway.pricing import Quote, load_sheets
-from gateway.routing import Candidate, Plan, SkipCause, candidate, plan, refusal
+from gateway.pricing import Quote
+from gateway.routing import Candidate, Plan, Skip, SkipCause, plan, refusal
+from tests.gateway_support import ENV, PROVIDERS_YAML
 
 
 def job(**kw) -> ImageJob:
@@ -317,8 +322,8 @@ def test_no_backends_at_all_refuses_503():
     assert (err.status, err.code, err.retryable) == (503, "no_backend_available", False)
 
 
-def test_refusal_of_a_plan_built_without_details_still_answers():
-    err = refusal(Plan(attempts=(), skipped=(("fal", "circuit open"),)))
+def test_refusal_of_a_plan_built_by_hand_answers():
+    err = refusal(Plan(attempts=(), details=(Skip("fal", "circuit open", SkipCause.UNAVAILABLE),)))
     assert (err.status, err.code) == (503, "no_backend_available")
 
 
@@ -330,14 +335,21 @@ def test_refusal_is_only_for_empty_plans():
 # --- building candidates ------------------------------------------------------
 
 
-def test_candidate_prices_with_the_sheet_and_prefers_a_live_gpu_figure():
-    sheets = load_sheets(Path(__file__).resolve().parents[1] / "pricing")
+async def test_fleet_candidates_price_with_the_sheet_and_prefer_a_reported_live_figure(tmp_path: Path):
+    """The fleet builds what the router sees: sheet quotes, a live figure only
+    from a backend whose adapter reports one (the local GPU), and eligibility
+    from capabilities with providers.yaml overrides."""
+    raw = yaml.safe_load(PROVIDERS_YAML.read_text())
+    raw["backends"]["runflow"]["capabilities"] = {"max_n": 1}
+    (tmp_path / "providers.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "providers.yaml", PROVIDERS_YAML.parent / "pricing", env=ENV)
     j = job(n=2)
-    fal = candidate("fal", j, Capabilities(), sheets["fal"], HEALTHY)
-    local = candidate("local", j, Capabilities(), sheets["local"], HealthView(live_usd_per_image=Decimal("0.0001")))
-    nosheet = candidate("x", j, Capabilities(max_n=1), None, HEALTHY)
-    assert fal.quote.usd == Decimal("0.01048576") and fal.eligibility.ok
+    live = HealthView(live_usd_per_image=Decimal("0.0001"))
+    async with httpx.AsyncClient() as client:
+        fleet = BackendFleet(config, client, client)
+        found = {c.name: c for c in fleet.candidates(j, {"fal": live, "local": live})}
+    fal, local, runflow = found["fal"], found["local"], found["runflow"]
+    assert fal.quote.usd == Decimal("0.01048576") and fal.eligibility.ok  # fal reports no live price: its sheet stands
     assert local.quote.usd == Decimal("0.00020972")  # 2 x 0.0001 x 1.048576
-    assert nosheet.quote is None
-    assert nosheet.eligibility.reason == "at most 1 images per request"
-    assert names(plan(j, (fal, local, nosheet))) == ["local", "fal"]
+    assert runflow.eligibility.reason == "at most 1 images per request"
+    assert names(plan(j, (fal, local, runflow))) == ["local", "fal"]
