@@ -8,21 +8,12 @@ import math
 
 from PIL import Image
 
-# Replicate klein-4b at output_megapixels "1": the sizes Lumenfall publishes for
-# its 1K tier (providers.md section 2.5). Not all are multiples of 16.
-REPLICATE_1MP: dict[str, tuple[int, int]] = {
-    "1:1": (1024, 1024),
-    "16:9": (1365, 768),
-    "9:16": (768, 1365),
-    "3:2": (1254, 836),
-    "2:3": (836, 1254),
-    "4:3": (1183, 887),
-    "3:4": (887, 1182),
-    "5:4": (1145, 916),
-    "4:5": (916, 1145),
-    "21:9": (1563, 670),
-    "9:21": (670, 1564),
-}
+from gateway.providers.replicate import DEFAULT_SIZES as REPLICATE_SIZES
+
+# Replicate klein-4b at output_megapixels "1": the adapter's one table of the
+# sizes Lumenfall publishes for its 1K tier, read by aspect ratio. Not all
+# are multiples of 16.
+REPLICATE_1MP: dict[str, tuple[int, int]] = {spec.aspect_ratio: size for size, spec in REPLICATE_SIZES.items() if spec.output_megapixels == "1"}
 # Values of output_megapixels were not found (providers.md open question 4); these are the plausible ones.
 REPLICATE_MEGAPIXELS: tuple[str, ...] = ("0.25", "0.5", "1", "2", "4")
 REPLICATE_ASPECT_RATIOS: tuple[str, ...] = ("match_input_image", *REPLICATE_1MP)
