@@ -1,7 +1,8 @@
 """The backends in service: adapter, capabilities and price sheet, built from config.
 
 `BackendFleet` owns the shared HTTP client and turns a job into routing
-candidates (eligibility, quote, health) for the pure router.
+candidates (eligibility, quote, health) for the pure router. What a backend
+can do and report comes from its adapter class, never from its name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from gateway.capabilities import Capabilities, eligible
 from gateway.config import GatewayConfig, ResolvedBackend
 from gateway.healthview import HealthView
 from gateway.job import ImageJob, JobKind
+from gateway.logs import register_secrets
 from gateway.pricing import PriceSheet, Quote, bill, quote
 from gateway.providers import adapter_class, capabilities_for
 from gateway.providers.base import Adapter, AdapterSettings, Timeouts
@@ -35,8 +37,8 @@ class Backend:
     baseline_sheet: PriceSheet | None = None
 
     def _live(self, view: HealthView | None) -> Decimal | None:
-        """The local GPU's live per-image figure, when its probe reported one."""
-        return view.live_usd_per_image if view is not None and self.kind == "local" else None
+        """The live per-image figure, for a backend that reports one and whose probe did."""
+        return view.live_usd_per_image if view is not None and self.adapter.reports_live_price else None
 
     def quote(self, job: ImageJob, view: HealthView | None = None) -> Quote:
         return quote(self.sheet, job, self._live(view))
@@ -63,6 +65,9 @@ class BackendFleet:
     def __init__(self, config: GatewayConfig, client: httpx.AsyncClient, fetch_client: httpx.AsyncClient) -> None:
         self.config = config
         self.client = client
+        # Credentials read from the variables providers.yaml names (renamed ones
+        # too) are scrubbed from logs by value, like the registry's own names.
+        register_secrets(b.credential for b in config.backends)
         self.disabled: dict[str, str] = {b.name: b.disabled_reason or "" for b in config.backends if not b.enabled}
         baseline_name = config.settings.baseline_backend
         sheets = {b.name: b.sheet for b in config.backends}
@@ -97,6 +102,4 @@ def build_backend(resolved: ResolvedBackend, client: httpx.AsyncClient, fetch_cl
     )
     adapter = adapter_class(cfg.kind)(settings, client)
     caps = {k: capabilities_for(cfg.kind, cfg.options, cfg.capabilities, k) for k in JobKind}
-    if cfg.kind == "local":  # the local GPU takes reference bytes, not URLs
-        caps = {k: replace(c, accepts_url_refs=False) for k, c in caps.items()}
     return Backend(resolved.name, cfg.kind, adapter, caps[JobKind.GENERATE], caps[JobKind.EDIT], resolved.sheet, cfg.expected_latency_s, fetch_client, baseline)

@@ -3,9 +3,11 @@
 The file names each backend's kind, base URL, credential variable, timeouts,
 price sheet, capability overrides, adapter options and breaker thresholds.
 Twelve-factor: credentials and base URLs come from the environment under the
-names ARCHITECTURE section 1 gives (the file may rename the variables). A
-backend without its credential (or, for the local GPU, its address) is
-disabled and says why; a bad file names the file, the field and the problem.
+names each adapter declares (`credential_env`, `base_url_env`; the file may
+rename the variables). A backend without its credential (or, for a service
+addressed by URL alone, its address) is disabled and says why; a bad file
+names the file, the field and the problem. Which kinds exist, and their
+defaults, come from the provider registry (`gateway.providers`).
 """
 
 from __future__ import annotations
@@ -13,39 +15,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.health import BreakerPolicy
-from gateway.probes import ProbeSettings
 from gateway.pricing import PriceSheet, PriceSheetError, load_sheet
-
-KINDS = ("fal", "replicate", "runflow", "empiriolabs", "local")
-
-# Documented defaults per kind (shared/reference/providers.md section 0).
-DEFAULT_BASE_URLS = {
-    "fal": "https://queue.fal.run",
-    "replicate": "https://api.replicate.com",
-    "runflow": "https://api.runflow.io",
-    "empiriolabs": "https://api.empiriolabs.ai",
-    "local": None,
-}
-DEFAULT_BASE_URL_ENV = {
-    "fal": "KLEIN_FAL_BASE_URL",
-    "replicate": "KLEIN_REPLICATE_BASE_URL",
-    "runflow": "KLEIN_RUNFLOW_BASE_URL",
-    "empiriolabs": "KLEIN_EMPIRIOLABS_BASE_URL",
-    "local": "KLEIN_LOCAL_URL",
-}
-DEFAULT_CREDENTIAL_ENV = {
-    "fal": "FAL_KEY",
-    "replicate": "REPLICATE_API_TOKEN",
-    "runflow": "RUNFLOW_API_KEY",
-    "empiriolabs": "EMPIRIOLABS_API_KEY",
-    "local": None,
-}
+from gateway.probes import ProbeSettings
+from gateway.providers import adapter_class, capabilities_for
 
 
 class ConfigError(ValueError):
@@ -64,7 +42,7 @@ class TimeoutsConfig(_Strict):
 
 
 class BackendConfig(_Strict):
-    kind: Literal["fal", "replicate", "runflow", "empiriolabs", "local"]
+    kind: str  # a registered provider kind (gateway.providers)
     enabled: bool = True
     base_url: str | None = None
     base_url_env: str | None = None
@@ -76,6 +54,15 @@ class BackendConfig(_Strict):
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     probe: ProbeSettings = Field(default_factory=ProbeSettings)  # free health probes; never a paid generation
     expected_latency_s: float | None = Field(default=None, gt=0)  # tie-break before any is measured
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        try:
+            adapter_class(value)
+        except LookupError as exc:
+            raise ValueError(str(exc).strip("'\"")) from None
+        return value
 
 
 class GatewaySettings(_Strict):
@@ -178,12 +165,18 @@ def load_config(path: str | Path = "providers.yaml", pricing_dir: str | Path | N
         except PriceSheetError as exc:
             problems.append(f"{path}: backends.{name}.price_sheet: {exc}")
             continue
-        problem = _capability_problem(cfg)
-        if problem:
-            problems.append(f"{path}: backends.{name}.capabilities: {problem}")
-        base_env = cfg.base_url_env or DEFAULT_BASE_URL_ENV[cfg.kind]
-        base_url = env.get(base_env) or cfg.base_url or DEFAULT_BASE_URLS[cfg.kind]
-        cred_env = cfg.credential_env or DEFAULT_CREDENTIAL_ENV[cfg.kind]
+        adapter = adapter_class(cfg.kind)
+        try:
+            adapter.options_type.parse(cfg.options, cfg.kind)
+        except ValueError as exc:
+            problems.append(f"{path}: backends.{name}.options: {exc}")
+        else:
+            problem = _capability_problem(cfg)
+            if problem:
+                problems.append(f"{path}: backends.{name}.capabilities: {problem}")
+        base_env = cfg.base_url_env or adapter.base_url_env
+        base_url = env.get(base_env) or cfg.base_url or adapter.default_base_url
+        cred_env = cfg.credential_env or adapter.credential_env
         credential = env.get(cred_env) if cred_env else None
         reason = None
         if not cfg.enabled:
@@ -203,8 +196,6 @@ def load_config(path: str | Path = "providers.yaml", pricing_dir: str | Path | N
 
 def _capability_problem(cfg: BackendConfig) -> str | None:
     """Capability overrides and adapter options must make a valid Capabilities."""
-    from gateway.providers import capabilities_for  # adapters import config-free modules only
-
     try:
         capabilities_for(cfg.kind, cfg.options, cfg.capabilities)
     except (TypeError, ValueError, KeyError) as exc:

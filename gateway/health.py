@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.healthview import HEALTHY, BreakerState, HealthView
+from gateway.providers import adapter_class
 from gateway.providers.base import GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
 from gateway.state import health_records as hr
 from gateway.state.base import StateStore
@@ -34,8 +35,6 @@ from gateway.state.trials import TrialLeases
 __all__ = ["BreakerPolicy", "HealthEffect", "HealthTracker", "health_effect"]
 
 log = logging.getLogger(__name__)
-
-LOCAL_KIND = "local"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +50,8 @@ COUNTS = HealthEffect(True, None, False)
 
 def health_effect(
     error: ProviderError,
-    backend_kind: str,
     *,
+    reports_queue_wait: bool = False,
     default_park_s: float = 5.0,
     out_of_credit_park_s: float = 300.0,
 ) -> HealthEffect:
@@ -61,9 +60,10 @@ def health_effect(
     - REJECTED, CONTENT_FILTERED: the input or the picture, not the backend.
     - UNREACHABLE, FAILED, UNKNOWN_OUTCOME: count against health.
     - REFUSED 429: back-pressure, not sickness: park for Retry-After (or
-      `default_park_s`), do not count. The local backend's 429 only means its
-      queue is full for this request; the router already routes on its live
-      queue wait, so it neither parks nor counts.
+      `default_park_s`), do not count. From a backend that reports a queue
+      wait (`Adapter.reports_queue_wait`: the local GPU) a 429 only means its
+      queue is full for this request; the router already routes on that live
+      wait, so it neither parks nor counts.
     - REFUSED 503: parks and counts (the service says it is unavailable).
     - REFUSED 402 (out of credit): parks for `out_of_credit_park_s` at least,
       and counts; credit rarely returns within seconds.
@@ -84,10 +84,17 @@ def health_effect(
     retry_after = error.retry_after if error.retry_after is not None else default_park_s
     park = retry_after if retry_after > 0 else None
     if error.status == 429:
-        return NO_EFFECT if backend_kind == LOCAL_KIND else HealthEffect(False, park, False)
+        return NO_EFFECT if reports_queue_wait else HealthEffect(False, park, False)
     if error.status == 402:
         return HealthEffect(True, max(out_of_credit_park_s, error.retry_after or 0.0), False)
     return HealthEffect(True, park, False)
+
+
+def _reports_queue_wait(kind: str) -> bool:
+    try:
+        return adapter_class(kind).reports_queue_wait
+    except LookupError:  # an adapter outside the registry (a test's stand-in) reports none
+        return False
 
 
 # ---- the tracker ------------------------------------------------------------
@@ -124,7 +131,7 @@ class HealthTracker:
         self.view_ttl_s = view_ttl_s
         self._views_cache: tuple[float, tuple[str, ...], dict[str, hr.Snapshot]] | None = None
         self._policies = dict(policies)
-        self._kinds = dict(kinds)
+        self._queue_wait = {name: _reports_queue_wait(kind) for name, kind in kinds.items()}
         self._default = default_policy or BreakerPolicy()
         self._clock = clock
         self.live_ttl_s = live_ttl_s
@@ -247,7 +254,7 @@ class HealthTracker:
         now, policy = self._clock(), self.policy(name)
         effect = health_effect(
             error,
-            self._kinds.get(name, name),
+            reports_queue_wait=self._queue_wait.get(name, False),
             default_park_s=policy.default_park_s,
             out_of_credit_park_s=policy.out_of_credit_park_s,
         )

@@ -6,7 +6,9 @@ object on its own line and scrubs anything that looks like a credential:
 OpenAI-style `sk-...`, Replicate `r8_...`, Runflow `rf_live_...`, fal's
 `uuid:secret` keys, passwords in URLs, key-like query parameters, and the
 exact values of configured secrets (the provider credentials and gateway keys
-from the environment, see `secrets_from_env`). Scrubbing runs on the message,
+from the environment, see `secrets_from_env`; a backend fleet also registers
+the credential of every configured backend, read from whatever variable
+providers.yaml names). Scrubbing runs on the message,
 its arguments, extra fields and tracebacks, so an exception that quotes a
 header cannot leak it.
 
@@ -28,10 +30,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final, TextIO
 
+from gateway.providers import credential_env_names
+
 REDACTED: Final = "[REDACTED]"
 
-# Credential names from ARCHITECTURE section 1; each value is a secret.
-SECRET_ENV_VARS: Final = ("FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY")
 GATEWAY_KEYS_ENV: Final = "KLEIN_GATEWAY_KEYS"  # comma-separated caller keys
 PROMPT_LENGTH_ENV: Final = "KLEIN_LOG_PROMPT_LENGTH"  # opt-in: log prompt length (never text)
 
@@ -78,9 +80,10 @@ def register_secrets(values: Iterable[str | None]) -> None:
 
 
 def secrets_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The configured secret values: provider credentials and gateway keys."""
+    """The configured secret values: every registered provider's credential
+    variable (`Adapter.credential_env`) and the gateway keys."""
     env = os.environ if environ is None else environ
-    found = [env[name] for name in SECRET_ENV_VARS if env.get(name)]
+    found = [env[name] for name in credential_env_names() if env.get(name)]
     found += [k.strip() for k in env.get(GATEWAY_KEYS_ENV, "").split(",") if k.strip()]
     return found
 

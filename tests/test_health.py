@@ -12,6 +12,7 @@ import pytest
 
 from gateway.health import BreakerPolicy, HealthEffect, HealthTracker, health_effect
 from gateway.healthview import HEALTHY, BreakerState
+from gateway.providers import adapter_class
 from gateway.providers.base import FailureClass, ProbeResult, ProviderError
 from gateway.state import MemoryStore, ResilientStore
 from gateway.state.base import StateStore
@@ -90,12 +91,12 @@ COUNT = HealthEffect(True, None, False)
     ],
 )
 def test_health_effect_table(error: ProviderError, kind: str, effect: HealthEffect) -> None:
-    assert health_effect(error, kind) == effect
+    assert health_effect(error, reports_queue_wait=adapter_class(kind).reports_queue_wait) == effect
 
 
 def test_health_effect_default_parkings_are_configurable() -> None:
-    assert health_effect(err(F.REFUSED, 429), "fal", default_park_s=2).park_s == 2
-    assert health_effect(err(F.REFUSED, 402), "fal", out_of_credit_park_s=60).park_s == 60
+    assert health_effect(err(F.REFUSED, 429), default_park_s=2).park_s == 2
+    assert health_effect(err(F.REFUSED, 402), out_of_credit_park_s=60).park_s == 60
 
 
 def test_breaker_policy_rejects_unknown_fields_and_inverted_cooldowns() -> None:

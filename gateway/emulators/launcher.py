@@ -17,12 +17,17 @@ Each emulator is a `uvicorn.Server` task (lifespan off, log level warning,
 no access log) on a socket bound beforehand, so its port is known before it
 serves. The servers never install signal handlers: the host process keeps
 its own Ctrl-C handling.
+
+Which providers can be emulated, and under which variables the gateway finds
+them, comes from the provider registry: every adapter with an `emulator`
+hook (`gateway.providers.base.EmulatorHook`) is served, keyed by its kind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import secrets
 import socket
 import threading
@@ -33,45 +38,58 @@ from typing import Any
 import uvicorn
 
 from gateway.emulators.core import EmulatorApp
-from gateway.emulators.empiriolabs import EmpirioLabsEmulator
-from gateway.emulators.fal import FalEmulator
 from gateway.emulators.knobs import EmulatorKnobs
-from gateway.emulators.local import LocalEmulator
-from gateway.emulators.replicate import ReplicateEmulator
-from gateway.emulators.runflow import RunflowEmulator
+from gateway.providers import adapter_class, kinds
+from gateway.providers.base import Adapter, EmulatorHook
 
-PROVIDERS: dict[str, type[EmulatorApp]] = {
-    "fal": FalEmulator,
-    "replicate": ReplicateEmulator,
-    "runflow": RunflowEmulator,
-    "empiriolabs": EmpirioLabsEmulator,
-    "local": LocalEmulator,
-}
-BASE_URL_ENV = {
-    "fal": "KLEIN_FAL_BASE_URL",
-    "replicate": "KLEIN_REPLICATE_BASE_URL",
-    "runflow": "KLEIN_RUNFLOW_BASE_URL",
-    "empiriolabs": "KLEIN_EMPIRIOLABS_BASE_URL",
-    "local": "KLEIN_LOCAL_URL",
-}
-KEY_ENV = {"fal": "FAL_KEY", "replicate": "REPLICATE_API_TOKEN", "runflow": "RUNFLOW_API_KEY", "empiriolabs": "EMPIRIOLABS_API_KEY"}
-# Key shapes like the real ones, so anything that checks a prefix is satisfied.
-KEY_PREFIX = {"fal": "emu-fal-", "replicate": "r8_emu", "runflow": "rf_live_emu", "empiriolabs": "sk-empiriolabs-emu"}
+
+class EmulatedProviders(Mapping[str, type[EmulatorApp]]):
+    """Kind -> emulator app class for every registered adapter with an
+    emulator hook. Read live, so a provider registered later is served too;
+    an app's module is imported only when it is looked up."""
+
+    def _hooks(self) -> dict[str, EmulatorHook]:
+        return {kind: hook for kind in kinds() if (hook := adapter_class(kind).emulator) is not None}
+
+    def __getitem__(self, kind: str) -> type[EmulatorApp]:
+        hook = self._hooks()[kind]
+        module, _, name = hook.app.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, EmulatorApp)):
+            raise TypeError(f"emulator hook of {kind!r}: {hook.app} is not an EmulatorApp")
+        return cls
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._hooks())
+
+    def __len__(self) -> int:
+        return len(self._hooks())
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._hooks()
+
+
+PROVIDERS = EmulatedProviders()
+
+
+def _adapter(provider: str) -> type[Adapter]:
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    return adapter_class(provider)
 
 
 def build_app(provider: str, key: str | None = None, knobs: EmulatorKnobs | None = None, **kw: Any) -> EmulatorApp:
     """One provider's ASGI app (for uvicorn, or httpx.ASGITransport in tests)."""
-    try:
-        cls = PROVIDERS[provider]
-    except KeyError:
-        raise ValueError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}") from None
-    return cls(key, knobs, **kw)
+    _adapter(provider)
+    return PROVIDERS[provider](key, knobs, **kw)
 
 
 def new_key(provider: str) -> str | None:
-    """A fresh random key for a hosted provider; None for local (no auth)."""
-    prefix = KEY_PREFIX.get(provider)
-    return None if prefix is None else prefix + secrets.token_hex(12)
+    """A fresh random key for a provider with a credential; None for one without (no auth)."""
+    adapter = _adapter(provider)
+    if adapter.credential_env is None or adapter.emulator is None:
+        return None
+    return adapter.emulator.key_prefix + secrets.token_hex(12)
 
 
 class _QuietServer(uvicorn.Server):
@@ -113,17 +131,16 @@ class EmulatorFleet:
 
     def __init__(
         self,
-        providers: Iterable[str] = tuple(PROVIDERS),
+        providers: Iterable[str] | None = None,
         *,
         knobs: Mapping[str, EmulatorKnobs] | None = None,
         keys: Mapping[str, str | None] | None = None,
         host: str = "127.0.0.1",
         ports: Mapping[str, int] | None = None,
     ) -> None:
-        self.providers = list(providers)
+        self.providers = list(PROVIDERS if providers is None else providers)
         for name in self.providers:
-            if name not in PROVIDERS:
-                raise ValueError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}")
+            _adapter(name)
         self._knobs = dict(knobs or {})
         self._keys = dict(keys or {})
         self.host = host
@@ -194,9 +211,10 @@ class EmulatorFleet:
         """Environment that points the gateway at the running emulators."""
         out: dict[str, str] = {}
         for name, running in self.emulators.items():
-            out[BASE_URL_ENV[name]] = running.base_url
-            if name in KEY_ENV:
-                out[KEY_ENV[name]] = running.key
+            adapter = adapter_class(name)
+            out[adapter.base_url_env] = running.base_url
+            if adapter.credential_env:
+                out[adapter.credential_env] = running.key
         return out
 
     def admin_urls(self) -> dict[str, str]:
@@ -211,7 +229,7 @@ class EmulatorFleet:
     # ---- in a thread of its own -------------------------------------------------
 
     @classmethod
-    def start_in_thread(cls, providers: Iterable[str] = tuple(PROVIDERS), *, timeout: float = 30.0, **kw: Any) -> EmulatorFleet:
+    def start_in_thread(cls, providers: Iterable[str] | None = None, *, timeout: float = 30.0, **kw: Any) -> EmulatorFleet:
         """Start a fleet in a daemon thread with its own event loop; returns
         once every emulator is serving. Stop it with `stop_thread()`."""
         fleet = cls(providers, **kw)

@@ -1,47 +1,124 @@
-"""Provider adapters: one module per provider, registered here by kind.
+"""Provider adapters, registered by kind.
 
-Adding a provider is one module that subclasses `Adapter` and one line in
-`ADAPTER_MODULES`.
+A provider is one `Adapter` subclass that carries its own metadata (kind,
+credential and base-URL variables, options dataclass, capabilities, probe,
+emulator hook), one price sheet and one providers.yaml entry. Config, logs,
+health, routing and the emulator launcher ask this registry; none names a
+provider. An adapter gets here in one of three ways:
+
+- a module in this package decorated with `@register` (every such module is
+  imported on the first lookup);
+- an installed distribution's entry point in the group `klein_gateway.providers`
+  (`acme = "acme_klein.adapter:AcmeAdapter"`), as plugins register with
+  simonw/llm: loading the class, or the module that registers it, is enough;
+- a program calling `register(cls)` itself before it loads the config.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
-from typing import Any
+import logging
+import pkgutil
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
 
 from gateway.capabilities import Capabilities
 from gateway.job import JobKind
 from gateway.providers.base import Adapter
 
-ADAPTER_MODULES = {
-    "fal": "gateway.providers.fal",
-    "replicate": "gateway.providers.replicate",
-    "runflow": "gateway.providers.runflow",
-    "empiriolabs": "gateway.providers.empiriolabs",
-    "local": "gateway.providers.local",
-}
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "adapter_class",
+    "capabilities_for",
+    "credential_env_names",
+    "kinds",
+    "register",
+    "unregister",
+]
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "klein_gateway.providers"
+_SUPPORT_MODULES = frozenset({"base", "options"})  # modules here that define no provider
+
+A = TypeVar("A", bound=type[Adapter])
+
+_registry: dict[str, type[Adapter]] = {}
+_discovered = False
+
+
+def register(cls: A) -> A:
+    """Add an adapter class under its `kind` (usable as a class decorator).
+
+    Registering the same class again is a no-op; another class under a kind
+    already taken is refused, so two plugins cannot silently shadow each other."""
+    kind = getattr(cls, "kind", None)
+    if not isinstance(kind, str) or not kind or not kind.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"{cls.__qualname__}: `kind` must be letters, digits, '-' or '_', not {kind!r}")
+    for attr in ("base_url_env", "default_capabilities"):
+        if not hasattr(cls, attr):
+            raise ValueError(f"{cls.__qualname__}: an adapter must set `{attr}`")
+    if not isinstance(cls.default_capabilities, Capabilities):
+        raise TypeError(f"{cls.__qualname__}: `default_capabilities` must be a Capabilities")
+    current = _registry.get(kind)
+    if current is not None and current is not cls:
+        raise ValueError(f"provider kind {kind!r} is already registered by {current.__module__}.{current.__qualname__}")
+    _registry[kind] = cls
+    return cls
+
+
+def unregister(kind: str) -> None:
+    """Remove a kind (a test's throwaway adapter, say); unknown kinds are ignored."""
+    _registry.pop(kind, None)
+
+
+def _discover() -> None:
+    """Import this package's adapter modules, then the entry points, once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_") and module.name not in _SUPPORT_MODULES:
+            importlib.import_module(f"{__name__}.{module.name}")
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+        except Exception:  # a broken plugin must not take the built-in providers down with it
+            log.exception("could not load provider plugin %s (%s)", entry.name, entry.value)
+            continue
+        if isinstance(loaded, type) and issubclass(loaded, Adapter):
+            register(loaded)
+
+
+def kinds() -> tuple[str, ...]:
+    """Every registered kind, sorted."""
+    _discover()
+    return tuple(sorted(_registry))
 
 
 def adapter_class(kind: str) -> type[Adapter]:
-    """The Adapter subclass whose `kind` matches, from its registered module."""
-    module = importlib.import_module(ADAPTER_MODULES[kind])
-    for value in vars(module).values():
-        if isinstance(value, type) and issubclass(value, Adapter) and value is not Adapter and getattr(value, "kind", None) == kind:
-            return value
-    raise LookupError(f"module {ADAPTER_MODULES[kind]} defines no adapter of kind {kind!r}")
+    """The adapter class registered under `kind`; LookupError names the known kinds."""
+    _discover()
+    try:
+        return _registry[kind]
+    except KeyError:
+        raise LookupError(f"unknown provider kind {kind!r}; known: {', '.join(kinds())}") from None
 
 
-def capabilities_for(kind: str, options: dict[str, Any], overrides: dict[str, Any], job_kind: JobKind = JobKind.GENERATE) -> Capabilities:
+def credential_env_names() -> tuple[str, ...]:
+    """The default credential variable of every registered provider."""
+    _discover()
+    return tuple(sorted({cls.credential_env for cls in _registry.values() if cls.credential_env}))
+
+
+def capabilities_for(kind: str, options: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None, job_kind: JobKind = JobKind.GENERATE) -> Capabilities:
     """A backend's capabilities for one kind of job: the adapter's (option-aware)
-    defaults, then providers.yaml overrides. Some providers serve edits from a
-    narrower endpoint (Runflow), so the adapter may answer per job kind."""
+    defaults, then providers.yaml overrides, then what the wire fixes (a
+    provider that takes reference bytes never takes the caller's URLs)."""
     cls = adapter_class(kind)
-    derive = getattr(cls, "capabilities_for", None)
-    if derive is None:
-        base = cls.default_capabilities
-    elif "kind" in inspect.signature(derive).parameters:
-        base = derive(options, kind=job_kind)
-    else:
-        base = derive(options)
-    return base.merged(overrides)
+    caps = cls.capabilities_for(options, job_kind).merged(dict(overrides or {}))
+    if cls.takes_reference_bytes and caps.accepts_url_refs:
+        caps = caps.merged({"accepts_url_refs": False})
+    return caps

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -124,14 +124,3 @@ def as_outcome_unknown(error: ProviderError, job_id: str) -> ProviderError:
     """A poll error re-cast: the job exists and may still run (and bill), whatever the poll said."""
     return replace(error, failure=FailureClass.UNKNOWN_OUTCOME, job_id=job_id, billed=True)
 
-
-T = TypeVar("T")
-
-
-def parse_options(cls: type[T], options: Mapping[str, Any] | None, provider: str) -> T:
-    """An adapter's options dataclass from providers.yaml; unknown names are refused by name."""
-    opts = dict(options or {})
-    unknown = sorted(set(opts) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
-    if unknown:
-        raise ValueError(f"{provider}: unknown option(s): {', '.join(unknown)}")
-    return cls(**opts)

@@ -23,8 +23,8 @@ from typing import Any, ClassVar
 import httpx
 
 from gateway.capabilities import Capabilities
-from gateway.job import ImageJob
-
+from gateway.job import ImageJob, JobKind
+from gateway.providers.options import AdapterOptions
 
 GATEWAY_OVERLOADED = "gateway_overloaded"  # ProviderError.code when the gateway, not the backend, was slow
 
@@ -117,16 +117,57 @@ class AdapterSettings:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class EmulatorHook:
+    """How the emulator launcher serves a provider on loopback: its ASGI app
+    class (`module:Class`, imported only when an emulator starts) and the
+    prefix of the random keys it hands out (shaped like the real ones, so a
+    prefix check is satisfied; ignored for a provider without a credential)."""
+
+    app: str
+    key_prefix: str = "emu-"
+
+
 class Adapter(ABC):
     """Base of every provider adapter. Subclasses set `kind` and implement
-    `generate` and `probe`; `cancel` is optional (not every provider has one)."""
+    `generate` and `probe`; `cancel` is optional (not every provider has one).
+
+    The class attributes are everything the rest of the gateway knows about a
+    provider (config, logs, the emulator launcher, routing and health read
+    them through `gateway.providers`), so no other module names it."""
 
     kind: ClassVar[str]
+    # The variable holding the key; None: no credential (a service addressed
+    # by URL alone, such as the local GPU). providers.yaml may rename it.
+    credential_env: ClassVar[str | None] = None
+    # The variable that overrides the base URL, and the URL without it; None:
+    # no default, so the backend is disabled until the variable is set.
+    base_url_env: ClassVar[str]
+    default_base_url: ClassVar[str | None] = None
+    options_type: ClassVar[type[AdapterOptions]] = AdapterOptions
     default_capabilities: ClassVar[Capabilities]
+    # Its probe reports a queue wait that routing spills on, so a 429 only
+    # means "full for this request": it neither parks nor counts against health.
+    reports_queue_wait: ClassVar[bool] = False
+    # Its probe reports a live per-image price that replaces the price sheet's figure.
+    reports_live_price: ClassVar[bool] = False
+    # References go on the wire as bytes: the gateway fetches a caller's URL
+    # first, whatever providers.yaml `capabilities:` says.
+    takes_reference_bytes: ClassVar[bool] = False
+    emulator: ClassVar[EmulatorHook | None] = None
 
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
         self.settings = settings
         self.client = client
+        self.opts = self.options_type.parse(settings.options, self.kind)
+
+    @classmethod
+    def capabilities_for(cls, options: Mapping[str, Any] | None = None, kind: JobKind | None = None) -> Capabilities:
+        """What the backend can do for one kind of job (None: text-to-image)
+        under these options. The default ignores both; an adapter whose
+        options or endpoints change its limits overrides it."""
+        cls.options_type.parse(options, cls.kind)
+        return cls.default_capabilities
 
     @property
     def name(self) -> str:
@@ -136,9 +177,6 @@ class Adapter(ABC):
     def base(self) -> str:
         """The configured base URL, without a trailing slash."""
         return self.settings.base_url.rstrip("/")
-
-    def option(self, key: str, default: Any = None) -> Any:
-        return self.settings.options.get(key, default)
 
     @abstractmethod
     async def generate(self, job: ImageJob, deadline: float) -> ProviderResult:

@@ -56,17 +56,18 @@ import binascii
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import httpx
 
 from gateway.capabilities import Capabilities
 from gateway.job import MEDIA_TYPES, ImageJob, JobKind
+from gateway.providers import register
 from gateway.providers._images import content_type_from_url, is_data_uri, parse_data_uri, reference_uri
-from gateway.providers._wire import maybe_json, parse_options, redact
+from gateway.providers._wire import maybe_json, redact
 from gateway.providers.base import (
     Adapter,
-    AdapterSettings,
+    EmulatorHook,
     FailureClass,
     GeneratedImage,
     ProbeResult,
@@ -74,6 +75,7 @@ from gateway.providers.base import (
     ProviderResult,
     http_error,
 )
+from gateway.providers.options import AdapterOptions
 from gateway.references import sniff
 
 DEFAULT_MODEL = "flux-2-klein-4b"
@@ -104,35 +106,20 @@ CODE_FAILURES: dict[str, FailureClass] = {
 }
 CREDENTIAL_CODES = frozenset({"missing_api_key", "invalid_api_key"})
 
-_SIZE_FIELDS = ("size", "width_height")
-_RESPONSE_FORMATS = ("auto", "url", "b64_json")
-_JPEG_NAMES = ("jpeg", "jpg")
-
-
 @dataclass(frozen=True, slots=True)
-class EmpirioLabsOptions:
+class EmpirioLabsOptions(AdapterOptions):
     """The adapter's options, validated; see the module docstring for each."""
 
     model: str = DEFAULT_MODEL
-    size_field: str = "size"
-    response_format: str = "auto"
-    jpeg_format: str = "jpeg"
+    size_field: Literal["size", "width_height"] = "size"
+    response_format: Literal["auto", "url", "b64_json"] = "auto"
+    jpeg_format: Literal["jpeg", "jpg"] = "jpeg"
     data_uri_refs: bool = False
     assume_requested_size: bool = False
 
-    @classmethod
-    def parse(cls, options: Mapping[str, Any] | None) -> EmpirioLabsOptions:
-        """Options from providers.yaml; a ValueError names the bad option."""
-        parsed = parse_options(cls, options, "empiriolabs")
-        if not isinstance(parsed.model, str) or not parsed.model.strip() or "/" in parsed.model:
-            raise ValueError("empiriolabs: option model must be a model id such as flux-2-klein-4b")
-        for name, allowed in (("size_field", _SIZE_FIELDS), ("response_format", _RESPONSE_FORMATS), ("jpeg_format", _JPEG_NAMES)):
-            if getattr(parsed, name) not in allowed:
-                raise ValueError(f"empiriolabs: option {name} must be one of {', '.join(allowed)}, not {getattr(parsed, name)!r}")
-        for name in ("data_uri_refs", "assume_requested_size"):
-            if not isinstance(getattr(parsed, name), bool):
-                raise ValueError(f"empiriolabs: option {name} must be true or false")
-        return parsed
+    def validate(self, prefix: str) -> None:
+        if not self.model.strip() or "/" in self.model:
+            raise ValueError(f"{prefix}option model must be a model id such as flux-2-klein-4b")
 
 
 # ---- request body (pure) ---------------------------------------------------------
@@ -233,18 +220,21 @@ def extract_images(body: Any, requested_type: str, size: tuple[int | None, int |
 # ---- the adapter ---------------------------------------------------------------------
 
 
+@register
 class EmpirioLabsAdapter(Adapter):
-    kind = "empiriolabs"
-    default_capabilities = DEFAULT_CAPABILITIES
-
-    def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
-        super().__init__(settings, client)
-        self.opts = EmpirioLabsOptions.parse(settings.options)
+    kind: ClassVar[str] = "empiriolabs"
+    credential_env: ClassVar[str | None] = "EMPIRIOLABS_API_KEY"
+    base_url_env: ClassVar[str] = "KLEIN_EMPIRIOLABS_BASE_URL"
+    default_base_url: ClassVar[str | None] = "https://api.empiriolabs.ai"
+    options_type = EmpirioLabsOptions
+    default_capabilities: ClassVar[Capabilities] = DEFAULT_CAPABILITIES
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.empiriolabs:EmpirioLabsEmulator", key_prefix="sk-empiriolabs-emu")
+    opts: EmpirioLabsOptions
 
     @classmethod
-    def capabilities_for(cls, options: Mapping[str, Any] | None, kind: JobKind | None = None) -> Capabilities:
+    def capabilities_for(cls, options: Mapping[str, Any] | None = None, kind: JobKind | None = None) -> Capabilities:
         """Option-aware capabilities; the same endpoint serves both kinds."""
-        opts = EmpirioLabsOptions.parse(options)
+        opts = EmpirioLabsOptions.parse(options, cls.kind)
         return replace(DEFAULT_CAPABILITIES, accepts_data_uri_refs=opts.data_uri_refs)
 
     async def generate(self, job: ImageJob, deadline: float) -> ProviderResult:

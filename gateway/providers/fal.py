@@ -55,18 +55,20 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 import httpx
 
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
+from gateway.providers import register
 from gateway.providers._images import output_image, reference_uri
 from gateway.providers._wire import as_outcome_unknown, clip, get_patiently, maybe_json, redact, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
+    EmulatorHook,
     FailureClass,
     GeneratedImage,
     ProbeResult,
@@ -77,6 +79,7 @@ from gateway.providers.base import (
     note_job_id,
     sleep_until_next_poll,
 )
+from gateway.providers.options import AdapterOptions
 
 DEFAULT_MODEL = "fal-ai/flux-2/klein/4b"
 DEFAULT_EDIT_MODEL = "fal-ai/flux-2/klein/4b/edit"
@@ -173,6 +176,32 @@ def error_detail(body: Any, response: httpx.Response) -> tuple[str, str | None, 
     return message, code, types
 
 
+@dataclass(frozen=True, slots=True)
+class FalOptions(AdapterOptions):
+    """The adapter's options, validated; see the module docstring for each."""
+
+    model: str = DEFAULT_MODEL
+    edit_model: str = DEFAULT_EDIT_MODEL
+    sync_mode: Literal["auto"] | bool = "auto"
+    start_timeout_s: Literal["deadline", False] | float | None = "deadline"
+    probe_path: str | None = None
+    probe_timeout_s: float = 10.0
+    max_poll_errors: int = 5
+
+    def validate(self, prefix: str) -> None:
+        for name in ("model", "edit_model"):
+            try:
+                queue_app(getattr(self, name))  # fail at start-up, not on the first request
+            except ValueError as exc:
+                raise ValueError(f"{prefix}option {name}: {exc}") from None
+        if not isinstance(self.start_timeout_s, str) and self.start_timeout_s is not None and self.start_timeout_s is not False and self.start_timeout_s <= 0:
+            raise ValueError(f"{prefix}option start_timeout_s must be positive, deadline, false or null")
+        if self.probe_timeout_s <= 0:
+            raise ValueError(f"{prefix}option probe_timeout_s must be positive")
+        if self.max_poll_errors < 0:
+            raise ValueError(f"{prefix}option max_poll_errors must be 0 or more")
+
+
 def _result_transient(response: httpx.Response) -> bool:
     """What fal's own client retries (providers.md section 1.3): 408/409/429 and ingress errors."""
     status = response.status_code
@@ -181,8 +210,15 @@ def _result_transient(response: httpx.Response) -> bool:
     return status in (502, 503, 504) and "x-fal-request-id" not in response.headers and "nginx" in response.text.lower()
 
 
+@register
 class FalAdapter(Adapter):
     kind: ClassVar[str] = "fal"
+    credential_env: ClassVar[str | None] = "FAL_KEY"
+    base_url_env: ClassVar[str] = "KLEIN_FAL_BASE_URL"
+    default_base_url: ClassVar[str | None] = "https://queue.fal.run"
+    options_type = FalOptions
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.fal:FalEmulator", key_prefix="emu-fal-")
+    opts: FalOptions
     default_capabilities: ClassVar[Capabilities] = Capabilities(
         min_side=64,
         max_side=2048,
@@ -195,17 +231,13 @@ class FalAdapter(Adapter):
         output_formats=frozenset({"png", "jpeg", "webp"}),
     )
 
-    @classmethod
-    def capabilities_for(cls, options: Mapping[str, Any]) -> Capabilities:
-        """No fal option changes what it can do; providers.yaml `capabilities:` narrows it."""
-        return cls.default_capabilities
+    # No fal option changes what it can do; providers.yaml `capabilities:` narrows it.
 
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
         super().__init__(settings, client)
-        self.model = str(self.option("model", DEFAULT_MODEL)).strip("/")
-        self.edit_model = str(self.option("edit_model", DEFAULT_EDIT_MODEL)).strip("/")
-        queue_app(self.model), queue_app(self.edit_model)  # fail at start-up, not on the first request
-        self._max_poll_errors = int(self.option("max_poll_errors", 5))
+        self.model = self.opts.model.strip("/")
+        self.edit_model = self.opts.edit_model.strip("/")
+        self._max_poll_errors = self.opts.max_poll_errors
         self._cancel_urls: OrderedDict[str, str] = OrderedDict()
 
     # ---- generate ------------------------------------------------------------
@@ -249,13 +281,13 @@ class FalAdapter(Adapter):
         return body
 
     def _sync_mode(self, job: ImageJob) -> bool:
-        choice = self.option("sync_mode", "auto")
-        if isinstance(choice, str) and choice.lower() == "auto":
+        choice = self.opts.sync_mode
+        if choice == "auto":
             return job.response_format == "b64_json"
         return bool(choice)
 
     def _start_timeout_header(self, deadline: float) -> dict[str, str]:
-        choice = self.option("start_timeout_s", "deadline")
+        choice = self.opts.start_timeout_s
         if choice is None or choice is False:
             return {}
         remaining = deadline - time.monotonic()
@@ -413,14 +445,14 @@ class FalAdapter(Adapter):
         reachable and the key accepted; 401/403 proves the key bad. This rests on
         fal checking the key before looking the request up (the queue
         authenticates every call). `probe_path` points it elsewhere."""
-        path = self.option("probe_path") or f"{queue_app(self.model)}/requests/{PROBE_REQUEST_ID}/status"
+        path = self.opts.probe_path or f"{queue_app(self.model)}/requests/{PROBE_REQUEST_ID}/status"
         url = f"{self.base}/{str(path).lstrip('/')}"
         if not self.settings.credential:
             return ProbeResult(False, "no API key configured")
         started = time.monotonic()
         try:
             headers = self._auth()
-            response = await self.request("GET", url, deadline=started + float(self.option("probe_timeout_s", 10)), headers=headers)
+            response = await self.request("GET", url, deadline=started + self.opts.probe_timeout_s, headers=headers)
         except ProviderError as exc:
             return ProbeResult(False, f"unreachable: {exc.message}", time.monotonic() - started)
         latency = time.monotonic() - started

@@ -44,15 +44,17 @@ from __future__ import annotations
 import base64
 import time
 from decimal import Decimal
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from pydantic import ValidationError
 
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob
+from gateway.providers import register
 from gateway.providers.base import (
     Adapter,
+    EmulatorHook,
     FailureClass,
     GeneratedImage,
     ProbeResult,
@@ -162,9 +164,16 @@ def live_figures(info: BackendInfo) -> dict[str, Any]:
     }
 
 
+@register
 class LocalAdapter(Adapter):
-    kind = "local"
-    default_capabilities = DEFAULT_CAPABILITIES
+    kind: ClassVar[str] = "local"
+    # No credential and no default address: the service is reached at KLEIN_LOCAL_URL.
+    base_url_env: ClassVar[str] = "KLEIN_LOCAL_URL"
+    default_capabilities: ClassVar[Capabilities] = DEFAULT_CAPABILITIES
+    reports_queue_wait: ClassVar[bool] = True  # /v1/info: estimated_wait_s
+    reports_live_price: ClassVar[bool] = True  # /v1/info: marginal and amortized USD per image
+    takes_reference_bytes: ClassVar[bool] = True
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.local:LocalEmulator")
 
     async def generate(self, job: ImageJob, deadline: float) -> ProviderResult:
         remaining = deadline - time.monotonic()

@@ -57,18 +57,20 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 import httpx
 
 from gateway.capabilities import Capabilities
-from gateway.job import ImageJob
+from gateway.job import ImageJob, JobKind
+from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
 from gateway.providers._wire import as_outcome_unknown, clip, get_patiently, maybe_json, redact, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
+    EmulatorHook,
     FailureClass,
     GeneratedImage,
     ProbeResult,
@@ -79,6 +81,7 @@ from gateway.providers.base import (
     note_job_id,
     sleep_until_next_poll,
 )
+from gateway.providers.options import AdapterOptions
 
 DEFAULT_MODEL = "black-forest-labs/flux-2-klein-4b"
 MAX_PREFER_WAIT_S = 60
@@ -127,7 +130,11 @@ def size_table(options: Mapping[str, Any]) -> dict[tuple[int, int], SizeSpec]:
     """The (width, height) -> SizeSpec table from options `sizes`, or the default.
 
     Raises ValueError naming the bad entry, for `check-config`."""
-    raw = options.get("sizes")
+    return sizes_from(options.get("sizes"))
+
+
+def sizes_from(raw: Any) -> dict[tuple[int, int], SizeSpec]:
+    """The size table from the `sizes` option's value (None: the default)."""
     if raw is None:
         return dict(DEFAULT_SIZES)
     if not isinstance(raw, Mapping) or not raw:
@@ -171,8 +178,39 @@ def problem_message(body: Any, response: httpx.Response) -> str:
     return response.text or response.reason_phrase or "error"
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicateOptions(AdapterOptions):
+    """The adapter's options, validated; see the module docstring for each."""
+
+    model: str = DEFAULT_MODEL
+    sizes: Mapping[str, Any] | None = None
+    prefer_wait_s: float | Literal[False] | None = MAX_PREFER_WAIT_S
+    cancel_after: Literal["deadline", False] | str | None = "deadline"
+    go_fast: bool | None = None
+    probe_timeout_s: float = 10.0
+    max_poll_errors: int = 5
+
+    def validate(self, prefix: str) -> None:
+        if len([p for p in self.model.strip("/").split("/") if p]) != 2:
+            raise ValueError(f"{prefix}option model must be owner/name, not {self.model!r}")
+        sizes_from(self.sizes)  # names the bad entry
+        if not isinstance(self.prefer_wait_s, bool) and self.prefer_wait_s is not None and self.prefer_wait_s < 0:
+            raise ValueError(f"{prefix}option prefer_wait_s must be 0 to {MAX_PREFER_WAIT_S}, false or null")
+        if self.probe_timeout_s <= 0:
+            raise ValueError(f"{prefix}option probe_timeout_s must be positive")
+        if self.max_poll_errors < 0:
+            raise ValueError(f"{prefix}option max_poll_errors must be 0 or more")
+
+
+@register
 class ReplicateAdapter(Adapter):
     kind: ClassVar[str] = "replicate"
+    credential_env: ClassVar[str | None] = "REPLICATE_API_TOKEN"
+    base_url_env: ClassVar[str] = "KLEIN_REPLICATE_BASE_URL"
+    default_base_url: ClassVar[str | None] = "https://api.replicate.com"
+    options_type = ReplicateOptions
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.replicate:ReplicateEmulator", key_prefix="r8_emu")
+    opts: ReplicateOptions
     default_capabilities: ClassVar[Capabilities] = Capabilities(
         exact_sizes=frozenset(DEFAULT_SIZES),
         max_n=4,
@@ -183,15 +221,16 @@ class ReplicateAdapter(Adapter):
     )
 
     @classmethod
-    def capabilities_for(cls, options: Mapping[str, Any]) -> Capabilities:
+    def capabilities_for(cls, options: Mapping[str, Any] | None = None, kind: JobKind | None = None) -> Capabilities:
         """Capabilities consistent with options `sizes`: exactly the sizes the table can produce."""
-        return replace(cls.default_capabilities, exact_sizes=frozenset(size_table(options)))
+        opts = ReplicateOptions.parse(options, cls.kind)
+        return replace(cls.default_capabilities, exact_sizes=frozenset(sizes_from(opts.sizes)))
 
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
         super().__init__(settings, client)
-        self.model = str(self.option("model", DEFAULT_MODEL)).strip("/")
-        self.sizes = size_table(settings.options)
-        self._max_poll_errors = int(self.option("max_poll_errors", 5))
+        self.model = self.opts.model.strip("/")
+        self.sizes = sizes_from(self.opts.sizes)
+        self._max_poll_errors = self.opts.max_poll_errors
 
     # ---- generate ------------------------------------------------------------
 
@@ -219,7 +258,7 @@ class ReplicateAdapter(Adapter):
             body["images"] = [reference_uri(ref) for ref in job.references]
         if job.output_compression is not None and job.output_format != "png":
             body["output_quality"] = job.output_compression
-        go_fast = self.option("go_fast")
+        go_fast = self.opts.go_fast
         if go_fast is not None:
             body["go_fast"] = bool(go_fast)
         return body
@@ -290,13 +329,13 @@ class ReplicateAdapter(Adapter):
         return self._settle(prediction, pid)
 
     def _prefer_wait(self, remaining: float) -> int:
-        choice = self.option("prefer_wait_s", MAX_PREFER_WAIT_S)
+        choice = self.opts.prefer_wait_s
         if choice is None or choice is False or choice == 0:
             return 0
         return max(1, min(int(choice), MAX_PREFER_WAIT_S, int(remaining)))
 
     def _cancel_after(self, remaining: float) -> str | None:
-        choice = self.option("cancel_after", "deadline")
+        choice = self.opts.cancel_after
         if choice is None or choice is False:
             return None
         if choice == "deadline":
@@ -416,7 +455,7 @@ class ReplicateAdapter(Adapter):
         started = time.monotonic()
         try:
             response = await self.request(
-                "GET", f"{self.base}/v1/models/{self.model}", deadline=started + float(self.option("probe_timeout_s", 10)), headers=self._auth()
+                "GET", f"{self.base}/v1/models/{self.model}", deadline=started + self.opts.probe_timeout_s, headers=self._auth()
             )
         except ProviderError as exc:
             return ProbeResult(False, f"unreachable: {exc.message}", time.monotonic() - started)

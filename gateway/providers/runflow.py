@@ -83,18 +83,20 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, ClassVar, Literal
 from urllib.parse import quote
 
 import httpx
 
 from gateway.capabilities import Capabilities, eligible
 from gateway.job import ImageJob, JobKind
+from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
-from gateway.providers._wire import as_outcome_unknown, maybe_json, parse_options, redact
+from gateway.providers._wire import as_outcome_unknown, maybe_json, redact
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
+    EmulatorHook,
     FailureClass,
     GeneratedImage,
     ProbeResult,
@@ -106,6 +108,7 @@ from gateway.providers.base import (
     parse_retry_after,
     sleep_until_next_poll,
 )
+from gateway.providers.options import AdapterOptions
 
 DEFAULT_MODEL = "black-forest-labs/flux-2-klein-4b"
 PROBE_TIMEOUT_S = 10.0
@@ -130,21 +133,16 @@ CANCELED = frozenset({"canceled", "cancelled"})
 TERMINAL = SUCCEEDED | CANCELED | {FAILED}
 VALIDATION_FAILURE_CODES = frozenset({"INPUT_VALIDATION_FAILED"})
 
-_IMAGE_SIZE_MODES = ("object", "preset", "preset_only")
-_STEPS_FIELDS = ("steps", "num_inference_steps", "both")
-_EDIT_SIZE_FIELDS = (None, "image_size")
-
-
 @dataclass(frozen=True, slots=True)
-class RunflowOptions:
+class RunflowOptions(AdapterOptions):
     """The adapter's options, validated; see the module docstring for each."""
 
     model: str = DEFAULT_MODEL
     edit_model: str | None = None
-    image_size: str = "object"
+    image_size: Literal["object", "preset", "preset_only"] = "object"
     send_guidance_scale: bool = False
-    edit_steps_field: str = "steps"
-    edit_size_field: str | None = None
+    edit_steps_field: Literal["steps", "num_inference_steps", "both"] = "steps"
+    edit_size_field: Literal["image_size"] | None = None
     edit_max_pixels: int = 1024 * 1024
     edit_max_steps: int = 25
     edit_num_images: bool = False
@@ -152,35 +150,18 @@ class RunflowOptions:
     admin_cancel: bool = False
     poll_not_found_limit: int = 3
 
-    @classmethod
-    def parse(cls, options: Mapping[str, Any] | None) -> RunflowOptions:
-        """Options from providers.yaml; a ValueError names the bad option."""
-        parsed = parse_options(cls, options, "runflow")
+    def validate(self, prefix: str) -> None:
         for name in ("model", "edit_model"):
-            value = getattr(parsed, name)
+            value = getattr(self, name)
             if value is not None:
                 _model_path(value, name)
-        _check_choice("image_size", parsed.image_size, _IMAGE_SIZE_MODES)
-        _check_choice("edit_steps_field", parsed.edit_steps_field, _STEPS_FIELDS)
-        _check_choice("edit_size_field", parsed.edit_size_field, _EDIT_SIZE_FIELDS)
-        for name in ("send_guidance_scale", "edit_num_images", "data_uri_refs", "admin_cancel"):
-            if not isinstance(getattr(parsed, name), bool):
-                raise ValueError(f"runflow: option {name} must be true or false")
         for name in ("edit_max_pixels", "edit_max_steps", "poll_not_found_limit"):
-            value = getattr(parsed, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"runflow: option {name} must be a positive integer")
-        return parsed
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}option {name} must be a positive integer")
 
     @property
     def edit_path(self) -> str:
         return self.edit_model or f"{self.model}/edit"
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        shown = ", ".join("null" if a is None else str(a) for a in allowed)
-        raise ValueError(f"runflow: option {name} must be one of {shown}, not {value!r}")
 
 
 def _model_path(model: str, option: str = "model") -> str:
@@ -393,22 +374,28 @@ def extract_images(output: Any, default_type: str | None) -> list[GeneratedImage
 # ---- the adapter ---------------------------------------------------------------
 
 
+@register
 class RunflowAdapter(Adapter):
-    kind = "runflow"
-    default_capabilities = TEXT_TO_IMAGE_CAPABILITIES
+    kind: ClassVar[str] = "runflow"
+    credential_env: ClassVar[str | None] = "RUNFLOW_API_KEY"
+    base_url_env: ClassVar[str] = "KLEIN_RUNFLOW_BASE_URL"
+    default_base_url: ClassVar[str | None] = "https://api.runflow.io"
+    options_type = RunflowOptions
+    default_capabilities: ClassVar[Capabilities] = TEXT_TO_IMAGE_CAPABILITIES
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.runflow:RunflowEmulator", key_prefix="rf_live_emu")
+    opts: RunflowOptions
 
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
         super().__init__(settings, client)
-        self.opts = RunflowOptions.parse(settings.options)
         self.create_urls = {
             JobKind.GENERATE: f"{self.base}/v1/models/{_model_path(self.opts.model)}/runs",
             JobKind.EDIT: f"{self.base}/v1/models/{_model_path(self.opts.edit_path)}/runs",
         }
 
     @classmethod
-    def capabilities_for(cls, options: Mapping[str, Any] | None, kind: JobKind | None = None) -> Capabilities:
+    def capabilities_for(cls, options: Mapping[str, Any] | None = None, kind: JobKind | None = None) -> Capabilities:
         """Option-aware capabilities; pass `kind=JobKind.EDIT` for the edit endpoint's."""
-        return capabilities_for_options(RunflowOptions.parse(options), kind)
+        return capabilities_for_options(RunflowOptions.parse(options, cls.kind), kind)
 
     # -- generate --
 

@@ -34,5 +34,5 @@ async def test_connect_timeout_is_blamed_on_the_gateway_only_when_it_fired_late(
 
 def test_overload_has_no_effect_on_the_backends_health():
     err = ProviderError(FailureClass.UNREACHABLE, "the gateway was too busy", code=GATEWAY_OVERLOADED)
-    assert health_effect(err, "fal") == NO_EFFECT
-    assert health_effect(ProviderError(FailureClass.UNREACHABLE, "refused"), "fal").counts_as_failure
+    assert health_effect(err) == NO_EFFECT
+    assert health_effect(ProviderError(FailureClass.UNREACHABLE, "refused")).counts_as_failure
