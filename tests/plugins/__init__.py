@@ -1,0 +1,1 @@
+"""Provider adapters that live outside `gateway/`, registered by the tests that use them."""
