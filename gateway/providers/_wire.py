@@ -9,20 +9,23 @@
 - Patience while polling: a status GET is idempotent and the job exists, so a
   transient failure (429, 5xx, a dropped connection) is retried a few times
   before the outcome is declared unknown.
+- The polling loop itself (`follow_job`): one backoff schedule, bounded by the
+  deadline, shared by every adapter that follows a job (fal, Replicate,
+  Runflow); each supplies only what one poll means.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
-from gateway.providers.base import Adapter, FailureClass, ProviderError, sleep_until_next_poll
+from gateway.providers.base import Adapter, FailureClass, ProviderError, Timeouts, sleep_until_next_poll
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,27 @@ async def get_patiently(
                 )
         await sleep_until_next_poll(failures, adapter.settings.timeouts, deadline, job_id)
         failures += 1
+
+
+T = TypeVar("T")
+
+
+async def follow_job(poll: Callable[[], Awaitable[T | None]], *, timeouts: Timeouts, deadline: float, job_id: str, wait_first: bool) -> T:
+    """Call `poll` until it returns the job's end (not None), backing off in
+    between (`Timeouts.poll_interval` growing to `max_poll_interval`), never
+    past the deadline: then UNKNOWN_OUTCOME with `job_id`. `poll` raises for
+    an end that is a failure. `wait_first`: the job was just created, so wait
+    one interval before the first poll."""
+    attempt = 0
+    if wait_first:
+        await sleep_until_next_poll(attempt, timeouts, deadline, job_id)
+        attempt += 1
+    while True:
+        end = await poll()
+        if end is not None:
+            return end
+        await sleep_until_next_poll(attempt, timeouts, deadline, job_id)
+        attempt += 1
 
 
 def maybe_json(response: httpx.Response) -> Any:

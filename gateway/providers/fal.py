@@ -64,7 +64,7 @@ from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import output_image, reference_uri
-from gateway.providers._wire import as_outcome_unknown, clip, get_patiently, maybe_json, redact, trusted_url
+from gateway.providers._wire import as_outcome_unknown, clip, follow_job, get_patiently, maybe_json, redact, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -77,7 +77,6 @@ from gateway.providers.base import (
     http_error,
     json_body,
     note_job_id,
-    sleep_until_next_poll,
 )
 from gateway.providers.options import AdapterOptions
 
@@ -320,21 +319,21 @@ class FalAdapter(Adapter):
             self._cancel_urls.popitem(last=False)
 
     async def _wait_until_completed(self, url: str, request_id: str, headers: Mapping[str, str], deadline: float) -> Mapping[str, Any]:
-        attempt = 0
-        while True:
+        async def poll() -> Mapping[str, Any] | None:
             response = await get_patiently(self, url, deadline=deadline, job_id=request_id, headers=headers, max_errors=self._max_poll_errors)
             if response.status_code >= 400:
                 raise as_outcome_unknown(self._error(response, job_id=request_id), request_id)
             body = json_body(response, job_id=request_id)
             status = body.get("status") if isinstance(body, dict) else None
-            if status == "COMPLETED":
+            if status == "COMPLETED" and isinstance(body, dict):
                 return body
             if status not in _QUEUE_STATUSES_PENDING:
                 raise ProviderError(
                     FailureClass.FAILED, f"unknown queue status {clip(str(status), 40)!r}", status=response.status_code, job_id=request_id, billed=True
                 )
-            await sleep_until_next_poll(attempt, self.settings.timeouts, deadline, request_id)
-            attempt += 1
+            return None
+
+        return await follow_job(poll, timeouts=self.settings.timeouts, deadline=deadline, job_id=request_id, wait_first=False)
 
     async def _fetch_result(self, url: str, request_id: str, headers: Mapping[str, str], deadline: float) -> Any:
         response = await get_patiently(

@@ -66,7 +66,7 @@ from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
-from gateway.providers._wire import as_outcome_unknown, clip, get_patiently, maybe_json, redact, trusted_url
+from gateway.providers._wire import as_outcome_unknown, clip, follow_job, get_patiently, maybe_json, redact, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -79,7 +79,6 @@ from gateway.providers.base import (
     http_error,
     json_body,
     note_job_id,
-    sleep_until_next_poll,
 )
 from gateway.providers.options import AdapterOptions
 
@@ -347,22 +346,28 @@ class ReplicateAdapter(Adapter):
         own = f"{self.base}/v1/predictions/{quote(pid, safe='')}"
         urls = prediction.get("urls")
         url = trusted_url(urls.get("get") if isinstance(urls, dict) else None, self.base, own, what="urls.get")
-        attempt = 0
-        while True:
+
+        def settled(prediction: Mapping[str, Any]) -> Mapping[str, Any] | None:
             status = prediction.get("status")
             if status in TERMINAL:
                 return prediction
             if status not in PENDING:
                 raise ProviderError(FailureClass.FAILED, f"unknown prediction status {clip(str(status), 40)!r}", job_id=pid, billed=True)
-            await sleep_until_next_poll(attempt, self.settings.timeouts, deadline, pid)
-            attempt += 1
+            return None
+
+        async def poll() -> Mapping[str, Any] | None:
             response = await get_patiently(self, url, deadline=deadline, job_id=pid, headers=headers, max_errors=self._max_poll_errors)
             if response.status_code >= 400:
                 raise as_outcome_unknown(self._error(response, job_id=pid), pid)
             body = json_body(response, job_id=pid)
             if not isinstance(body, dict):
                 raise ProviderError(FailureClass.UNKNOWN_OUTCOME, f"HTTP {response.status_code}: poll body is not a prediction", job_id=pid, billed=True)
-            prediction = body
+            return settled(body)
+
+        done = settled(prediction)
+        if done is not None:
+            return done
+        return await follow_job(poll, timeouts=self.settings.timeouts, deadline=deadline, job_id=pid, wait_first=True)
 
     def _settle(self, prediction: Mapping[str, Any], pid: str) -> Mapping[str, Any]:
         """A terminal prediction: returned if it succeeded, raised as a ProviderError otherwise."""

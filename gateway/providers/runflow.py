@@ -92,7 +92,7 @@ from gateway.capabilities import Capabilities, eligible
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
-from gateway.providers._wire import as_outcome_unknown, maybe_json, redact
+from gateway.providers._wire import as_outcome_unknown, follow_job, maybe_json, redact
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -106,7 +106,6 @@ from gateway.providers.base import (
     http_error,
     note_job_id,
     parse_retry_after,
-    sleep_until_next_poll,
 )
 from gateway.providers.options import AdapterOptions
 
@@ -433,37 +432,39 @@ class RunflowAdapter(Adapter):
     async def _follow(self, run_id: str, deadline: float) -> Mapping[str, Any]:
         """Poll the run until it is terminal; transient trouble only delays."""
         url = f"{self.base}/v1/runs/{quote(run_id, safe='')}"
-        timeouts = self.settings.timeouts
-        attempt = not_found = dropped = 0
-        while True:
-            await sleep_until_next_poll(attempt, timeouts, deadline, run_id)
-            attempt += 1
+        not_found = dropped = 0
+
+        async def poll() -> Mapping[str, Any] | None:
+            nonlocal not_found, dropped
             try:
                 resp = await self.request("GET", url, deadline=deadline, job_id=run_id, headers=self._auth(), follow_redirects=False)
             except ProviderError:
                 dropped += 1
                 if dropped > POLL_TRANSPORT_RETRIES:
                     raise
-                continue
+                return None
             dropped = 0
             status = resp.status_code
             if status >= 500 or status == 429:
                 await self._wait_retry_after(resp, deadline, run_id)
-                continue
+                return None
             if status == 404:
                 not_found += 1
                 if not_found >= self.opts.poll_not_found_limit:
                     raise self._lost_run(resp, run_id)
-                continue
+                return None
             not_found = 0
             if not resp.is_success:
                 raise self._lost_run(resp, run_id)
             try:
                 run = resp.json()
             except ValueError:
-                continue  # an unreadable poll answer is transient, like a 5xx
+                return None  # an unreadable poll answer is transient, like a 5xx
             if isinstance(run, Mapping) and run_status(run) in TERMINAL:
                 return run
+            return None
+
+        return await follow_job(poll, timeouts=self.settings.timeouts, deadline=deadline, job_id=run_id, wait_first=True)
 
     async def _wait_retry_after(self, resp: httpx.Response, deadline: float, run_id: str) -> None:
         wait = parse_retry_after(resp.headers.get("retry-after"))
