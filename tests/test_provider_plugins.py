@@ -13,6 +13,7 @@ import base64
 import io
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,23 +28,28 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+import gateway.providers as registry
 from gateway.app import create_app
 from gateway.capabilities import Capabilities
 from gateway.config import ConfigError, load_config
 from gateway.emulators.launcher import PROVIDERS, EmulatorFleet
 from gateway.logs import configure_logging, redact, secrets_from_env
 from gateway.metrics import GatewayMetrics
-from gateway.providers import adapter_class, kinds, register, unregister
+from gateway.providers import ENTRY_POINT_GROUP, adapter_class, kinds, register, unregister
 from tests.gateway_support import ENV, PROVIDERS_YAML, REPO, ServerThread, image_size_of, make_app
 from tests.plugins.acme_adapter import AcmeAdapter
 
-ACME_SHEET = """\
-backend: acme
-basis: per_image
-currency: USD
-usd_per_image: 0.004
-source: Acme's public price list (a test fixture)
-"""
+WALK_THROUGH = REPO / "docs" / "adding-a-provider.md"
+
+
+def doc_blocks(language: str) -> list[str]:
+    """The fenced code blocks of the walk-through in `language`, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```", WALK_THROUGH.read_text(), flags=re.DOTALL | re.MULTILINE)
+
+
+# The walk-through's price sheet and providers.yaml entry are the ones these tests use.
+ACME_SHEET = next(block for block in doc_blocks("yaml") if block.startswith("backend: acme"))
+ACME_ENTRY: dict[str, Any] = next(yaml.safe_load(block) for block in doc_blocks("yaml") if block.startswith("backends:"))["backends"]["acme"]
 
 
 @pytest.fixture
@@ -66,7 +72,7 @@ def write_config(root: Path, backends: dict[str, dict[str, Any]], baseline: str 
 
 
 def test_a_provider_registered_from_a_test_module_serves_a_request_end_to_end(acme: type[AcmeAdapter], tmp_path: Path) -> None:
-    config = write_config(tmp_path, {"acme": {"kind": "acme", "price_sheet": "acme.yaml", "options": {"quality": "draft"}}}, baseline="acme")
+    config = write_config(tmp_path, {"acme": ACME_ENTRY}, baseline="acme")
     fleet = EmulatorFleet.start_in_thread(["acme"])
     try:
         env = fleet.env()
@@ -89,6 +95,13 @@ def test_a_provider_registered_from_a_test_module_serves_a_request_end_to_end(ac
     assert [(row["name"], row["kind"], row["price_source"]) for row in listing["data"]] == [("acme", "acme", "Acme's public price list (a test fixture)")]
 
 
+def test_the_walk_through_shows_the_code_the_tests_run() -> None:
+    adapter, emulator = doc_blocks("python")
+    assert adapter == (REPO / "tests" / "plugins" / "acme_adapter.py").read_text()
+    assert emulator == (REPO / "tests" / "plugins" / "acme_emulator.py").read_text()
+    assert ACME_ENTRY["kind"] == AcmeAdapter.kind and ACME_ENTRY["options"] == {"quality": "draft"}
+
+
 def test_acme_is_unknown_until_registered_and_gone_after(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"acme": {"kind": "acme"}})
     with pytest.raises(ConfigError) as exc:
@@ -105,6 +118,21 @@ def test_acme_is_unknown_until_registered_and_gone_after(tmp_path: Path) -> None
     finally:
         unregister("acme")
     assert "acme" not in kinds()
+
+
+def test_an_installed_distribution_adds_a_provider_through_its_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `pip install acme-klein` leaves behind: a dist-info whose entry point names the adapter."""
+    dist = tmp_path / "acme_klein-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-klein\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nacme = tests.plugins.acme_adapter:AcmeAdapter\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_discovered", False)
+    try:
+        assert "acme" in kinds()
+        assert adapter_class("acme") is AcmeAdapter
+    finally:
+        unregister("acme")
 
 
 def test_a_kind_taken_by_another_class_is_refused(acme: type[AcmeAdapter]) -> None:
