@@ -17,6 +17,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -36,6 +38,7 @@ from gateway.emulators.launcher import PROVIDERS, EmulatorFleet
 from gateway.logs import configure_logging, redact, secrets_from_env
 from gateway.metrics import GatewayMetrics
 from gateway.providers import ENTRY_POINT_GROUP, adapter_class, kinds, register, unregister
+from gateway.providers.base import Adapter
 from tests.gateway_support import ENV, PROVIDERS_YAML, REPO, ServerThread, image_size_of, make_app
 from tests.plugins.acme_adapter import AcmeAdapter
 
@@ -133,6 +136,39 @@ def test_an_installed_distribution_adds_a_provider_through_its_entry_point(tmp_p
         assert adapter_class("acme") is AcmeAdapter
     finally:
         unregister("acme")
+
+
+def test_first_lookups_from_parallel_threads_all_wait_for_the_whole_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apps built in threads at once (as the chaos test does) must not see a half-loaded registry."""
+    loaded: list[str] = []
+    real_import = registry.importlib.import_module
+
+    def slow_import(name: str) -> object:  # the built-in modules, as slow to import as a cold start
+        time.sleep(0.02)
+        loaded.append(name)
+        module = real_import(name)
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Adapter) and value.__module__ == name:
+                register(value)
+        return module
+
+    monkeypatch.setattr(registry, "_registry", {})
+    monkeypatch.setattr(registry, "_discovered", False)
+    monkeypatch.setattr(registry.importlib, "import_module", slow_import)
+    start = threading.Barrier(8)
+    seen: list[tuple[str, ...]] = []
+
+    def lookup() -> None:
+        start.wait()
+        seen.append(kinds())
+
+    threads = [threading.Thread(target=lookup) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == [("empiriolabs", "fal", "local", "replicate", "runflow")] * 8
+    assert sorted(loaded) == sorted(set(loaded)) and len(loaded) == 5  # one discovery, each module once
 
 
 def test_a_kind_taken_by_another_class_is_refused(acme: type[AcmeAdapter]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+import threading
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
@@ -45,7 +46,9 @@ _SUPPORT_MODULES = frozenset({"base", "options"})  # modules here that define no
 A = TypeVar("A", bound=type[Adapter])
 
 _registry: dict[str, type[Adapter]] = {}
-_discovered = False
+_discovered = False  # every built-in module and entry point has been loaded
+_discovering = False  # this thread is loading them (a plugin may look a kind up as it loads)
+_discovery_lock = threading.RLock()  # apps built in parallel threads wait for one discovery
 
 
 def register(cls: A) -> A:
@@ -75,21 +78,28 @@ def unregister(kind: str) -> None:
 
 def _discover() -> None:
     """Import this package's adapter modules, then the entry points, once."""
-    global _discovered
+    global _discovered, _discovering
     if _discovered:
         return
-    _discovered = True
-    for module in pkgutil.iter_modules(__path__):
-        if not module.name.startswith("_") and module.name not in _SUPPORT_MODULES:
-            importlib.import_module(f"{__name__}.{module.name}")
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
+    with _discovery_lock:
+        if _discovered or _discovering:
+            return
+        _discovering = True
         try:
-            loaded = entry.load()
-        except Exception:  # a broken plugin must not take the built-in providers down with it
-            log.exception("could not load provider plugin %s (%s)", entry.name, entry.value)
-            continue
-        if isinstance(loaded, type) and issubclass(loaded, Adapter):
-            register(loaded)
+            for module in pkgutil.iter_modules(__path__):
+                if not module.name.startswith("_") and module.name not in _SUPPORT_MODULES:
+                    importlib.import_module(f"{__name__}.{module.name}")
+            for entry in entry_points(group=ENTRY_POINT_GROUP):
+                try:
+                    loaded = entry.load()
+                except Exception:  # a broken plugin must not take the built-in providers down with it
+                    log.exception("could not load provider plugin %s (%s)", entry.name, entry.value)
+                    continue
+                if isinstance(loaded, type) and issubclass(loaded, Adapter):
+                    register(loaded)
+            _discovered = True
+        finally:
+            _discovering = False
 
 
 def kinds() -> tuple[str, ...]:
