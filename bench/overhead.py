@@ -81,13 +81,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from gateway.job import ImageJob, JobKind  # noqa: E402
+from gateway.providers import credential_env_names  # noqa: E402
 from gateway.providers.local import request_body  # noqa: E402
 
 HOST = "127.0.0.1"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 SIZE = (1024, 1024)
 PAYLOADS = {"small": 0, "1.5MB": 1_500_000 * 3 // 4}  # pad_to_bytes pads the raw image; base64 is 4/3 of it
-PROVIDER_ENV = ("FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
+PROVIDER_ENV = (*credential_env_names(), "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")  # every registered provider's key
 OVERHEAD = ("klein_gateway_overhead_seconds", {"route": "generations"})
 
 # Targets: shared/reference/gateways.md section b, measured side by side.
