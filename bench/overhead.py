@@ -90,7 +90,7 @@ PAYLOADS = {"small": 0, "1.5MB": 1_500_000 * 3 // 4}  # pad_to_bytes pads the ra
 PROVIDER_ENV = ("FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY", "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
 OVERHEAD = ("klein_gateway_overhead_seconds", {"route": "generations"})
 
-# Targets: shared/reference/gateways.md section b, measured side by side.
+# Targets: docs/design.md#performance-targets, measured side by side.
 TARGET_ADDED_P50_MS = 2.0
 TARGET_ADDED_P99_MS = 10.0
 TARGET_THROUGHPUT_RATIO = 0.5

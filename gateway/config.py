@@ -3,7 +3,7 @@
 The file names each backend's kind, base URL, credential variable, timeouts,
 price sheet, capability overrides, adapter options and breaker thresholds.
 Twelve-factor: credentials and base URLs come from the environment under the
-names ARCHITECTURE section 1 gives (the file may rename the variables). A
+names README.md#configuration gives (the file may rename the variables). A
 backend without its credential (or, for the local GPU, its address) is
 disabled and says why; a bad file names the file, the field and the problem.
 """
@@ -24,7 +24,7 @@ from gateway.pricing import PriceSheet, PriceSheetError, load_sheet
 
 KINDS = ("fal", "replicate", "runflow", "empiriolabs", "local")
 
-# Documented defaults per kind (shared/reference/providers.md section 0).
+# Documented defaults per kind (docs/providers/, one page per kind).
 DEFAULT_BASE_URLS = {
     "fal": "https://queue.fal.run",
     "replicate": "https://api.replicate.com",

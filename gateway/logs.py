@@ -30,7 +30,7 @@ from typing import Any, Final, TextIO
 
 REDACTED: Final = "[REDACTED]"
 
-# Credential names from ARCHITECTURE section 1; each value is a secret.
+# Credential names from README.md#configuration; each value is a secret.
 SECRET_ENV_VARS: Final = ("FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY")
 GATEWAY_KEYS_ENV: Final = "KLEIN_GATEWAY_KEYS"  # comma-separated caller keys
 PROMPT_LENGTH_ENV: Final = "KLEIN_LOG_PROMPT_LENGTH"  # opt-in: log prompt length (never text)

@@ -1,6 +1,6 @@
 """Routing: which backends to try for one job, and in which order. Pure policy.
 
-The one place where routing policy lives (ARCHITECTURE section 2). Given each
+The one place where routing policy lives (docs/design.md#the-flow-of-a-request). Given each
 backend's eligibility, quote and health snapshot, `plan()` drops those that
 cannot or may not take the job, each with a reason, and orders the rest:
 caller's `provider.order` first, then cheapest quote, then lowest recent
@@ -79,7 +79,7 @@ def candidate(
     name: str, job: ImageJob, caps: Capabilities, sheet: PriceSheet | None, health: HealthView
 ) -> Candidate:
     """One backend as routing sees it; the local GPU's live cost figure, when it
-    reports one, replaces its sheet's (local_backend.md section 3.4)."""
+    reports one, replaces its sheet's (docs/local-backend.md#cost-per-image)."""
     priced = quote(sheet, job, health.live_usd_per_image) if sheet is not None else None
     return Candidate(name, eligible(job, caps), priced, health)
 

@@ -9,7 +9,7 @@ import math
 from PIL import Image
 
 # Replicate klein-4b at output_megapixels "1": the sizes Lumenfall publishes for
-# its 1K tier (providers.md section 2.5). Not all are multiples of 16.
+# its 1K tier (docs/providers/replicate.md#sizes). Not all are multiples of 16.
 REPLICATE_1MP: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
     "16:9": (1365, 768),
@@ -23,7 +23,7 @@ REPLICATE_1MP: dict[str, tuple[int, int]] = {
     "21:9": (1563, 670),
     "9:21": (670, 1564),
 }
-# Values of output_megapixels were not found (providers.md open question 4); these are the plausible ones.
+# Values of output_megapixels were not found (docs/providers/replicate.md#choices-made); these are the plausible ones.
 REPLICATE_MEGAPIXELS: tuple[str, ...] = ("0.25", "0.5", "1", "2", "4")
 REPLICATE_ASPECT_RATIOS: tuple[str, ...] = ("match_input_image", *REPLICATE_1MP)
 
@@ -55,7 +55,7 @@ def _by_ratio(ratio: float, megapixels: float) -> tuple[int, int]:
 
 # EmpirioLabs aspect_ratio -> pixels when neither size nor width/height is given.
 # The docs list the ratios and the 1,048,576-pixel cap, not the pixels
-# (providers.md section 4); these are multiples of 16 under the cap, and
+# (docs/providers/empiriolabs.md#capabilities); these are multiples of 16 under the cap, and
 # 1344x768 / 768x1344 are the docs' own examples.
 EMPIRIOLABS_ASPECT: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
