@@ -91,7 +91,7 @@ PAYLOADS = {"small": 0, "1.5MB": 1_500_000 * 3 // 4}  # pad_to_bytes pads the ra
 PROVIDER_ENV = (*credential_env_names(), "REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")  # every registered provider's key
 OVERHEAD = ("klein_gateway_overhead_seconds", {"route": "generations"})
 
-# Targets: shared/reference/gateways.md section b, measured side by side.
+# Targets: docs/design.md#performance-targets, measured side by side.
 TARGET_ADDED_P50_MS = 2.0
 TARGET_ADDED_P99_MS = 10.0
 TARGET_THROUGHPUT_RATIO = 0.5

@@ -12,8 +12,8 @@ from typing import Any
 
 from gateway.job import ImageJob, JobKind
 
-# Model-wide limits (ARCHITECTURE section 1; BFL: width/height >= 64, multiples
-# of 16, <= 4 MP; shared/reference/providers.md section 7).
+# Model-wide limits (docs/design.md#model-limits-and-eligibility; BFL: width/height >= 64, multiples
+# of 16, <= 4 MP; https://docs.bfl.ml/api-reference/models/generate-or-edit-an-image-with-flux2-[klein-4b]).
 MODEL_MIN_SIDE = 64
 MODEL_MAX_SIDE = 2048
 MODEL_MULTIPLE = 16

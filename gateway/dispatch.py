@@ -1,7 +1,7 @@
 """Run a plan: one adapter call per attempt, classified failures, failover.
 
 The only code that waits on backends. Each failure is classified once
-(ARCHITECTURE section 4) and decides three things: whether the next backend
+(docs/design.md#failure-classes) and decides three things: whether the next backend
 may be tried, what it does to this backend's health, and what was spent.
 Work that may already be billed (a submitted job whose outcome is unknown) is
 cancelled where the provider allows it, and resubmitting it elsewhere is

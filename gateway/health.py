@@ -55,7 +55,7 @@ def health_effect(
     default_park_s: float = 5.0,
     out_of_credit_park_s: float = 300.0,
 ) -> HealthEffect:
-    """What one classified failure does to its backend's health (ARCHITECTURE section 4).
+    """What one classified failure does to its backend's health (docs/design.md#failure-classes).
 
     - REJECTED, CONTENT_FILTERED: the input or the picture, not the backend.
     - UNREACHABLE, FAILED, UNKNOWN_OUTCOME: count against health.

@@ -1,4 +1,4 @@
-"""Prometheus metrics for cost, latency and health (ARCHITECTURE section 5).
+"""Prometheus metrics for cost, latency and health (docs/design.md#metrics).
 
 Every name starts with `klein_`. Labels stay low-cardinality: backend, route,
 status class, outcome, failure reason, and a bounded caller key id; never
@@ -6,7 +6,7 @@ prompts, request ids or raw keys.
 
 Several worker processes: prometheus_client keeps one value per process, so a
 scrape that lands on one worker sees only that worker's counters and they
-jump between scrapes (LiteLLM's bug, gateways.md section c item 10). When
+jump between scrapes (LiteLLM's bug, https://github.com/BerriAI/litellm/issues/10595). When
 `PROMETHEUS_MULTIPROC_DIR` is set before the process starts, every worker
 writes its values to files in that directory and `render()` sums them. It
 must be set before `prometheus_client` is first imported (the library picks
@@ -54,14 +54,14 @@ log = logging.getLogger(__name__)
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 # Whole-request latency: an image takes about 0.5-3 s end to end on hosted
-# backends, queued work up to a minute (gateways.md section b), so buckets run
+# backends, queued work up to a minute (docs/design.md#performance-targets), so buckets run
 # from tens of milliseconds to two minutes.
 REQUEST_BUCKETS: Final = (
     0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
     10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0,
 )
 # Gateway overhead (total time minus time waiting on backends): the target is
-# p50 <= 2 ms and p99 <= 10 ms (gateways.md section b), so buckets start below
+# p50 <= 2 ms and p99 <= 10 ms (docs/design.md#performance-targets), so buckets start below
 # a millisecond and have edges at both targets.
 OVERHEAD_BUCKETS: Final = (
     0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01,

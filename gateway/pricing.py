@@ -5,13 +5,13 @@ change never needs a code change. `quote()` says what a job will cost before it
 runs; `bill()` what it did cost once we know how many images came back. Both are
 pure (no I/O, no clock); money is `Decimal`, quantized to 1e-8 USD half up.
 
-Choices where the documents are silent (ARCHITECTURE section 3):
+Choices where the documents are silent (docs/design.md#pricing):
 - `ceil` rounding applies to each billed quantity on its own: each output
   image's MP and each reference's input MP, not to the request's sum.
 - Edit input MP is charged once per request (k references), not per image:
   "(n x output MP + k x 1 MP)".
 - A request that returned no image bills nothing (failed runs are not billed:
-  providers.md section 3.7), even where a successful edit would bill inputs.
+  docs/design.md#what-is-billed), even where a successful edit would bill inputs.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class PerMegapixel(_Rounded):
     edit_usd_per_mp: NonNegative | None = None  # defaults to usd_per_mp
     edit_charges_input: bool = False
     # Each reference is billed as this many MP whatever its real size (fal's
-    # convention on the 9B edit endpoint, providers.md section 1.7).
+    # convention on the 9B edit endpoint, docs/providers/fal.md#price).
     edit_input_mp_per_reference: NonNegative = Decimal(1)
 
     def cost(self, job: ImageJob, images: int, live: Decimal | None) -> tuple[Decimal, str]:
@@ -108,14 +108,14 @@ class PerMegapixel(_Rounded):
 
 class TieredMegapixel(_Rounded):
     """Per image: `first_mp_usd` for the first MP (a minimum), `extra_mp_usd` per
-    further MP; the BFL list price that Runflow's FAQ quotes (providers.md 3.7, 7)."""
+    further MP; the BFL list price that Runflow's FAQ quotes (docs/providers/runflow.md#price)."""
 
     basis: Literal["tiered_megapixel"]
     first_mp_usd: NonNegative
     extra_mp_usd: NonNegative
     edit_usd_per_image: NonNegative | None = None  # flat edit price (Runflow 4B edit)
     # Without a flat edit price: each reference billed as this many MP at
-    # extra_mp_usd, as in BFL's formula (providers.md section 7); None: free.
+    # extra_mp_usd, as in BFL's formula (docs/design.md#tiered_megapixel); None: free.
     edit_input_mp_per_reference: NonNegative | None = None
 
     def cost(self, job: ImageJob, images: int, live: Decimal | None) -> tuple[Decimal, str]:
@@ -136,7 +136,7 @@ class TieredMegapixel(_Rounded):
 
 
 class PerImage(_Sheet):
-    """A flat price per returned image, any size (EmpirioLabs, providers.md section 4)."""
+    """A flat price per returned image, any size (EmpirioLabs, docs/providers/empiriolabs.md#price)."""
 
     basis: Literal["per_image"]
     usd_per_image: NonNegative
@@ -150,11 +150,11 @@ class PerImage(_Sheet):
 
 
 class GpuTime(_Sheet):
-    """The local GPU: what its time costs (local_backend.md section 3.4).
+    """The local GPU: what its time costs (docs/local-backend.md#cost-per-image).
 
     Per image = gpu_usd_per_hour / 3600 x seconds_per_image x (MP / reference_mp)
     x (steps / reference_steps), divided by `utilisation` when `amortized`.
-    `reference_mp` 1 reads ARCHITECTURE's "0.57 s per image at 1 MP" literally:
+    `reference_mp` 1 reads "0.57 s per image at 1 MP" (docs/providers/local.md#price) literally:
     1024x1024 costs 2.50/3600 x 0.57 x 1.048576 = $0.00041506, its worked
     example; set 1.048576 to follow the 1024x1024 measurement instead (5% less).
     A live figure from the backend replaces the sheet's per-image figure; it is

@@ -1,7 +1,7 @@
 """Free health probes: each backend's `Adapter.probe()` on an interval.
 
 Probes never generate an image (a paid generation to test health is what
-gateways.md section c item 8 and section d item 5 warn against); adapters
+BerriAI/litellm#26406 shows, docs/design.md#lessons-from-other-gateways); adapters
 implement them with free calls (a model or account endpoint, the local
 backend's /v1/info). Each backend has its own loop, so one slow probe delays
 no other; intervals carry jitter so replicas do not probe in lock-step; each

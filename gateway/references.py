@@ -26,7 +26,7 @@ from gateway.job import ReferenceImage
 
 MAX_REFERENCE_BYTES = 16 * 1024 * 1024
 MAX_REFERENCE_PIXELS = 4096 * 4096  # larger is resized by every backend anyway
-MIN_REFERENCE_SIDE = 64  # the pipeline's minimum (local_backend.md section 1.3)
+MIN_REFERENCE_SIDE = 64  # the pipeline's minimum (docs/local-backend.md#calling-the-pipeline)
 MAX_REFERENCE_ASPECT = 8.0
 
 _MAGIC = (

@@ -15,7 +15,7 @@ from gateway.errors import InvalidRequest
 
 DEFAULT_SIZE = (1024, 1024)
 
-# fal's presets (shared/reference/providers.md section 1.5: third-party
+# fal's presets (docs/providers/fal.md#capabilities-and-sizes: third-party
 # consensus; fal's own 4B docs were not available).
 FAL_PRESETS: dict[str, tuple[int, int]] = {
     "square_hd": (1024, 1024),
@@ -28,7 +28,7 @@ FAL_PRESETS: dict[str, tuple[int, int]] = {
 
 # Aspect ratios resolve to about one megapixel, on the 16-pixel grid, never
 # above 1,048,576 pixels so that every backend's 1 MP tier can take them
-# (EmpirioLabs caps at exactly that; providers.md section 4).
+# (EmpirioLabs caps at exactly that; docs/providers/empiriolabs.md#capabilities).
 ASPECT_TARGET_PIXELS = 1_048_576
 
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")

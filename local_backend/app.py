@@ -3,7 +3,7 @@
 `create_app(settings, generator=...)` builds one app around one batcher. With
 no generator given, the pipeline is loaded from the settings in the worker
 thread after start-up, so `/health/live` answers while weights load and
-`/health/ready` stays 503 until warm-up finished (local_backend.md section 3.3).
+`/health/ready` stays 503 until warm-up finished (docs/local-backend.md#warm-up-and-readiness).
 
 Status codes: 400 unreadable JSON, 422 a request this service cannot do, 429
 queue full (Retry-After), 503 not ready or out of memory, 504 deadline passed

@@ -1,6 +1,6 @@
 """Dynamic batching in front of one pipeline, with one worker thread.
 
-Rules (local_backend.md sections 3.1 to 3.3 and 5.4):
+Rules (docs/local-backend.md#batching):
 
 * A bounded FIFO queue. A request that would make it longer than `max_queue`
   (or, when set, hold more than `max_queue_megapixels`) is refused at once

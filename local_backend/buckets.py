@@ -1,6 +1,6 @@
 """Sizes, buckets and batch keys: which requests may share one pipeline call.
 
-The choice made here (local_backend.md section 3.1 leaves it open):
+The choice made here (docs/local-backend.md#batching):
 
 * Accepted sizes are exact: any width and height that are multiples of 16
   within the configured limits (64..2048 per side, at most `max_pixels`). A
@@ -8,7 +8,7 @@ The choice made here (local_backend.md section 3.1 leaves it open):
   the size it asked for.
 * Batches are formed by an exact key `(width, height, steps, reference digest)`
   because `Flux2KleinPipeline` takes one height/width/step count per call and
-  repeats the reference images for every item (section 1.3). Prompts and seeds
+  repeats the reference images for every item (docs/local-backend.md#calling-the-pipeline). Prompts and seeds
   may differ inside a batch.
 * Buckets are a short preset list (fal's six presets by default). They are what
   warm-up runs and what `/v1/info` reports speed for, and the only sizes that
@@ -16,7 +16,7 @@ The choice made here (local_backend.md section 3.1 leaves it open):
   cardinality stays bounded.
 * The cap on images per pipeline call depends on pixels: at most
   `max_batch_pixels / (width * height)` images, between 1 and
-  `max_batch_images` (section 3.1: about 4 images at 1 MP, 8 at 0.25 MP).
+  `max_batch_images` (docs/local-backend.md#batching: about 4 images at 1 MP, 8 at 0.25 MP).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 # The model's limits (multiples of 16: 8x VAE downsampling then 2x2 patches,
-# local_backend.md section 1.1), shared with the gateway's eligibility check.
+# docs/local-backend.md#the-model-and-its-pipeline), shared with the gateway's eligibility check.
 from gateway.capabilities import MODEL_MAX_PIXELS, MODEL_MAX_SIDE, MODEL_MIN_SIDE, MODEL_MULTIPLE
 
-# fal's presets (local_backend.md section 3.1), as the gateway resolves `image_size`.
+# fal's presets (docs/local-backend.md#batching), as the gateway resolves `image_size`.
 from gateway.sizes import FAL_PRESETS
 
 DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = tuple(FAL_PRESETS.values())

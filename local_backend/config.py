@@ -1,4 +1,4 @@
-"""Settings of the local backend (local_backend.md section 5.1).
+"""Settings of the local backend (local_backend/README.md#settings).
 
 One pydantic model, filled from `KLEIN_LOCAL_<FIELD>` environment variables
 and then from command-line flags (flags win). Choices where the reference is
@@ -6,7 +6,7 @@ silent:
 
 * `device="auto"` picks cuda when torch sees a GPU, else cpu; `dtype="auto"`
   is bfloat16 on cuda and float32 on cpu (fp16 is not recommended for the FLUX
-  family, section 2.4).
+  family, docs/local-backend.md#versions).
 * `gpu_usd_per_hour=0` means "no price configured": cost figures are then
   None, and the gateway prices the backend from its own sheet.
 * `max_steps` defaults to 50 (the model's and the gateway's limit); the
@@ -72,7 +72,7 @@ class Settings(BaseModel):
     warmup_sizes: tuple[tuple[int, int], ...] | None = None  # None: the buckets
     warmup_steps: int = Field(default=4, ge=1)
 
-    # safety post-filter (local_backend.md section 4.3)
+    # safety post-filter (docs/local-backend.md#safety-post-filter)
     safety: SafetyOption = "none"
     safety_model_path: Path | None = None  # for hf-classifier
     safety_threshold: float | None = Field(default=None, ge=0, le=1)  # None: the checker's default

@@ -1,4 +1,4 @@
-"""Live cost per image from a GPU price per hour (local_backend.md section 3.4).
+"""Live cost per image from a GPU price per hour (docs/local-backend.md#cost-per-image).
 
 * marginal: what one more image costs when the GPU is paid for anyway,
   `usd_per_hour x busy seconds per image / 3600`.
@@ -6,7 +6,7 @@
   utilisation, `marginal / utilisation`.
 
 The per-image figures in `/v1/info` are for the reference image the gateway's
-`gpu_time` price sheet is written for (ARCHITECTURE section 3): 1024x1024 at 4
+`gpu_time` price sheet is written for (docs/providers/local.md#price): 1024x1024 at 4
 steps, from measured speed. The gateway scales them by megapixels and steps.
 A price of 0 means "not configured": every figure is then None and the gateway
 falls back to its own sheet.

@@ -12,7 +12,7 @@ from PIL import Image
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _PIL_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
-# What the pipeline accepts as a reference (local_backend.md section 1.3).
+# What the pipeline accepts as a reference (docs/local-backend.md#calling-the-pipeline).
 MIN_REFERENCE_SIDE = 64
 MAX_REFERENCE_ASPECT = 8.0
 DEFAULT_QUALITY = 90

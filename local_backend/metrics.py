@@ -1,8 +1,8 @@
 """Prometheus metrics of the local backend, on a registry the app owns.
 
 A registry per app (not prometheus_client's global one) keeps several apps in
-one process, as in tests, from colliding (local_backend.md section 5.5). Names
-are the ones local_backend.md section 5.6 lists (the local emulator serves the
+one process, as in tests, from colliding (docs/local-backend.md#http-and-metrics). Names
+are the ones docs/local-backend.md#http-and-metrics lists (the local emulator serves the
 same); labels stay low-cardinality (`bucket` is a configured bucket size or
 "other", never a free-form size).
 

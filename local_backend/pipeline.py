@@ -3,7 +3,7 @@
 
 Real weights load from a local folder only (`local_files_only=True` with
 `HF_HUB_OFFLINE=1`); nothing is ever downloaded. The tiny pipeline is built in
-code from configs (local_backend.md section 1.5) so tests and CPU demos need no
+code from configs (docs/local-backend.md#a-tiny-pipeline-built-in-code) so tests and CPU demos need no
 files at all, and `save_pretrained` + `load_pipeline` runs the real loading path
 on CPU.
 
@@ -31,9 +31,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 log = logging.getLogger(__name__)
 
-# The real checkpoint stacks Qwen3 hidden states of layers 9, 18, 27 (section 1.1).
+# The real checkpoint stacks Qwen3 hidden states of layers 9, 18, 27 (docs/local-backend.md#the-model-and-its-pipeline).
 REAL_ENCODER_LAYERS = (9, 18, 27)
-# The distilled model runs without CFG (section 1.3: pass guidance 1.0).
+# The distilled model runs without CFG (docs/local-backend.md#calling-the-pipeline: pass guidance 1.0).
 GUIDANCE_SCALE = 1.0
 
 
@@ -106,7 +106,7 @@ def encoder_out_layers(pipe: Any) -> tuple[int, ...] | None:
 
     The real Qwen3-4B has 36 layers and uses (9, 18, 27). A smaller encoder (the
     tiny pipeline) uses its last k layers, where k = joint_attention_dim / hidden
-    size, because the transformer expects exactly k stacked layers (section 1.5).
+    size, because the transformer expects exactly k stacked layers (docs/local-backend.md#a-tiny-pipeline-built-in-code).
     """
     layers = int(pipe.text_encoder.config.num_hidden_layers)
     if layers >= max(REAL_ENCODER_LAYERS):
@@ -147,7 +147,7 @@ class PipelineGenerator:
         return list(out.images)
 
 
-# ---- the tiny random pipeline (local_backend.md section 1.5) ------------------
+# ---- the tiny random pipeline (docs/local-backend.md#a-tiny-pipeline-built-in-code) ------------------
 
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -227,7 +227,7 @@ def load_pipeline(settings: Settings) -> Any:
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    # `dtype=` is the spelling from diffusers 0.40 on; `torch_dtype=` warns there (section 1.2).
+    # `dtype=` is the spelling from diffusers 0.40 on; `torch_dtype=` warns there (docs/local-backend.md#versions).
     major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (0, 40) else "torch_dtype"
     pipe = Flux2KleinPipeline.from_pretrained(

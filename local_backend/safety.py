@@ -1,4 +1,4 @@
-"""`enable_safety_checker` as a pluggable post-filter (local_backend.md section 4).
+"""`enable_safety_checker` as a pluggable post-filter (docs/local-backend.md#safety-post-filter).
 
 The klein pipeline has no safety checker of its own; hosted providers run an
 output image classifier. Options, all offline at run time:
@@ -14,9 +14,9 @@ output image classifier. Options, all offline at run time:
 |                 | Falconsai/nsfw_image_detection            | Apache-2.0                      |
 
 `none` is the default. nudenet is deliberately not offered: its wheel bundles
-an AGPL-3.0 licence while its metadata says MIT (section 4.2).
+an AGPL-3.0 licence while its metadata says MIT (docs/local-backend.md#safety-post-filter).
 
-Behaviour chosen (section 4.3 leaves it open): a flagged image is replaced by a
+Behaviour chosen (docs/local-backend.md#safety-post-filter): a flagged image is replaced by a
 black image of the same size (the fal / diffusers convention) and reported with
 `nsfw=True`; the request still succeeds, and the gateway decides what a fully
 flagged result means. When the caller did not ask for the check, or the
@@ -70,7 +70,7 @@ class HFClassifierChecker:
     """A transformers image-classification model from a local folder.
 
     An image is flagged when the score of any label named in `flagged_labels`
-    reaches the threshold (0.85, BFL's setting for Falconsai, section 4.1).
+    reaches the threshold (0.85, BFL's setting for Falconsai, docs/local-backend.md#safety-post-filter).
     """
 
     name = "hf-classifier"

@@ -1,7 +1,7 @@
 """Measured speed: seconds per image by size, and GPU utilisation over a window.
 
 Both feed the figures the gateway routes on: the estimated queue wait and the
-live cost per image (local_backend.md sections 3.2 and 3.4).
+live cost per image (docs/local-backend.md#queue-back-pressure-and-deadlines, #cost-per-image).
 
 Speed is kept per exact size as an exponentially weighted mean of busy seconds
 per image, normalised to 4 steps by scaling linearly with the step count (an

@@ -11,12 +11,12 @@ UPLOAD = ReferenceImage(content_type="image/png", data=b"\x89PNG", width=1024, h
 LINKED = ReferenceImage(content_type="image/png", url="https://example.com/ref.png")
 
 DEFAULT = Capabilities()
-# Replicate makes only (aspect ratio, 1 MP) sizes (providers.md section 2.5).
+# Replicate makes only (aspect ratio, 1 MP) sizes (docs/providers/replicate.md#sizes).
 REPLICATE = Capabilities(
     exact_sizes=frozenset({(1024, 1024), (1365, 768), (768, 1365), (1254, 836), (836, 1254)}),
     accepts_data_uri_refs=False,
 )
-# EmpirioLabs: sides 256 to 2048, W x H <= 1,048,576, steps 1 to 12 (providers.md section 4).
+# EmpirioLabs: sides 256 to 2048, W x H <= 1,048,576, steps 1 to 12 (docs/providers/empiriolabs.md#capabilities).
 EMPIRIO = Capabilities(min_side=256, max_pixels=1_048_576, max_steps=12)
 T2I_ONLY = Capabilities(edit=False, max_references=0)
 EDIT_ONLY = Capabilities(text_to_image=False)

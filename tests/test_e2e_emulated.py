@@ -7,9 +7,9 @@ test into the next) and emulators reset to fast and healthy. Faults are set
 through each emulator's admin API (`POST /_admin/knobs`), and what reached an
 emulator is read back from `GET /_admin/stats` and its job book.
 
-Prices (pricing/, ARCHITECTURE section 3) order 1024x1024 text-to-image as
+Prices (pricing/, docs/design.md#worked-examples) order 1024x1024 text-to-image as
 local < replicate < fal < empiriolabs < runflow; Replicate cannot make
-1024x768 exactly (its 1 MP 4:3 is 1183x887, providers.md section 2.5).
+1024x768 exactly (its 1 MP 4:3 is 1183x887, docs/providers/replicate.md#sizes).
 """
 
 from __future__ import annotations

@@ -143,7 +143,7 @@ def test_breaker_state_accepts_the_health_enum_and_rejects_unknown_states(metric
 def test_backend_price_is_published_for_a_1024_square_and_the_baseline_is_marked(metrics, registry):
     metrics.set_backend_price("fal", Decimal("0.005"))
     metrics.set_backend_price("replicate", Decimal("0.001"))
-    # ARCHITECTURE section 3 worked example: 1024x1024 on fal is $0.00524288.
+    # docs/design.md#worked-examples: 1024x1024 on fal is $0.00524288.
     assert value(registry, "klein_backend_quote_usd", backend="fal") == pytest.approx(0.00524288)
     assert value(registry, "klein_backend_quote_usd", backend="replicate") == pytest.approx(0.001048576)
     assert value(registry, "klein_baseline_quote_usd") == pytest.approx(0.00524288)

@@ -459,7 +459,7 @@ def test_every_request_writes_one_json_log_line_with_its_cost(run: Run):
 def test_price_ladder_shows_the_quote_for_one_1024_square_image(run: Run):
     table = httpx.post(f"{run.gateway.url}/v1/images/quote", json={"prompt": "x", "size": "1024x1024"}, timeout=5).json()
     quoted = {row["name"]: Decimal(row["cost_usd"]) for row in table["backends"] if row["cost_usd"] is not None}
-    assert quoted["fal"] == Decimal("0.00524288")  # ARCHITECTURE section 3 worked example
+    assert quoted["fal"] == Decimal("0.00524288")  # docs/design.md#worked-examples
     ladder = {labels["backend"]: v for name, labels, v in samples(run.metrics_text) if name == "klein_backend_quote_usd"}
     for backend, usd in quoted.items():
         if backend == "local":  # its quote follows the live figure its probe reports; the ladder shows the sheet's

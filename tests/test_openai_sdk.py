@@ -1,6 +1,6 @@
 """The official openai SDK against the gateway served by uvicorn on 127.0.0.1.
 
-Upstream is fal's queue protocol mocked with respx (providers.md section 1):
+Upstream is fal's queue protocol mocked with respx (docs/providers/fal.md):
 submit, status, result, and a CDN serving real images of the asked size and
 format. Only fal has a credential, so every request goes there.
 """

@@ -35,7 +35,7 @@ def sheets():
     return load_sheets(PRICING_DIR)
 
 
-# --- the shipped sheets and ARCHITECTURE section 3's worked examples ---------
+# --- the shipped sheets and docs/design.md#worked-examples ---------
 
 
 def test_shipped_sheets_load_one_per_backend_with_sources(sheets):
@@ -49,7 +49,7 @@ def test_shipped_sheets_load_one_per_backend_with_sources(sheets):
     }
     for sheet in sheets.values():
         assert sheet.currency == "USD"
-        assert "seeds/" in sheet.source or "reference/" in sheet.source
+        assert "https://" in sheet.source
 
 
 @pytest.mark.parametrize(
@@ -201,10 +201,10 @@ def test_tiered_first_and_further_megapixels(size, rounding, expected):
 
 
 def test_tiered_edit_inputs_follow_bfl_formula_when_no_flat_edit_price():
-    # providers.md section 7: 1024x768 output, one ~1.049 MP input.
+    # BFL's formula (https://docs.bfl.ai/quick_start/pricing.md): 1024x768 output, one ~1.049 MP input.
     exact = tiered(edit_input_mp_per_reference="1.048576")
     ceil = tiered(edit_input_mp_per_reference="1.048576", rounding="ceil")
-    assert quote(exact, job(1024, 768, refs=1)).usd == Decimal("0.01504858")  # ~1.505 cents, as providers.md works it
+    assert quote(exact, job(1024, 768, refs=1)).usd == Decimal("0.01504858")  # ~1.505 cents, as BFL's formula works it
     assert quote(ceil, job(1024, 768, refs=1)).usd == Decimal("0.016")
     assert quote(tiered(), job(1024, 768, refs=1)).usd == Decimal("0.014")  # inputs free
 

@@ -1,8 +1,8 @@
 """The OpenAI Images surface: generations, edits, models, and served files.
 
 Handlers only parse and validate into an ImageJob, call the gateway, and
-shape the answer as the OpenAI SDK expects (shared/reference/providers.md
-section 5). Nothing after `build_job` knows which wire shape was used.
+shape the answer as the OpenAI SDK expects (https://github.com/openai/openai-python,
+`types/images_response.py`). Nothing after `build_job` knows which wire shape was used.
 """
 
 from __future__ import annotations

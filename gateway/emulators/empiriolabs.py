@@ -1,15 +1,15 @@
-"""EmpirioLabs' synchronous, OpenAI-like image API for flux-2-klein-4b (providers.md section 4).
+"""EmpirioLabs' synchronous, OpenAI-like image API for flux-2-klein-4b (docs/providers/empiriolabs.md).
 
     POST /v1/images/generations        -> {created, data: [{url} | {b64_json}]}
     GET  /v1/models                    the catalogue (free)
     GET  /v1/models/flux-2-klein-4b    the model's schema (free)
 
-Limits enforced (SEED3): W*H <= 1,048,576; width/height 256..2048 each;
+Limits enforced (EL-MODEL): W*H <= 1,048,576; width/height 256..2048 each;
 num_inference_steps 1..12; guidance_scale 0..8; num_images (alias n) 1..4;
 format webp|png|jpg|jpeg (default webp); response_format url|b64_json
 (`return_base64: true` is an alias for b64_json).
 
-Choices where the references are silent (open question 10):
+Choices where the references are silent (docs/providers/empiriolabs.md#choices-made):
 - Success is OpenAI's `{created, data}` plus `output_format`, `size` and the
   `seed` used (extra keys OpenAI clients ignore).
 - Errors are OpenAI's envelope `{"error": {message, type, code, param}}`.

@@ -1,4 +1,4 @@
-"""fal.ai queue API for fal-ai/flux-2/klein/4b (providers.md section 1).
+"""fal.ai queue API for fal-ai/flux-2/klein/4b (docs/providers/fal.md).
 
     POST /fal-ai/flux-2/klein/4b            submit (t2i)       -> IN_QUEUE + URLs
     POST /fal-ai/flux-2/klein/4b/edit       submit (edit)
@@ -6,13 +6,13 @@
     GET  /fal-ai/flux-2/requests/{id}                          -> v4Output, or 422 {"detail": [...]}
     PUT  /fal-ai/flux-2/requests/{id}/cancel                   -> 202 CANCELLATION_REQUESTED, ...
 
-Status, result and cancel live under owner/alias only (section 1.1). Auth is
-`Authorization: Key <FAL_KEY>` (section 1.2).
+Status, result and cancel live under owner/alias only (docs/providers/fal.md#endpoints). Auth is
+`Authorization: Key <FAL_KEY>` (docs/providers/fal.md#authentication).
 
-Choices where the references are silent (providers.md open question 3):
+Choices where the references are silent (docs/providers/fal.md#choices-made):
 - Input is validated when the job runs, not at submit: a bad input is
   accepted, goes IN_PROGRESS -> COMPLETED with `error`/`error_type`, and the
-  result fetch answers 422 with a detail list (the gotcha in section 1.3).
+  result fetch answers 422 with a detail list (docs/providers/fal.md#status-flow).
 - Result before completion: 400 {"detail": "Request is still in progress"}.
 - Cancel: 202 CANCELLATION_REQUESTED while queued or running (the job then
   reads COMPLETED with error_type `request_cancelled`), 400 ALREADY_COMPLETED
@@ -21,7 +21,7 @@ Choices where the references are silent (providers.md open question 3):
   without image_size takes the first data: URI's size, else 1024x1024.
 - `X-Fal-Request-Timeout` is honoured: a job no runner started by then reads
   COMPLETED with error_type `request_timeout`, and its result is 504 with
-  `X-Fal-Request-Timeout-Type` (not billed; providers.md section 1.2).
+  `X-Fal-Request-Timeout-Type` (not billed; docs/providers/fal.md#errors-and-their-classes).
 - Exhausted balance is 403 {"detail": "User is locked. Reason: Exhausted balance..."}.
 """
 
@@ -39,7 +39,7 @@ ENDPOINT = "/fal-ai/flux-2/klein/4b"
 REQUESTS = "/fal-ai/flux-2/requests"
 FORMATS = ("jpeg", "png", "webp")
 
-# fal request-error codes by status (providers.md section 1.6)
+# fal request-error codes by status (docs/providers/fal.md#errors-and-their-classes)
 ERROR_TYPES = {500: "internal_error", 502: "runner_disconnected", 503: "runner_scheduling_failure", 504: "request_timeout"}
 
 
@@ -233,7 +233,7 @@ def parse_input(payload: dict[str, Any], *, edit: bool, seed: int) -> tuple[Spec
 
 
 def _start_timeout(value: str | None) -> float | None:
-    """X-Fal-Request-Timeout: seconds, more than 1 (providers.md section 1.2); else ignored."""
+    """X-Fal-Request-Timeout: seconds, more than 1 (docs/providers/fal.md#request-body); else ignored."""
     try:
         seconds = float(value) if value else None
     except ValueError:

@@ -116,7 +116,7 @@ class LocalBackend:
     queue_capacity: int = 32  # waiting beyond that answers 429 + Retry-After
     ready: bool = True  # False: /health/ready 503 and generations 503 (warming up)
     gpu_usd_per_hour: float = 2.5
-    seconds_per_image: float = 0.57  # at 1 MP and 4 steps (ARCHITECTURE section 3)
+    seconds_per_image: float = 0.57  # at 1 MP and 4 steps (docs/providers/local.md#price)
     utilisation: float = 0.6  # amortized cost = marginal / utilisation
 
 
@@ -172,8 +172,8 @@ class EmulatorKnobs:
     def realistic(cls, provider: str) -> EmulatorKnobs:
         """Latencies in the range the references report, for demos.
 
-        fal: Lumenfall saw p50 900 ms, p95 2.3 s end to end (providers.md
-        section 6); the others are set alike, the local GPU faster."""
+        fal: Lumenfall saw p50 900 ms, p95 2.3 s end to end (https://lumenfall.ai/models/black-forest-labs/flux.2-klein-4b,
+        30 days); the others are set alike, the local GPU faster."""
         timing = {
             "fal": JobTiming(queue_ms=150, run_ms=700),
             "replicate": JobTiming(queue_ms=300, run_ms=900),

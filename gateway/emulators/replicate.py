@@ -1,4 +1,4 @@
-"""Replicate predictions for black-forest-labs/flux-2-klein-4b (providers.md section 2).
+"""Replicate predictions for black-forest-labs/flux-2-klein-4b (docs/providers/replicate.md).
 
     POST /v1/models/black-forest-labs/flux-2-klein-4b/predictions   create (Prefer: wait[=N], Cancel-After)
     POST /v1/predictions                                              create by version
@@ -8,11 +8,11 @@
     GET  /v1/account                                                  the token's account (free)
 
 Input: `aspect_ratio` and `output_megapixels` (strings) pick the size
-(section 2.5, `sizes.replicate_size`); `output_format` jpg|png|webp (default
+(docs/providers/replicate.md#sizes, `sizes.replicate_size`); `output_format` jpg|png|webp (default
 jpg); output is an array of one URI string. Errors are problem details
-(section 2.6); a 429 says "Request was throttled..." with Retry-After.
+(docs/providers/replicate.md#errors-and-their-classes); a 429 says "Request was throttled..." with Retry-After.
 
-Choices where the references are silent (open questions 4 and 5):
+Choices where the references are silent (docs/providers/replicate.md#choices-made):
 - Create answers 201, with or without `Prefer: wait`; a prediction that has
   not finished within the wait comes back `starting` or `processing`.
 - 422 for invalid input is problem details with `invalid_fields`.
@@ -227,7 +227,7 @@ def parse_input(data: dict[str, Any], *, seed: int) -> tuple[Spec, list[tuple[st
 
 
 def parse_prefer_wait(value: str | None) -> float:
-    """`Prefer: wait` -> 60, `wait=N` -> N within 1..60; 0 when absent (section 2.3)."""
+    """`Prefer: wait` -> 60, `wait=N` -> N within 1..60; 0 when absent (docs/providers/replicate.md#request-body)."""
     if not value:
         return 0.0
     for part in value.split(","):

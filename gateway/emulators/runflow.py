@@ -1,8 +1,8 @@
-"""Runflow model runs for black-forest-labs/flux-2-klein-4b (providers.md section 3).
+"""Runflow model runs for black-forest-labs/flux-2-klein-4b (docs/providers/runflow.md).
 
     POST /v1/models/black-forest-labs/flux-2-klein-4b/runs        create (t2i)  -> run, status_code queued
     POST /v1/models/black-forest-labs/flux-2-klein-4b/edit/runs   create (edit)
-    POST /v1/models/flux-2-klein-4b[/edit]/runs                   the short form SEED1 shows
+    POST /v1/models/flux-2-klein-4b[/edit]/runs                   the short form RF-MODEL shows
     GET  /v1/runs/{id}                                            queued -> dispatching -> running -> succeeded | failed
     POST /v1/admin/runs/{id}/cancellation                         201 canceled, 200 already terminal (RF-CANCEL)
     GET  /v1/health                                               free, no key
@@ -10,10 +10,10 @@
 
 Body `{input, client_ref?, callback_url?, metadata?}`; output is normalised
 `{outputs: [{url, type, width, height}], seed, nsfw_detected, timing}` and
-`cost` is a decimal string (section 3.4). Errors are `{code, message, errors}`
-(section 3.6).
+`cost` is a decimal string (docs/providers/runflow.md#result). Errors are `{code, message, errors}`
+(docs/providers/runflow.md#errors-and-their-classes).
 
-Choices where the references are silent or disagree (open questions 6, 7, 9):
+Choices where the references are silent or disagree (docs/providers/runflow.md#choices-made):
 - Create answers 201. Input is validated at create (422 VALIDATION_ERROR
   with `errors: [{field, message}]`).
 - The canceled spelling is the knob `cancel_spelling` ("canceled" default).
@@ -22,7 +22,7 @@ Choices where the references are silent or disagree (open questions 6, 7, 9):
   `image_urls` 1..4, optional `image_size` / `num_images`, and makes JPEG at
   1024x1024 unless told otherwise (RF-EDIT).
 - `cost`: t2i $0.014 first MP + $0.001 per further MP per image (the FAQ's
-  tiered price, ARCHITECTURE section 3); edit $0.005 per image; "0" until the
+  tiered price, docs/providers/runflow.md#price); edit $0.005 per image; "0" until the
   run succeeds (failed runs are not billed, RF-PRICE).
 - 429 carries Retry-After (the older docs' promise; the newer say none).
 - The balance endpoint's shape is not documented: `{balance, currency}`.
@@ -222,7 +222,7 @@ def parse_input(data: dict[str, Any], *, edit: bool, seed: int) -> tuple[Spec, l
         problems.append(("input.num_images", "must be between 1 and 4"))
         n = 1
     steps = data.get("num_inference_steps", data.get("steps", 4))
-    max_steps = 25 if edit else 50  # RF-EDIT "up to 25 steps"; SEED0 1-50
+    max_steps = 25 if edit else 50  # RF-EDIT "up to 25 steps"; RF-LLMS 1-50
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= max_steps:
         problems.append(("input.num_inference_steps" if "num_inference_steps" in data else "input.steps", f"must be between 1 and {max_steps}"))
         steps = 4
@@ -255,5 +255,5 @@ def _invalid(problems: list[tuple[str, str]]) -> Response:
 
 
 def _iso(wall: float) -> str:
-    """ISO-8601 with a +00:00 offset, as Runflow writes it (section 3.5)."""
+    """ISO-8601 with a +00:00 offset, as Runflow writes it (https://docs.runflow.io/concepts/callbacks)."""
     return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds")

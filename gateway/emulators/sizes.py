@@ -14,7 +14,7 @@ from gateway.providers.replicate import DEFAULT_SIZES as REPLICATE_SIZES
 # sizes Lumenfall publishes for its 1K tier, read by aspect ratio. Not all
 # are multiples of 16.
 REPLICATE_1MP: dict[str, tuple[int, int]] = {spec.aspect_ratio: size for size, spec in REPLICATE_SIZES.items() if spec.output_megapixels == "1"}
-# Values of output_megapixels were not found (providers.md open question 4); these are the plausible ones.
+# Values of output_megapixels were not found (docs/providers/replicate.md#choices-made); these are the plausible ones.
 REPLICATE_MEGAPIXELS: tuple[str, ...] = ("0.25", "0.5", "1", "2", "4")
 REPLICATE_ASPECT_RATIOS: tuple[str, ...] = ("match_input_image", *REPLICATE_1MP)
 

@@ -2,7 +2,7 @@
 
 Hosted providers take a reference as a public URL or an inline `data:` URI,
 and may return outputs either way (fal's `sync_mode` answers with data URIs,
-providers.md section 1.4). These helpers keep that translation in one place.
+docs/providers/fal.md#request-body). These helpers keep that translation in one place.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ An adapter translates an `ImageJob` into one provider's wire protocol and back
 into a provider-neutral `ProviderResult`. It knows nothing about pricing,
 routing or other providers. Every failure leaves an adapter as a
 `ProviderError` whose `failure` class says what it means for billing and
-health (ARCHITECTURE section 4); dispatch decides what to do with it.
+health (docs/design.md#failure-classes); dispatch decides what to do with it.
 """
 
 from __future__ import annotations

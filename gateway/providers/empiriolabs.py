@@ -1,17 +1,17 @@
 """EmpirioLabs: FLUX.2 [klein] 4B behind an OpenAI-like, synchronous endpoint.
 
-Protocol (shared/reference/providers.md section 4, SEED3): one
+Protocol (docs/providers/empiriolabs.md, EL-MODEL): one
 `POST {base}/v1/images/generations` with `Authorization: Bearer <key>` and a
 JSON body (`model`, `prompt`, size, `num_inference_steps`, `guidance_scale`,
 `seed`, `num_images`, `format`, `response_format`, `images`) answers with the
 images. There is no job id, so a timeout on that call is UNKNOWN_OUTCOME with
 nothing to follow (base.request), and there is nothing to cancel. Pricing is
-per returned image ($0.0085, SEED3) and the response reports no cost.
+per returned image ($0.0085, EL-MODEL) and the response reports no cost.
 
 Choices where the documents are silent or disagree, each an option under the
 backend's `options:` in providers.yaml:
 
-- `model` (default `flux-2-klein-4b`): the model id (SEED3).
+- `model` (default `flux-2-klein-4b`): the model id (EL-MODEL).
 - `size_field` (default `size`): `size` sends `"WxH"`, the documented
   "explicit WIDTHxHEIGHT override" used by the doc's own example; `width_height`
   sends the two numbers instead ("set width and height together").
@@ -28,13 +28,13 @@ backend's `options:` in providers.yaml:
   true reports the requested size (which EmpirioLabs is asked for explicitly),
   letting the gateway hand a URL straight to the caller.
 
-Capabilities (SEED3 unless noted): sides 256 to 2048, at most 1,048,576
+Capabilities (EL-MODEL unless noted): sides 256 to 2048, at most 1,048,576
 pixels per image, steps 1 to 12, 1 to 4 images, formats png/jpeg/webp. The doc
-does not say sides must be multiples of 16; the model needs it (section 7), so
+does not say sides must be multiples of 16; the model needs it (docs/design.md#model-limits-and-eligibility), so
 16 it is. It does not say how many reference images `images` takes; 4, the
 model's limit, is assumed.
 
-Response: the exact JSON was not captured (open question 10). OpenAI's
+Response: the exact JSON was not captured (docs/providers/empiriolabs.md#response). OpenAI's
 `{"created", "data": [{"url" | "b64_json"}]}` is read, and, defensively,
 `images: [...]` with objects or plain strings (URLs, data URIs or base64).
 A URL's media type comes from its extension, else the `format` asked for;
@@ -254,7 +254,7 @@ class EmpirioLabsAdapter(Adapter):
         size = (job.width, job.height) if self.opts.assume_requested_size else (None, None)
         images = extract_images(payload, MEDIA_TYPES[job.output_format], size)
         if not images:
-            # Billing is per returned image (SEED3): none returned, none billed.
+            # Billing is per returned image (EL-MODEL): none returned, none billed.
             raise ProviderError(FailureClass.FAILED, f"HTTP {resp.status_code}: the response holds no image", status=resp.status_code)
         seed = payload.get("seed") if isinstance(payload.get("seed"), int) and not isinstance(payload.get("seed"), bool) else job.seed
         if seed is not None:

@@ -1,16 +1,16 @@
-"""fal.ai: FLUX.2 [klein] 4B through fal's queue (providers.md section 1).
+"""fal.ai: FLUX.2 [klein] 4B through fal's queue (docs/providers/fal.md).
 
 One attempt is: POST the model input to `{base}/{endpoint}` with
 `Authorization: Key <FAL_KEY>`; poll `status_url` (IN_QUEUE, IN_PROGRESS,
 COMPLETED); GET `response_url` for the output. Status, result and cancel live
 under `owner/alias` (`fal-ai/flux-2/requests/{id}`), never the endpoint's
-sub-path (section 1.1).
+sub-path (docs/providers/fal.md#endpoints).
 
 Options (providers.yaml `options:`):
 - `model`: text-to-image endpoint id; default `fal-ai/flux-2/klein/4b`.
 - `edit_model`: edit endpoint id; default `fal-ai/flux-2/klein/4b/edit`.
 - `sync_mode`: `auto` (default) asks for inline `data:` URIs when the caller
-  wants `b64_json`, which saves a download (section 1.4); `true` / `false` force it.
+  wants `b64_json`, which saves a download (docs/providers/fal.md#request-body); `true` / `false` force it.
 - `start_timeout_s`: sent as `X-Fal-Request-Timeout`, fal's time-to-start
   deadline: a job no runner has started by then is dropped with a 504 and never
   billed. `deadline` (default) sends the attempt's remaining time, so fal does
@@ -28,11 +28,11 @@ Choices where fal's documents are silent or disagree:
   misconfigured host) is replaced by the URL rebuilt from base + owner/alias,
   so the key never travels to a foreign host.
 - A COMPLETED status carrying `error` / `error_type` is a failure, classified
-  by `error_type`: fal's infrastructure codes (section 1.6) are FAILED and not
+  by `error_type`: fal's infrastructure codes (docs/providers/fal.md#errors-and-their-classes) are FAILED and not
   billed ("5xx responses are never charged"); `content_policy_violation` is
   CONTENT_FILTERED; `bad_request` is REJECTED and not billed; a validation
   code (fal's model errors are pydantic-style: `less_than_equal`, `too_long`,
-  `*_type`, `image_too_large`, ...; section 1.6) is the input's fault, REJECTED
+  `*_type`, `image_too_large`, ...; docs/providers/fal.md#errors-and-their-classes) is the input's fault, REJECTED
   and billed ("a 422 may still be charged if GPU time was used", fal FAQ); any
   other code, or none, is the runner's failure: FAILED and billed, so another
   backend is tried rather than the caller told their input was wrong.
@@ -41,9 +41,9 @@ Choices where fal's documents are silent or disagree:
   other 4xx is the job's failure (billed), any other 5xx too (not billed).
 - A 504 carrying `X-Fal-Request-Timeout-Type` means fal's start deadline
   fired: FAILED with code `request_timeout`, not billed, not worth retrying here.
-- `guidance_scale` is not sent: the distilled endpoint has none (section 1.5).
+- `guidance_scale` is not sent: the distilled endpoint has none (docs/providers/fal.md#request-body).
 - Capabilities: sides 64..2048 in multiples of 16 (the model's limits; fal's
-  4B bounds are not published), 1..4 images, 1..50 steps (open question 2: the
+  4B bounds are not published), 1..4 images, 1..50 steps (docs/providers/fal.md#choices-made: the
   9B sibling documents 4..8; narrow with providers.yaml `capabilities:
   {min_steps: 4, max_steps: 8}` if fal enforces that), up to 4 references as
   URLs or data: URIs.
@@ -84,7 +84,7 @@ DEFAULT_MODEL = "fal-ai/flux-2/klein/4b"
 DEFAULT_EDIT_MODEL = "fal-ai/flux-2/klein/4b/edit"
 PROBE_REQUEST_ID = "00000000-0000-0000-0000-000000000000"
 
-# fal's request-error codes (providers.md section 1.6, FAL-REQERR): infrastructure, never billed.
+# fal's request-error codes (docs/providers/fal.md#errors-and-their-classes, FAL-REQERR): infrastructure, never billed.
 INFRA_ERROR_TYPES = frozenset(
     {
         "request_timeout",
@@ -107,7 +107,7 @@ CANCELLED_ERROR_TYPES = frozenset({"client_cancelled", "client_disconnected"})
 CONTENT_ERROR_TYPES = frozenset({"content_policy_violation"})
 
 # Validation codes fal reports for bad model input (pydantic's codes and fal's
-# own image checks, providers.md section 1.6).
+# own image checks, docs/providers/fal.md#errors-and-their-classes).
 VALIDATION_ERROR_TYPES = frozenset(
     {"missing", "value_error", "type_error", "literal_error", "enum", "json_invalid", "extra_forbidden",
      "image_load_error", "file_download_error", "unsupported_image_format", "image_too_large", "image_too_small"}
@@ -127,7 +127,7 @@ _REMEMBERED_JOBS = 1024
 
 
 def queue_app(endpoint_id: str) -> str:
-    """The `owner/alias` that status, result and cancel URLs use (providers.md section 1.1).
+    """The `owner/alias` that status, result and cancel URLs use (docs/providers/fal.md#endpoints).
 
     `fal-ai/flux-2/klein/4b/edit` -> `fal-ai/flux-2`; the `workflows` and `comfy`
     namespaces stay as a prefix."""
@@ -149,7 +149,7 @@ def error_detail(body: Any, response: httpx.Response) -> tuple[str, str | None, 
     """(message, error code, model error types) of a fal error response.
 
     Model errors: `{"detail": [{loc, msg, type}]}`; request errors: `{"detail": "...",
-    "error_type": "..."}` with `X-Fal-Error-Type` (providers.md section 1.6)."""
+    "error_type": "..."}` with `X-Fal-Error-Type` (docs/providers/fal.md#errors-and-their-classes)."""
     types: list[str] = []
     message = ""
     detail = body.get("detail") if isinstance(body, dict) else None
@@ -202,7 +202,7 @@ class FalOptions(AdapterOptions):
 
 
 def _result_transient(response: httpx.Response) -> bool:
-    """What fal's own client retries (providers.md section 1.3): 408/409/429 and ingress errors."""
+    """What fal's own client retries (docs/providers/fal.md#result): 408/409/429 and ingress errors."""
     status = response.status_code
     if status in (408, 409, 429):
         return True
@@ -262,7 +262,7 @@ class FalAdapter(Adapter):
         return self._result(job, output, request_id, status)
 
     def model_input(self, job: ImageJob) -> dict[str, Any]:
-        """The model input (providers.md section 1.5); the queue takes it unwrapped."""
+        """The model input (docs/providers/fal.md#request-body); the queue takes it unwrapped."""
         body: dict[str, Any] = {
             "prompt": job.prompt,
             "image_size": {"width": job.width, "height": job.height},
@@ -368,7 +368,7 @@ class FalAdapter(Adapter):
         return error
 
     def _completed_error(self, status: Mapping[str, Any], request_id: str) -> ProviderError:
-        """COMPLETED with `error` / `error_type` (providers.md section 1.3 gotcha)."""
+        """COMPLETED with `error` / `error_type` (docs/providers/fal.md#status-flow)."""
         error_type = status.get("error_type") if isinstance(status.get("error_type"), str) else None
         message = redact(clip(str(status.get("error") or error_type or "job failed")), self.settings.credential)
         if error_type in CONTENT_ERROR_TYPES:
@@ -388,7 +388,7 @@ class FalAdapter(Adapter):
     # ---- result --------------------------------------------------------------
 
     def _result(self, job: ImageJob, output: Any, request_id: str, status: Mapping[str, Any]) -> ProviderResult:
-        """`v4Output` (providers.md section 1.5) as a ProviderResult."""
+        """`v4Output` (docs/providers/fal.md#result) as a ProviderResult."""
 
         def broken(why: str) -> ProviderError:
             return ProviderError(FailureClass.FAILED, f"result {why}", job_id=request_id, billed=True)
@@ -423,7 +423,7 @@ class FalAdapter(Adapter):
     # ---- cancel and probe ----------------------------------------------------
 
     async def cancel(self, job_id: str) -> bool:
-        """PUT the job's cancel URL; errors are ignored, as fal's own client does (section 1.8)."""
+        """PUT the job's cancel URL; errors are ignored, as fal's own client does (docs/providers/fal.md#cancel)."""
         url = self._cancel_urls.get(job_id) or self._own_urls(self.model, job_id).cancel
         try:
             headers = self._auth()

@@ -1,13 +1,13 @@
-"""Replicate: FLUX.2 [klein] 4B as an official model (providers.md section 2).
+"""Replicate: FLUX.2 [klein] 4B as an official model (docs/providers/replicate.md).
 
 One attempt is: `POST {base}/v1/models/{model}/predictions` with
 `Authorization: Bearer <REPLICATE_API_TOKEN>` and `Prefer: wait=N`, which holds
-the call open until the prediction finishes or N seconds pass (section 2.3);
+the call open until the prediction finishes or N seconds pass (docs/providers/replicate.md#request-body);
 a prediction still `starting` / `processing` is then polled at `urls.get`
 until it is terminal.
 
 Replicate's klein takes no width or height, only `aspect_ratio` and
-`output_megapixels` (section 2.5), so the adapter keeps a table from exact
+`output_megapixels` (docs/providers/replicate.md#sizes), so the adapter keeps a table from exact
 (width, height) to that pair and is eligible only for the sizes in it. The
 default table is the 1 MP sizes Lumenfall publishes for this model.
 
@@ -22,7 +22,7 @@ Options (providers.yaml `options:`):
   sends no header and polls from the start.
 - `cancel_after`: the `Cancel-After` header. `deadline` (default) sends the
   attempt's remaining time as whole seconds (`"45s"`, the Go-duration form of
-  Replicate's `1m` example; the grammar is unconfirmed, open question 5); a
+  Replicate's `1m` example; the grammar is unconfirmed, docs/providers/replicate.md#choices-made); a
   string is sent as given; `null` / `false` sends none.
 - `go_fast`: sent as `go_fast` when set; omitted by default (Replicate's default).
 - `probe_timeout_s`: seconds a probe may take; default 10.
@@ -37,7 +37,7 @@ Choices where Replicate's documents are silent:
 - Billing of `failed`: billed if the prediction started running (`started_at`
   set), and billed when `started_at` is absent from the object (unknown, so
   assume the worst); not billed when it is present and null. `canceled` is
-  billed, `aborted` is not (section 2.3, REP-DL).
+  billed, `aborted` is not (docs/providers/replicate.md#status-flow, REP-DL).
 - A `failed` prediction whose error mentions NSFW or the safety checker is
   CONTENT_FILTERED: Replicate reports no per-image flags.
 - Steps: the model exposes no step count, so it always runs its default 4
@@ -95,7 +95,7 @@ class SizeSpec:
     output_megapixels: str
 
 
-# Lumenfall's published 1 MP sizes for this model on Replicate (providers.md section 2.5, LF-LLMS).
+# Lumenfall's published 1 MP sizes for this model on Replicate (docs/providers/replicate.md#sizes, LF-LLMS).
 DEFAULT_SIZES: Mapping[tuple[int, int], SizeSpec] = {
     (1024, 1024): SizeSpec("1:1", "1"),
     (1365, 768): SizeSpec("16:9", "1"),
@@ -163,7 +163,7 @@ def sizes_from(raw: Any) -> dict[tuple[int, int], SizeSpec]:
 
 
 def problem_message(body: Any, response: httpx.Response) -> str:
-    """The human part of an RFC 7807 problem details body (providers.md section 2.6)."""
+    """The human part of an RFC 7807 problem details body (docs/providers/replicate.md#errors-and-their-classes)."""
     if isinstance(body, dict):
         message = str(body.get("detail") or body.get("title") or "")
         fields = body.get("invalid_fields")
@@ -243,7 +243,7 @@ class ReplicateAdapter(Adapter):
         return self._result(job, predictions)
 
     def model_input(self, job: ImageJob, spec: SizeSpec, index: int = 0) -> dict[str, Any]:
-        """The klein input (providers.md section 2.5) for the `index`-th image of the job."""
+        """The klein input (docs/providers/replicate.md#request-body) for the `index`-th image of the job."""
         body: dict[str, Any] = {
             "prompt": job.prompt,
             "aspect_ratio": spec.aspect_ratio,
@@ -391,7 +391,7 @@ class ReplicateAdapter(Adapter):
     # ---- errors and result ---------------------------------------------------
 
     def _error(self, response: httpx.Response, *, job_id: str | None = None) -> ProviderError:
-        """A problem-details response (providers.md section 2.6) as a ProviderError."""
+        """A problem-details response (docs/providers/replicate.md#errors-and-their-classes) as a ProviderError."""
         message = redact(clip(problem_message(maybe_json(response), response)), self.settings.credential)
         status = response.status_code
         if job_id is None and status == 404:

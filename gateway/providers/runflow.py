@@ -1,11 +1,11 @@
 """Runflow: FLUX.2 [klein] 4B as asynchronous model runs.
 
-Protocol (shared/reference/providers.md section 3): create a run with
+Protocol (docs/providers/runflow.md): create a run with
 `POST {base}/v1/models/{model}/runs`, body `{"input": {...}, "client_ref"}`;
 the answer is a run object with `id` and `status_code: "queued"`. Poll
 `GET {base}/v1/runs/{id}` through `queued`, `dispatching`, `running` to a
 terminal status: `succeeded`, `partial_succeeded`, `failed`, `canceled` or
-`cancelled` (both spellings exist, section 3.3). Auth is
+`cancelled` (both spellings exist, docs/providers/runflow.md#status-flow). Auth is
 `Authorization: Bearer <RUNFLOW_API_KEY>`, sent only to the configured base
 URL: the run's `links` and its presigned output URLs are never followed with
 the key (outputs are handed back as URLs; result shaping fetches them without
@@ -15,22 +15,22 @@ Choices where the documents are silent or disagree, each an option under the
 backend's `options:` in providers.yaml:
 
 - `model` (default `black-forest-labs/flux-2-klein-4b`): the model path of the
-  text-to-image run. The docs name the full provider/slug form (SEED2); SEED1
-  shows a short `flux-2-klein-4b` (open question 6).
+  text-to-image run. The docs name the full provider/slug form (RF-DOCS); RF-MODEL
+  shows a short `flux-2-klein-4b` (docs/providers/runflow.md#choices-made).
 - `edit_model` (default `<model>/edit`): the edit endpoint's path (RF-EDIT).
 - `image_size` (default `object`): how a size is sent. The schema lists only
   fal presets but says "alternatively width/height" without naming fields; the
   wrapper mirrors fal's schema, so `object` sends `{"width", "height"}` as fal's
   `ImageSize` does and every size is exact. `preset` sends a preset name when
   the size is one of the six presets (the pixel table is third-party
-  consensus, section 1.5) and the object otherwise. `preset_only` sends preset
+  consensus, docs/providers/fal.md#capabilities-and-sizes) and the object otherwise. `preset_only` sends preset
   names only, so only those six sizes are eligible.
 - `send_guidance_scale` (default false): `guidance_scale` appears in the legacy
-  llms.txt (SEED0) but not in the current schema (SEED2); the distilled model
+  llms.txt (RF-LLMS) but not in the current schema (RF-DOCS); the distilled model
   ignores it, so it is sent only when this is true and the caller set one.
 - `edit_steps_field` (default `steps`): the 4B edit endpoint documents `steps`
-  (RF-EDIT) where fal-shaped wrappers use `num_inference_steps` (open question
-  7): `steps`, `num_inference_steps` or `both`.
+  (RF-EDIT) where fal-shaped wrappers use `num_inference_steps` (docs/providers/runflow.md#choices-made):
+  `steps`, `num_inference_steps` or `both`.
 - `edit_size_field` (default none): the 4B edit endpoint documents only
   `prompt, image_urls, seed, steps` and prices "per image, 1024x1024, up to 25
   steps" (RF-EDIT). With no size field its only documented size is 1024x1024,
@@ -55,7 +55,7 @@ backend's `options:` in providers.yaml:
 Behaviour where the protocol leaves room:
 
 - Polling keeps going through 5xx, 429 (after its Retry-After) and unreadable
-  bodies, as the SDK does (section 3.3), until the deadline, which ends in
+  bodies, as the SDK does (docs/providers/runflow.md#status-flow), until the deadline, which ends in
   UNKNOWN_OUTCOME carrying the run id. A poll whose connection drops or times
   out is retried twice in a row before the outcome is declared unknown. An
   unknown status is treated as still running.
@@ -114,8 +114,8 @@ PROBE_TIMEOUT_S = 10.0
 POLL_TRANSPORT_RETRIES = 2  # a dropped poll is retried this many times in a row
 EDIT_DOCUMENTED_SIZE = (1024, 1024)  # RF-EDIT: "per image, 1024x1024, up to 25 steps"
 
-# fal's presets, which Runflow's wrapper takes (SEED0, SEED2); pixel sizes are
-# third-party consensus (providers.md section 1.5).
+# fal's presets, which Runflow's wrapper takes (RF-LLMS, RF-DOCS); pixel sizes are
+# third-party consensus (docs/providers/fal.md#capabilities-and-sizes).
 PRESETS: dict[tuple[int, int], str] = {
     (1024, 1024): "square_hd",
     (512, 512): "square",
@@ -125,7 +125,7 @@ PRESETS: dict[tuple[int, int], str] = {
     (1024, 576): "landscape_16_9",
 }
 
-# Run statuses (providers.md section 3.3).
+# Run statuses (docs/providers/runflow.md#status-flow).
 SUCCEEDED = frozenset({"succeeded", "partial_succeeded"})
 FAILED = "failed"
 CANCELED = frozenset({"canceled", "cancelled"})
@@ -165,7 +165,7 @@ class RunflowOptions(AdapterOptions):
 
 def _model_path(model: str, option: str = "model") -> str:
     """The model id as URL path segments, each encoded; the SDK rejects empty,
-    `.` and `..` segments (providers.md section 3.2)."""
+    `.` and `..` segments (docs/providers/runflow.md#endpoints)."""
     if not isinstance(model, str):
         raise ValueError(f"runflow: option {option} must be a string")
     segments = model.strip("/").split("/")
@@ -176,7 +176,7 @@ def _model_path(model: str, option: str = "model") -> str:
 
 # ---- capabilities ------------------------------------------------------------
 
-TEXT_TO_IMAGE_CAPABILITIES = Capabilities()  # model-wide limits; SEED0: n 1-4, steps 1-50
+TEXT_TO_IMAGE_CAPABILITIES = Capabilities()  # model-wide limits; RF-LLMS: n 1-4, steps 1-50
 
 
 def capabilities_for_options(opts: RunflowOptions, kind: JobKind | None = None) -> Capabilities:
@@ -248,7 +248,7 @@ def run_input(job: ImageJob, opts: RunflowOptions) -> dict[str, Any]:
 
 
 def run_status(run: Mapping[str, Any]) -> str:
-    """`status_code`, or `status` as in the errors doc's example (section 3.3)."""
+    """`status_code`, or `status` as in the errors doc's example (docs/providers/runflow.md#status-flow)."""
     value = run.get("status_code") or run.get("status") or ""
     return str(value).strip().lower()
 
@@ -331,9 +331,9 @@ def _nsfw_flags(output: Mapping[str, Any], count: int) -> list[bool | None]:
 
 
 def extract_images(output: Any, default_type: str | None) -> list[GeneratedImage]:
-    """Images from a run's output, in the SDK's extractor order (section 3.4):
+    """Images from a run's output, in the SDK's extractor order (docs/providers/runflow.md#result):
     `outputs[].url`, then `image_urls[]`, `image.url`, `url`, `output_url`;
-    then the legacy fal-shaped `images[]` (section 3.2 a)."""
+    then the legacy fal-shaped `images[]` (docs/providers/runflow.md#result)."""
     if isinstance(output, list):
         output = {"outputs": output}
     if not isinstance(output, Mapping):
@@ -528,7 +528,7 @@ class RunflowAdapter(Adapter):
     # -- probe and cancel --
 
     async def probe(self) -> ProbeResult:
-        """`GET /v1/health` (section 3.1): free, and sent without the key."""
+        """`GET /v1/health` (docs/providers/runflow.md#probe): free, and sent without the key."""
         started = time.monotonic()
         try:
             resp = await self.request("GET", f"{self.base}/v1/health", deadline=started + PROBE_TIMEOUT_S, timeout=PROBE_TIMEOUT_S, follow_redirects=False)

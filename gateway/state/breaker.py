@@ -5,8 +5,8 @@ or on failures in a row; open -> half-open once the cooldown has run (read
 lazily from the record, so no timer writes it); half-open -> closed on a good
 trial, or -> open again with the cooldown multiplied (capped). A breaker
 that re-opens within one window of closing also grows its cooldown, so a
-flapping backend is not retried at the base rate forever (gateways.md
-section c item 7: a second failure must extend the cooldown).
+flapping backend is not retried at the base rate forever (BerriAI/litellm#40130,
+docs/design.md#lessons-from-other-gateways: a second failure must extend the cooldown).
 
 No I/O here: `HealthTracker` (gateway/health.py) reads the facts from the
 state store, calls these functions and compare-and-sets the result.

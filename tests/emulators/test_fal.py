@@ -112,7 +112,7 @@ async def test_sync_mode_returns_inline_data_uris(client, fleet):
     ],
 )
 async def test_invalid_input_completes_with_error_and_the_result_is_a_422_detail_list(client, fleet, body, path, field, kind):
-    job = await submit(client, fleet, body, path=path)  # fal accepts at submit (providers.md section 1.3)
+    job = await submit(client, fleet, body, path=path)  # fal accepts at submit (docs/providers/fal.md#status-flow)
     status = (await client.get(job["status_url"], headers=auth(fleet, "fal"))).json()
     assert status["status"] == "COMPLETED" and status["error_type"] == kind and status["error"]
     result = await client.get(job["response_url"], headers=auth(fleet, "fal"))

@@ -129,7 +129,7 @@ async def test_health_needs_no_key(client, fleet):
 @pytest.mark.parametrize(
     ("width", "height", "n", "edit", "usd"),
     [
-        (1024, 1024, 1, False, "0.014048576"),  # ARCHITECTURE section 3 worked example
+        (1024, 1024, 1, False, "0.014048576"),  # docs/design.md#worked-examples
         (512, 512, 1, False, "0.014"),
         (1024, 1024, 2, True, "0.010"),
     ],

@@ -1,6 +1,6 @@
 """The HTTP API with a fake generator, in-process (httpx.ASGITransport + the
 app's lifespan; litestar's AsyncTestClient does not interleave concurrent
-requests, local_backend.md section 5.5)."""
+requests, docs/local-backend.md#http-and-metrics)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """EmpirioLabs adapter against respx mocks of its documented synchronous
-endpoint (shared/reference/providers.md section 4, SEED3)."""
+endpoint (docs/providers/empiriolabs.md)."""
 
 from __future__ import annotations
 

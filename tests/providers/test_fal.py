@@ -1,4 +1,4 @@
-"""fal adapter against fal's documented queue protocol (providers.md section 1), mocked with respx."""
+"""fal adapter against fal's documented queue protocol (docs/providers/fal.md), mocked with respx."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Replicate adapter against Replicate's documented prediction protocol (providers.md section 2), mocked with respx."""
+"""Replicate adapter against Replicate's documented prediction protocol (docs/providers/replicate.md), mocked with respx."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Runflow adapter against respx mocks of the documented run protocol
-(shared/reference/providers.md section 3)."""
+(docs/providers/runflow.md)."""
 
 from __future__ import annotations
 
