@@ -1,6 +1,6 @@
 """Routing: which backends to try for one job, and in which order. Pure policy.
 
-The one place where routing policy lives (ARCHITECTURE section 2). Given each
+The one place where routing policy lives (docs/design.md#the-flow-of-a-request). Given each
 backend's eligibility, quote and health snapshot, `plan()` drops those that
 cannot or may not take the job, each with a reason, and orders the rest:
 caller's `provider.order` first, then cheapest quote, then lowest recent

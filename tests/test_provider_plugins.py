@@ -42,7 +42,7 @@ from gateway.providers.base import Adapter
 from tests.gateway_support import ENV, PROVIDERS_YAML, REPO, ServerThread, image_size_of, make_app
 from tests.plugins.acme_adapter import AcmeAdapter
 
-WALK_THROUGH = REPO / "docs" / "adding-a-provider.md"
+WALK_THROUGH = REPO / "docs/adding-a-provider.md"
 
 
 def doc_blocks(language: str) -> list[str]:

@@ -46,7 +46,7 @@ def _by_ratio(ratio: float, megapixels: float) -> tuple[int, int]:
 
 # EmpirioLabs aspect_ratio -> pixels when neither size nor width/height is given.
 # The docs list the ratios and the 1,048,576-pixel cap, not the pixels
-# (providers.md section 4); these are multiples of 16 under the cap, and
+# (docs/providers/empiriolabs.md#capabilities); these are multiples of 16 under the cap, and
 # 1344x768 / 768x1344 are the docs' own examples.
 EMPIRIOLABS_ASPECT: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
