@@ -23,6 +23,7 @@ from gateway.image_store import ImageStore
 from gateway.job import ImageJob, JobKind
 from gateway.logs import RequestLogger, configure_logging, register_secrets
 from gateway.metrics import GatewayMetrics
+from gateway.metrics_access import MetricsAccess
 from gateway.pinned import PinnedTransport, SystemResolver
 from gateway.probes import Prober
 from gateway.results import ResultShaper
@@ -49,7 +50,8 @@ def parse_keys(value: str | None) -> frozenset[str]:
 def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: httpx.AsyncBaseTransport | None = None, metrics: GatewayMetrics | None = None) -> Gateway:
     """Every part of the gateway, wired; `transport` lets tests mock all upstream HTTP."""
     keys = parse_keys(env.get("KLEIN_GATEWAY_KEYS"))
-    register_secrets([*(b.credential for b in config.backends), *keys])  # never in a log line, label or answer
+    metrics_access = MetricsAccess.from_env(env)
+    register_secrets([*(b.credential for b in config.backends), *keys, metrics_access.token])  # never in a log line, label or answer
     client = httpx.AsyncClient(transport=transport or ShardedTransport(MAX_UPSTREAM_CONNECTIONS), headers={"user-agent": "klein-gateway/0.1"})
     # Caller URLs are fetched with a separate client that never carries provider state,
     # connecting only to the public address it checked (PinnedTransport).
@@ -76,6 +78,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         images_store=images_store,
         keys=keys,
         resolver=resolver,
+        metrics_access=metrics_access,
         store=store,
         clients=[client, fetch_client],
         request_log=RequestLogger(log_prompt_length=settings.log_prompts),

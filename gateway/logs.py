@@ -317,8 +317,9 @@ class RequestLogger:
         error_code: str | None = None,
         prompt: str | None = None,
     ) -> dict[str, Any]:
-        """The fields of one request line. `caller` is a key id, never a
-        key; `prompt` is only measured, and only with `log_prompt_length`."""
+        """The fields of one request line. `caller` is the caller's label
+        (`gateway.callers`), never a key; `prompt` is only measured, and only
+        with `log_prompt_length`."""
         entry: dict[str, Any] = {
             "request_id": request_id,
             "route": route,

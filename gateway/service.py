@@ -24,6 +24,7 @@ from gateway.image_store import ImageStore
 from gateway.job import ImageJob
 from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
+from gateway.metrics_access import MetricsAccess
 from gateway.pinned import Resolver, SystemResolver
 from gateway.pricing import usd_text
 from gateway.references import vet_reference_hosts
@@ -43,6 +44,7 @@ class Gateway:
     clients: list[httpx.AsyncClient] = field(default_factory=list)
     request_log: RequestLogger = field(default_factory=RequestLogger)
     resolver: Resolver = field(default_factory=SystemResolver)  # reference URL hosts, checked on arrival
+    metrics_access: MetricsAccess = field(default_factory=MetricsAccess)
     ready: bool = False
     in_flight: int = 0
 
