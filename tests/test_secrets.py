@@ -164,6 +164,52 @@ async def test_no_key_or_key_fragment_reaches_answer_log_or_metrics(adapter, ech
         assert not leaked_fragments(text), f"{adapter}/{echo}: key fragments in the {where}: {leaked_fragments(text)[:3]}"
 
 
+# The job was accepted, ran, and failed with the key in its own error text
+# (fal's COMPLETED-with-error, Replicate's failed prediction, Runflow's failed run).
+JOB_ERRORS: list[tuple[str, Callable[[], str]]] = [
+    ("cut-at-290", lambda: "y" * 290 + every_key(str)),
+    ("json-escaped", lambda: "bad key " + every_key(json_escaped)),
+    ("url-encoded", lambda: "bad key " + every_key(lambda k: quote(k, safe=""))),
+    ("upper-case", lambda: "bad key " + every_key(str.upper)),
+]
+
+
+def failed_job_router(adapter: str, error: str) -> respx.Router:
+    router = respx.Router(assert_all_called=False)
+    base = BASES[adapter]
+    if adapter == "fal":
+        router.post(url__startswith=base).mock(return_value=httpx.Response(200, json={"request_id": "req-1", "status": "IN_QUEUE"}))
+        router.get(url__startswith=base).mock(return_value=httpx.Response(200, json={"status": "COMPLETED", "error": error, "error_type": "runner_error"}))
+    elif adapter == "replicate":
+        failed = {"id": "p-1", "status": "failed", "error": error, "started_at": "2026-01-01T00:00:00Z"}
+        router.post(url__startswith=base).mock(return_value=httpx.Response(201, json=failed))
+        router.get(url__startswith=base).mock(return_value=httpx.Response(200, json=failed))
+    else:
+        failed = {"id": "run-1", "status": "failed", "failure_code": KEYS["RUNFLOW_API_KEY"], "failure_message": error}
+        router.post(url__startswith=base).mock(return_value=httpx.Response(200, json=failed))
+        router.get(url__startswith=base).mock(return_value=httpx.Response(200, json=failed))
+    router.route(url__startswith=base).mock(return_value=httpx.Response(200, json={}))  # cancels
+    return router
+
+
+@pytest.mark.parametrize("adapter", ["fal", "replicate", "runflow"])
+@pytest.mark.parametrize(("echo", "error_of"), JOB_ERRORS, ids=[row[0] for row in JOB_ERRORS])
+async def test_a_failed_job_quoting_the_key_leaks_nothing(adapter, echo, error_of, log_output):
+    router = failed_job_router(adapter, error_of())
+    app = make_app(ENV, transport=httpx.MockTransport(router.async_handler))
+    async with AsyncTestClient(app) as client:
+        answer = await client.post(
+            "/v1/images/generations",
+            json={"prompt": "a lighthouse at dusk", "size": "1024x1024", "provider": {"only": [adapter]}},
+            headers={"authorization": f"Bearer {CALLER_KEY}"},
+        )
+        metrics = await client.get("/metrics")
+    assert answer.status_code >= 400
+    assert any(a.get("message", "").startswith(("job failed", "prediction failed", "run failed")) for a in answer.json()["error"].get("attempts", [])), answer.text
+    for where, text in (("answer", answer.text + str(answer.headers)), ("log", log_output.getvalue()), ("/metrics", metrics.text)):
+        assert not leaked_fragments(text), f"{adapter}/{echo}: key fragments in the {where}"
+
+
 async def test_the_provider_error_still_reads_as_the_provider_error(log_output):
     """Redaction takes the key out, not the message: the caller still learns what the provider said."""
     body = json.dumps({"detail": f"image_size is invalid for key {KEYS['FAL_KEY']}"})
