@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from ipaddress import IPv4Address, IPv6Address
 
 IPAddress = IPv4Address | IPv6Address
@@ -124,6 +125,7 @@ def refuse_unless_public_host(host: str) -> IPAddress | None:
     the literal address, or None for a name still to be resolved."""
     if not host:
         raise HostRefused("the URL has no host")
+    host = unicodedata.normalize("NFKC", host)  # fullwidth digits and dots read as ASCII ones to a resolver
     addr = literal_address(host)
     if addr is not None:
         if not is_public(addr):

@@ -168,6 +168,7 @@ REFUSED_AT_PARSE = [
     "http://127.1/x.png",
     "http://0/x.png",
     "http://0x7f.1/x.png",
+    "http://\uff11\uff12\uff17\uff0e\uff10\uff0e\uff10\uff0e\uff11/x.png",  # fullwidth 127.0.0.1
     "http://10.0.0.5/x.png",
     "http://100.64.0.1/x.png",
     "http://134744072/x.png",  # 8.8.8.8, but not written as such
