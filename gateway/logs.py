@@ -88,6 +88,11 @@ def registered_secrets() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=64)
+def _lowered(secrets: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(s.lower() for s in secrets)
+
+
+@lru_cache(maxsize=64)
 def _secret_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
     """One case-insensitive alternation of the secrets, longest first."""
     return re.compile("|".join(re.escape(s) for s in secrets), re.IGNORECASE) if secrets else None
@@ -105,9 +110,12 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` with every known secret (in any case) and every credential-looking token replaced by [REDACTED]."""
     extra = [s for s in secrets if s and len(s) >= _MIN_SECRET_LEN]
     known = tuple(sorted(set(_secrets_by_length).union(extra), key=len, reverse=True)) if extra else _secrets_by_length
-    pattern = _secret_pattern(known)
-    if pattern is not None:
-        text = pattern.sub(REDACTED, text)
+    if known:
+        lowered = text.lower()
+        if any(s in lowered for s in _lowered(known)):  # the regex only when a secret is there
+            pattern = _secret_pattern(known)
+            if pattern is not None:
+                text = pattern.sub(REDACTED, text)
     if _TRIGGER.search(text) is None:
         return text
     for pattern, replacement in _PATTERNS:

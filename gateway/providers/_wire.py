@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -63,7 +64,10 @@ def trusted_url(candidate: object, base: str, fallback: str, *, what: str = "URL
     return fallback
 
 
-MAX_SCANNED_CHARS = 64 * 1024  # of an error body; the answer keeps at most `limit` of it anyway
+# Of an error body, only this much is read: the answer keeps at most `limit`
+# characters anyway, and a key cut here is still masked by its fragments.
+MAX_SCANNED_CHARS = 8 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 
 
 def credential_forms(credential: str | None) -> tuple[str, ...]:
@@ -90,7 +94,7 @@ def provider_text(text: object, credential: str | None, limit: int = 300) -> str
 
 def clip(text: str, limit: int = 300) -> str:
     """`text` on one line, control characters dropped, at most `limit` characters."""
-    text = " ".join("".join(c if c.isprintable() or c.isspace() else " " for c in str(text)).split())
+    text = " ".join(_CONTROL.sub(" ", str(text)).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
