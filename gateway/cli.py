@@ -155,10 +155,7 @@ def resolve_metrics_port(args: argparse.Namespace) -> int | None:
     every worker knows not to serve /metrics on the API port."""
     from gateway.metrics_access import PORT_ENV, parse_port
 
-    try:
-        port = parse_port(args.metrics_port if args.metrics_port is not None else os.environ.get(PORT_ENV))
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    port = parse_port(args.metrics_port if args.metrics_port is not None else os.environ.get(PORT_ENV))
     if port is not None:
         if port == args.port:
             raise ConfigError(f"--metrics-port {port} is the API port; pick another")

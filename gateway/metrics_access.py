@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from wsgiref.simple_server import WSGIServer, make_server
 
+from gateway.config import ConfigError
+
 TOKEN_ENV: Final = "KLEIN_METRICS_TOKEN"
 PORT_ENV: Final = "KLEIN_METRICS_PORT"
 
@@ -38,7 +40,7 @@ class MetricsAccess:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> MetricsAccess:
-        """From `KLEIN_METRICS_TOKEN` and `KLEIN_METRICS_PORT`; a port that is not 1-65535 is a ValueError."""
+        """From `KLEIN_METRICS_TOKEN` and `KLEIN_METRICS_PORT`; a port that is not 1-65535 is a ConfigError."""
         return cls(token=env.get(TOKEN_ENV) or None, port=parse_port(env.get(PORT_ENV)))
 
     def allows(self, authorization: str | None) -> bool:
@@ -55,9 +57,9 @@ def parse_port(value: str | int | None) -> int | None:
     try:
         port = int(value)
     except ValueError:
-        raise ValueError(f"{PORT_ENV} must be a port number, not {value!r}") from None
+        raise ConfigError(f"{PORT_ENV} must be a port number, not {value!r}") from None
     if not 1 <= port <= 65535:
-        raise ValueError(f"{PORT_ENV} must be from 1 to 65535, not {port}")
+        raise ConfigError(f"{PORT_ENV} must be from 1 to 65535, not {port}")
     return port
 
 

@@ -28,6 +28,7 @@ from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.callers import LABEL_SECRET_ENV, Caller, caller_label
+from gateway.config import ConfigError
 from gateway.logs import configure_logging
 from gateway.metrics_access import MetricsAccess, parse_port
 from tests.gateway_support import ENV, REPO, FakeAdapter, free_port, install_fakes, make_app
@@ -160,7 +161,7 @@ def test_metrics_port_parses(value, port):
 
 @pytest.mark.parametrize("value", ["0", "65536", "abc", "-1"])
 def test_a_bad_metrics_port_is_refused(value):
-    with pytest.raises(ValueError, match="KLEIN_METRICS_PORT"):
+    with pytest.raises(ConfigError, match="KLEIN_METRICS_PORT"):
         MetricsAccess.from_env({"KLEIN_METRICS_PORT": value})
 
 
