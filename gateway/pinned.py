@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Iterable
 from ipaddress import ip_address
 from typing import Any, Protocol
@@ -126,12 +127,15 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
         *,
         limits: httpx.Limits = FETCH_LIMITS,
         network_backend: httpcore.AsyncNetworkBackend | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        """`network_backend`: what finally opens the socket to the checked address (httpcore's anyio backend by default)."""
+        """`network_backend`: what finally opens the socket to the checked address
+        (httpcore's anyio backend by default); `ssl_context`: the certificates
+        trusted (the certifi bundle by default)."""
         super().__init__(trust_env=False, limits=limits)
         self.resolver = resolver or SystemResolver()
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,

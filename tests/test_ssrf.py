@@ -10,6 +10,8 @@ resolver has started answering 127.0.0.1 (DNS rebinding).
 
 from __future__ import annotations
 
+import ssl
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -353,6 +355,49 @@ async def test_fetch_refuses_literal_non_public_hosts_before_any_lookup(url):
         with pytest.raises(InvalidRequest):
             await fetch_reference(ReferenceImage(content_type="application/octet-stream", url=url), client)
     assert resolver.calls == []
+
+
+def self_signed(tmp_path, name: str) -> tuple[str, str]:
+    cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize(("cert_name", "fetched"), [("cdn.test", True), ("other.test", False)])
+async def test_tls_to_the_pinned_address_still_checks_the_certificate_for_the_name(tmp_path, cert_name, fetched):
+    """The socket goes to the checked IP, but SNI and the certificate check use the URL's host."""
+    cert, key = self_signed(tmp_path, cert_name)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    server_side.sni_callback = lambda sock, name, ctx: names.append(name)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    server.socket = server_side.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _ImageHandler.hosts = []
+    try:
+        trusted = ssl.create_default_context(cafile=cert)
+        resolver = ScriptedResolver({"cdn.test": [[PUBLIC_V4]]})
+        inner = ToLoopback(server.server_address[1])
+        async with httpx.AsyncClient(transport=PinnedTransport(resolver, network_backend=inner, ssl_context=trusted)) as client:
+            ref = ReferenceImage(content_type="application/octet-stream", url="https://cdn.test/a.png")
+            if fetched:
+                assert (await fetch_reference(ref, client)).data == _ImageHandler.body
+            else:
+                with pytest.raises(InvalidRequest, match="could not be fetched"):
+                    await fetch_reference(ref, client)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert inner.asked == [(PUBLIC_V4, 443)]
+    assert names[:1] == ["cdn.test"]
+    assert _ImageHandler.hosts == (["cdn.test"] if fetched else [])
 
 
 async def test_system_resolver_reads_localhost_and_reports_missing_names_as_permanent():
