@@ -37,6 +37,8 @@ REDACTED: Final = "[REDACTED]"
 # Credential names from ARCHITECTURE section 1; each value is a secret.
 SECRET_ENV_VARS: Final = ("FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY")
 GATEWAY_KEYS_ENV: Final = "KLEIN_GATEWAY_KEYS"  # comma-separated caller keys
+# The gateway's own secrets: the /metrics token, the caller-label and image-URL signing keys.
+GATEWAY_SECRET_ENV_VARS: Final = ("KLEIN_METRICS_TOKEN", "KLEIN_METRICS_KEY_SECRET", "KLEIN_URL_SIGNING_KEY")
 PROMPT_LENGTH_ENV: Final = "KLEIN_LOG_PROMPT_LENGTH"  # opt-in: log prompt length (never text)
 
 _TOKEN = r"[A-Za-z0-9._~+/=:\-]"
@@ -99,9 +101,9 @@ def _secret_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
 
 
 def secrets_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The configured secret values: provider credentials and gateway keys."""
+    """The configured secret values: provider credentials, caller keys and the gateway's own secrets."""
     env = os.environ if environ is None else environ
-    found = [env[name] for name in SECRET_ENV_VARS if env.get(name)]
+    found = [env[name] for name in (*SECRET_ENV_VARS, *GATEWAY_SECRET_ENV_VARS) if env.get(name)]
     found += [k.strip() for k in env.get(GATEWAY_KEYS_ENV, "").split(",") if k.strip()]
     return found
 

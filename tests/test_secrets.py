@@ -23,7 +23,7 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from gateway.logs import REDACTED, configure_logging, scrub, unescape
+from gateway.logs import REDACTED, configure_logging, scrub, secrets_from_env, unescape
 from gateway.providers._wire import provider_text
 from tests.gateway_support import make_app
 
@@ -296,3 +296,8 @@ def test_log_scrub_sees_escaped_keys_but_leaves_ordinary_escapes_alone():
     escaped = json_escaped("sk-" + "Qw3Er5Ty7Ui9Op1As")
     assert "Qw3Er5Ty" not in unescape(scrub(f"upstream said {escaped}"))
     assert scrub("path /a%20b and \\n newline") == "path /a%20b and \\n newline"
+
+
+def test_the_gateways_own_secrets_are_scrubbed_like_credentials():
+    env = {"KLEIN_METRICS_TOKEN": "tok-metrics-1", "KLEIN_METRICS_KEY_SECRET": "label-secret-2", "KLEIN_URL_SIGNING_KEY": "url-signing-3", "FAL_KEY": "fal-4"}
+    assert set(secrets_from_env(env)) == set(env.values())
