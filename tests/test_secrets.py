@@ -226,7 +226,7 @@ async def test_the_provider_error_still_reads_as_the_provider_error(log_output):
     assert REDACTED in message
 
 
-# ---- the shared helper, row by row -------------------------------------------
+# ---- provider_text, row by row -----------------------------------------------
 
 CRED = "abc12345-0000-4000-8000-00000000cafe:f00dfeedbeefcafe0123456789abcdef"
 SECRET_PART = CRED.split(":")[1]
