@@ -21,8 +21,10 @@ from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.image_store import ImageStore
 from gateway.job import ImageJob, JobKind
-from gateway.logs import RequestLogger, configure_logging
+from gateway.logs import RequestLogger, configure_logging, register_secrets
 from gateway.metrics import GatewayMetrics
+from gateway.metrics_access import MetricsAccess
+from gateway.pinned import PinnedTransport, SystemResolver
 from gateway.probes import Prober
 from gateway.results import ResultShaper
 from gateway.service import Gateway
@@ -47,9 +49,14 @@ def parse_keys(value: str | None) -> frozenset[str]:
 
 def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: httpx.AsyncBaseTransport | None = None, metrics: GatewayMetrics | None = None) -> Gateway:
     """Every part of the gateway, wired; `transport` lets tests mock all upstream HTTP."""
+    keys = parse_keys(env.get("KLEIN_GATEWAY_KEYS"))
+    metrics_access = MetricsAccess.from_env(env)
+    register_secrets([*(b.credential for b in config.backends), *keys, metrics_access.token])  # never in a log line, label or answer
     client = httpx.AsyncClient(transport=transport or ShardedTransport(MAX_UPSTREAM_CONNECTIONS), headers={"user-agent": "klein-gateway/0.1"})
-    # Caller URLs are fetched with a separate client that never carries provider state.
-    fetch_client = httpx.AsyncClient(transport=transport, follow_redirects=False, headers={"user-agent": "klein-gateway/0.1"})
+    # Caller URLs are fetched with a separate client that never carries provider state,
+    # connecting only to the public address it checked (PinnedTransport).
+    resolver = SystemResolver()
+    fetch_client = httpx.AsyncClient(transport=transport or PinnedTransport(resolver), follow_redirects=False, trust_env=False, headers={"user-agent": "klein-gateway/0.1"})
     fleet = BackendFleet(config, client, fetch_client)
     store = open_store(env.get("REDIS_URL") or None)
     policies = {b.name: b.config.breaker for b in config.enabled}
@@ -69,7 +76,9 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         dispatcher=dispatcher,
         metrics=metrics,
         images_store=images_store,
-        keys=parse_keys(env.get("KLEIN_GATEWAY_KEYS")),
+        keys=keys,
+        resolver=resolver,
+        metrics_access=metrics_access,
         store=store,
         clients=[client, fetch_client],
         request_log=RequestLogger(log_prompt_length=settings.log_prompts),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import shutil
 import sys
 import tempfile
 from decimal import Decimal
 from pathlib import Path
 
+from gateway.callers import LABEL_SECRET_ENV
 from gateway.config import ConfigError, load_config
 
 
@@ -25,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, default=1, help="worker processes (metrics stay correct: PROMETHEUS_MULTIPROC_DIR is set for you)")
     serve.add_argument("--emulate", action="store_true", help="start every provider's emulator on loopback and route to them (no keys needed)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument(
+        "--metrics-port", type=int, default=None,
+        help="serve /metrics on this port only, not on --port (default: $KLEIN_METRICS_PORT); $KLEIN_METRICS_TOKEN still applies",
+    )  # fmt: skip
+    serve.add_argument("--metrics-host", default=None, help="address for --metrics-port (default: --host)")
 
     quote = sub.add_parser("quote", help="print every backend's price for a request")
     _config_args(quote)
@@ -120,16 +127,40 @@ def serve_gateway(args: argparse.Namespace) -> int:
     if args.pricing:
         os.environ["KLEIN_PRICING"] = args.pricing
     raise_open_file_limit()
-    metrics_dir = prepare_metrics_dir(args.workers)
+    metrics_port = resolve_metrics_port(args)
+    # One caller-label secret for every worker, so their series agree (gateway.callers).
+    os.environ.setdefault(LABEL_SECRET_ENV, secrets.token_hex(32))
+    metrics_dir = prepare_metrics_dir(args.workers, shared=metrics_port is not None)
+    metrics_server = None
+    if metrics_port is not None:
+        from gateway.metrics_access import MetricsAccess, serve_metrics
+
+        metrics_server, _ = serve_metrics(args.metrics_host or args.host, metrics_port, MetricsAccess.from_env(os.environ), os.environ["PROMETHEUS_MULTIPROC_DIR"])
     print(banner(args, fleet), flush=True)
     try:
         uvicorn.run("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False, log_config=None)
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         if fleet is not None:
             fleet.stop_thread()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def resolve_metrics_port(args: argparse.Namespace) -> int | None:
+    """--metrics-port, else $KLEIN_METRICS_PORT; written back to the environment so
+    every worker knows not to serve /metrics on the API port."""
+    from gateway.metrics_access import PORT_ENV, parse_port
+
+    port = parse_port(args.metrics_port if args.metrics_port is not None else os.environ.get(PORT_ENV))
+    if port is not None:
+        if port == args.port:
+            raise ConfigError(f"--metrics-port {port} is the API port; pick another")
+        os.environ[PORT_ENV] = str(port)
+    return port
 
 
 def raise_open_file_limit() -> None:
@@ -144,8 +175,9 @@ def raise_open_file_limit() -> None:
         pass
 
 
-def prepare_metrics_dir(workers: int) -> str | None:
-    """Several workers share counters through PROMETHEUS_MULTIPROC_DIR.
+def prepare_metrics_dir(workers: int, *, shared: bool = False) -> str | None:
+    """Several workers share counters through PROMETHEUS_MULTIPROC_DIR; so do
+    one worker and the separate metrics server (`shared`).
 
     A directory the user named is emptied of the previous run's files (they
     would be summed in); otherwise one is made, and returned so it is removed
@@ -155,7 +187,7 @@ def prepare_metrics_dir(workers: int) -> str | None:
         for stale in Path(given).glob("*.db"):
             stale.unlink(missing_ok=True)
         return None
-    if workers <= 1:
+    if workers <= 1 and not shared:
         return None
     made = tempfile.mkdtemp(prefix="klein-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
@@ -178,9 +210,15 @@ def banner(args: argparse.Namespace, fleet: object | None) -> str:
         "  python -c \"from openai import OpenAI; c = OpenAI(base_url='" + url + "', api_key='" + key_hint + "'); "
         "print(c.images.generate(model='flux-2-klein-4b', prompt='a lighthouse', size='512x512').data[0].url)\"",
         f"  curl -s {url}/backends | python -m json.tool",
-        f"Metrics: http://{args.host}:{args.port}/metrics",
+        f"Metrics: {metrics_url(args)}",
     ]
     return "\n".join(lines)
+
+
+def metrics_url(args: argparse.Namespace) -> str:
+    port = os.environ.get("KLEIN_METRICS_PORT")
+    url = f"http://{getattr(args, 'metrics_host', None) or args.host}:{port}/metrics" if port else f"http://{args.host}:{args.port}/metrics"
+    return url + (" (Authorization: Bearer $KLEIN_METRICS_TOKEN)" if os.environ.get("KLEIN_METRICS_TOKEN") else "")
 
 
 if __name__ == "__main__":

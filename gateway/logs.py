@@ -19,22 +19,28 @@ characters, never its text.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
 import re
 import sys
 import threading
+import unicodedata
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, Final, TextIO
+from urllib.parse import unquote
 
 from gateway.providers import credential_env_names
 
 REDACTED: Final = "[REDACTED]"
 
 GATEWAY_KEYS_ENV: Final = "KLEIN_GATEWAY_KEYS"  # comma-separated caller keys
+# The gateway's own secrets: the /metrics token, the caller-label and image-URL signing keys.
+GATEWAY_SECRET_ENV_VARS: Final = ("KLEIN_METRICS_TOKEN", "KLEIN_METRICS_KEY_SECRET", "KLEIN_URL_SIGNING_KEY")
 PROMPT_LENGTH_ENV: Final = "KLEIN_LOG_PROMPT_LENGTH"  # opt-in: log prompt length (never text)
 
 _TOKEN = r"[A-Za-z0-9._~+/=:\-]"
@@ -65,6 +71,7 @@ _NEVER_LOGGED_FIELDS: Final = frozenset({
     "secret", "password", "credential", "credentials", "b64_json", "image", "images",
 })
 _MIN_SECRET_LEN: Final = 4  # shorter configured "secrets" would shred ordinary text
+FRAGMENT_LEN: Final = 8  # this many characters of a secret count as the secret
 
 _secrets: set[str] = set()
 _secrets_by_length: tuple[str, ...] = ()  # longest first, so a secret containing another goes whole
@@ -72,34 +79,130 @@ _secrets_lock = threading.Lock()
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
-    """Add exact values that must never appear in a log line or label."""
+    """Add values that must never appear in a log line, label or caller's answer."""
     global _secrets_by_length
     with _secrets_lock:
         _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET_LEN)
         _secrets_by_length = tuple(sorted(_secrets, key=len, reverse=True))
 
 
+def registered_secrets() -> tuple[str, ...]:
+    """Every registered secret, longest first."""
+    return _secrets_by_length
+
+
+@lru_cache(maxsize=64)
+def _lowered(secrets: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(s.lower() for s in secrets)
+
+
+@lru_cache(maxsize=64)
+def _secret_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One case-insensitive alternation of the secrets, longest first."""
+    return re.compile("|".join(re.escape(s) for s in secrets), re.IGNORECASE) if secrets else None
+
+
 def secrets_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
     """The configured secret values: every registered provider's credential
-    variable (`Adapter.credential_env`) and the gateway keys."""
+    variable (`Adapter.credential_env`), the caller keys and the gateway's own secrets."""
     env = os.environ if environ is None else environ
-    found = [env[name] for name in credential_env_names() if env.get(name)]
+    found = [env[name] for name in (*credential_env_names(), *GATEWAY_SECRET_ENV_VARS) if env.get(name)]
     found += [k.strip() for k in env.get(GATEWAY_KEYS_ENV, "").split(",") if k.strip()]
     return found
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with every credential-looking token replaced by [REDACTED]."""
+    """`text` with every known secret (in any case) and every credential-looking token replaced by [REDACTED]."""
     extra = [s for s in secrets if s and len(s) >= _MIN_SECRET_LEN]
-    known = sorted(set(_secrets_by_length).union(extra), key=len, reverse=True) if extra else _secrets_by_length
-    for secret in known:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+    known = tuple(sorted(set(_secrets_by_length).union(extra), key=len, reverse=True)) if extra else _secrets_by_length
+    if known:
+        lowered = text.lower()
+        if any(s in lowered for s in _lowered(known)):  # the regex only when a secret is there
+            pattern = _secret_pattern(known)
+            if pattern is not None:
+                text = pattern.sub(REDACTED, text)
     if _TRIGGER.search(text) is None:
         return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+_ESCAPE: Final = re.compile(r"\\u([0-9a-fA-F]{4})|\\x([0-9a-fA-F]{2})|\\([\"\\/])")
+_MAYBE_ESCAPED: Final = re.compile(r"\\[ux\"\\/]|%[0-9a-fA-F]{2}|&#?\w+;")
+_UNESCAPE_ROUNDS: Final = 4  # `\\u0041` (escaped twice) and `%255C` take more than one
+
+
+def _unescape_once(text: str) -> str:
+    def one(m: re.Match[str]) -> str:
+        code = m.group(1) or m.group(2)
+        return chr(int(code, 16)) if code else m.group(3)
+
+    text = _ESCAPE.sub(one, text)
+    if "%" in text:
+        text = unquote(text, errors="replace")
+    if "&" in text:
+        text = html.unescape(text)
+    return text
+
+
+def unescape(text: str) -> str:
+    """`text` as it reads once JSON (`\\u0041`), `\\x41`, percent (`%41`) and HTML
+    (`&#65;`) escapes are undone, nested ones too, with compatibility forms
+    folded (fullwidth letters) and invisible format characters (zero-width
+    spaces) dropped: the spelling in which a disguised key shows."""
+    for _ in range(_UNESCAPE_ROUNDS):
+        if not _MAYBE_ESCAPED.search(text):
+            break
+        text = _unescape_once(text)
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # pair \ud83d\ude00; a lone half becomes U+FFFD
+    text = unicodedata.normalize("NFKC", text)
+    return "".join(c for c in text if unicodedata.category(c) != "Cf")
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """`redact`, seeing through escapes: when the unescaped text holds a secret
+    the redacted unescaped text is returned, otherwise `text` as `redact` leaves
+    it (so ordinary `%20` or `\\n` in a log line stay as written)."""
+    secrets = tuple(secrets)
+    plain = unescape(text)
+    if plain != text:
+        cleaned = redact(plain, secrets)
+        if cleaned != plain:
+            return cleaned
+    return redact(text, secrets)
+
+
+@lru_cache(maxsize=64)
+def _fragments(secrets: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(s[i : i + FRAGMENT_LEN] for s in secrets for i in range(len(s) - FRAGMENT_LEN + 1))
+
+
+def mask_fragments(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every run of `FRAGMENT_LEN` or more characters that is part of
+    a secret (in any letter case) replaced by [REDACTED]. Secrets shorter than
+    that are left to `redact`'s whole-value match."""
+    pieces = _fragments(tuple(sorted({s.lower() for s in secrets if s and len(s) >= FRAGMENT_LEN})))
+    if not pieces or len(text) < FRAGMENT_LEN:
+        return text
+    low = text.lower()
+    if len(low) != len(text):  # a few characters lower-case to two; keep positions aligned
+        low = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    spans: list[list[int]] = []
+    for i in range(len(low) - FRAGMENT_LEN + 1):
+        if low[i : i + FRAGMENT_LEN] in pieces:
+            if spans and i <= spans[-1][1]:
+                spans[-1][1] = i + FRAGMENT_LEN
+            else:
+                spans.append([i, i + FRAGMENT_LEN])
+    if not spans:
+        return text
+    out, at = [], 0
+    for start, end in spans:
+        out += [text[at:start], REDACTED]
+        at = end
+    out.append(text[at:])
+    return "".join(out)
 
 
 def looks_like_secret(value: str) -> bool:
@@ -109,7 +212,7 @@ def looks_like_secret(value: str) -> bool:
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        return redact(value)
+        return scrub(value)
     if isinstance(value, Mapping):
         return {k: REDACTED if str(k).lower() in _NEVER_LOGGED_FIELDS else _scrub(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -129,13 +232,13 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a bad format string must not drop the record
             message = f"{record.msg!r} {record.args!r}"
-        record.msg, record.args = redact(message), None
+        record.msg, record.args = scrub(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact(record.exc_text)
+            record.exc_text = scrub(record.exc_text)
         if record.stack_info:
-            record.stack_info = redact(record.stack_info)
+            record.stack_info = scrub(record.stack_info)
         for name, value in list(record.__dict__.items()):
             if name in _STANDARD_ATTRS:
                 continue
@@ -227,8 +330,9 @@ class RequestLogger:
         error_code: str | None = None,
         prompt: str | None = None,
     ) -> dict[str, Any]:
-        """The fields of one request line. `caller` is a key id, never a
-        key; `prompt` is only measured, and only with `log_prompt_length`."""
+        """The fields of one request line. `caller` is the caller's label
+        (`gateway.callers`), never a key; `prompt` is only measured, and only
+        with `log_prompt_length`."""
         entry: dict[str, Any] = {
             "request_id": request_id,
             "route": route,

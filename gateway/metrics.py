@@ -1,8 +1,9 @@
 """Prometheus metrics for cost, latency and health (docs/design.md#metrics).
 
 Every name starts with `klein_`. Labels stay low-cardinality: backend, route,
-status class, outcome, failure reason, and a bounded caller key id; never
-prompts, request ids or raw keys.
+status class, outcome, failure reason, and a bounded caller label (a
+configured name or a keyed hash, `gateway.callers.caller_label`); never
+prompts, request ids, raw keys or plain hashes of keys.
 
 Several worker processes: prometheus_client keeps one value per process, so a
 scrape that lands on one worker sees only that worker's counters and they
@@ -339,8 +340,9 @@ class GatewayMetrics:
     # ---- internals ---------------------------------------------------------
 
     def _caller_label(self, caller: str | None) -> str:
-        """Bound the caller label: the first `max_callers` ids, then "other".
-        A value that looks like a key is never used as a label."""
+        """Bound the caller label (made by `gateway.callers.caller_label`): the
+        first `max_callers` labels, then "other". A value that looks like a
+        key is never used as a label."""
         if not caller:
             return ANONYMOUS
         if looks_like_secret(caller):

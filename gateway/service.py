@@ -24,7 +24,10 @@ from gateway.image_store import ImageStore
 from gateway.job import ImageJob
 from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
+from gateway.metrics_access import MetricsAccess
+from gateway.pinned import Resolver, SystemResolver
 from gateway.pricing import usd_text
+from gateway.references import vet_reference_hosts
 from gateway.routing import Plan, plan, refusal
 
 
@@ -40,6 +43,8 @@ class Gateway:
     store: Any  # the state store, for readiness
     clients: list[httpx.AsyncClient] = field(default_factory=list)
     request_log: RequestLogger = field(default_factory=RequestLogger)
+    resolver: Resolver = field(default_factory=SystemResolver)  # reference URL hosts, checked on arrival
+    metrics_access: MetricsAccess = field(default_factory=MetricsAccess)
     ready: bool = False
     in_flight: int = 0
 
@@ -72,6 +77,7 @@ class Gateway:
         if job.pinned_backend in self.fleet.disabled:
             reason = self.fleet.disabled[job.pinned_backend]
             raise GatewayError(f"backend {job.pinned_backend} is disabled: {reason}", status=503, code="backend_disabled", param="model", retryable=False)
+        await vet_reference_hosts(job.references, self.resolver)  # before any provider is handed a URL
         p = await self.plan(job)
         if not p.attempts:
             raise refusal(p)

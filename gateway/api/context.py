@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import msgspec
 from litestar import Request
 
+from gateway.callers import Caller, caller_label
 from gateway.errors import AuthenticationFailed, InvalidRequest, UnsupportedMediaType
 from gateway.job import new_request_id
 
@@ -19,17 +19,12 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 @dataclass(frozen=True, slots=True)
 class CallContext:
     request_id: str
-    caller: str | None  # a short, stable id of the caller's key; never the key
+    caller: str | None  # the caller's label (gateway.callers); never the key
     deadline_s: float
 
 
-def key_id(key: str) -> str:
-    """A stable, non-reversible label for a caller key (for metrics and logs)."""
-    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:10]
-
-
 def authenticate(request: Request[Any, Any, Any], keys: frozenset[str]) -> str | None:
-    """The caller's key id, or None when the gateway is open (no keys configured)."""
+    """The caller's label (`caller_label`), or None when the gateway is open (no keys configured)."""
     if not keys:
         return None
     header = request.headers.get("authorization", "")
@@ -37,7 +32,7 @@ def authenticate(request: Request[Any, Any, Any], keys: frozenset[str]) -> str |
     token = token.strip()
     if scheme.lower() != "bearer" or not token or token not in keys:
         raise AuthenticationFailed("missing or invalid API key: send Authorization: Bearer <key>")
-    return key_id(token)
+    return caller_label(Caller(token))
 
 
 def request_id_for(request: Request[Any, Any, Any]) -> str:

@@ -7,8 +7,10 @@ from typing import Any
 import msgspec
 from litestar import MediaType, Request, Response, get, post
 
-from gateway.api.openai import _job_from_raw, begin, gateway_of
 from gateway.api.context import json_object
+from gateway.api.errors import envelope_response
+from gateway.api.openai import _job_from_raw, begin, gateway_of
+from gateway.errors import AuthenticationFailed, NotFound
 from gateway.job import JobKind
 
 
@@ -59,7 +61,14 @@ async def backends(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 @get("/metrics")
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-    body, content_type = gateway_of(request).metrics.render()
+    """The Prometheus exposition; behind KLEIN_METRICS_TOKEN, or only on KLEIN_METRICS_PORT (gateway.metrics_access)."""
+    gw = gateway_of(request)
+    if gw.metrics_access.port is not None:
+        raise NotFound("metrics are served on a separate port, not on this one", code="not_found")
+    if not gw.metrics_access.allows(request.headers.get("authorization")):
+        err = AuthenticationFailed("/metrics needs Authorization: Bearer <KLEIN_METRICS_TOKEN>", code="invalid_metrics_token")
+        return envelope_response(err, {"www-authenticate": 'Bearer realm="metrics"'})
+    body, content_type = gw.metrics.render()
     return Response(body, media_type=content_type)
 
 

@@ -5,7 +5,8 @@
   other host would hand the key to whoever controls that host, so only URLs
   under the configured base are followed; anything else is replaced by the URL
   the adapter builds itself.
-- Keeping the credential out of messages, whatever the provider echoes back.
+- Keeping every secret out of messages, whatever the provider echoes back:
+  `provider_text` is the one way provider-written text reaches a caller.
 - Patience while polling: a status GET is idempotent and the job exists, so a
   transient failure (429, 5xx, a dropped connection) is retried a few times
   before the outcome is declared unknown.
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from gateway.logs import mask_fragments, redact, registered_secrets, unescape
 from gateway.providers.base import Adapter, FailureClass, ProviderError, Timeouts, sleep_until_next_poll
 
 log = logging.getLogger(__name__)
@@ -64,18 +67,37 @@ def trusted_url(candidate: object, base: str, fallback: str, *, what: str = "URL
     return fallback
 
 
-def redact(text: str, secret: str | None) -> str:
-    """`text` with every occurrence of the secret (and of its parts, for `id:secret` keys) masked."""
-    if not secret:
-        return text
-    for part in (secret, *secret.split(":")):  # the whole first, then the parts of `id:secret` keys
-        if len(part) >= 4:
-            text = text.replace(part, "***")
-    return text
+# Of an error body, only this much is read: the answer keeps at most `limit`
+# characters anyway, and a key cut here is still masked by its fragments.
+MAX_SCANNED_CHARS = 8 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def credential_forms(credential: str | None) -> tuple[str, ...]:
+    """The credential and, for `id:secret` keys (fal's), each part on its own."""
+    if not credential:
+        return ()
+    return (credential, *(p for p in credential.split(":") if p != credential))
+
+
+def provider_text(text: object, credential: str | None, limit: int = 300) -> str:
+    """Provider-written text made fit for a caller, a log line or a health note.
+
+    In this order, so that no cut can leave part of a key behind: escapes are
+    undone (a key written `\\u0041...` or `%41...` is still the key), every
+    8-character piece of the adapter's credential or of any registered secret
+    is masked in any letter case, the log scrubber's patterns run (Bearer and
+    Key tokens, key shapes, key-like parameters), and only then is the text
+    clipped to `limit` characters."""
+    forms = credential_forms(credential)
+    plain = unescape(str(text)[:MAX_SCANNED_CHARS])
+    masked = mask_fragments(plain, (*forms, *registered_secrets()))
+    return clip(redact(masked, forms), limit)
 
 
 def clip(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
+    """`text` on one line, control characters dropped, at most `limit` characters."""
+    text = " ".join(_CONTROL.sub(" ", str(text)).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -64,7 +64,7 @@ from gateway.capabilities import Capabilities
 from gateway.job import MEDIA_TYPES, ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, is_data_uri, parse_data_uri, reference_uri
-from gateway.providers._wire import maybe_json, redact
+from gateway.providers._wire import maybe_json, provider_text
 from gateway.providers.base import (
     Adapter,
     EmulatorHook,
@@ -267,15 +267,15 @@ class EmpirioLabsAdapter(Adapter):
     def _error(self, resp: httpx.Response) -> ProviderError:
         code, message = error_fields(maybe_json(resp))
         text = ": ".join(p for p in (code, message or resp.reason_phrase or "error") if p)
-        err = http_error(resp, self._scrub(text), code=code and self._scrub(code))
+        err = http_error(resp, self._scrub(text), code=code and self._scrub(code, 64))
         if code in CODE_FAILURES:
             err = replace(err, failure=CODE_FAILURES[code], credentials_invalid=err.credentials_invalid or code in CREDENTIAL_CODES)
         elif resp.status_code in (408, 504):
             err = replace(err, failure=FailureClass.UNKNOWN_OUTCOME, billed=True)
         return err
 
-    def _scrub(self, text: str) -> str:
-        return redact(text, self.settings.credential)
+    def _scrub(self, text: str, limit: int = 300) -> str:
+        return provider_text(text, self.settings.credential, limit)
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.settings.credential}"}

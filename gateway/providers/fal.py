@@ -64,7 +64,7 @@ from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import output_image, reference_uri
-from gateway.providers._wire import as_outcome_unknown, clip, follow_job, get_patiently, maybe_json, redact, trusted_url
+from gateway.providers._wire import as_outcome_unknown, follow_job, get_patiently, maybe_json, provider_text, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -329,7 +329,7 @@ class FalAdapter(Adapter):
                 return body
             if status not in _QUEUE_STATUSES_PENDING:
                 raise ProviderError(
-                    FailureClass.FAILED, f"unknown queue status {clip(str(status), 40)!r}", status=response.status_code, job_id=request_id, billed=True
+                    FailureClass.FAILED, f"unknown queue status {provider_text(status, self.settings.credential, 40)!r}", status=response.status_code, job_id=request_id, billed=True
                 )
             return None
 
@@ -353,7 +353,8 @@ class FalAdapter(Adapter):
     def _error(self, response: httpx.Response, *, job_id: str | None = None) -> ProviderError:
         """A fal error response as a ProviderError. Without `job_id` it is the submit's."""
         message, code, types = error_detail(maybe_json(response), response)
-        message = redact(clip(message), self.settings.credential)
+        message = provider_text(message, self.settings.credential)
+        code = code and provider_text(code, self.settings.credential, 64)
         status = response.status_code
         if CONTENT_ERROR_TYPES.intersection(types) or code in CONTENT_ERROR_TYPES:
             return ProviderError(FailureClass.CONTENT_FILTERED, f"HTTP {status}: {message}", status=status, job_id=job_id, billed=job_id is not None, code=code)
@@ -370,7 +371,7 @@ class FalAdapter(Adapter):
     def _completed_error(self, status: Mapping[str, Any], request_id: str) -> ProviderError:
         """COMPLETED with `error` / `error_type` (docs/providers/fal.md#status-flow)."""
         error_type = status.get("error_type") if isinstance(status.get("error_type"), str) else None
-        message = redact(clip(str(status.get("error") or error_type or "job failed")), self.settings.credential)
+        message = provider_text(status.get("error") or error_type or "job failed", self.settings.credential)
         if error_type in CONTENT_ERROR_TYPES:
             failure, billed = FailureClass.CONTENT_FILTERED, True
         elif error_type in INFRA_ERROR_TYPES:
@@ -383,7 +384,7 @@ class FalAdapter(Adapter):
             failure, billed = FailureClass.REJECTED, True
         else:
             failure, billed = FailureClass.FAILED, True
-        return ProviderError(failure, f"job failed: {message}", job_id=request_id, billed=billed, code=error_type)
+        return ProviderError(failure, f"job failed: {message}", job_id=request_id, billed=billed, code=error_type and provider_text(error_type, self.settings.credential, 64))
 
     # ---- result --------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from pydantic import ValidationError
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob
 from gateway.providers import register
+from gateway.providers._wire import provider_text
 from gateway.providers.base import (
     Adapter,
     EmulatorHook,
@@ -106,7 +107,7 @@ def request_body(job: ImageJob, timeout_s: float) -> dict[str, Any]:
 
 
 def error_text(response: httpx.Response) -> tuple[str | None, str]:
-    """(code, message) from the service's `{"error": {...}}` envelope."""
+    """(code, message) from the service's `{"error": {...}}` envelope, fit for a caller (`provider_text`)."""
     try:
         error = response.json().get("error") or {}
     except (ValueError, AttributeError):
@@ -115,7 +116,7 @@ def error_text(response: httpx.Response) -> tuple[str | None, str]:
         error = {}
     code = error.get("code") if isinstance(error.get("code"), str) else None
     message = error.get("message") if isinstance(error.get("message"), str) else response.reason_phrase or "error"
-    return code, message
+    return (code and provider_text(code, None, 64)), provider_text(message, None)
 
 
 def to_result(payload: GenerateResponse) -> ProviderResult:
@@ -214,4 +215,4 @@ class LocalAdapter(Adapter):
             info = BackendInfo.model_validate_json(response.content)
         except ValidationError:
             return ProbeResult(False, "/v1/info is not a BackendInfo", latency)
-        return ProbeResult(info.ready, f"ready on {info.device}" if info.ready else "not ready", latency, live_figures(info))
+        return ProbeResult(info.ready, f"ready on {provider_text(info.device, None, 80)}" if info.ready else "not ready", latency, live_figures(info))

@@ -66,7 +66,7 @@ from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
-from gateway.providers._wire import as_outcome_unknown, clip, follow_job, get_patiently, maybe_json, redact, trusted_url
+from gateway.providers._wire import as_outcome_unknown, follow_job, get_patiently, maybe_json, provider_text, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -352,7 +352,7 @@ class ReplicateAdapter(Adapter):
             if status in TERMINAL:
                 return prediction
             if status not in PENDING:
-                raise ProviderError(FailureClass.FAILED, f"unknown prediction status {clip(str(status), 40)!r}", job_id=pid, billed=True)
+                raise ProviderError(FailureClass.FAILED, f"unknown prediction status {provider_text(status, self.settings.credential, 40)!r}", job_id=pid, billed=True)
             return None
 
         async def poll() -> Mapping[str, Any] | None:
@@ -383,16 +383,16 @@ class ReplicateAdapter(Adapter):
             started = prediction.get("started_at", "unknown") is not None
             failure = FailureClass.CONTENT_FILTERED if _CONTENT_FILTER_WORDS.search(error) else FailureClass.FAILED
             raise self._end(failure, f"prediction failed: {error}", pid, billed=started, code="failed")
-        raise ProviderError(FailureClass.FAILED, f"unknown prediction status {clip(str(status), 40)!r}", job_id=pid, billed=True)
+        raise ProviderError(FailureClass.FAILED, f"unknown prediction status {provider_text(status, self.settings.credential, 40)!r}", job_id=pid, billed=True)
 
     def _end(self, failure: FailureClass, message: str, pid: str, *, billed: bool, code: str) -> ProviderError:
-        return ProviderError(failure, redact(clip(message), self.settings.credential), job_id=pid, billed=billed, code=code)
+        return ProviderError(failure, provider_text(message, self.settings.credential), job_id=pid, billed=billed, code=code)
 
     # ---- errors and result ---------------------------------------------------
 
     def _error(self, response: httpx.Response, *, job_id: str | None = None) -> ProviderError:
         """A problem-details response (docs/providers/replicate.md#errors-and-their-classes) as a ProviderError."""
-        message = redact(clip(problem_message(maybe_json(response), response)), self.settings.credential)
+        message = provider_text(problem_message(maybe_json(response), response), self.settings.credential)
         status = response.status_code
         if job_id is None and status == 404:
             return ProviderError(FailureClass.FAILED, f"HTTP 404: model not found: {message}", status=status)

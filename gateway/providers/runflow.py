@@ -92,7 +92,7 @@ from gateway.capabilities import Capabilities, eligible
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
-from gateway.providers._wire import as_outcome_unknown, follow_job, maybe_json, redact
+from gateway.providers._wire import as_outcome_unknown, follow_job, maybe_json, provider_text
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -493,10 +493,10 @@ class RunflowAdapter(Adapter):
         code, message = failure_fields(run)
         text = self._scrub(": ".join(p for p in (code, message) if p) or "no reason given")
         if status in CANCELED:
-            raise ProviderError(FailureClass.FAILED, f"run was {status}: {text}"[:500], job_id=run_id, billed=cost is None or cost > 0, code=code)
+            raise ProviderError(FailureClass.FAILED, f"run was {status}: {text}"[:500], job_id=run_id, billed=cost is None or cost > 0, code=code and self._scrub(code, 64))
         failure = FailureClass.REJECTED if code in VALIDATION_FAILURE_CODES else FailureClass.FAILED
         # RF-PRICE: failed runs are not billed, unless the run itself reports a charge.
-        raise ProviderError(failure, f"run failed: {text}"[:500], job_id=run_id, billed=bool(cost), code=code)
+        raise ProviderError(failure, f"run failed: {text}"[:500], job_id=run_id, billed=bool(cost), code=code and self._scrub(code, 64))
 
     # -- errors --
 
@@ -513,10 +513,10 @@ class RunflowAdapter(Adapter):
     def _http_error(self, resp: httpx.Response, run_id: str | None = None) -> ProviderError:
         code, message = error_fields(maybe_json(resp))
         text = ": ".join(p for p in (code, message or resp.reason_phrase or "error") if p)
-        return http_error(resp, self._scrub(text), job_id=run_id, code=code and self._scrub(code))
+        return http_error(resp, self._scrub(text), job_id=run_id, code=code and self._scrub(code, 64))
 
-    def _scrub(self, text: str) -> str:
-        return redact(text, self.settings.credential)
+    def _scrub(self, text: str, limit: int = 300) -> str:
+        return provider_text(text, self.settings.credential, limit)
 
     def _require_key(self) -> None:
         if not self.settings.credential:

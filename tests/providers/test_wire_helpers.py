@@ -8,7 +8,7 @@ import pytest
 
 from gateway.job import ReferenceImage
 from gateway.providers._images import content_type_from_url, output_image, parse_data_uri, reference_uri
-from gateway.providers._wire import redact, same_origin, trusted_url
+from gateway.providers._wire import provider_text, same_origin, trusted_url
 
 from .conftest import PNG_BYTES
 
@@ -40,14 +40,14 @@ def test_trusted_url_falls_back_for_anything_not_under_the_base(candidate):
 @pytest.mark.parametrize(
     ("text", "secret", "expected"),
     [
-        ("bad key abc123:def456 sent", "abc123:def456", "bad key *** sent"),
-        ("key id abc123 unknown", "abc123:def456", "key id *** unknown"),
+        ("bad key abc123:def456 sent", "abc123:def456", "bad key [REDACTED] sent"),
+        ("key id abc123 unknown", "abc123:def456", "key id [REDACTED] unknown"),
         ("nothing to hide", "r8_token", "nothing to hide"),
         ("no secret configured", None, "no secret configured"),
     ],
 )
-def test_redact_masks_the_credential_and_its_parts(text, secret, expected):
-    assert redact(text, secret) == expected
+def test_provider_text_masks_the_credential_and_its_parts(text, secret, expected):
+    assert provider_text(text, secret) == expected
 
 
 @pytest.mark.parametrize(
