@@ -498,7 +498,7 @@ async def hold_in_flight(target: Target, count: int, ramp_s: float, timeout_s: f
         t0 = time.perf_counter()
         try:
             status, _ = await asyncio.wait_for(target.send(connection), max(0.1, timeout_s - (t0 - origin)))
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
             errors[type(exc).__name__] += 1
             return
         finally:

@@ -64,8 +64,8 @@ def check_config(args: argparse.Namespace) -> int:
 
 def print_quote(args: argparse.Namespace) -> int:
     """The price table, computed offline from the sheets (no backend is called)."""
-    from gateway.app import build_gateway
     from gateway.api.parse import build_job, parse_body
+    from gateway.app import build_gateway
     from gateway.errors import GatewayError
     from gateway.job import JobKind, ReferenceImage
 

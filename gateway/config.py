@@ -19,8 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.health import BreakerPolicy
-from gateway.probes import ProbeSettings
 from gateway.pricing import PriceSheet, PriceSheetError, load_sheet
+from gateway.probes import ProbeSettings
 
 KINDS = ("fal", "replicate", "runflow", "empiriolabs", "local")
 

@@ -8,7 +8,7 @@ CREATED = 1768435200  # 2026-01-15, the model's public release
 OWNED_BY = "black-forest-labs"
 
 
-def resolve_model(model: str, backends: set[str]) -> str | None | bool:
+def resolve_model(model: str, backends: set[str]) -> str | bool | None:
     """None for the model itself, a backend name for `backend/model`, False if unknown.
 
     `black-forest-labs/...` is an alias, not a pin: it is the model's own id

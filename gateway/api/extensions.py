@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 from litestar import MediaType, Request, Response, get, post
 
-from gateway.api.openai import _job_from_raw, begin, gateway_of
 from gateway.api.context import json_object
+from gateway.api.openai import _job_from_raw, begin, gateway_of
 from gateway.job import JobKind
 
 

@@ -31,7 +31,7 @@ Choices where the references are silent or disagree (open questions 6, 7, 9):
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -256,4 +256,4 @@ def _invalid(problems: list[tuple[str, str]]) -> Response:
 
 def _iso(wall: float) -> str:
     """ISO-8601 with a +00:00 offset, as Runflow writes it (section 3.5)."""
-    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")

@@ -25,7 +25,6 @@ import httpx
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob
 
-
 GATEWAY_OVERLOADED = "gateway_overloaded"  # ProviderError.code when the gateway, not the backend, was slow
 
 

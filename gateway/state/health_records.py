@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from gateway.state.breaker import BreakerRecord, Window
 from gateway.state.base import StateStore
+from gateway.state.breaker import BreakerRecord, Window
 
 WINDOW_BUCKETS = 10
 RECORD_TTL_S = 86_400.0

@@ -15,9 +15,9 @@ from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from local_backend.batcher import WorkItem  # noqa: E402
-from local_backend.config import Settings  # noqa: E402
-from local_backend.pipeline import BatchCall  # noqa: E402
+from local_backend.batcher import WorkItem
+from local_backend.config import Settings
+from local_backend.pipeline import BatchCall
 
 
 class FakeOOM(Exception):
