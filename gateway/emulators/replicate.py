@@ -170,7 +170,7 @@ class ReplicateEmulator(EmulatorApp):
             "model": OWNER_NAME,
             "version": "hidden",
             "input": job.input,
-            "logs": "" if not started else "Using seed: %d\n" % job.spec.seed,
+            "logs": "" if not started else f"Using seed: {job.spec.seed}\n",
             "output": output,
             "data_removed": False,
             "error": error,

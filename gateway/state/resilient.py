@@ -23,6 +23,7 @@ outage stay local: they age out of their windows within a minute anyway.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -113,7 +114,7 @@ class ResilientStore(StateStore):
             if exported is None or exported[1] <= 0:
                 continue
             value, ttl_s = exported
-            if await self._try(lambda: self.primary.set_if_absent(key, value, ttl_s=ttl_s)) is _FAILED:
+            if await self._try(functools.partial(self.primary.set_if_absent, key, value, ttl_s=ttl_s)) is _FAILED:
                 self._dirty.add(key)
                 return
 
@@ -130,7 +131,7 @@ class ResilientStore(StateStore):
         values = await self._try(lambda: self.primary.get_many(keys))
         if values is _FAILED:
             return await self.fallback.get_many(keys)
-        self.fallback.mirror(zip(keys, values), ttl_s=self.mirror_ttl_s, keep=self._dirty)
+        self.fallback.mirror(zip(keys, values, strict=True), ttl_s=self.mirror_ttl_s, keep=self._dirty)
         return values
 
     async def set(self, key: str, value: str, *, ttl_s: float) -> None:
