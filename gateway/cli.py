@@ -10,8 +10,14 @@ import sys
 import tempfile
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from gateway.emulators.launcher import EmulatorFleet
+    from gateway.job import ImageJob
+    from gateway.service import Gateway
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +101,7 @@ def print_quote(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _quote(gw, job):  # type: ignore[no-untyped-def]
+async def _quote(gw: Gateway, job: ImageJob) -> dict[str, Any]:
     try:
         return await gw.quote_table(job)
     finally:
@@ -162,12 +168,12 @@ def prepare_metrics_dir(workers: int) -> str | None:
     return made
 
 
-def banner(args: argparse.Namespace, fleet: object | None) -> str:
+def banner(args: argparse.Namespace, fleet: EmulatorFleet | None) -> str:
     url = f"http://{args.host}:{args.port}/v1"
     lines = [f"Klein Gateway on {url}"]
     if fleet is not None:
         lines.append("Emulated backends on loopback, no keys needed (knobs: POST <emulator>/_admin/knobs):")
-        for name, running in sorted(fleet.emulators.items()):  # type: ignore[attr-defined]
+        for name, running in sorted(fleet.emulators.items()):
             lines.append(f"  {name:<12} {running.base_url}")
     key_hint = "any" if not os.environ.get("KLEIN_GATEWAY_KEYS") else "<a key from KLEIN_GATEWAY_KEYS>"
     lines += [

@@ -137,12 +137,12 @@ def transcode(data: bytes, fmt: str, compression: int | None, size: tuple[int, i
         with Image.open(io.BytesIO(data)) as im:
             if im.size != size:
                 raise ProviderError(FailureClass.FAILED, f"returned {im.size[0]}x{im.size[1]}, not the requested {size[0]}x{size[1]}", billed=True)
-            im = im.convert("RGB")
+            rgb = im.convert("RGB")
             out = io.BytesIO()
             kwargs: dict[str, object] = {}
             if fmt in ("jpeg", "webp"):
                 kwargs["quality"] = compression if compression is not None else 90
-            im.save(out, PIL_FORMATS[fmt], **kwargs)
+            rgb.save(out, PIL_FORMATS[fmt], **kwargs)
             return out.getvalue()
     except ProviderError:
         raise

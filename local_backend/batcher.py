@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from PIL import Image
 
@@ -226,7 +226,8 @@ class BatchRunner:
         checked = [n for n, (index, _, _) in enumerate(work) if items[index].safety]
         flags: list[bool | None] = [None] * len(work)
         if checked and not isinstance(self.checker, NoSafetyChecker):
-            for n, flag in zip(checked, self.checker.check([produced[n] for n in checked]), strict=True):
+            ready = cast("list[Image.Image]", [produced[n] for n in checked])  # every slot is filled once the calls return
+            for n, flag in zip(checked, self.checker.check(ready), strict=True):
                 flags[n] = flag
         outputs: list[list[OutputImage]] = [[] for _ in items]
         for n, (index, _, seed) in enumerate(work):

@@ -64,7 +64,7 @@ def fal_router() -> respx.Router:
     router.get(url__regex=rf"^{FAL}/fal-ai/flux-2/requests/(?P<rid>[^/]+)/status").mock(side_effect=status)
     router.get(url__regex=rf"^{FAL}/fal-ai/flux-2/requests/(?P<rid>[^/]+)$").mock(side_effect=result)
     router.get(url__regex=rf"^{CDN}/(?P<w>\d+)x(?P<h>\d+)/\d+\.(?P<fmt>\w+)$").mock(side_effect=cdn)
-    router.jobs = jobs  # type: ignore[attr-defined]
+    router.jobs = jobs  # type: ignore[attr-defined]  # the tests read what the mock router recorded
     return router
 
 

@@ -116,7 +116,7 @@ class Request:
         return loads(data)
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable[Response | None]]  # None: a fault already answered or dropped the connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +163,7 @@ async def hold(request: Request, seconds: float, release: asyncio.Event | None =
     if seconds <= 0:
         return True
     await request.body()
-    waiters = [asyncio.ensure_future(asyncio.sleep(seconds)), asyncio.ensure_future(_disconnect(request))]
+    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.sleep(seconds)), asyncio.ensure_future(_disconnect(request))]
     if release is not None:
         waiters.append(asyncio.ensure_future(release.wait()))
     try:

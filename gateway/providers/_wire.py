@@ -131,7 +131,7 @@ T = TypeVar("T")
 def parse_options(cls: type[T], options: Mapping[str, Any] | None, provider: str) -> T:
     """An adapter's options dataclass from providers.yaml; unknown names are refused by name."""
     opts = dict(options or {})
-    unknown = sorted(set(opts) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]
+    unknown = sorted(set(opts) - set(cls.__dataclass_fields__))  # type: ignore[attr-defined]  # T is always a dataclass; type[T] cannot say so
     if unknown:
         raise ValueError(f"{provider}: unknown option(s): {', '.join(unknown)}")
     return cls(**opts)

@@ -111,9 +111,8 @@ def error_text(response: httpx.Response) -> tuple[str | None, str]:
         error = {}
     if not isinstance(error, dict):
         error = {}
-    code = error.get("code") if isinstance(error.get("code"), str) else None
-    message = error.get("message") if isinstance(error.get("message"), str) else response.reason_phrase or "error"
-    return code, message
+    code, message = error.get("code"), error.get("message")
+    return (code if isinstance(code, str) else None), (message if isinstance(message, str) else response.reason_phrase or "error")
 
 
 def to_result(payload: GenerateResponse) -> ProviderResult:

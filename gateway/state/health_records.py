@@ -85,7 +85,7 @@ def _int(raw: str | None) -> int:
 
 def as_float(raw: object) -> float:
     try:
-        return float(raw) if raw is not None else 0.0
+        return float(raw) if isinstance(raw, (str, bytes, int, float)) else 0.0
     except (TypeError, ValueError):
         return 0.0
 

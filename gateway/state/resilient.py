@@ -86,6 +86,10 @@ class ResilientStore(StateStore):
         if self._dirty and (self._resync is None or self._resync.done()):
             self._resync = asyncio.get_running_loop().create_task(self._push_back())
 
+    async def _reached(self, call: Callable[[], Awaitable[object]]) -> bool:
+        """Whether the primary took a call that answers nothing."""
+        return await self._try(call) is not _FAILED
+
     async def _try(self, call: Callable[[], Awaitable[T]]) -> T:
         """The primary's answer, or _FAILED (without calling it while it is down)."""
         if not self._usable():
@@ -136,7 +140,7 @@ class ResilientStore(StateStore):
 
     async def set(self, key: str, value: str, *, ttl_s: float) -> None:
         await self.fallback.set(key, value, ttl_s=ttl_s)
-        if await self._try(lambda: self.primary.set(key, value, ttl_s=ttl_s)) is _FAILED:
+        if not await self._reached(functools.partial(self.primary.set, key, value, ttl_s=ttl_s)):
             self._dirtied(key)
 
     async def set_if_absent(self, key: str, value: str, *, ttl_s: float) -> bool:
