@@ -1,4 +1,9 @@
-"""`klein-gateway`: serve, quote, check-config."""
+"""`klein-gateway`: serve, quote, check-config, init.
+
+Every command finds its providers.yaml the same way: `--config`, else
+`KLEIN_CONFIG`, else `./providers.yaml`, else the defaults shipped in the
+package (`gateway.config.find_config`); `init` writes an editable copy of
+those defaults."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.config import ConfigError, load_config
+from gateway.config import CONFIG_ENV, CONFIG_NAME, ConfigError, find_config, load_config, shipped_config
 
 if TYPE_CHECKING:
     from gateway.emulators.launcher import EmulatorFleet
@@ -42,8 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate providers.yaml and pricing/")
     _config_args(check)
 
+    init = sub.add_parser("init", help="write an editable copy of the shipped providers.yaml and pricing/")
+    init.add_argument("dir", nargs="?", default=".", help="where to write them (default: the current directory)")
+    init.add_argument("--force", action="store_true", help="overwrite files that are already there")
+
     args = parser.parse_args(argv)
     try:
+        if args.command == "init":
+            return init_config(Path(args.dir), force=args.force)
         if args.command == "check-config":
             return check_config(args)
         if args.command == "quote":
@@ -55,16 +66,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=os.environ.get("KLEIN_CONFIG", "providers.yaml"))
+    p.add_argument("--config", metavar="PATH", help=f"providers.yaml to use (default: ${CONFIG_ENV}, else ./{CONFIG_NAME}, else the defaults shipped with the package)")
     p.add_argument("--pricing", default=os.environ.get("KLEIN_PRICING"), help="price sheet directory (default: pricing/ beside the config)")
 
 
 def check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.pricing)
+    config = load_config(_config_path(args), args.pricing)
     for b in config.backends:
         state = "enabled" if b.enabled else f"disabled ({b.disabled_reason})"
         print(f"{b.name:<12} {b.config.kind:<12} {b.sheet.basis:<17} {state}")
-    print(f"ok: {args.config} and {config.pricing_dir}/ are valid")
+    print(f"ok: {config.path} and {config.pricing_dir}/ are valid")
+    return 0
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return find_config(args.config)
+
+
+def init_config(target: Path, *, force: bool = False) -> int:
+    """Copy the shipped providers.yaml and pricing/*.yaml into `target`.
+
+    Every destination is checked before anything is written, so a refusal
+    leaves the directory as it was."""
+    source = shipped_config()
+    sheets = sorted((source.parent / "pricing").glob("*.yaml"))
+    copies = [(source, target / CONFIG_NAME)] + [(sheet, target / "pricing" / sheet.name) for sheet in sheets]
+    existing = [str(dest) for _, dest in copies if dest.exists()]
+    if existing and not force:
+        print(f"init: not overwriting {', '.join(existing)} (use --force to replace them)", file=sys.stderr)
+        return 1
+    (target / "pricing").mkdir(parents=True, exist_ok=True)
+    for src, dest in copies:
+        shutil.copyfile(src, dest)
+    print(f"wrote {target / CONFIG_NAME} and {len(sheets)} price sheets in {target / 'pricing'}/")
+    where = "" if target.resolve() == Path.cwd().resolve() else f" --config {target / CONFIG_NAME}"
+    print(f"edit them, then: klein-gateway check-config{where}")
     return 0
 
 
@@ -76,7 +112,7 @@ def print_quote(args: argparse.Namespace) -> int:
     from gateway.job import JobKind, ReferenceImage
 
     env = dict(os.environ)
-    config = load_config(args.config, args.pricing, env)
+    config = load_config(_config_path(args), args.pricing, env)
     # Price every configured backend, credentials or not: a quote calls nothing.
     for b in config.backends:
         if b.disabled_reason and b.config.enabled:
@@ -121,8 +157,8 @@ def serve_gateway(args: argparse.Namespace) -> int:
         os.environ.update(fleet.env())
     os.environ["KLEIN_LOG_LEVEL"] = args.log_level.upper()
     configure_logging(level=args.log_level.upper())
-    load_config(args.config, args.pricing)  # fail fast, with the field named, before binding a port
-    os.environ["KLEIN_CONFIG"] = str(Path(args.config))
+    config = load_config(_config_path(args), args.pricing)  # fail fast, with the field named, before binding a port
+    os.environ[CONFIG_ENV] = str(config.path.resolve())  # every worker reads the same file
     if args.pricing:
         os.environ["KLEIN_PRICING"] = args.pricing
     raise_open_file_limit()
