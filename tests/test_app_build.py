@@ -17,13 +17,13 @@ THREADS = 8
 ROUNDS = 3
 
 
+def build_after(start: threading.Barrier) -> str:
+    start.wait(timeout=30)  # every thread constructs at the same moment
+    return type(make_app()).__name__
+
+
 def test_apps_build_concurrently_in_threads() -> None:
     for _ in range(ROUNDS):
         start = threading.Barrier(THREADS)
-
-        def build(_: int) -> str:
-            start.wait(timeout=30)
-            return type(make_app()).__name__
-
         with ThreadPoolExecutor(THREADS) as pool:
-            assert list(pool.map(build, range(THREADS))) == ["Litestar"] * THREADS
+            assert list(pool.map(build_after, [start] * THREADS)) == ["Litestar"] * THREADS
