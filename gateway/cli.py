@@ -146,32 +146,53 @@ async def _quote(gw: Gateway, job: ImageJob) -> dict[str, Any]:
 
 def serve_gateway(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from gateway.logs import configure_logging
 
-    fleet = None
-    if args.emulate:
-        from gateway.emulators.launcher import EmulatorFleet
-
-        fleet = EmulatorFleet.start_in_thread()
-        os.environ.update(fleet.env())
     os.environ["KLEIN_LOG_LEVEL"] = args.log_level.upper()
     configure_logging(level=args.log_level.upper())
-    config = load_config(_config_path(args), args.pricing)  # fail fast, with the field named, before binding a port
-    os.environ[CONFIG_ENV] = str(config.path.resolve())  # every worker reads the same file
-    if args.pricing:
-        os.environ["KLEIN_PRICING"] = args.pricing
-    raise_open_file_limit()
-    metrics_dir = prepare_metrics_dir(args.workers)
-    print(banner(args, fleet), flush=True)
+    path = _config_path(args)
+    fleet, kept = None, {}
+    if args.emulate:
+        from gateway.emulators.launcher import PROVIDERS, EmulatorFleet, explicit_base_urls
+
+        kept = explicit_base_urls(os.environ)  # the user's own addresses win over emulators
+        emulated = [name for name in PROVIDERS if name not in kept]
+        if emulated:
+            fleet = EmulatorFleet.start_in_thread(emulated)
+            os.environ.update(fleet.env())
     try:
-        uvicorn.run("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False, log_config=None)
+        config = load_config(path, args.pricing)  # fail fast, with the field named, before binding a port
+        os.environ[CONFIG_ENV] = str(config.path.resolve())  # every worker reads the same file
+        if args.pricing:
+            os.environ["KLEIN_PRICING"] = args.pricing
+        raise_open_file_limit()
+        server_config = uvicorn.Config("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False, log_config=None)
+        sock = server_config.bind_socket()  # exits non-zero, logging why, if the port is taken
+        sock.listen(server_config.backlog)  # connections queue from here on, before the app is up
+        metrics_dir = prepare_metrics_dir(args.workers)
+    except BaseException:
+        if fleet is not None:
+            fleet.stop_thread()
+        raise
+    print(banner(args, fleet, kept), flush=True)  # the port is bound: the examples work from now on
+    server = uvicorn.Server(server_config)
+    try:
+        if args.workers > 1:
+            Multiprocess(server_config, sockets=[sock]).run()
+        else:
+            server_config.load_app()
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
+        sock.close()
         if fleet is not None:
             fleet.stop_thread()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+    return 0 if server.started or args.workers > 1 else 3
 
 
 def raise_open_file_limit() -> None:
@@ -204,22 +225,35 @@ def prepare_metrics_dir(workers: int) -> str | None:
     return made
 
 
-def banner(args: argparse.Namespace, fleet: EmulatorFleet | None) -> str:
+def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str, str] | None = None) -> str:
+    """What is serving where, and examples that work as printed.
+
+    With KLEIN_GATEWAY_KEYS set, each example sends the first key, read from
+    the shell's environment when it runs: the banner never prints a key."""
+    from gateway.emulators.launcher import BASE_URL_ENV
+    from gateway.logs import redact
+
     url = f"http://{args.host}:{args.port}/v1"
     lines = [f"Klein Gateway on {url}"]
     if fleet is not None:
         lines.append("Emulated backends on loopback, no keys needed (knobs: POST <emulator>/_admin/knobs):")
         for name, running in sorted(fleet.emulators.items()):
             lines.append(f"  {name:<12} {running.base_url}")
-    key_hint = "any" if not os.environ.get("KLEIN_GATEWAY_KEYS") else "<a key from KLEIN_GATEWAY_KEYS>"
+    for name, address in sorted((kept or {}).items()):
+        lines.append(f"Not emulated: {name} at {redact(address)} ({BASE_URL_ENV[name]} is set)")
+    if os.environ.get("KLEIN_GATEWAY_KEYS"):
+        auth = " -H \"authorization: Bearer ${KLEIN_GATEWAY_KEYS%%,*}\""
+        api_key = "__import__('os').environ['KLEIN_GATEWAY_KEYS'].split(',')[0]"
+    else:
+        auth, api_key = "", "'any'"
     lines += [
         "",
         "Try it:",
-        f"  curl -s {url}/images/quote -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"1024x1024\"}}'",
-        f"  curl -s {url}/images/generations -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"512x512\", \"response_format\": \"b64_json\"}}' -D - -o /dev/null",
-        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='" + url + "', api_key='" + key_hint + "'); "
+        f"  curl -s {url}/images/quote{auth} -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"1024x1024\"}}'",
+        f"  curl -s {url}/images/generations{auth} -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"512x512\", \"response_format\": \"b64_json\"}}' -D - -o /dev/null",
+        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='" + url + "', api_key=" + api_key + "); "
         "print(c.images.generate(model='flux-2-klein-4b', prompt='a lighthouse', size='512x512').data[0].url)\"",
-        f"  curl -s {url}/backends | python -m json.tool",
+        f"  curl -s {url}/backends{auth} | python -m json.tool",
         f"Metrics: http://{args.host}:{args.port}/metrics",
     ]
     return "\n".join(lines)

@@ -59,6 +59,15 @@ KEY_ENV = {"fal": "FAL_KEY", "replicate": "REPLICATE_API_TOKEN", "runflow": "RUN
 KEY_PREFIX = {"fal": "emu-fal-", "replicate": "r8_emu", "runflow": "rf_live_emu", "empiriolabs": "sk-empiriolabs-emu"}
 
 
+def explicit_base_urls(environ: Mapping[str, str], providers: Iterable[str] = tuple(PROVIDERS)) -> dict[str, str]:
+    """The providers whose base-URL variable the user set, with that URL.
+
+    `serve --emulate` leaves these alone (no emulator, no key replaced), so the
+    emulated hosted providers can run beside a real local GPU backend, or any
+    one provider can be pointed at a rig of your own."""
+    return {name: environ[BASE_URL_ENV[name]] for name in providers if environ.get(BASE_URL_ENV[name], "").strip()}
+
+
 def build_app(provider: str, key: str | None = None, knobs: EmulatorKnobs | None = None, **kw: Any) -> EmulatorApp:
     """One provider's ASGI app (for uvicorn, or httpx.ASGITransport in tests)."""
     try:
