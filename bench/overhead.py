@@ -80,8 +80,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gateway.job import ImageJob, JobKind  # noqa: E402
-from gateway.providers.local import request_body  # noqa: E402
+from gateway.job import ImageJob, JobKind  # noqa: E402 - after the repository is put on sys.path
+from gateway.providers.local import request_body  # noqa: E402 - after the repository is put on sys.path
 
 HOST = "127.0.0.1"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"

@@ -12,11 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np  # noqa: E402 - after importorskip, so the module skips without torch
+from PIL import Image  # noqa: E402 - after importorskip
 
-from local_backend.config import Settings  # noqa: E402
-from local_backend.pipeline import (  # noqa: E402
+from local_backend.config import Settings  # noqa: E402 - after importorskip
+from local_backend.pipeline import (  # noqa: E402 - after importorskip
     BatchCall,
     PipelineGenerator,
     build_generator,
