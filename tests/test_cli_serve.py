@@ -161,3 +161,15 @@ def test_the_banner_curl_example_works_as_printed(served):
     assert unauthenticated != line
     refused = subprocess.run(["bash", "-c", unauthenticated + " -o /dev/null -w '%{http_code}'"], env=served.env, capture_output=True, text=True, timeout=60)
     assert refused.stdout == "401", shlex.quote(refused.stdout)
+
+
+def test_a_taken_port_fails_before_any_banner(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
+        env["PYTHONPATH"] = str(REPO)
+        proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", str(taken.getsockname()[1])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Klein Gateway on" not in proc.stdout
+    assert "Address already in use" in proc.stderr
