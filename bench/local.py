@@ -24,9 +24,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from local_backend.buckets import parse_sizes, size_label  # noqa: E402
-from local_backend.config import Settings  # noqa: E402
-from local_backend.pipeline import BatchCall, Generator, build_generator  # noqa: E402
+from local_backend.buckets import parse_sizes, size_label
+from local_backend.config import Settings
+from local_backend.pipeline import BatchCall, Generator, build_generator
 
 
 @dataclass(frozen=True, slots=True)

@@ -80,9 +80,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gateway.job import ImageJob, JobKind  # noqa: E402
-from gateway.providers import credential_env_names  # noqa: E402
-from gateway.providers.local import request_body  # noqa: E402
+from gateway.job import ImageJob, JobKind  # noqa: E402 - after the repository is put on sys.path
+from gateway.providers import credential_env_names  # noqa: E402 - after the repository is put on sys.path
+from gateway.providers.local import request_body  # noqa: E402 - after the repository is put on sys.path
 
 HOST = "127.0.0.1"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -117,7 +117,7 @@ class Child:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], source: Path, log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - held for the child's life, closed in stop()
         self.proc = subprocess.Popen(argv, cwd=source, env=env, stdout=subprocess.PIPE, stderr=self._log)
 
     @property
@@ -499,7 +499,7 @@ async def hold_in_flight(target: Target, count: int, ramp_s: float, timeout_s: f
         t0 = time.perf_counter()
         try:
             status, _ = await asyncio.wait_for(target.send(connection), max(0.1, timeout_s - (t0 - origin)))
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
             errors[type(exc).__name__] += 1
             return
         finally:
@@ -559,10 +559,10 @@ def fmt(value: float, digits: int = 1) -> str:
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return "| " + " | ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
 
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in rows)])
 

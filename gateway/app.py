@@ -99,7 +99,7 @@ def startup_report(gw: Gateway) -> list[str]:
 
 
 def create_app(
-    config_path: str | Path = "providers.yaml",
+    config_path: str | Path | None = None,  # None: found as gateway.config.find_config says
     pricing_dir: str | Path | None = None,
     *,
     env: Mapping[str, str] | None = None,
@@ -146,4 +146,4 @@ def app_from_env() -> Litestar:
     Each worker is a fresh process, so it sets up its own JSON, secret-scrubbing logs."""
     configure_logging(level=os.environ.get("KLEIN_LOG_LEVEL", "INFO").upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is ours; no per-call noise
-    return create_app(os.environ.get("KLEIN_CONFIG", "providers.yaml"), os.environ.get("KLEIN_PRICING") or None)
+    return create_app(os.environ.get("KLEIN_CONFIG") or None, os.environ.get("KLEIN_PRICING") or None)

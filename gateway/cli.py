@@ -1,4 +1,9 @@
-"""`klein-gateway`: serve, quote, check-config."""
+"""`klein-gateway`: serve, quote, check-config, init.
+
+Every command finds its providers.yaml the same way: `--config`, else
+`KLEIN_CONFIG`, else `./providers.yaml`, else the defaults shipped in the
+package (`gateway.config.find_config`); `init` writes an editable copy of
+those defaults."""
 
 from __future__ import annotations
 
@@ -11,9 +16,15 @@ import sys
 import tempfile
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gateway.callers import LABEL_SECRET_ENV
-from gateway.config import ConfigError, load_config
+from gateway.config import CONFIG_ENV, CONFIG_NAME, ConfigError, find_config, load_config, shipped_config
+
+if TYPE_CHECKING:
+    from gateway.emulators.launcher import EmulatorFleet
+    from gateway.job import ImageJob
+    from gateway.service import Gateway
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate providers.yaml and pricing/")
     _config_args(check)
 
+    init = sub.add_parser("init", help="write an editable copy of the shipped providers.yaml and pricing/")
+    init.add_argument("dir", nargs="?", default=".", help="where to write them (default: the current directory)")
+    init.add_argument("--force", action="store_true", help="overwrite files that are already there")
+
     args = parser.parse_args(argv)
     try:
+        if args.command == "init":
+            return init_config(Path(args.dir), force=args.force)
         if args.command == "check-config":
             return check_config(args)
         if args.command == "quote":
@@ -56,28 +73,53 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=os.environ.get("KLEIN_CONFIG", "providers.yaml"))
+    p.add_argument("--config", metavar="PATH", help=f"providers.yaml to use (default: ${CONFIG_ENV}, else ./{CONFIG_NAME}, else the defaults shipped with the package)")
     p.add_argument("--pricing", default=os.environ.get("KLEIN_PRICING"), help="price sheet directory (default: pricing/ beside the config)")
 
 
 def check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.pricing)
+    config = load_config(_config_path(args), args.pricing)
     for b in config.backends:
         state = "enabled" if b.enabled else f"disabled ({b.disabled_reason})"
         print(f"{b.name:<12} {b.config.kind:<12} {b.sheet.basis:<17} {state}")
-    print(f"ok: {args.config} and {config.pricing_dir}/ are valid")
+    print(f"ok: {config.path} and {config.pricing_dir}/ are valid")
+    return 0
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return find_config(args.config)
+
+
+def init_config(target: Path, *, force: bool = False) -> int:
+    """Copy the shipped providers.yaml and pricing/*.yaml into `target`.
+
+    Every destination is checked before anything is written, so a refusal
+    leaves the directory as it was."""
+    source = shipped_config()
+    sheets = sorted((source.parent / "pricing").glob("*.yaml"))
+    copies = [(source, target / CONFIG_NAME)] + [(sheet, target / "pricing" / sheet.name) for sheet in sheets]
+    existing = [str(dest) for _, dest in copies if dest.exists()]
+    if existing and not force:
+        print(f"init: not overwriting {', '.join(existing)} (use --force to replace them)", file=sys.stderr)
+        return 1
+    (target / "pricing").mkdir(parents=True, exist_ok=True)
+    for src, dest in copies:
+        shutil.copyfile(src, dest)
+    print(f"wrote {target / CONFIG_NAME} and {len(sheets)} price sheets in {target / 'pricing'}/")
+    where = "" if target.resolve() == Path.cwd().resolve() else f" --config {target / CONFIG_NAME}"
+    print(f"edit them, then: klein-gateway check-config{where}")
     return 0
 
 
 def print_quote(args: argparse.Namespace) -> int:
     """The price table, computed offline from the sheets (no backend is called)."""
-    from gateway.app import build_gateway
     from gateway.api.parse import build_job, parse_body
+    from gateway.app import build_gateway
     from gateway.errors import GatewayError
     from gateway.job import JobKind, ReferenceImage
 
     env = dict(os.environ)
-    config = load_config(args.config, args.pricing, env)
+    config = load_config(_config_path(args), args.pricing, env)
     # Price every configured backend, credentials or not: a quote calls nothing.
     for b in config.backends:
         if b.disabled_reason and b.config.enabled:
@@ -102,7 +144,7 @@ def print_quote(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _quote(gw, job):  # type: ignore[no-untyped-def]
+async def _quote(gw: Gateway, job: ImageJob) -> dict[str, Any]:
     try:
         return await gw.quote_table(job)
     finally:
@@ -111,35 +153,56 @@ async def _quote(gw, job):  # type: ignore[no-untyped-def]
 
 def serve_gateway(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from gateway.logs import configure_logging
 
-    fleet = None
-    if args.emulate:
-        from gateway.emulators.launcher import EmulatorFleet
-
-        fleet = EmulatorFleet.start_in_thread()
-        os.environ.update(fleet.env())
     os.environ["KLEIN_LOG_LEVEL"] = args.log_level.upper()
     configure_logging(level=args.log_level.upper())
-    load_config(args.config, args.pricing)  # fail fast, with the field named, before binding a port
-    os.environ["KLEIN_CONFIG"] = str(Path(args.config))
-    if args.pricing:
-        os.environ["KLEIN_PRICING"] = args.pricing
-    raise_open_file_limit()
-    metrics_port = resolve_metrics_port(args)
-    # One caller-label secret for every worker, so their series agree (gateway.callers).
-    os.environ.setdefault(LABEL_SECRET_ENV, secrets.token_hex(32))
-    metrics_dir = prepare_metrics_dir(args.workers, shared=metrics_port is not None)
-    metrics_server = None
-    if metrics_port is not None:
-        from gateway.metrics_access import MetricsAccess, serve_metrics
+    path = _config_path(args)
+    fleet, kept = None, {}
+    if args.emulate:
+        from gateway.emulators.launcher import PROVIDERS, EmulatorFleet, explicit_base_urls
 
-        metrics_server, _ = serve_metrics(args.metrics_host or args.host, metrics_port, MetricsAccess.from_env(os.environ), os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    print(banner(args, fleet), flush=True)
+        kept = explicit_base_urls(os.environ)  # the user's own addresses win over emulators
+        emulated = [name for name in PROVIDERS if name not in kept]
+        if emulated:
+            fleet = EmulatorFleet.start_in_thread(emulated)
+            os.environ.update(fleet.env())
     try:
-        uvicorn.run("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False, log_config=None)
+        config = load_config(path, args.pricing)  # fail fast, with the field named, before binding a port
+        os.environ[CONFIG_ENV] = str(config.path.resolve())  # every worker reads the same file
+        if args.pricing:
+            os.environ["KLEIN_PRICING"] = args.pricing
+        raise_open_file_limit()
+        server_config = uvicorn.Config("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False, log_config=None)
+        sock = server_config.bind_socket()  # exits non-zero, logging why, if the port is taken
+        sock.listen(server_config.backlog)  # connections queue from here on, before the app is up
+        metrics_port = resolve_metrics_port(args)
+        # One caller-label secret for every worker, so their series agree (gateway.callers).
+        os.environ.setdefault(LABEL_SECRET_ENV, secrets.token_hex(32))
+        metrics_dir = prepare_metrics_dir(args.workers, shared=metrics_port is not None)
+        metrics_server = None
+        if metrics_port is not None:
+            from gateway.metrics_access import MetricsAccess, serve_metrics
+
+            metrics_server, _ = serve_metrics(args.metrics_host or args.host, metrics_port, MetricsAccess.from_env(os.environ), os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    except BaseException:
+        if fleet is not None:
+            fleet.stop_thread()
+        raise
+    print(banner(args, fleet, kept), flush=True)  # the port is bound: the examples work from now on
+    server = uvicorn.Server(server_config)
+    try:
+        if args.workers > 1:
+            Multiprocess(server_config, sockets=[sock]).run()
+        else:
+            server_config.load_app()
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
     finally:
+        sock.close()
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
@@ -147,7 +210,7 @@ def serve_gateway(args: argparse.Namespace) -> int:
             fleet.stop_thread()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+    return 0 if server.started or args.workers > 1 else 3
 
 
 def resolve_metrics_port(args: argparse.Namespace) -> int | None:
@@ -194,22 +257,35 @@ def prepare_metrics_dir(workers: int, *, shared: bool = False) -> str | None:
     return made
 
 
-def banner(args: argparse.Namespace, fleet: object | None) -> str:
+def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str, str] | None = None) -> str:
+    """What is serving where, and examples that work as printed.
+
+    With KLEIN_GATEWAY_KEYS set, each example sends the first key, read from
+    the shell's environment when it runs: the banner never prints a key."""
+    from gateway.emulators.launcher import BASE_URL_ENV
+    from gateway.logs import redact
+
     url = f"http://{args.host}:{args.port}/v1"
     lines = [f"Klein Gateway on {url}"]
     if fleet is not None:
         lines.append("Emulated backends on loopback, no keys needed (knobs: POST <emulator>/_admin/knobs):")
-        for name, running in sorted(fleet.emulators.items()):  # type: ignore[attr-defined]
+        for name, running in sorted(fleet.emulators.items()):
             lines.append(f"  {name:<12} {running.base_url}")
-    key_hint = "any" if not os.environ.get("KLEIN_GATEWAY_KEYS") else "<a key from KLEIN_GATEWAY_KEYS>"
+    for name, address in sorted((kept or {}).items()):
+        lines.append(f"Not emulated: {name} at {redact(address)} ({BASE_URL_ENV[name]} is set)")
+    if os.environ.get("KLEIN_GATEWAY_KEYS"):
+        auth = " -H \"authorization: Bearer ${KLEIN_GATEWAY_KEYS%%,*}\""
+        api_key = "__import__('os').environ['KLEIN_GATEWAY_KEYS'].split(',')[0]"
+    else:
+        auth, api_key = "", "'any'"
     lines += [
         "",
         "Try it:",
-        f"  curl -s {url}/images/quote -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"1024x1024\"}}'",
-        f"  curl -s {url}/images/generations -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"512x512\", \"response_format\": \"b64_json\"}}' -D - -o /dev/null",
-        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='" + url + "', api_key='" + key_hint + "'); "
+        f"  curl -s {url}/images/quote{auth} -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"1024x1024\"}}'",
+        f"  curl -s {url}/images/generations{auth} -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"512x512\", \"response_format\": \"b64_json\"}}' -D - -o /dev/null",
+        "  python -c \"from openai import OpenAI; c = OpenAI(base_url='" + url + "', api_key=" + api_key + "); "
         "print(c.images.generate(model='flux-2-klein-4b', prompt='a lighthouse', size='512x512').data[0].url)\"",
-        f"  curl -s {url}/backends | python -m json.tool",
+        f"  curl -s {url}/backends{auth} | python -m json.tool",
         f"Metrics: {metrics_url(args)}",
     ]
     return "\n".join(lines)

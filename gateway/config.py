@@ -8,6 +8,10 @@ rename the variables). A backend without its credential (or, for a service
 addressed by URL alone, its address) is disabled and says why; a bad file
 names the file, the field and the problem. Which kinds exist, and their
 defaults, come from the provider registry (`gateway.providers`).
+
+Which file: `--config` or `KLEIN_CONFIG` if given, else `./providers.yaml`,
+else the defaults shipped inside the package (see `find_config`), so every
+command works from any directory after a plain install.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from gateway.health import BreakerPolicy
 from gateway.pricing import PriceSheet, PriceSheetError, load_sheet
 from gateway.probes import ProbeSettings
 from gateway.providers import adapter_class, capabilities_for
+
+CONFIG_NAME = "providers.yaml"
+CONFIG_ENV = "KLEIN_CONFIG"
+_ELSEWHERE = f"Point at another with --config PATH or {CONFIG_ENV}=PATH, or write an editable copy of the defaults with `klein-gateway init [DIR]`."
 
 
 class ConfigError(ValueError):
@@ -135,11 +143,45 @@ def _error_text(path: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def shipped_config() -> Path:
+    """The providers.yaml that ships with the package, its pricing/ beside it.
+
+    An installed wheel carries them as gateway/defaults/ (setup.py copies the
+    repository's top-level files there at build time); a source checkout or
+    an editable install reads the repository's own."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "defaults" / CONFIG_NAME
+    return packaged if packaged.is_file() else here.parent / CONFIG_NAME
+
+
+def find_config(explicit: str | Path | None = None, env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> Path:
+    """The providers.yaml to use: `explicit` (--config), else $KLEIN_CONFIG,
+    else ./providers.yaml, else the shipped defaults.
+
+    A file that was named but is missing is an error (never silently replaced
+    by the defaults); the error names every path tried and how to point elsewhere."""
+    env = os.environ if env is None else env
+    for given, source in ((explicit, "--config"), (env.get(CONFIG_ENV), CONFIG_ENV)):
+        if given:
+            path = Path(given)
+            if path.is_file():
+                return path
+            raise ConfigError(f"{path}: file not found (named by {source}). {_ELSEWHERE}")
+    local = (Path(cwd) if cwd is not None else Path()) / CONFIG_NAME
+    shipped = shipped_config()
+    for path in (local, shipped):
+        if path.is_file():
+            return path
+    raise ConfigError(f"no {CONFIG_NAME} found; tried {local.resolve()} (the current directory) and {shipped} (the defaults shipped with the package). {_ELSEWHERE}")
+
+
 def read_providers_file(path: Path) -> ProvidersFile:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise ConfigError(f"{path}: file not found. {_ELSEWHERE}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a file. {_ELSEWHERE}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, Mapping):
@@ -150,10 +192,12 @@ def read_providers_file(path: Path) -> ProvidersFile:
         raise ConfigError(_error_text(path, exc)) from None
 
 
-def load_config(path: str | Path = "providers.yaml", pricing_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Read and validate providers.yaml and every price sheet it names."""
-    path = Path(path)
+def load_config(path: str | Path | None = None, pricing_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read and validate providers.yaml and every price sheet it names.
+
+    Without a `path`, the file is found as `find_config` says."""
     env = os.environ if env is None else env
+    path = Path(path) if path is not None else find_config(env=env)
     pricing = Path(pricing_dir) if pricing_dir else path.parent / "pricing"
     parsed = read_providers_file(path)
     problems: list[str] = []

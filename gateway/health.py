@@ -158,7 +158,7 @@ class HealthTracker:
         else:
             try:
                 snaps = await self._snapshots(names, now)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
                 self._absorb("views", exc)
                 return {n: HEALTHY for n in names}
             self._views_cache = (now, tuple(names), snaps)
@@ -172,7 +172,7 @@ class HealthTracker:
         now = self._clock()
         try:
             snaps = await self._snapshots(names, now)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("describe", exc)
             return {n: {"state": "unknown", "why_unavailable": "health state unreadable"} for n in names}
         out: dict[str, dict[str, Any]] = {}
@@ -216,7 +216,7 @@ class HealthTracker:
             if state is BreakerState.CLOSED:
                 return True
             return await self._trials.take(name, snap.record, now, policy)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("acquire", exc)
             return True
 
@@ -225,7 +225,7 @@ class HealthTracker:
         never sent): give its half-open trial lease back, if it held one."""
         try:
             await self._trials.give_back(name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("release", exc)
 
     # ---- recording ---------------------------------------------------------
@@ -244,7 +244,7 @@ class HealthTracker:
 
             await self._transition(name, raw, decide)
             await self._trials.give_back(name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("record_success", exc)
 
     async def record_failure(self, name: str, error: ProviderError, latency_s: float | None = None) -> None:
@@ -280,7 +280,7 @@ class HealthTracker:
 
             await self._transition(name, raw, decide)
             await self._trials.give_back(name)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("record_failure", exc)
 
     async def record_probe(self, name: str, result: ProbeResult) -> None:
@@ -309,7 +309,7 @@ class HealthTracker:
                 return after_probe(record, now, policy, result.ok, in_row)
 
             await self._transition(name, raw, decide)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("record_probe", exc)
 
     # ---- internals ---------------------------------------------------------

@@ -58,7 +58,11 @@ _PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
     # Passwords in URLs (redis://:pw@host), key-like query parameters and fields.
     (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^/\s:@]*:)[^@\s/]+@"), r"\1" + REDACTED + "@"),
     (re.compile(r"(?i)([?&](?:api[_-]?key|key|token|access_token|secret|password|signature|sig)=)[^&\s\"']+"), r"\1" + REDACTED),
-    (re.compile(r"(?i)(\b(?:api[_-]?key|secret|password|token|credential)[\"']?\s*[:=]\s*[\"']?)[^\"'\s,}&]+"), r"\1" + REDACTED),
+    # A field's value: always after `=` or in quotes (`token=x`, `"password": "x"`);
+    # after a bare colon only when it looks like a token, not a word, so that
+    # prose such as "no credential: set FAL_KEY" keeps its instruction.
+    (re.compile(r"(?i)(\b(?:api[_-]?key|secret|password|token|credential)[\"']?\s*(?:=\s*[\"']?|:\s*[\"']))[^\"'\s,}&]+"), r"\1" + REDACTED),
+    (re.compile(r"(?i)(\b(?:api[_-]?key|secret|password|token|credential)[\"']?\s*:\s*)(?=[^\"'\s,}&]*[0-9_\-./+=~])[^\"'\s,}&]+"), r"\1" + REDACTED),
 )
 
 # Every pattern above needs one of these in the text: a string without any is
@@ -230,7 +234,7 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # a bad format string must not drop the record
+        except Exception:  # noqa: BLE001 - a bad format string, or an argument whose str() raises, must not drop the record
             message = f"{record.msg!r} {record.args!r}"
         record.msg, record.args = scrub(message), None
         if record.exc_info and not record.exc_text:

@@ -30,9 +30,9 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
-from typing import ContextManager, Final
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -207,7 +207,7 @@ class GatewayMetrics:
         finally:
             self.in_flight_requests.dec()
 
-    def in_flight(self) -> ContextManager[None]:
+    def in_flight(self) -> AbstractContextManager[None]:
         """Count a request as in flight while the block runs (klein_in_flight_requests)."""
         return self._in_flight()
 

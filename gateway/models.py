@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 MODEL_ID = "flux-2-klein-4b"
 ALIASES = frozenset({MODEL_ID, "flux.2-klein-4b", "black-forest-labs/flux-2-klein-4b", "black-forest-labs/flux.2-klein-4b"})
 CREATED = 1768435200  # 2026-01-15, the model's public release
 OWNED_BY = "black-forest-labs"
 
 
-def resolve_model(model: str, backends: set[str]) -> str | None | bool:
+def resolve_model(model: str, backends: set[str]) -> str | Literal[False] | None:
     """None for the model itself, a backend name for `backend/model`, False if unknown.
 
     `black-forest-labs/...` is an alias, not a pin: it is the model's own id

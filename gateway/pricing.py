@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -196,7 +196,7 @@ class GpuTime(_Sheet):
 
 
 PriceSheet = Annotated[
-    Union[PerMegapixel, TieredMegapixel, PerImage, GpuTime],
+    PerMegapixel | TieredMegapixel | PerImage | GpuTime,
     Field(discriminator="basis"),
 ]
 _SHEET = TypeAdapter(PriceSheet)

@@ -125,7 +125,7 @@ def check_size(data: bytes, width: int, height: int) -> None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             size = im.size
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - Pillow raises many types for a broken image; each means the same to the caller
         raise ProviderError(FailureClass.FAILED, "returned an image that cannot be read", billed=True) from None
     if size != (width, height):
         raise ProviderError(FailureClass.FAILED, f"returned {size[0]}x{size[1]}, not the requested {width}x{height}", billed=True)
@@ -137,14 +137,14 @@ def transcode(data: bytes, fmt: str, compression: int | None, size: tuple[int, i
         with Image.open(io.BytesIO(data)) as im:
             if im.size != size:
                 raise ProviderError(FailureClass.FAILED, f"returned {im.size[0]}x{im.size[1]}, not the requested {size[0]}x{size[1]}", billed=True)
-            im = im.convert("RGB")
+            rgb = im.convert("RGB")
             out = io.BytesIO()
             kwargs: dict[str, object] = {}
             if fmt in ("jpeg", "webp"):
                 kwargs["quality"] = compression if compression is not None else 90
-            im.save(out, PIL_FORMATS[fmt], **kwargs)
+            rgb.save(out, PIL_FORMATS[fmt], **kwargs)
             return out.getvalue()
     except ProviderError:
         raise
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - Pillow raises many types for a broken image; each means the same to the caller
         raise ProviderError(FailureClass.FAILED, "returned an image that cannot be decoded", billed=True) from None

@@ -145,7 +145,7 @@ def _order(job: ImageJob, survivors: list[Candidate]) -> list[Candidate]:
     else:
         rank = {}
 
-    def key(c: Candidate) -> tuple:
+    def key(c: Candidate) -> tuple[int, bool, Decimal, bool, float, str]:
         price = c.quote.usd if c.quote is not None else Decimal(0)
         latency = c.health.latency_p50_s
         return (
@@ -200,12 +200,12 @@ def refusal(plan: Plan) -> GatewayError:
         )
     if SkipCause.OVER_PRICE in by_cause:
         over = by_cause[SkipCause.OVER_PRICE]
-        priced = sorted((s for s in over if s.usd is not None), key=lambda s: (s.usd, s.backend))
+        priced = sorted((s.usd, s.backend, s.max_price) for s in over if s.usd is not None and s.max_price is not None)
         if priced:
-            best = priced[0]
+            usd, backend, cap = priced[0]
             message = (
-                f"No backend can serve this request within max_price ${_money(best.max_price)}: "
-                f"the cheapest eligible quote is ${_money(best.usd)} ({best.backend})."
+                f"No backend can serve this request within max_price ${_money(cap)}: "
+                f"the cheapest eligible quote is ${_money(usd)} ({backend})."
             )
         else:
             message = f"No backend has a known price within max_price ({_listing(over)})."

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from PIL import Image
 
@@ -211,7 +211,7 @@ class BatchRunner:
             self.metrics.forwards.inc()
             self.metrics.inference.labels(bucket=bucket).observe(seconds)
             self.metrics.batch_images.observe(len(chunk))
-            for n, image in zip(chunk, images):
+            for n, image in zip(chunk, images, strict=True):
                 produced[n] = image
         busy = sum(c.seconds for c in calls)
         outputs = self._finish(items, work, produced)
@@ -226,7 +226,8 @@ class BatchRunner:
         checked = [n for n, (index, _, _) in enumerate(work) if items[index].safety]
         flags: list[bool | None] = [None] * len(work)
         if checked and not isinstance(self.checker, NoSafetyChecker):
-            for n, flag in zip(checked, self.checker.check([produced[n] for n in checked])):
+            ready = cast("list[Image.Image]", [produced[n] for n in checked])  # every slot is filled once the calls return
+            for n, flag in zip(checked, self.checker.check(ready), strict=True):
                 flags[n] = flag
         outputs: list[list[OutputImage]] = [[] for _ in items]
         for n, (index, _, seed) in enumerate(work):
@@ -497,7 +498,7 @@ class Batcher:
         self.utilization.add(outcome.busy_s)
         self._publish_resources()
         batch_images = sum(item.images for item in batch)
-        for item, images in zip(batch, outcome.outputs):
+        for item, images in zip(batch, outcome.outputs, strict=True):
             if item.future is None or item.future.done():
                 continue
             item.future.set_result(

@@ -3,11 +3,17 @@
 Flags override `KLEIN_LOCAL_<FIELD>` environment variables (see
 `local_backend.config`). One process serves one device with one worker
 thread; scale by running one process per GPU, not by uvicorn workers.
+
+Before binding a port, `serve` checks what would otherwise only fail in the
+background after start-up (a process alive but never ready): that torch and
+diffusers import, and that `--model` is a diffusers folder of the pipeline.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import os
 import sys
@@ -87,6 +93,40 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return load_settings(flags, environ)
 
 
+PIPELINE_CLASS = "Flux2KleinPipeline"
+INSTALL_HINT = (
+    "install the local extra: pip install 'klein-gateway[local]' (from a checkout: pip install -e '.[local]'); "
+    "on a machine without a GPU, first pip install torch --index-url https://download.pytorch.org/whl/cpu for the CPU build"
+)
+DOWNLOAD_HINT = "fetch the weights on a machine with network, e.g. hf download black-forest-labs/FLUX.2-klein-4B --local-dir PATH, then --model PATH"
+
+
+def startup_problem(settings: Settings) -> str | None:
+    """Why this process cannot serve, as the user should read it; None if it can."""
+    for module in ("torch", "diffusers"):
+        try:
+            imported = importlib.import_module(module)
+        except ImportError as exc:
+            return f"{module} cannot be imported ({exc}): {INSTALL_HINT}"
+    if not hasattr(imported, PIPELINE_CLASS):
+        return f"diffusers {getattr(imported, '__version__', '?')} has no {PIPELINE_CLASS} (0.38 or later has): {INSTALL_HINT}"
+    if settings.model_path is None:
+        return None
+    path = settings.model_path
+    if not path.is_dir():
+        return f"--model {path}: no such folder; {DOWNLOAD_HINT}"
+    index = path / "model_index.json"
+    try:
+        declared = json.loads(index.read_text()).get("_class_name")
+    except FileNotFoundError:
+        return f"--model {path}: no model_index.json, so not a diffusers pipeline folder; {DOWNLOAD_HINT}"
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"--model {path}: model_index.json is unreadable ({type(exc).__name__}); {DOWNLOAD_HINT}"
+    if declared != PIPELINE_CLASS:
+        return f"--model {path}: holds a {declared or 'unnamed'} pipeline, not {PIPELINE_CLASS} (FLUX.2 [klein] 4B); {DOWNLOAD_HINT}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"  # real weights load from a local path only
@@ -95,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ValidationError as exc:
         print(f"klein-local: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    problem = startup_problem(settings)
+    if problem is not None:
+        print(f"klein-local: cannot serve: {problem}", file=sys.stderr)
         return 2
 
     import uvicorn

@@ -44,7 +44,7 @@ def read_reference(index: int, text: str) -> Reference:
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-    except Exception:
+    except Exception:  # noqa: BLE001 - Pillow raises many types for broken files
         raise BadReference(f"reference_images[{index}] is not a readable image") from None
     if min(width, height) < MIN_REFERENCE_SIDE:
         raise BadReference(f"reference_images[{index}] must be at least {MIN_REFERENCE_SIDE} px per side")

@@ -16,13 +16,13 @@ import httpx
 import uvicorn
 from litestar import Litestar
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob
 from gateway.metrics import GatewayMetrics
 from gateway.providers.base import Adapter, FailureClass, GeneratedImage, ProbeResult, ProviderError, ProviderResult
-from prometheus_client import CollectorRegistry
 
 REPO = Path(__file__).resolve().parent.parent
 PROVIDERS_YAML = REPO / "providers.yaml"

@@ -78,8 +78,8 @@ ROWS = [(fault, position) for fault in FAULTS for position in POSITIONS]
 # Lanes run side by side, balanced by what their rows wait for (the slow
 # rows are those of stuck and timeout); rows not named go to the last lane.
 LANES: list[list[tuple[str, str]]] = [
-    [("stuck", "last"), *((("server_error", p) for p in POSITIONS))],
-    [("stuck", "middle"), ("stuck", "cheapest"), *((("rate_limited", p) for p in POSITIONS))],
+    [("stuck", "last"), *(("server_error", p) for p in POSITIONS)],
+    [("stuck", "middle"), ("stuck", "cheapest"), *(("rate_limited", p) for p in POSITIONS)],
     [("timeout", p) for p in POSITIONS],
     [],
 ]

@@ -140,7 +140,7 @@ def test_job_still_pending_at_the_deadline_is_cancelled_where_the_provider_allow
         for backend in CANCELS_AT_DEADLINE:
             set_knobs(fleet, backend, SLOW_JOB if phase == "running" else QUEUED_JOB)
         with ThreadPoolExecutor(len(CANCELS_AT_DEADLINE)) as pool:
-            answers = dict(zip(CANCELS_AT_DEADLINE, pool.map(one, CANCELS_AT_DEADLINE)))
+            answers = dict(zip(CANCELS_AT_DEADLINE, pool.map(one, CANCELS_AT_DEADLINE), strict=True))
         for backend, (status, elapsed) in answers.items():
             assert status == 504, (backend, status)
             assert elapsed < 2.2, (backend, elapsed)

@@ -22,7 +22,7 @@ async def client():
     fakes = {n: FakeAdapter(n) for n in NAMES}
     install_fakes(app, fakes)
     async with AsyncTestClient(app) as c:
-        c.fakes = fakes  # type: ignore[attr-defined]
+        c.fakes = fakes  # type: ignore[attr-defined]  # the tests reach the fakes through their client
         yield c
 
 

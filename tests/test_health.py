@@ -451,10 +451,10 @@ async def test_replicas_carry_on_through_a_redis_outage_and_share_again_after(re
 class DeadStore(MemoryStore):
     """A store whose every operation fails (a bare Redis store, unwrapped, that died)."""
 
-    def __getattribute__(self, name: str):  # noqa: ANN204
+    def __getattribute__(self, name: str):
         if name in {"get", "get_many", "set", "set_if_absent", "compare_and_set", "incr", "delete", "append_sample", "samples"}:
 
-            async def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            async def fail(*args, **kwargs):
                 raise ConnectionError("gone")
 
             return fail

@@ -41,7 +41,7 @@ async def _burst(url: str, count: int, headers: dict[str, str] | None = None) ->
 
 
 def test_local_cheapest_fills_up_and_the_rest_spill_to_next_cheapest(fleet, gateway):
-    server, app = gateway
+    server, _app = gateway
     # One image at a time on the "GPU", one more may wait; each takes 400 ms.
     fleet["local"].set_knobs({"local": {"max_concurrency": 1, "queue_capacity": 1}, "job": {"run_ms": 400}})
     responses = asyncio.run(_burst(server.url, 8))

@@ -64,7 +64,7 @@ def fal_router() -> respx.Router:
     router.get(url__regex=rf"^{FAL}/fal-ai/flux-2/requests/(?P<rid>[^/]+)/status").mock(side_effect=status)
     router.get(url__regex=rf"^{FAL}/fal-ai/flux-2/requests/(?P<rid>[^/]+)$").mock(side_effect=result)
     router.get(url__regex=rf"^{CDN}/(?P<w>\d+)x(?P<h>\d+)/\d+\.(?P<fmt>\w+)$").mock(side_effect=cdn)
-    router.jobs = jobs  # type: ignore[attr-defined]
+    router.jobs = jobs  # type: ignore[attr-defined]  # the tests read what the mock router recorded
     return router
 
 
@@ -120,7 +120,7 @@ def test_sdk_generate_returns_decodable_images_of_the_requested_size(served, lab
 
 @pytest.mark.parametrize("count", [1, 3])
 def test_sdk_edit_sends_every_reference_image(served, count):
-    client, fetch, router, server = served
+    client, _fetch, router, _server = served
     files = [(f"ref{i}.png", png_bytes(320, 240 + 16 * i), "image/png") for i in range(count)]
     image = files[0] if count == 1 else files
     result = client.images.edit(model="flux-2-klein-4b", image=image, prompt="make it night", size="512x512", response_format="b64_json")

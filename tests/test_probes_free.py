@@ -157,7 +157,7 @@ async def test_stopping_the_prober_as_a_probe_completes_ends_its_loop() -> None:
     cancellation, so a loop built on it carried on and stop() never returned
     (an app's shutdown hung on it)."""
     adapter = _SignallingAdapter()
-    prober = Prober({"signalling": adapter}, HealthTracker(MemoryStore(), {}, {}), ProbeSettings(interval_s=30, jitter=0.0, timeout_s=1))  # type: ignore[dict-item]
+    prober = Prober({"signalling": adapter}, HealthTracker(MemoryStore(), {}, {}), ProbeSettings(interval_s=30, jitter=0.0, timeout_s=1))  # type: ignore[dict-item]  # a stand-in with only the probe the prober calls
     prober.start()
     async with asyncio.timeout(2):
         await adapter.probed.wait()  # resumes this test before the probe loop resumes
@@ -186,7 +186,7 @@ class _CancelSwallowingAdapter(_SignallingAdapter):
 
 async def test_stopping_the_prober_ends_a_loop_whose_adapter_swallowed_the_cancellation() -> None:
     adapter = _CancelSwallowingAdapter()
-    prober = Prober({"swallowing": adapter}, HealthTracker(MemoryStore(), {}, {}), ProbeSettings(interval_s=30, jitter=0.0, timeout_s=60))  # type: ignore[dict-item]
+    prober = Prober({"swallowing": adapter}, HealthTracker(MemoryStore(), {}, {}), ProbeSettings(interval_s=30, jitter=0.0, timeout_s=60))  # type: ignore[dict-item]  # a stand-in with only the probe the prober calls
     prober.start()
     async with asyncio.timeout(2):
         await adapter.probed.wait()

@@ -295,11 +295,11 @@ class FlakyStore(MemoryStore):
         super().__init__()
         self.down = False
 
-    def __getattribute__(self, name: str):  # noqa: ANN204
+    def __getattribute__(self, name: str):
         attr = super().__getattribute__(name)
         if name in {"get", "get_many", "set", "set_if_absent", "compare_and_set", "incr", "delete"}:
 
-            async def guarded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            async def guarded(*args, **kwargs):
                 if self.down:
                     raise ConnectionError("down")
                 return await attr(*args, **kwargs)

@@ -150,11 +150,11 @@ class BrokenStore(MemoryStore):
         self.broken = False
         self.calls = 0
 
-    def __getattribute__(self, name: str):  # noqa: ANN204
+    def __getattribute__(self, name: str):
         attr = super().__getattribute__(name)
         if name in {"get", "get_many", "set", "set_if_absent", "compare_and_set", "incr", "delete", "append_sample", "samples"}:
 
-            async def guarded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            async def guarded(*args, **kwargs):
                 self.calls += 1
                 await asyncio.sleep(0)  # a real round trip suspends
                 if self.broken:

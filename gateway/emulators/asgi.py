@@ -40,7 +40,7 @@ JSON = b"application/json"
 
 
 class Response:
-    __slots__ = ("status", "body", "headers")
+    __slots__ = ("body", "headers", "status")
 
     def __init__(self, status: int, body: bytes, content_type: bytes = JSON, headers: dict[str, str] | None = None) -> None:
         self.status = status
@@ -64,7 +64,7 @@ class Response:
 class Request:
     """One HTTP request; the body is read once, on demand."""
 
-    __slots__ = ("scope", "receive", "send", "method", "path", "_headers", "_body", "params", "fault")
+    __slots__ = ("_body", "_headers", "fault", "method", "params", "path", "receive", "scope", "send")
 
     def __init__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], send: Callable[..., Awaitable[None]]) -> None:
         self.scope = scope
@@ -116,7 +116,7 @@ class Request:
         return loads(data)
 
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable[Response | None]]  # None: a fault already answered or dropped the connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +163,7 @@ async def hold(request: Request, seconds: float, release: asyncio.Event | None =
     if seconds <= 0:
         return True
     await request.body()
-    waiters = [asyncio.ensure_future(asyncio.sleep(seconds)), asyncio.ensure_future(_disconnect(request))]
+    waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.sleep(seconds)), asyncio.ensure_future(_disconnect(request))]
     if release is not None:
         waiters.append(asyncio.ensure_future(release.wait()))
     try:

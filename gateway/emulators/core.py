@@ -119,6 +119,7 @@ class EmulatorApp(ABC):
             return
         request = Request(scope, receive, send)
         path = request.path
+        response: Response | None
         if path.startswith("/_admin/"):
             response = await self.admin(request)
         elif path.startswith("/files/"):

@@ -27,7 +27,7 @@ Choices where the references are silent (docs/providers/empiriolabs.md#choices-m
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 from gateway.emulators.asgi import Request, Response, hold, route
 from gateway.emulators.core import EmulatorApp
@@ -136,7 +136,7 @@ def parse_body(body: dict[str, Any], *, seed: int) -> tuple[Spec, tuple[int, str
     width, height = EMPIRIOLABS_ASPECT["1:1"]
     if "width" in body or "height" in body:
         w, h = body.get("width"), body.get("height")
-        if not all(_number(v) for v in (w, h)):
+        if not (_number(w) and _number(h)):
             return dummy, (400, "width", "width and height must be set together, as numbers.")
         width, height = int(w), int(h)
     elif body.get("size") is not None:
@@ -179,7 +179,7 @@ def parse_body(body: dict[str, Any], *, seed: int) -> tuple[Spec, tuple[int, str
     return Spec(prompt=prompt, width=width, height=height, fmt=fmt, n=int(n), seed=seed, edit_refs=len(refs), steps=int(steps)), None
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

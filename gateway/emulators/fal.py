@@ -109,7 +109,7 @@ class FalEmulator(EmulatorApp):
             return self.error(404, "not_found", "request not found")
         phase = job.phase()
         body = self._urls(request, job)
-        logs = [] if "logs=1" in request.query or "logs=true" in request.query else None
+        logs: list[dict[str, Any]] | None = [] if "logs=1" in request.query or "logs=true" in request.query else None
         if phase in ("queued", "dispatching"):
             body |= {"status": "IN_QUEUE", "queue_position": 0}
         elif phase == "running":

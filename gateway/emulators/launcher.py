@@ -78,6 +78,16 @@ def _adapter(provider: str) -> type[Adapter]:
     return adapter_class(provider)
 
 
+def explicit_base_urls(environ: Mapping[str, str], providers: Iterable[str] | None = None) -> dict[str, str]:
+    """The providers whose base-URL variable the user set, with that URL.
+
+    `serve --emulate` leaves these alone (no emulator, no key replaced), so the
+    emulated hosted providers can run beside a real local GPU backend, or any
+    one provider can be pointed at a rig of your own."""
+    wanted = {name: adapter_class(name).base_url_env for name in (PROVIDERS if providers is None else providers)}
+    return {name: environ[var] for name, var in wanted.items() if var and environ.get(var, "").strip()}
+
+
 def build_app(provider: str, key: str | None = None, knobs: EmulatorKnobs | None = None, **kw: Any) -> EmulatorApp:
     """One provider's ASGI app (for uvicorn, or httpx.ASGITransport in tests)."""
     _adapter(provider)

@@ -56,7 +56,7 @@ class Gate:
         try:
             await asyncio.wait_for(future, timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():

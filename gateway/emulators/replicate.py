@@ -27,7 +27,7 @@ Choices where the references are silent (docs/providers/replicate.md#choices-mad
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.emulators.asgi import Request, Response, hold, route
@@ -170,7 +170,7 @@ class ReplicateEmulator(EmulatorApp):
             "model": OWNER_NAME,
             "version": "hidden",
             "input": job.input,
-            "logs": "" if not started else "Using seed: %d\n" % job.spec.seed,
+            "logs": "" if not started else f"Using seed: {job.spec.seed}\n",
             "output": output,
             "data_removed": False,
             "error": error,
@@ -260,5 +260,5 @@ def _problem(status: int, title: str, detail: str) -> dict[str, Any]:
 
 
 def _iso(wall: float) -> str:
-    return datetime.fromtimestamp(wall, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 

@@ -31,7 +31,7 @@ Choices where the references are silent or disagree (docs/providers/runflow.md#c
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -199,7 +199,8 @@ def parse_input(data: dict[str, Any], *, edit: bool, seed: int) -> tuple[Spec, l
         prompt = ""
     refs: list[Any] = []
     if edit:
-        refs = data.get("image_urls") if isinstance(data.get("image_urls"), list) else []
+        urls = data.get("image_urls")
+        refs = urls if isinstance(urls, list) else []
         if not 1 <= len(refs) <= 4:
             problems.append(("input.image_urls", "between 1 and 4 source images are required"))
     width, height = (1024, 1024) if edit else (1024, 768)  # edit: RF-EDIT's 1024x1024; t2i: landscape_4_3
@@ -211,8 +212,10 @@ def parse_input(data: dict[str, Any], *, edit: bool, seed: int) -> tuple[Spec, l
             problems.append(("input.image_size", f"must be one of {', '.join(FAL_PRESETS)} or {{width, height}}"))
     elif isinstance(size, dict) or ("width" in data and "height" in data):
         source = size if isinstance(size, dict) else data
-        width, height = source.get("width"), source.get("height")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and 64 <= v <= 2048 for v in (width, height)):
+        w, h = source.get("width"), source.get("height")
+        if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and not isinstance(h, bool) and 64 <= w <= 2048 and 64 <= h <= 2048:
+            width, height = w, h
+        else:
             problems.append(("input.image_size", "width and height must be integers between 64 and 2048"))
             width, height = 1024, 768
     elif size is not None:
@@ -256,4 +259,4 @@ def _invalid(problems: list[tuple[str, str]]) -> Response:
 
 def _iso(wall: float) -> str:
     """ISO-8601 with a +00:00 offset, as Runflow writes it (https://docs.runflow.io/concepts/callbacks)."""
-    return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")

@@ -407,7 +407,7 @@ class ReplicateAdapter(Adapter):
         ids = [str(p.get("id")) for p in predictions]
         images: list[GeneratedImage] = []
         predict_time = 0.0
-        for index, (prediction, pid) in enumerate(zip(predictions, ids)):
+        for index, (prediction, pid) in enumerate(zip(predictions, ids, strict=True)):
             output = prediction.get("output")
             uris = [output] if isinstance(output, str) else output  # klein: array of URIs; siblings: one URI
             if not isinstance(uris, list) or not uris or not all(isinstance(u, str) for u in uris):

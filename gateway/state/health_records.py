@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from gateway.state.breaker import BreakerRecord, Window
 from gateway.state.base import StateStore
+from gateway.state.breaker import BreakerRecord, Window
 
 WINDOW_BUCKETS = 10
 RECORD_TTL_S = 86_400.0
@@ -85,7 +85,7 @@ def _int(raw: str | None) -> int:
 
 def as_float(raw: object) -> float:
     try:
-        return float(raw) if raw is not None else 0.0
+        return float(raw) if isinstance(raw, (str, bytes, int, float)) else 0.0
     except (TypeError, ValueError):
         return 0.0
 

@@ -15,6 +15,7 @@ appears in a log or an exception raised here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -69,12 +70,12 @@ class RedisStore(StateStore):
         return self._prefix + key
 
     async def get(self, key: str) -> str | None:
-        return await self._client.get(self._k(key))
+        return cast("str | None", await self._client.get(self._k(key)))  # decode_responses=True: str, never bytes
 
     async def get_many(self, keys: Sequence[str]) -> list[str | None]:
         if not keys:
             return []
-        return list(await self._client.mget([self._k(k) for k in keys]))
+        return cast("list[str | None]", list(await self._client.mget([self._k(k) for k in keys])))
 
     async def set(self, key: str, value: str, *, ttl_s: float) -> None:
         await self._client.set(self._k(key), value, px=_ms(ttl_s))
@@ -83,7 +84,7 @@ class RedisStore(StateStore):
         return bool(await self._client.set(self._k(key), value, px=_ms(ttl_s), nx=True))
 
     async def compare_and_set(self, key: str, expected: str | None, value: str, *, ttl_s: float) -> bool:
-        args = ["1", "", value, _ms(ttl_s)] if expected is None else ["0", expected, value, _ms(ttl_s)]
+        args: list[str | int] = ["1", "", value, _ms(ttl_s)] if expected is None else ["0", expected, value, _ms(ttl_s)]
         return bool(await self._cas(keys=[self._k(key)], args=args))
 
     async def delete(self, key: str) -> None:

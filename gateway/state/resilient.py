@@ -23,6 +23,7 @@ outage stay local: they age out of their windows within a minute anyway.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -85,6 +86,10 @@ class ResilientStore(StateStore):
         if self._dirty and (self._resync is None or self._resync.done()):
             self._resync = asyncio.get_running_loop().create_task(self._push_back())
 
+    async def _reached(self, call: Callable[[], Awaitable[object]]) -> bool:
+        """Whether the primary took a call that answers nothing."""
+        return await self._try(call) is not _FAILED
+
     async def _try(self, call: Callable[[], Awaitable[T]]) -> T:
         """The primary's answer, or _FAILED (without calling it while it is down)."""
         if not self._usable():
@@ -113,7 +118,7 @@ class ResilientStore(StateStore):
             if exported is None or exported[1] <= 0:
                 continue
             value, ttl_s = exported
-            if await self._try(lambda: self.primary.set_if_absent(key, value, ttl_s=ttl_s)) is _FAILED:
+            if await self._try(functools.partial(self.primary.set_if_absent, key, value, ttl_s=ttl_s)) is _FAILED:
                 self._dirty.add(key)
                 return
 
@@ -130,12 +135,12 @@ class ResilientStore(StateStore):
         values = await self._try(lambda: self.primary.get_many(keys))
         if values is _FAILED:
             return await self.fallback.get_many(keys)
-        self.fallback.mirror(zip(keys, values), ttl_s=self.mirror_ttl_s, keep=self._dirty)
+        self.fallback.mirror(zip(keys, values, strict=True), ttl_s=self.mirror_ttl_s, keep=self._dirty)
         return values
 
     async def set(self, key: str, value: str, *, ttl_s: float) -> None:
         await self.fallback.set(key, value, ttl_s=ttl_s)
-        if await self._try(lambda: self.primary.set(key, value, ttl_s=ttl_s)) is _FAILED:
+        if not await self._reached(functools.partial(self.primary.set, key, value, ttl_s=ttl_s)):
             self._dirtied(key)
 
     async def set_if_absent(self, key: str, value: str, *, ttl_s: float) -> bool:

@@ -15,9 +15,9 @@ from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from local_backend.batcher import WorkItem  # noqa: E402
-from local_backend.config import Settings  # noqa: E402
-from local_backend.pipeline import BatchCall  # noqa: E402
+from local_backend.batcher import WorkItem
+from local_backend.config import Settings
+from local_backend.pipeline import BatchCall
 
 
 class FakeOOM(Exception):
@@ -55,11 +55,10 @@ class FakeGenerator:
         self.entered.set()
         if self.gate is not None and not self.gate.wait(timeout=10):
             raise RuntimeError("test gate never opened")
-        if self.oom_above is not None and len(call.prompts) > self.oom_above:
-            if self.oom_times is None or self.oom_times > 0:
-                if self.oom_times is not None:
-                    self.oom_times -= 1
-                raise FakeOOM()
+        if self.oom_above is not None and len(call.prompts) > self.oom_above and (self.oom_times is None or self.oom_times > 0):
+            if self.oom_times is not None:
+                self.oom_times -= 1
+            raise FakeOOM()
         if self.fail:
             raise RuntimeError("boom")
         return [Image.new("RGB", (call.width, call.height), seed_color(seed)) for seed in call.seeds]

@@ -12,11 +12,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np  # noqa: E402 - after importorskip, so the module skips without torch
+from PIL import Image  # noqa: E402 - after importorskip
 
-from local_backend.config import Settings  # noqa: E402
-from local_backend.pipeline import (  # noqa: E402
+from local_backend.config import Settings  # noqa: E402 - after importorskip
+from local_backend.pipeline import (  # noqa: E402 - after importorskip
     BatchCall,
     PipelineGenerator,
     build_generator,
@@ -68,7 +68,7 @@ def test_same_seed_same_image_other_seed_other_image(tiny: PipelineGenerator) ->
 
 def test_a_batched_image_equals_the_single_call_with_its_seed(tiny: PipelineGenerator) -> None:
     batched = tiny.generate(BatchCall(["a fox", "a cat", "a dog"], [5, 6, 7], 64, 64, STEPS))
-    for prompt, seed, image in zip(["a fox", "a cat", "a dog"], [5, 6, 7], batched):
+    for prompt, seed, image in zip(["a fox", "a cat", "a dog"], [5, 6, 7], batched, strict=True):
         assert np.abs(pixels(image) - pixels(one(tiny, prompt, seed))).max() <= 2  # fp32 CPU, 8-bit output
 
 

@@ -22,14 +22,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-import uvicorn  # noqa: E402
+import uvicorn
 
-from gateway.job import ImageJob, JobKind, ReferenceImage  # noqa: E402
-from gateway.providers.base import AdapterSettings  # noqa: E402
-from gateway.providers.local import LocalAdapter  # noqa: E402
-from local_backend.app import create_app  # noqa: E402
-from tests.local_backend.conftest import make_settings  # noqa: E402
-from tests.local_backend.test_app import png_b64  # noqa: E402
+from gateway.job import ImageJob, JobKind, ReferenceImage
+from gateway.providers.base import AdapterSettings
+from gateway.providers.local import LocalAdapter
+from local_backend.app import create_app
+from tests.local_backend.conftest import make_settings
+from tests.local_backend.test_app import png_b64
 
 REPO = Path(__file__).resolve().parents[2]
 BODY = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 2}
@@ -64,7 +64,7 @@ def service_url() -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
-    url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         wait_ready(url, timeout=60)
         yield url

@@ -9,9 +9,8 @@ import httpx
 import pytest
 
 from gateway.health import NO_EFFECT, health_effect
-from gateway.providers.base import GATEWAY_OVERLOADED, FailureClass, ProviderError, Timeouts
+from gateway.providers.base import GATEWAY_OVERLOADED, AdapterSettings, FailureClass, ProviderError, Timeouts
 from gateway.providers.fal import FalAdapter
-from gateway.providers.base import AdapterSettings
 
 
 def adapter_with(handler) -> FalAdapter:

@@ -432,7 +432,7 @@ async def test_sizes_option_overrides_the_table_and_the_capabilities(make_settin
     ],
 )
 def test_bad_sizes_option_is_refused_naming_the_entry(sizes):
-    with pytest.raises(ValueError, match="options.sizes"):
+    with pytest.raises(ValueError, match=r"options\.sizes"):
         size_table({"sizes": sizes})
 
 
