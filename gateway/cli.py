@@ -262,8 +262,8 @@ def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str
 
     With KLEIN_GATEWAY_KEYS set, each example sends the first key, read from
     the shell's environment when it runs: the banner never prints a key."""
-    from gateway.emulators.launcher import BASE_URL_ENV
     from gateway.logs import redact
+    from gateway.providers import adapter_class
 
     url = f"http://{args.host}:{args.port}/v1"
     lines = [f"Klein Gateway on {url}"]
@@ -272,7 +272,7 @@ def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str
         for name, running in sorted(fleet.emulators.items()):
             lines.append(f"  {name:<12} {running.base_url}")
     for name, address in sorted((kept or {}).items()):
-        lines.append(f"Not emulated: {name} at {redact(address)} ({BASE_URL_ENV[name]} is set)")
+        lines.append(f"Not emulated: {name} at {redact(address)} ({adapter_class(name).base_url_env} is set)")
     if os.environ.get("KLEIN_GATEWAY_KEYS"):
         auth = " -H \"authorization: Bearer ${KLEIN_GATEWAY_KEYS%%,*}\""
         api_key = "__import__('os').environ['KLEIN_GATEWAY_KEYS'].split(',')[0]"
