@@ -13,7 +13,7 @@ from litestar import Litestar
 from litestar.exceptions import HTTPException
 
 from gateway.api import extensions, openai
-from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler
+from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler, stamp_request_id
 from gateway.backends import BackendFleet
 from gateway.config import GatewayConfig, load_config
 from gateway.dispatch import Dispatcher
@@ -122,6 +122,7 @@ def create_app(
         route_handlers=[*openai.ROUTES, *extensions.ROUTES],
         lifespan=[lifespan],
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
+        before_send=[stamp_request_id],
         request_max_body_size=config.settings.max_body_bytes,
         openapi_config=None,
         logging_config=None,  # logs are ours: one JSON line per request (gateway.logs)
