@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image
 
-from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import InvalidRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from gateway.job import ReferenceImage
 
 MAX_REFERENCE_BYTES = 16 * 1024 * 1024
@@ -67,7 +67,18 @@ def check_image_bytes(data: bytes, param: str = "image") -> ReferenceImage:
         raise InvalidRequest(f"reference image is {width}x{height}; each side must be at least {MIN_REFERENCE_SIDE}", param=param, code="invalid_image")
     if max(width, height) / min(width, height) > MAX_REFERENCE_ASPECT:
         raise InvalidRequest("reference image aspect ratio must be at most 8:1", param=param, code="invalid_image")
+    _check_decodes(data, param)
     return ReferenceImage(content_type=kind, data=data, width=width, height=height)
+
+
+def _check_decodes(data: bytes, param: str) -> None:
+    """Decode every pixel (the header checks above bound the work), so a
+    truncated or corrupt file is the caller's 422 here, not a backend's failure later."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception:  # noqa: BLE001 - Pillow raises many types for broken pixel data
+        raise Unprocessable("reference image could not be decoded: its pixel data is truncated or corrupt", param=param, code="invalid_image") from None
 
 
 def parse_reference(value: object, param: str) -> ReferenceImage:
