@@ -37,6 +37,9 @@ log = logging.getLogger("klein.gateway")
 MAX_UPSTREAM_CONNECTIONS = 8000
 
 
+# Where signed image URLs point; overrides providers.yaml `gateway.public_base_url`.
+PUBLIC_BASE_URL_ENV = "KLEIN_PUBLIC_BASE_URL"
+
 # The price ladder exported for dashboards: one 1024x1024 text-to-image image.
 REFERENCE_JOB = ImageJob(kind=JobKind.GENERATE, prompt="reference", width=1024, height=1024)
 
@@ -84,6 +87,8 @@ def startup_report(gw: Gateway) -> list[str]:
         lines.append(f"backend {name} ({backend.kind}): enabled, {backend.sheet.basis} pricing")
     for name, reason in sorted(gw.fleet.disabled.items()):
         lines.append(f"backend {name}: disabled ({reason})")
+    if not gw.config.settings.public_base_url:
+        lines.append(f"no public base URL: signed image URLs point at this server's bound address; set gateway.public_base_url or {PUBLIC_BASE_URL_ENV}")
     if not gw.keys:
         lines.append("KLEIN_GATEWAY_KEYS is not set: the gateway is open to anyone who can reach it")
     return lines
@@ -100,6 +105,8 @@ def create_app(
 ) -> Litestar:
     env = os.environ if env is None else env
     config = load_config(config_path, pricing_dir, env)
+    if env.get(PUBLIC_BASE_URL_ENV):
+        config.settings.public_base_url = env[PUBLIC_BASE_URL_ENV]
     gw = build_gateway(config, env, transport=transport, metrics=metrics)
 
     @asynccontextmanager

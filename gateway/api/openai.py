@@ -47,8 +47,22 @@ def begin(request: Request[Any, Any, Any], gw: Gateway) -> CallContext:
 
 
 def base_url_of(request: Request[Any, Any, Any], gw: Gateway) -> str:
+    """Where signed image URLs point: the configured public base URL, else the
+    address this server is bound to. Never the caller's `Host` header, which
+    would let a caller make the gateway hand out links to a host of its choosing."""
     configured = gw.config.settings.public_base_url
-    return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
+    if configured:
+        return configured.rstrip("/")
+    return bound_address(request.scope)
+
+
+def bound_address(scope: Any) -> str:
+    scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+    host, port = scope.get("server") or ("127.0.0.1", None)
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" if port in (None, default) else f"{scheme}://{host}:{port}"
 
 
 async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuilder) -> Response[bytes]:
