@@ -12,7 +12,7 @@ import httpx
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 
-from gateway.api import extensions, openai
+from gateway.api import extensions, openai, openapi
 from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler, stamp_request_id
 from gateway.backends import BackendFleet
 from gateway.config import GatewayConfig, load_config
@@ -126,7 +126,7 @@ def create_app(
             await gw.close()
 
     app = Litestar(
-        route_handlers=[*openai.ROUTES, *extensions.ROUTES],
+        route_handlers=[*openai.ROUTES, *extensions.ROUTES, *openapi.ROUTES],
         lifespan=[lifespan],
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
         before_send=[stamp_request_id],
