@@ -211,7 +211,8 @@ def _images_operation(summary: str, request_body: dict[str, Any], operation_id: 
 
 
 def _paths() -> dict[str, Any]:
-    json_body = {"required": True, "content": {"application/json": {"schema": _schema("ImageBody")}}}
+    example = {"prompt": "a lighthouse at dusk, oil painting", "size": "1024x768", "n": 1, "response_format": "url"}
+    json_body = {"required": True, "content": {"application/json": {"schema": _schema("ImageBody"), "example": example}}}
     edit_body = {"required": True, "content": {"multipart/form-data": {"schema": _schema("EditForm")}, "application/json": {"schema": _schema("ImageBody")}}}
     return {
         "/v1/images/generations": {"post": _images_operation("Generate images (OpenAI Images API).", json_body, "createImage")},
@@ -231,7 +232,7 @@ def _paths() -> dict[str, Any]:
                 "operationId": "retrieveModel",
                 "summary": "One model, by id, alias or `backend/model` pin.",
                 "security": AUTH,
-                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}, "examples": {"model": {"value": MODEL_ID}, "pinned": {"value": f"fal/{MODEL_ID}"}}}],
                 "responses": {"200": _ok("The model.", "Model"), **_errors(401, 404, 500)},
             }
         },
