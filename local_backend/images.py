@@ -57,7 +57,7 @@ def read_reference(index: int, text: str) -> Reference:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # every pixel, under Pillow's decompression-bomb guard
-    except Exception:
+    except Exception:  # noqa: BLE001 - Pillow raises many types for broken pixel data
         raise BadReference(f"reference_images[{index}] could not be decoded: truncated or corrupt pixel data") from None
     return Reference(data=data, width=width, height=height)
 

@@ -85,7 +85,7 @@ def test_a_backend_blaming_the_input_is_not_counted_against_its_health(stack, mo
     """The hard case: broken references that get past the gateway's own check
     (simulated by switching that check off) reach the local service, which
     answers 422 invalid_reference_image; its breaker must stay closed."""
-    gw, local_registry, hosted, fake_gpu = stack
+    gw, local_registry, _, fake_gpu = stack
     monkeypatch.setattr(gateway.references, "_check_decodes", lambda data, param: None, raising=False)
     for _ in range(BAD_UPLOADS):
         _edit(gw, TRUNCATED)  # whatever a hosted backend makes of it; the local one refuses it
