@@ -211,6 +211,7 @@ ROWS: list[Row] = [
     # ---- errors litestar raises itself -----------------------------------------------
     Row("multipart_broken_body", "POST", EDIT, 400, "multipart", content=b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--xyz', headers={"content-type": "multipart/form-data; boundary=abc"}),
     Row("body_over_limit", "POST", GEN, 413, "too large", "payload_too_large", content=b'{"prompt": "' + b"x" * (64 * 1024 * 1024) + b'"}', headers=JSON),
+    Row("content_length_not_a_number", "POST", GEN, 400, "content-length", json=gen(), headers={"content-length": "abc"}),
     Row("method_not_allowed_get_generations", "GET", GEN, 405, "method", "method_not_allowed"),
     Row("method_not_allowed_delete_models", "DELETE", "/v1/models", 405, "method", "method_not_allowed"),
     Row("unknown_route", "GET", "/v2/images/generations", 404, "no such endpoint", "not_found"),
@@ -223,6 +224,7 @@ ROWS: list[Row] = [
     Row("file_sig_long", "GET", "/v1/images/files/abc.png?expires=9999999999&sig=" + "a" * 5000, 404, "not found", "image_not_found"),
     Row("file_expires_not_int", "GET", "/v1/images/files/abc.png?expires=soon&sig=00", 400, "expires"),
     Row("file_expires_huge", "GET", "/v1/images/files/abc.png?expires=" + "9" * 400 + "&sig=00", 404, "not found", "image_not_found"),
+    Row("file_expires_5000_digits", "GET", "/v1/images/files/abc.png?expires=" + "9" * 5000 + "&sig=00", 400, "expires", param="expires"),
     Row("file_name_non_ascii", "GET", "/v1/images/files/%C3%A9%F0%9F%94%91.png?expires=1&sig=00", 404, "not found", "image_not_found"),
 ]
 
