@@ -15,7 +15,9 @@ import base64
 import binascii
 import io
 import ipaddress
+import os
 import socket
+import threading
 from urllib.parse import urlsplit
 
 import httpx
@@ -67,18 +69,25 @@ def check_image_bytes(data: bytes, param: str = "image") -> ReferenceImage:
         raise InvalidRequest(f"reference image is {width}x{height}; each side must be at least {MIN_REFERENCE_SIDE}", param=param, code="invalid_image")
     if max(width, height) / min(width, height) > MAX_REFERENCE_ASPECT:
         raise InvalidRequest("reference image aspect ratio must be at most 8:1", param=param, code="invalid_image")
-    _check_decodes(data, param)
     return ReferenceImage(content_type=kind, data=data, width=width, height=height)
 
 
-def _check_decodes(data: bytes, param: str) -> None:
-    """Decode every pixel (the header checks above bound the work), so a
-    truncated or corrupt file is the caller's 422 here, not a backend's failure later."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except Exception:  # noqa: BLE001 - Pillow raises many types for broken pixel data
-        raise Unprocessable("reference image could not be decoded: its pixel data is truncated or corrupt", param=param, code="invalid_image") from None
+# Full decodes at once, per process: each holds up to 4096x4096 RGBA (64 MiB)
+# and a core; more wait their turn in their worker thread, never on the event loop.
+_DECODE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+
+
+def check_decodes(data: bytes, param: str = "image") -> None:
+    """Decode every pixel of bytes that passed `check_image_bytes` (whose header
+    checks bound the work), so a truncated or corrupt file is the caller's 422
+    here, not a backend's failure later. Blocking: 30 ms to over a second per
+    image (bench/references.py), so callers run it in a worker thread."""
+    with _DECODE_SLOTS:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+        except Exception:  # noqa: BLE001 - Pillow raises many types for broken pixel data
+            raise Unprocessable("reference image could not be decoded: its pixel data is truncated or corrupt", param=param, code="invalid_image") from None
 
 
 def parse_reference(value: object, param: str) -> ReferenceImage:

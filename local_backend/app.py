@@ -220,7 +220,9 @@ def create_app(
             metrics.rejected.labels(reason="invalid").inc()
             return error_response(400, "the body is not valid JSON", "invalid_json")
         try:
-            item = service.work_item(GenerateRequest.model_validate(body))
+            req = GenerateRequest.model_validate(body)
+            # Decoding references can take a second: in a worker thread, off the event loop.
+            item = await asyncio.to_thread(service.work_item, req) if req.reference_images else service.work_item(req)
         except ValidationError as exc:
             metrics.rejected.labels(reason="invalid").inc()
             return error_response(422, describe_validation_error(exc), "invalid_request")

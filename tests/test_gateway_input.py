@@ -325,3 +325,35 @@ def test_signed_image_urls_use_the_configured_public_base_url(tmp_path, via):
         resp = httpx.post(server.url + "/v1/images/generations", json={"prompt": "x", "size": "512x512"}, headers={"host": "evil.example"}, timeout=20)
     assert resp.status_code == 200, resp.text
     assert resp.json()["data"][0]["url"].startswith("https://images.example.com/v1/images/files/")
+
+
+# ---- reference pixels are decoded on arrival, off the event loop -----------------------
+
+@pytest.mark.parametrize("form", ["multipart", "json_data_uri"])
+async def test_reference_pixels_are_decoded_in_a_worker_thread_not_on_the_event_loop(client, monkeypatch, form):
+    import asyncio
+
+    import gateway.api.openai as api
+    from gateway.references import check_decodes
+
+    seen: list[tuple[str, bool]] = []
+
+    def recording(data: bytes, param: str) -> None:
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((param, on_loop))
+        check_decodes(data, param)
+
+    monkeypatch.setattr(api, "check_decodes", recording)
+    if form == "multipart":
+        resp = await client.post("/v1/images/edits", files=[("image[]", ("a.png", PNG, "image/png")), ("image[]", ("b.png", PNG, "image/png"))], data={"prompt": "x", "response_format": "b64_json"})
+        expected = [("image", False), ("image", False)]
+    else:
+        uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
+        resp = await client.post("/v1/images/generations", json={"prompt": "x", "images": [uri, uri], "response_format": "b64_json"})
+        expected = [("images[0]", False), ("images[1]", False)]
+    assert resp.status_code == 200, resp.text
+    assert sorted(seen) == expected

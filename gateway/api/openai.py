@@ -25,7 +25,7 @@ from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLar
 from gateway.job import ImageJob, JobKind, ReferenceImage
 from gateway.models import ALIASES, MODEL_ID, echo, model_object, resolve_model
 from gateway.pricing import usd_text
-from gateway.references import MAX_REFERENCE_BYTES, check_image_bytes, parse_reference
+from gateway.references import MAX_REFERENCE_BYTES, check_decodes, check_image_bytes, parse_reference
 from gateway.service import Gateway
 
 IMAGE_FIELDS = ("image", "image[]") + tuple(f"image[{i}]" for i in range(8))
@@ -142,7 +142,20 @@ async def _disconnected(request: Request[Any, Any, Any]) -> None:
 
 async def _generation_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallContext) -> ImageJob:
     raw = await json_object(request)
-    return _job_from_raw(raw, gw, ctx, JobKind.GENERATE)
+    return await _pixels_checked(_job_from_raw(raw, gw, ctx, JobKind.GENERATE))
+
+
+async def _pixels_checked(job: ImageJob, uploads: int = 0) -> ImageJob:
+    """Decode every reference the gateway holds bytes of, in worker threads
+    (a decode can take a second): a broken file is refused before any backend
+    sees it. The first `uploads` references came as multipart files."""
+    checks = [
+        asyncio.to_thread(check_decodes, ref.data, "image" if i < uploads else f"images[{i - uploads}]")
+        for i, ref in enumerate(job.references)
+        if ref.data is not None
+    ]  # fmt: skip
+    await asyncio.gather(*checks)
+    return job
 
 
 def _job_from_raw(raw: dict[str, Any], gw: Gateway, ctx: CallContext, kind: JobKind, uploads: list[ReferenceImage] | None = None) -> ImageJob:
@@ -171,7 +184,7 @@ async def _edit_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallConte
         raw = await json_object(request)
         if not raw.get("images"):
             raise InvalidRequest("an edit needs `images`: 1 to 4 image URLs or data: URIs", param="images", code="missing_image")
-        return _job_from_raw(raw, gw, ctx, JobKind.EDIT)
+        return await _pixels_checked(_job_from_raw(raw, gw, ctx, JobKind.EDIT))
     if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise UnsupportedMediaType("send multipart/form-data with `image` files, or JSON with `images`")
     form = await request.form()
@@ -194,7 +207,7 @@ async def _edit_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallConte
             fields[key] = value
     if not uploads and not fields.get("images"):
         raise InvalidRequest("an edit needs 1 to 4 images: send them as image, image[] or image[0..3]", param="image", code="missing_image")
-    return _job_from_raw(fields, gw, ctx, JobKind.EDIT, uploads)
+    return await _pixels_checked(_job_from_raw(fields, gw, ctx, JobKind.EDIT, uploads), len(uploads))
 
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024
