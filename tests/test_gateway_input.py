@@ -357,3 +357,19 @@ async def test_reference_pixels_are_decoded_in_a_worker_thread_not_on_the_event_
         expected = [("images[0]", False), ("images[1]", False)]
     assert resp.status_code == 200, resp.text
     assert sorted(seen) == expected
+
+
+async def test_an_oversized_upload_is_refused_one_byte_past_the_cap_without_reading_the_rest():
+    from litestar.datastructures import UploadFile
+
+    from gateway.api.openai import read_upload
+    from gateway.errors import PayloadTooLarge
+    from gateway.references import MAX_REFERENCE_BYTES
+
+    upload = UploadFile(content_type="image/png", filename="big.png", file_data=PNG + b"\x00" * (MAX_REFERENCE_BYTES + 4 * 1024 * 1024))
+    with pytest.raises(PayloadTooLarge) as refused:
+        await read_upload(upload, "image")
+    assert refused.value.param == "image" and f"{MAX_REFERENCE_BYTES:,}" in refused.value.message
+    assert upload.file.tell() == MAX_REFERENCE_BYTES + 1  # stopped there: the rest was never read
+    exact = UploadFile(content_type="image/png", filename="ok.png", file_data=b"\x01" * MAX_REFERENCE_BYTES)
+    assert len(await read_upload(exact, "image")) == MAX_REFERENCE_BYTES
