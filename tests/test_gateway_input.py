@@ -373,3 +373,19 @@ async def test_an_oversized_upload_is_refused_one_byte_past_the_cap_without_read
     assert upload.file.tell() == MAX_REFERENCE_BYTES + 1  # stopped there: the rest was never read
     exact = UploadFile(content_type="image/png", filename="ok.png", file_data=b"\x01" * MAX_REFERENCE_BYTES)
     assert len(await read_upload(exact, "image")) == MAX_REFERENCE_BYTES
+
+
+async def test_a_bug_answers_500_with_the_request_id_and_is_counted_as_5xx(client, caplog, monkeypatch):
+    gw = client.app.state.gateway
+
+    async def broken(job):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gw, "quote_table", broken)
+    caplog.set_level(logging.INFO)
+    resp = await client.post("/v1/images/quote", json={"prompt": "x"}, headers={"x-request-id": "bug-7"})
+    assert resp.status_code == 500
+    assert resp.headers["x-request-id"] == "bug-7"
+    assert resp.json()["error"]["code"] == "internal_error" and "a bug" not in resp.text
+    assert gw.metrics.registry.get_sample_value("klein_requests_total", {"route": "quote", "status_class": "5xx", "backend": "none"}) == 1
+    assert any(r.name == "klein.request" and r.request_id == "bug-7" and r.status == 500 for r in caplog.records)
