@@ -88,7 +88,7 @@ SCHEMAS: dict[str, Any] = {
     "QuoteRequest": {
         "allOf": [
             _schema("ImageBody"),
-            {"type": "object", "properties": {"edit_images": {"type": "integer", "minimum": 0, "maximum": 8, "description": "Quote an edit with this many references without uploading them."}}},
+            {"type": "object", "properties": {"edit_images": {"type": "integer", "description": "Quote an edit with this many references (clamped to 0-8) without uploading them."}}},
         ]
     },
     "QuoteRow": {
