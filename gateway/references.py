@@ -80,7 +80,7 @@ _DECODE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 def check_decodes(data: bytes, param: str = "image") -> None:
     """Decode every pixel of bytes that passed `check_image_bytes` (whose header
     checks bound the work), so a truncated or corrupt file is the caller's 422
-    here, not a backend's failure later. Blocking: 30 ms to over a second per
+    here, not a backend's failure later. Blocking: 5 ms to over a second per
     image (bench/references.py), so callers run it in a worker thread."""
     with _DECODE_SLOTS:
         try:
