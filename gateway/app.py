@@ -12,8 +12,8 @@ import httpx
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 
-from gateway.api import extensions, openai
-from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler
+from gateway.api import extensions, openai, openapi
+from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler, stamp_request_id
 from gateway.backends import BackendFleet
 from gateway.config import GatewayConfig, load_config
 from gateway.dispatch import Dispatcher
@@ -38,6 +38,9 @@ log = logging.getLogger("klein.gateway")
 # thousands of requests in flight against slow upstreams.
 MAX_UPSTREAM_CONNECTIONS = 8000
 
+
+# Where signed image URLs point; overrides providers.yaml `gateway.public_base_url`.
+PUBLIC_BASE_URL_ENV = "KLEIN_PUBLIC_BASE_URL"
 
 # The price ladder exported for dashboards: one 1024x1024 text-to-image image.
 REFERENCE_JOB = ImageJob(kind=JobKind.GENERATE, prompt="reference", width=1024, height=1024)
@@ -93,6 +96,8 @@ def startup_report(gw: Gateway) -> list[str]:
         lines.append(f"backend {name} ({backend.kind}): enabled, {backend.sheet.basis} pricing")
     for name, reason in sorted(gw.fleet.disabled.items()):
         lines.append(f"backend {name}: disabled ({reason})")
+    if not gw.config.settings.public_base_url:
+        lines.append(f"no public base URL: signed image URLs point at this server's bound address; set gateway.public_base_url or {PUBLIC_BASE_URL_ENV}")
     if not gw.keys:
         lines.append("KLEIN_GATEWAY_KEYS is not set: the gateway is open to anyone who can reach it")
     return lines
@@ -109,6 +114,8 @@ def create_app(
 ) -> Litestar:
     env = os.environ if env is None else env
     config = load_config(config_path, pricing_dir, env)
+    if env.get(PUBLIC_BASE_URL_ENV):
+        config.settings.public_base_url = env[PUBLIC_BASE_URL_ENV]
     gw = build_gateway(config, env, transport=transport, metrics=metrics)
 
     @asynccontextmanager
@@ -128,9 +135,10 @@ def create_app(
             await gw.close()
 
     app = Litestar(
-        route_handlers=[*openai.ROUTES, *extensions.ROUTES],
+        route_handlers=[*openai.ROUTES, *extensions.ROUTES, *openapi.ROUTES],
         lifespan=[lifespan],
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
+        before_send=[stamp_request_id],
         request_max_body_size=config.settings.max_body_bytes,
         openapi_config=None,
         logging_config=None,  # logs are ours: one JSON line per request (gateway.logs)

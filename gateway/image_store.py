@@ -55,7 +55,7 @@ class ImageStore:
 
     def get(self, image_id: str, expires: int, sig: str) -> StoredImage | None:
         """The image, or None if the signature is wrong, it expired, or it was evicted."""
-        if not hmac.compare_digest(self.signature(image_id, expires), sig):
+        if not hmac.compare_digest(self.signature(image_id, expires).encode(), sig.encode("utf-8", "replace")):  # bytes: str must be ASCII
             return None
         if expires < self._clock():
             return None

@@ -26,6 +26,8 @@ import asyncio
 import base64
 import binascii
 import io
+import os
+import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 from urllib.parse import SplitResult, urlsplit
@@ -34,7 +36,7 @@ import httpx
 from PIL import Image
 
 from gateway.addresses import HostRefused, refuse_unless_public_host
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from gateway.job import ReferenceImage
 from gateway.pinned import AddressRefused, HostUnresolved, Resolver, public_addresses
 
@@ -82,6 +84,24 @@ def check_image_bytes(data: bytes, param: str = "image") -> ReferenceImage:
     if max(width, height) / min(width, height) > MAX_REFERENCE_ASPECT:
         raise InvalidRequest("reference image aspect ratio must be at most 8:1", param=param, code="invalid_image")
     return ReferenceImage(content_type=kind, data=data, width=width, height=height)
+
+
+# Full decodes at once, per process: each holds up to 4096x4096 RGBA (64 MiB)
+# and a core; more wait their turn in their worker thread, never on the event loop.
+_DECODE_SLOTS = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+
+
+def check_decodes(data: bytes, param: str = "image") -> None:
+    """Decode every pixel of bytes that passed `check_image_bytes` (whose header
+    checks bound the work), so a truncated or corrupt file is the caller's 422
+    here, not a backend's failure later. Blocking: 5 ms to over a second per
+    image (bench/references.py), so callers run it in a worker thread."""
+    with _DECODE_SLOTS:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+        except Exception:  # noqa: BLE001 - Pillow raises many types for broken pixel data
+            raise Unprocessable("reference image could not be decoded: its pixel data is truncated or corrupt", param=param, code="invalid_image") from None
 
 
 def parse_reference(value: object, param: str) -> ReferenceImage:

@@ -18,7 +18,6 @@ import httpx
 from gateway.backends import BackendFleet
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher, Outcome
-from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.image_store import ImageStore
 from gateway.job import ImageJob
@@ -74,9 +73,6 @@ class Gateway:
         return plan(job, self.fleet.candidates(job, views))
 
     async def images(self, job: ImageJob, *, started: float, base_url: str) -> Outcome:
-        if job.pinned_backend in self.fleet.disabled:
-            reason = self.fleet.disabled[job.pinned_backend]
-            raise GatewayError(f"backend {job.pinned_backend} is disabled: {reason}", status=503, code="backend_disabled", param="model", retryable=False)
         await vet_reference_hosts(job.references, self.resolver)  # before any provider is handed a URL
         p = await self.plan(job)
         if not p.attempts:

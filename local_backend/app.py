@@ -5,7 +5,8 @@ no generator given, the pipeline is loaded from the settings in the worker
 thread after start-up, so `/health/live` answers while weights load and
 `/health/ready` stays 503 until warm-up finished (docs/local-backend.md#warm-up-and-readiness).
 
-Status codes: 400 unreadable JSON, 422 a request this service cannot do, 429
+Status codes: 400 unreadable JSON, 422 a request this service cannot do (code
+`invalid_reference_image` when a reference cannot be decoded), 429
 queue full (Retry-After), 503 not ready or out of memory, 504 deadline passed
 before the batch started, 500 the pipeline failed. Errors are
 `{"error": {"message", "type", "code"}}`.
@@ -40,11 +41,12 @@ from local_backend.batcher import (
 from local_backend.buckets import reference_digest, size_label, size_problem
 from local_backend.config import Settings
 from local_backend.cost import cost_figures
-from local_backend.images import read_reference
+from local_backend.images import BadReference, read_reference
 from local_backend.metrics import CONTENT_TYPE, BackendMetrics
 from local_backend.pipeline import Generator, build_generator
 from local_backend.safety import SafetyChecker, build_checker
 from local_backend.schemas import (
+    INVALID_REFERENCE_CODE,
     BackendInfo,
     GenerateRequest,
     GenerateResponse,
@@ -218,11 +220,16 @@ def create_app(
             metrics.rejected.labels(reason="invalid").inc()
             return error_response(400, "the body is not valid JSON", "invalid_json")
         try:
-            item = service.work_item(GenerateRequest.model_validate(body))
+            req = GenerateRequest.model_validate(body)
+            # Decoding references can take a second: in a worker thread, off the event loop.
+            item = await asyncio.to_thread(service.work_item, req) if req.reference_images else service.work_item(req)
         except ValidationError as exc:
             metrics.rejected.labels(reason="invalid").inc()
             return error_response(422, describe_validation_error(exc), "invalid_request")
-        except ValueError as exc:  # what this service cannot do, e.g. a BadReference
+        except BadReference as exc:
+            metrics.rejected.labels(reason="invalid").inc()
+            return error_response(422, str(exc), INVALID_REFERENCE_CODE)
+        except ValueError as exc:  # what this service cannot do
             metrics.rejected.labels(reason="invalid").inc()
             return error_response(422, str(exc), "unsupported_request")
         try:

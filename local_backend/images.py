@@ -19,7 +19,10 @@ DEFAULT_QUALITY = 90
 
 
 class BadReference(ValueError):
-    """A reference image that cannot be used; the message names the image."""
+    """A reference image that cannot be used; the message names the image.
+
+    Answered as 422 `invalid_reference_image`: the input's fault, which the
+    gateway must not count against this service's health."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +37,8 @@ class Reference:
 
 
 def read_reference(index: int, text: str) -> Reference:
-    """Base64 or a data: URI -> checked reference. Reads only the image header."""
+    """Base64 or a data: URI -> checked reference, decoded in full here so that a
+    broken file is the request's 422, never a failed batch (and a 500) later."""
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
@@ -50,6 +54,11 @@ def read_reference(index: int, text: str) -> Reference:
         raise BadReference(f"reference_images[{index}] must be at least {MIN_REFERENCE_SIDE} px per side")
     if max(width, height) / min(width, height) > MAX_REFERENCE_ASPECT:
         raise BadReference(f"reference_images[{index}] aspect ratio must be at most 8:1")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # every pixel, under Pillow's decompression-bomb guard
+    except Exception:  # noqa: BLE001 - Pillow raises many types for broken pixel data
+        raise BadReference(f"reference_images[{index}] could not be decoded: truncated or corrupt pixel data") from None
     return Reference(data=data, width=width, height=height)
 
 

@@ -7,6 +7,8 @@ Pure pydantic: importing it never pulls in torch.
     POST /v1/images/generations   GenerateRequest -> GenerateResponse
                                   429 + Retry-After when the queue is full,
                                   503 while warming up, 504 past the deadline,
+                                  422 invalid_reference_image for a reference
+                                  that cannot be decoded (the input's fault),
                                   errors as {"error": {"message", "type", "code"}}
     GET  /v1/info                 BackendInfo (queue, measured speed, live cost)
     GET  /health/live             200 while the process runs
@@ -21,6 +23,10 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+
+# The error code for a reference image the service cannot decode: the caller's
+# input, so the gateway classifies it as rejected and never as a sick backend.
+INVALID_REFERENCE_CODE = "invalid_reference_image"
 
 
 class GenerateRequest(BaseModel):

@@ -6,11 +6,13 @@ Also: the quote endpoint's worked examples, models and aliases, and bearer keys.
 from __future__ import annotations
 
 import base64
+import logging
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from tests.gateway_support import ENV, FakeAdapter, install_fakes, make_app, png_bytes
+from tests.gateway_support import ENV, PROVIDERS_YAML, FakeAdapter, ServerThread, install_fakes, make_app, png_bytes
 
 PNG = png_bytes(256, 256)
 NAMES = ["local", "replicate", "fal", "empiriolabs", "runflow"]
@@ -218,3 +220,172 @@ async def test_quote_judges_edits_by_the_edit_endpoints_limits(client):
     t2i = (await client.post("/v1/images/quote", json={"prompt": "x", "size": "512x512"})).json()
     assert {r["name"]: r["eligible"] for r in edit["backends"]}["runflow"] is False
     assert {r["name"]: r["eligible"] for r in t2i["backends"]}["runflow"] is True
+
+
+# ---- errors litestar raises itself: counted, logged, stamped ------------------------
+
+BROKEN_MULTIPART = b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--xyz'
+LITESTAR_ERRORS = [
+    ("broken_multipart", "POST", "/v1/images/edits", {"content": BROKEN_MULTIPART, "headers": {"content-type": "multipart/form-data; boundary=abc"}}, "edits", 400),
+    ("body_over_limit", "POST", "/v1/images/generations", {"content": b"x" * (64 * 1024 * 1024 + 1), "headers": {"content-type": "application/json"}}, "generations", 413),
+    ("wrong_method", "GET", "/v1/images/generations", {}, "unmatched", 405),
+    ("unknown_route", "GET", "/v1/nothing-here", {}, "unmatched", 404),
+    ("bad_query_parameter", "GET", "/v1/images/files/x.png?expires=soon&sig=0", {}, "image_file", 400),
+]
+
+
+@pytest.mark.parametrize("label,method,path,kwargs,route,status", LITESTAR_ERRORS, ids=[c[0] for c in LITESTAR_ERRORS])
+async def test_litestar_client_errors_are_counted_and_logged_by_their_real_status(client, caplog, label, method, path, kwargs, route, status):
+    registry = client.app.state.gateway.metrics.registry
+    caplog.set_level(logging.INFO, logger="klein.request")
+    resp = await client.request(method, path, **kwargs)
+    assert resp.status_code == status
+    assert resp.headers["x-request-id"]
+    assert registry.get_sample_value("klein_requests_total", {"route": route, "status_class": "4xx", "backend": "none"}) == 1
+    assert registry.get_sample_value("klein_requests_total", {"route": route, "status_class": "5xx", "backend": "none"}) is None
+    lines = [r for r in caplog.records if r.name == "klein.request"]
+    assert [(r.route, r.status, r.request_id) for r in lines] == [(route, status, resp.headers["x-request-id"])]
+
+
+async def test_405_names_the_allowed_methods_and_they_are_allowed(client):
+    resp = await client.delete("/v1/images/generations")
+    assert resp.status_code == 405
+    allowed = {m.strip() for m in resp.headers["allow"].split(",")}
+    assert allowed == {"POST", "OPTIONS"}
+    assert "allowed: POST" in resp.json()["error"]["message"]
+    assert (await client.options("/v1/images/generations")).status_code < 400
+
+
+EVERY_KIND_OF_ANSWER = [
+    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/backends"),
+    ("GET", "/v1/models/dall-e-3"), ("GET", "/v1/images/files/x.png?expires=1&sig=0"), ("GET", "/nowhere"), ("PUT", "/v1/models"),
+]
+
+
+@pytest.mark.parametrize("method,path", EVERY_KIND_OF_ANSWER, ids=[f"{m} {p}" for m, p in EVERY_KIND_OF_ANSWER])
+async def test_every_answer_carries_the_callers_request_id_or_a_new_one(client, method, path):
+    given = await client.request(method, path, headers={"x-request-id": "trace-42.a"})
+    assert given.headers["x-request-id"] == "trace-42.a"
+    fresh = await client.request(method, path, headers={"x-request-id": "bad id with spaces"})
+    assert fresh.headers["x-request-id"].startswith("req_")
+
+
+# ---- pinning a disabled backend: one answer however it is pinned --------------------
+
+async def test_pinning_a_disabled_backend_by_model_or_by_provider_only_gets_the_same_400():
+    app = make_app({k: v for k, v in ENV.items() if k != "EMPIRIOLABS_API_KEY"})
+    install_fakes(app, {n: FakeAdapter(n) for n in NAMES if n != "empiriolabs"})
+    async with AsyncTestClient(app) as c:
+        by_model = await c.post("/v1/images/generations", json={"prompt": "x", "model": "empiriolabs/flux-2-klein-4b"})
+        by_only = await c.post("/v1/images/generations", json={"prompt": "x", "provider": {"only": ["empiriolabs"]}})
+        mixed = await c.post("/v1/images/generations", json={"prompt": "x", "response_format": "b64_json", "provider": {"only": ["empiriolabs", "fal"]}})
+    for resp in (by_model, by_only):
+        assert resp.status_code == 400
+        assert resp.headers["x-should-retry"] == "false"
+        err = resp.json()["error"]
+        assert err["code"] == "backend_disabled"
+        assert err["message"] == "backend empiriolabs is not enabled on this gateway; enabled backends: fal, local, replicate, runflow"
+        assert "EMPIRIOLABS_API_KEY" not in resp.text  # the operator's reason stays in /v1/backends and the start-up log
+    assert by_model.json()["error"]["param"] == "model" and by_only.json()["error"]["param"] == "provider"
+    assert mixed.status_code == 200 and mixed.headers["x-klein-backend"] == "fal"
+
+
+# ---- signed image URLs point where the operator says, never at the caller's Host ---
+
+def _served_url(env: dict[str, str], host_header: str) -> tuple[str, str]:
+    app = make_app(env)
+    install_fakes(app, {n: FakeAdapter(n) for n in NAMES})
+    with ServerThread(app) as server:
+        resp = httpx.post(server.url + "/v1/images/generations", json={"prompt": "x", "size": "512x512"}, headers={"host": host_header}, timeout=20)
+        assert resp.status_code == 200, resp.text
+        url = resp.json()["data"][0]["url"]
+        fetched = httpx.get(server.url + url[url.index("/v1/images/files/"):], timeout=20)
+        assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
+        return url, server.url
+
+
+def test_signed_image_urls_use_the_bound_address_not_the_host_header():
+    url, server_url = _served_url(dict(ENV), "evil.example")
+    assert url.startswith(server_url + "/v1/images/files/")
+    assert "evil.example" not in url
+
+
+@pytest.mark.parametrize("via", ["env", "providers.yaml"])
+def test_signed_image_urls_use_the_configured_public_base_url(tmp_path, via):
+    env, config = dict(ENV), PROVIDERS_YAML
+    if via == "env":
+        env["KLEIN_PUBLIC_BASE_URL"] = "https://images.example.com/"
+    else:
+        config = tmp_path / "providers.yaml"
+        config.write_text(PROVIDERS_YAML.read_text().replace("gateway:\n", "gateway:\n  public_base_url: https://images.example.com\n", 1))
+        (tmp_path / "pricing").symlink_to(PROVIDERS_YAML.parent / "pricing")
+    app = make_app(env, config=config)
+    install_fakes(app, {n: FakeAdapter(n) for n in NAMES})
+    with ServerThread(app) as server:
+        resp = httpx.post(server.url + "/v1/images/generations", json={"prompt": "x", "size": "512x512"}, headers={"host": "evil.example"}, timeout=20)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"][0]["url"].startswith("https://images.example.com/v1/images/files/")
+
+
+# ---- reference pixels are decoded on arrival, off the event loop -----------------------
+
+@pytest.mark.parametrize("form", ["multipart", "json_data_uri"])
+async def test_reference_pixels_are_decoded_in_a_worker_thread_not_on_the_event_loop(client, monkeypatch, form):
+    import asyncio
+
+    import gateway.api.openai as api
+    from gateway.references import check_decodes
+
+    seen: list[tuple[str, bool]] = []
+
+    def recording(data: bytes, param: str) -> None:
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        seen.append((param, on_loop))
+        check_decodes(data, param)
+
+    monkeypatch.setattr(api, "check_decodes", recording)
+    if form == "multipart":
+        resp = await client.post("/v1/images/edits", files=[("image[]", ("a.png", PNG, "image/png")), ("image[]", ("b.png", PNG, "image/png"))], data={"prompt": "x", "response_format": "b64_json"})
+        expected = [("image", False), ("image", False)]
+    else:
+        uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
+        resp = await client.post("/v1/images/generations", json={"prompt": "x", "images": [uri, uri], "response_format": "b64_json"})
+        expected = [("images[0]", False), ("images[1]", False)]
+    assert resp.status_code == 200, resp.text
+    assert sorted(seen) == expected
+
+
+async def test_an_oversized_upload_is_refused_one_byte_past_the_cap_without_reading_the_rest():
+    from litestar.datastructures import UploadFile
+
+    from gateway.api.openai import read_upload
+    from gateway.errors import PayloadTooLarge
+    from gateway.references import MAX_REFERENCE_BYTES
+
+    upload = UploadFile(content_type="image/png", filename="big.png", file_data=PNG + b"\x00" * (MAX_REFERENCE_BYTES + 4 * 1024 * 1024))
+    with pytest.raises(PayloadTooLarge) as refused:
+        await read_upload(upload, "image")
+    assert refused.value.param == "image" and f"{MAX_REFERENCE_BYTES:,}" in refused.value.message
+    assert upload.file.tell() == MAX_REFERENCE_BYTES + 1  # stopped there: the rest was never read
+    exact = UploadFile(content_type="image/png", filename="ok.png", file_data=b"\x01" * MAX_REFERENCE_BYTES)
+    assert len(await read_upload(exact, "image")) == MAX_REFERENCE_BYTES
+
+
+async def test_a_bug_answers_500_with_the_request_id_and_is_counted_as_5xx(client, caplog, monkeypatch):
+    gw = client.app.state.gateway
+
+    async def broken(job):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gw, "quote_table", broken)
+    caplog.set_level(logging.INFO)
+    resp = await client.post("/v1/images/quote", json={"prompt": "x"}, headers={"x-request-id": "bug-7"})
+    assert resp.status_code == 500
+    assert resp.headers["x-request-id"] == "bug-7"
+    assert resp.json()["error"]["code"] == "internal_error" and "a bug" not in resp.text
+    assert gw.metrics.registry.get_sample_value("klein_requests_total", {"route": "quote", "status_class": "5xx", "backend": "none"}) == 1
+    assert any(r.name == "klein.request" and r.request_id == "bug-7" and r.status == 500 for r in caplog.records)

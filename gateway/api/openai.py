@@ -16,15 +16,16 @@ from typing import Any
 import msgspec
 from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import UploadFile
+from litestar.exceptions import HTTPException
 
-from gateway.api.context import CallContext, authenticate, deadline_for, json_object, request_id_for
+from gateway.api.context import CallContext, authenticate, deadline_for, decode_json, json_object, request_id_for
 from gateway.api.parse import build_job, parse_body
 from gateway.dispatch import DispatchFailed, tried
-from gateway.errors import GatewayError, InvalidRequest, NotFound, UnsupportedMediaType
+from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.job import ImageJob, JobKind, ReferenceImage
-from gateway.models import ALIASES, MODEL_ID, model_object, resolve_model
+from gateway.models import ALIASES, MODEL_ID, echo, model_object, resolve_model
 from gateway.pricing import usd_text
-from gateway.references import check_image_bytes, parse_reference
+from gateway.references import MAX_REFERENCE_BYTES, check_decodes, check_image_bytes, parse_reference
 from gateway.service import Gateway
 
 IMAGE_FIELDS = ("image", "image[]") + tuple(f"image[{i}]" for i in range(8))
@@ -38,7 +39,6 @@ def gateway_of(request: Request[Any, Any, Any]) -> Gateway:
 
 def begin(request: Request[Any, Any, Any], gw: Gateway) -> CallContext:
     request_id = request_id_for(request)
-    request.state.request_id = request_id
     request.state.klein_headers = {"x-request-id": request_id}
     caller = authenticate(request, gw.keys)
     request.state.caller = caller
@@ -47,8 +47,22 @@ def begin(request: Request[Any, Any, Any], gw: Gateway) -> CallContext:
 
 
 def base_url_of(request: Request[Any, Any, Any], gw: Gateway) -> str:
+    """Where signed image URLs point: the configured public base URL, else the
+    address this server is bound to. Never the caller's `Host` header, which
+    would let a caller make the gateway hand out links to a host of its choosing."""
     configured = gw.config.settings.public_base_url
-    return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
+    if configured:
+        return configured.rstrip("/")
+    return bound_address(request.scope)
+
+
+def bound_address(scope: Any) -> str:
+    scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+    host, port = scope.get("server") or ("127.0.0.1", None)
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" if port in (None, default) else f"{scheme}://{host}:{port}"
 
 
 async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuilder) -> Response[bytes]:
@@ -84,12 +98,14 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             status, upstream, cost, attempts = err.status, err.upstream_s, err.cost_usd, tried(err.attempts)
             request.state.klein_headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(attempts)})
             raise
-        except GatewayError as err:
-            status = err.status
+        except (GatewayError, HTTPException) as err:
+            # HTTPException: litestar's own (broken multipart, body over the limit), counted by its real status.
+            status = err.status if isinstance(err, GatewayError) else err.status_code
             if hasattr(request.state, "klein_headers"):
                 request.state.klein_headers.update({"x-klein-cost-usd": "0", "x-klein-attempts": "0"})
             raise
         finally:
+            request.scope.setdefault("state", {})["klein_observed"] = True
             total = time.monotonic() - started
             gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
             gw.log_request(request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream), prompt=job.prompt if job else None)
@@ -126,7 +142,20 @@ async def _disconnected(request: Request[Any, Any, Any]) -> None:
 
 async def _generation_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallContext) -> ImageJob:
     raw = await json_object(request)
-    return _job_from_raw(raw, gw, ctx, JobKind.GENERATE)
+    return await _pixels_checked(_job_from_raw(raw, gw, ctx, JobKind.GENERATE))
+
+
+async def _pixels_checked(job: ImageJob, uploads: int = 0) -> ImageJob:
+    """Decode every reference the gateway holds bytes of, in worker threads
+    (a decode can take a second): a broken file is refused before any backend
+    sees it. The first `uploads` references came as multipart files."""
+    checks = [
+        asyncio.to_thread(check_decodes, ref.data, "image" if i < uploads else f"images[{i - uploads}]")
+        for i, ref in enumerate(job.references)
+        if ref.data is not None
+    ]  # fmt: skip
+    await asyncio.gather(*checks)
+    return job
 
 
 def _job_from_raw(raw: dict[str, Any], gw: Gateway, ctx: CallContext, kind: JobKind, uploads: list[ReferenceImage] | None = None) -> ImageJob:
@@ -145,6 +174,7 @@ def _job_from_raw(raw: dict[str, Any], gw: Gateway, ctx: CallContext, kind: JobK
         caller=ctx.caller,
         known_backends=gw.fleet.names,
         request_id=ctx.request_id,
+        disabled_backends=gw.fleet.disabled,
     )
 
 
@@ -154,7 +184,7 @@ async def _edit_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallConte
         raw = await json_object(request)
         if not raw.get("images"):
             raise InvalidRequest("an edit needs `images`: 1 to 4 image URLs or data: URIs", param="images", code="missing_image")
-        return _job_from_raw(raw, gw, ctx, JobKind.EDIT)
+        return await _pixels_checked(_job_from_raw(raw, gw, ctx, JobKind.EDIT))
     if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise UnsupportedMediaType("send multipart/form-data with `image` files, or JSON with `images`")
     form = await request.form()
@@ -164,23 +194,38 @@ async def _edit_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallConte
         if key in IMAGE_FIELDS:
             if not isinstance(value, UploadFile):
                 raise InvalidRequest(f"{key} must be a file upload", param="image", code="invalid_image")
-            uploads.append(check_image_bytes(await value.read(), "image"))
+            uploads.append(check_image_bytes(await read_upload(value, "image"), "image"))
         elif key == "mask":
             raise InvalidRequest("mask is not supported: FLUX.2 [klein] edits from reference images, not masks", param="mask", code="unsupported_parameter")
         elif isinstance(value, UploadFile):
             raise InvalidRequest(f"unexpected file field {key!r}; send images as image, image[] or image[0..3]", param=key, code="invalid_image")
         elif key == "provider":
-            try:
-                fields[key] = msgspec.json.decode(value)
-            except msgspec.DecodeError:
-                raise InvalidRequest("provider must be a JSON object", param="provider", code="invalid_value") from None
+            fields[key] = decode_json(value, what="provider", param="provider")
         elif key.startswith("images"):
             fields.setdefault("images", []).append(value)
         else:
             fields[key] = value
     if not uploads and not fields.get("images"):
         raise InvalidRequest("an edit needs 1 to 4 images: send them as image, image[] or image[0..3]", param="image", code="missing_image")
-    return _job_from_raw(fields, gw, ctx, JobKind.EDIT, uploads)
+    return await _pixels_checked(_job_from_raw(fields, gw, ctx, JobKind.EDIT, uploads), len(uploads))
+
+
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+
+
+async def read_upload(upload: UploadFile, param: str) -> bytes:
+    """An uploaded file's bytes, read in chunks and stopped one byte past the
+    per-image cap, so an oversized part is refused without holding all of it."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await upload.read(min(UPLOAD_CHUNK_BYTES, MAX_REFERENCE_BYTES + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_REFERENCE_BYTES:
+            raise PayloadTooLarge(f"uploaded image is over {MAX_REFERENCE_BYTES:,} bytes; the limit is {MAX_REFERENCE_BYTES:,} per image", param=param)
+        chunks.append(chunk)
 
 
 @post("/v1/images/generations", status_code=200)
@@ -208,7 +253,7 @@ async def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[
     model_id = model_id.lstrip("/")
     resolved = resolve_model(model_id, set(gw.fleet.backends))
     if resolved is False:
-        raise NotFound(f"model {model_id!r} does not exist", param="model", code="model_not_found")
+        raise NotFound(f"model {echo(model_id)!r} does not exist", param="model", code="model_not_found")
     shown = MODEL_ID if model_id.lower() in ALIASES else model_id
     return Response(msgspec.json.encode(model_object(shown)), media_type=MediaType.JSON)
 

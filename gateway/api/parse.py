@@ -6,6 +6,7 @@ checked here, before any backend is called, with an error naming the limit.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.capabilities import MODEL_MAX_N, MODEL_MAX_PIXELS, MODEL_MAX_REFERENCES, MODEL_MAX_SIDE, MODEL_MAX_STEPS, MODEL_MIN_SIDE, MODEL_MULTIPLE
 from gateway.errors import InvalidRequest, NotFound
 from gateway.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage
-from gateway.models import resolve_model
+from gateway.models import MAX_MODEL_CHARS, echo, resolve_model
 from gateway.sizes import resolve_size
 
 MAX_SEED = 2**32 - 1  # the narrowest documented seed range among backends (uint32)
@@ -38,7 +39,7 @@ class ImageBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str
-    model: str | None = None
+    model: str | None = Field(default=None, max_length=MAX_MODEL_CHARS)
     n: int = Field(default=1, ge=1, le=MODEL_MAX_N)
     size: str | None = None
     aspect_ratio: str | None = None
@@ -95,8 +96,13 @@ def build_job(
     caller: str | None,
     known_backends: set[str],
     request_id: str,
+    disabled_backends: Collection[str] = (),
 ) -> ImageJob:
-    """Check every model-wide limit and assemble the job."""
+    """Check every model-wide limit and assemble the job.
+
+    `disabled_backends` are configured but not enabled (e.g. no credential):
+    pinning one, by `model` or by `provider.only`, is the caller's 400, the
+    same answer either way, since no retry can help until an operator acts."""
     if body.stream:
         raise InvalidRequest("stream=true is not supported for this model; omit it", param="stream", code="unsupported_parameter")
     if len(body.prompt) > max_prompt_chars:
@@ -107,7 +113,9 @@ def build_job(
     if body.model is not None:
         pinned = resolve_model(body.model, known_backends)
         if pinned is False:
-            raise NotFound(f"model {body.model!r} does not exist; use flux-2-klein-4b (optionally prefixed by a backend, e.g. fal/flux-2-klein-4b)", param="model", code="model_not_found")
+            raise NotFound(f"model {echo(body.model)!r} does not exist; use flux-2-klein-4b (optionally prefixed by a backend, e.g. fal/flux-2-klein-4b)", param="model", code="model_not_found")
+        if pinned and pinned in disabled_backends:
+            raise _disabled([pinned], known_backends, disabled_backends, "model")
     if kind is JobKind.EDIT and not references:
         raise InvalidRequest("an edit needs 1 to 4 reference images", param="image", code="missing_image")
     if len(references) > MODEL_MAX_REFERENCES:
@@ -125,6 +133,8 @@ def build_job(
         if unknown:
             raise InvalidRequest(f"provider names unknown backend(s): {', '.join(sorted(set(unknown)))}; known: {', '.join(sorted(known_backends))}", param="provider", code="unknown_backend")
         p = body.provider
+        if p.only and all(name in disabled_backends for name in p.only):
+            raise _disabled(p.only, known_backends, disabled_backends, "provider")
         prefs = ProviderPrefs(order=tuple(p.order), only=tuple(p.only), ignore=tuple(p.ignore), max_price=p.max_price, allow_fallbacks=p.allow_fallbacks)
     fmt = "jpeg" if body.output_format == "jpg" else body.output_format
     return ImageJob(
@@ -147,6 +157,15 @@ def build_job(
         caller=caller,
         request_id=request_id,
     )
+
+
+def _disabled(names: Collection[str], known: Collection[str], disabled: Collection[str], param: str) -> InvalidRequest:
+    enabled = sorted(set(known) - set(disabled))
+    which = ", ".join(sorted(set(names)))
+    return InvalidRequest(
+        f"backend {which} is not enabled on this gateway; enabled backends: {', '.join(enabled) or 'none'}",
+        param=param, code="backend_disabled",
+    )  # fmt: skip
 
 
 def _check_size(width: int, height: int) -> None:

@@ -18,6 +18,7 @@ Failures (local_backend/app.py):
 | 503 warming up / no room | REFUSED     | nothing ran                                            |
 | 504 deadline passed      | FAILED      | dropped before its batch started: not billed           |
 | 400 / 413 / 422          | REJECTED    | the input; another backend may take it                 |
+| invalid_reference_image  | REJECTED    | a reference it cannot decode, at any status            |
 | 500 / garbage body       | FAILED      |                                                        |
 | connect error            | UNREACHABLE |                                                        |
 | every image flagged      | CONTENT_FILTERED                                               |
@@ -64,7 +65,7 @@ from gateway.providers.base import (
     deadline_error,
     http_error,
 )
-from local_backend.schemas import BackendInfo, GenerateRequest, GenerateResponse, describe_validation_error
+from local_backend.schemas import INVALID_REFERENCE_CODE, BackendInfo, GenerateRequest, GenerateResponse, describe_validation_error
 
 # The model's own limits, which the service accepts by default (see the docstring);
 # references must arrive as bytes, so the gateway fetches URL references first.
@@ -186,7 +187,10 @@ class LocalAdapter(Adapter):
         response = await self.request("POST", f"{self.base}/v1/images/generations", deadline=deadline, json=body)
         if not response.is_success:
             code, message = error_text(response)
-            raise http_error(response, f"{code}: {message}" if code else message, code=code)
+            err = http_error(response, f"{code}: {message}" if code else message, code=code)
+            if code == INVALID_REFERENCE_CODE:
+                err.failure = FailureClass.REJECTED  # the caller's image, whatever the status: no health penalty
+            raise err
         try:
             payload = GenerateResponse.model_validate_json(response.content)
         except ValidationError:

@@ -43,6 +43,17 @@ def png_b64(width: int = 64, height: int = 64) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _truncated_png_b64() -> str:
+    """A 128x128 PNG of noise cut to half: a sound header, missing pixel data."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (128, 128), bytes((i * 7919) % 251 for i in range(128 * 128 * 3))).save(buffer, "PNG")
+    data = buffer.getvalue()
+    return base64.b64encode(data[: len(data) // 2]).decode()
+
+
+TRUNCATED_PNG_B64 = _truncated_png_b64()
+
+
 async def test_not_ready_until_warm_up_finished() -> None:
     loaded = threading.Event()
     fake = FakeGenerator()
@@ -121,7 +132,8 @@ async def test_output_formats(fake: FakeGenerator, fmt: str, content_type: str, 
         ({"prompt": ""}, 422, "invalid_request", "prompt"),
         ({"width": 2048, "height": 2048}, 422, "unsupported_request", "pixels"),
         ({"num_inference_steps": 9}, 422, "unsupported_request", "num_inference_steps"),
-        ({"reference_images": ["%%%"]}, 422, "unsupported_request", "reference_images[0]"),
+        ({"reference_images": ["%%%"]}, 422, "invalid_reference_image", "reference_images[0]"),
+        ({"reference_images": [TRUNCATED_PNG_B64]}, 422, "invalid_reference_image", "could not be decoded"),
     ],
 )
 async def test_requests_this_service_cannot_do_get_422(fake: FakeGenerator, patch: dict, status: int, code: str, words: str) -> None:
@@ -131,6 +143,17 @@ async def test_requests_this_service_cannot_do_get_422(fake: FakeGenerator, patc
     error = response.json()["error"]
     assert error["code"] == code and error["type"] == "invalid_request_error" and words in error["message"]
     assert fake.calls == [] or all(call.prompts == ["warm-up"] for call in fake.calls)
+
+
+async def test_a_truncated_reference_is_the_callers_422_not_a_pipeline_500(fake: FakeGenerator) -> None:
+    """Its header reads fine; only decoding the pixels finds the damage, before it is queued."""
+    async with serve(fake) as client:
+        response = await client.post("/v1/images/generations", json={**BODY, "reference_images": [TRUNCATED_PNG_B64]})
+        info = BackendInfo.model_validate((await client.get("/v1/info")).json())
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_reference_image"
+    assert all(call.prompts == ["warm-up"] for call in fake.calls)
+    assert info.ready
 
 
 async def test_unreadable_json_is_400(fake: FakeGenerator) -> None:

@@ -118,6 +118,9 @@ async def test_no_cost_figure_means_no_reported_cost(mock, adapter, make_job, de
         (error(400, "invalid_json", "the body is not valid JSON"), FailureClass.REJECTED, None, False),
         (error(413, "too_large", "body too large"), FailureClass.REJECTED, None, False),
         (error(500, "generation_failed", "the pipeline failed"), FailureClass.FAILED, None, False),
+        # The service blames the reference image: the input's fault, whatever the status.
+        (error(422, "invalid_reference_image", "reference_images[0] could not be decoded"), FailureClass.REJECTED, None, False),
+        (error(500, "invalid_reference_image", "reference_images[0] could not be decoded"), FailureClass.REJECTED, None, False),
         (httpx.Response(502, text="<html>bad gateway</html>"), FailureClass.FAILED, None, False),
     ],
 )
