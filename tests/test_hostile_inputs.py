@@ -95,7 +95,6 @@ class Row:
     files: Any = None
     data: dict[str, str] | None = None
     auth: bool = True
-    xfail: str | None = None  # why this row cannot pass on this branch yet
 
     def request_kwargs(self) -> dict[str, Any]:
         headers = {**(AUTH if self.auth else {}), **self.headers}
@@ -112,7 +111,6 @@ class Row:
 
 
 JSON = {"content-type": "application/json"}
-SSRF_FIX = "parse-time URL checks for numeric, short and embedded-IPv4 hosts and bad ports land with the reference-URL hardening"
 
 ROWS: list[Row] = [
     # ---- JSON bodies that break parsers -------------------------------------------------
@@ -187,14 +185,14 @@ ROWS: list[Row] = [
     Row("ref_metadata_ip", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://169.254.169.254/latest/meta-data/"])),
     Row("ref_ipv4_mapped_ipv6", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://[::ffff:127.0.0.1]/a.png"])),
     Row("ref_url_5000_chars", "POST", GEN, 400, "too long", "invalid_image_url", "images[0]", json=gen(images=["https://example.com/" + "a" * 5000])),
-    Row("ref_decimal_ip", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://2852039166/a.png"]), xfail=SSRF_FIX),
-    Row("ref_short_loopback", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://127.1/a.png"]), xfail=SSRF_FIX),
-    Row("ref_hex_loopback", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://0x7f000001/a.png"]), xfail=SSRF_FIX),
-    Row("ref_nat64_private", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://[64:ff9b::a00:5]/a.png"]), xfail=SSRF_FIX),
-    Row("ref_6to4_private", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://[2002:7f00:1::]/a.png"]), xfail=SSRF_FIX),
-    Row("ref_unbalanced_bracket", "POST", GEN, 400, "url", "invalid_image_url", "images[0]", json=gen(images=["http://[::1/x.png"]), xfail=SSRF_FIX),
-    Row("ref_port_out_of_range", "POST", GEN, 400, "port", "invalid_image_url", "images[0]", json=gen(images=["http://example.com:99999/a.png"]), xfail=SSRF_FIX),
-    Row("ref_port_not_a_number", "POST", GEN, 400, "port", "invalid_image_url", "images[0]", json=gen(images=["http://example.com:abc/a.png"]), xfail=SSRF_FIX),
+    Row("ref_decimal_ip", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://2852039166/a.png"])),
+    Row("ref_short_loopback", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://127.1/a.png"])),
+    Row("ref_hex_loopback", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://0x7f000001/a.png"])),
+    Row("ref_nat64_private", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://[64:ff9b::a00:5]/a.png"])),
+    Row("ref_6to4_private", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://[2002:7f00:1::]/a.png"])),
+    Row("ref_unbalanced_bracket", "POST", GEN, 400, "url", "invalid_image_url", "images[0]", json=gen(images=["http://[::1/x.png"])),
+    Row("ref_port_out_of_range", "POST", GEN, 400, "port", "invalid_image_url", "images[0]", json=gen(images=["http://example.com:99999/a.png"])),
+    Row("ref_port_not_a_number", "POST", GEN, 400, "port", "invalid_image_url", "images[0]", json=gen(images=["http://example.com:abc/a.png"])),
     # ---- multipart edits --------------------------------------------------------------
     Row("upload_over_per_image_cap", "POST", EDIT, 413, "limit", "payload_too_large", "image", files={"image": ("a.png", GOOD_PNG + b"\x00" * MAX_REFERENCE_BYTES, "image/png")}, data={"prompt": "x"}),
     Row("upload_truncated_png", "POST", EDIT, 422, "could not be decoded", "invalid_image", "image", files={"image": ("a.png", TRUNCATED_PNG, "image/png")}, data={"prompt": "x"}),
@@ -230,8 +228,7 @@ ROWS: list[Row] = [
 
 
 def _param(row: Row) -> Any:
-    marks = [pytest.mark.xfail(strict=True, reason=row.xfail)] if row.xfail else []
-    return pytest.param(row, id=row.id, marks=marks)
+    return pytest.param(row, id=row.id)
 
 
 @pytest.fixture
@@ -289,7 +286,6 @@ async def test_hostile_input_gets_a_clear_4xx_envelope_and_leaks_nothing(hostile
 # ---- a hostile provider: every backend echoes its own key in its error ----------------
 
 HOSTS = {"queue.fal.run": "FAL_KEY", "api.replicate.com": "REPLICATE_API_TOKEN", "api.runflow.io": "RUNFLOW_API_KEY", "api.empiriolabs.ai": "EMPIRIOLABS_API_KEY"}
-KEY_LEAK_FIX = "provider error text is clipped before it is redacted and a raw body is not scrubbed; fixed with the shared redact-then-clip helper"
 
 
 def _json_escaped(text: str) -> str:
@@ -321,10 +317,8 @@ def _unescaped(text: str) -> str:
     return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text.replace("\\\\", "\\"))
 
 
-# What still leaks on this branch (the fix lands with the shared redaction helper).
-LEAKING = {(status, way) for status in (400, 500) for way in ("message_at_the_cut", "raw_body_json_escaped")}
 ECHOES = [
-    pytest.param(status, way, id=f"{status}-{way}", marks=[pytest.mark.xfail(strict=True, reason=KEY_LEAK_FIX)] if (status, way) in LEAKING else [])
+    pytest.param(status, way, id=f"{status}-{way}")
     for status in (400, 500)
     for way in ("message_at_the_cut", "raw_body_json_escaped", "plain_text")
 ]
@@ -350,7 +344,6 @@ async def test_a_provider_echoing_its_key_never_reaches_the_caller_or_the_log(ca
             assert not leaked, f"part of a key leaked: {leaked[:3]}"
 
 
-@pytest.mark.xfail(strict=True, reason="callers are labelled by an unsalted SHA-256 prefix of their key until labels use a configured name or a keyed hash")
 async def test_metrics_never_carry_a_guessable_digest_of_a_callers_key(hostile):
     import hashlib
 
