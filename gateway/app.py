@@ -19,7 +19,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
-from gateway.image_store import ImageStore
+from gateway.images import open_image_store
 from gateway.job import ImageJob, JobKind
 from gateway.logs import RequestLogger, configure_logging
 from gateway.metrics import GatewayMetrics
@@ -58,8 +58,8 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     metrics = metrics or GatewayMetrics(baseline_backend=config.settings.baseline_backend)
     health.on_state_change(lambda name, state: metrics.set_breaker_state(name, state.value))
     settings = config.settings
-    images_store = ImageStore(ttl_s=settings.image_url_ttl_s, max_bytes=settings.image_store_bytes, signing_key=(env.get("KLEIN_URL_SIGNING_KEY") or "").encode() or None)
-    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store), metrics)
+    images_store = open_image_store(settings, env)
+    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store, rehost=settings.image_store.rehost), metrics)
     for name, backend in fleet.backends.items():
         metrics.set_backend_quote(name, backend.quote(REFERENCE_JOB).usd)
     gw = Gateway(

@@ -20,7 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher, Outcome
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
-from gateway.image_store import ImageStore
+from gateway.images import ImageStore
 from gateway.job import ImageJob
 from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
@@ -114,4 +114,5 @@ class Gateway:
         for client in self.clients:
             await client.aclose()
         await self.store.close()
+        await self.images_store.close()
 

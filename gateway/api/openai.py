@@ -21,6 +21,7 @@ from gateway.api.context import CallContext, authenticate, deadline_for, json_ob
 from gateway.api.parse import build_job, parse_body
 from gateway.dispatch import DispatchFailed, tried
 from gateway.errors import GatewayError, InvalidRequest, NotFound, UnsupportedMediaType
+from gateway.images import valid_name
 from gateway.job import ImageJob, JobKind, ReferenceImage
 from gateway.models import ALIASES, MODEL_ID, model_object, resolve_model
 from gateway.pricing import usd_text
@@ -215,13 +216,17 @@ async def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[
 
 @get("/v1/images/files/{name:str}")
 async def image_file(request: Request[Any, Any, Any], name: str, expires: int = 0, sig: str = "") -> Response[bytes]:
-    """Images the gateway serves itself; the signed URL is the credential."""
-    gw = gateway_of(request)
-    image_id = name.rsplit(".", 1)[0]
-    item = gw.images_store.get(image_id, expires, sig)
+    """Images the gateway serves itself; the signed URL is the credential.
+
+    Any worker or replica sharing the store and its signing key answers it."""
+    store = gateway_of(request).images_store
+    item = None
+    if valid_name(name) and store.signer.verify(name, expires, sig) and not store.expired(expires):
+        item = await store.get(name)
     if item is None:
         raise NotFound("image not found or its URL expired", code="image_not_found")
-    return Response(item.data, media_type=item.content_type, headers={"cache-control": "private, max-age=3600"})
+    max_age = max(0, item.expires_at - int(time.time()))
+    return Response(item.data, media_type=item.content_type, headers={"cache-control": f"private, max-age={max_age}"})
 
 
 ROUTES = [generations, edits, list_models, get_model, image_file]
