@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.probes import Prober
 from gateway.results import ResultShaper
 from gateway.service import Gateway
+from gateway.shutdown import Drain, on_sigterm
 from gateway.state import open_store
 from gateway.transport import ShardedTransport
 
@@ -73,6 +75,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         store=store,
         clients=[client, fetch_client],
         request_log=RequestLogger(log_prompt_length=settings.log_prompts),
+        drain=Drain(grace_s=settings.shutdown_grace_s),
     )
     return gw
 
@@ -97,7 +100,10 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     probes: bool = True,
     metrics: GatewayMetrics | None = None,
+    drain_on_sigterm: bool = False,
 ) -> Litestar:
+    """`drain_on_sigterm`: the first SIGTERM drains this process (gateway.shutdown) before
+    the server exits; set where the app owns its process (`klein-gateway serve`)."""
     env = os.environ if env is None else env
     config = load_config(config_path, pricing_dir, env)
     gw = build_gateway(config, env, transport=transport, metrics=metrics)
@@ -109,10 +115,17 @@ def create_app(
         prober = Prober({n: b.adapter for n, b in gw.fleet.backends.items()}, gw.health, {b.name: b.config.probe for b in config.enabled}) if probes else None
         if prober is not None:
             prober.start()
+        draining: set[asyncio.Task[None]] = set()  # holds the drain task while it runs
+
+        def start_drain() -> None:
+            draining.add(asyncio.ensure_future(drain_then_exit(gw, exit_now)))
+
+        uninstall, exit_now = on_sigterm(start_drain, gw.drain.hurry) if drain_on_sigterm else (lambda: None, lambda: None)
         gw.ready = True
         try:
             yield
         finally:
+            uninstall()
             gw.ready = False
             if prober is not None:
                 await prober.stop()
@@ -131,10 +144,24 @@ def create_app(
     return app
 
 
+async def drain_then_exit(gw: Gateway, exit_now: Callable[[], None]) -> None:
+    """SIGTERM: refuse new work, wait for what is in flight (cancelling it at the grace), then exit."""
+    in_flight = gw.in_flight
+    gw.drain.begin()
+    log.warning("SIGTERM: draining %d request(s) in flight, at most %gs", in_flight, gw.drain.grace_s)
+    cancelled = await gw.drain.settle(lambda: gw.in_flight)
+    gw.metrics.record_shutdown_cancelled(cancelled)
+    if cancelled:
+        log.warning("shutdown grace ended: cancelled %d request(s) still running", cancelled)
+    else:
+        log.info("drained: every request in flight finished")
+    exit_now()
+
+
 def app_from_env() -> Litestar:
     """Factory for `uvicorn --factory gateway.app:app_from_env` (several workers).
 
     Each worker is a fresh process, so it sets up its own JSON, secret-scrubbing logs."""
     configure_logging(level=os.environ.get("KLEIN_LOG_LEVEL", "INFO").upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is ours; no per-call noise
-    return create_app(os.environ.get("KLEIN_CONFIG", "providers.yaml"), os.environ.get("KLEIN_PRICING") or None)
+    return create_app(os.environ.get("KLEIN_CONFIG", "providers.yaml"), os.environ.get("KLEIN_PRICING") or None, drain_on_sigterm=True)

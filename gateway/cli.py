@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from decimal import Decimal
 from pathlib import Path
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, GatewaySettings, load_config
+from gateway.images import open_image_store
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,21 +117,55 @@ def serve_gateway(args: argparse.Namespace) -> int:
         os.environ.update(fleet.env())
     os.environ["KLEIN_LOG_LEVEL"] = args.log_level.upper()
     configure_logging(level=args.log_level.upper())
-    load_config(args.config, args.pricing)  # fail fast, with the field named, before binding a port
+    config = load_config(args.config, args.pricing)  # fail fast, with the field named, before binding a port
     os.environ["KLEIN_CONFIG"] = str(Path(args.config))
     if args.pricing:
         os.environ["KLEIN_PRICING"] = args.pricing
+    os.environ["KLEIN_WORKERS"] = str(args.workers)
+    images_dir = prepare_image_dir(config.settings, args.workers)
+    try:
+        open_image_store(config.settings, os.environ, workers=args.workers)  # the same checks every worker makes, once, before binding
+    except ConfigError:
+        if images_dir is not None:
+            shutil.rmtree(images_dir, ignore_errors=True)
+        raise
     raise_open_file_limit()
     metrics_dir = prepare_metrics_dir(args.workers)
     print(banner(args, fleet), flush=True)
+    # Each worker drains on SIGTERM (gateway.shutdown) before uvicorn stops it;
+    # the extra seconds are uvicorn's backstop for connections still open then.
+    grace = config.settings.shutdown_grace_s
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        uvicorn.run("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False, log_config=None)
+        uvicorn.run(
+            "gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+            log_level="warning", access_log=False, log_config=None, timeout_graceful_shutdown=int(grace) + 5,
+        )
     finally:
         if fleet is not None:
             fleet.stop_thread()
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        for made in (metrics_dir, images_dir):
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    """SIGTERM once the drain is over (uvicorn re-raises it after shutting down): exit 0, cleaning up."""
+    raise SystemExit(0)
+
+
+def prepare_image_dir(settings: GatewaySettings, workers: int) -> str | None:
+    """Several workers with no directory named share a fresh temporary one (removed at exit).
+
+    Images then survive neither a restart nor another replica: name a
+    directory (gateway.image_store.path, KLEIN_IMAGE_DIR) or use s3 for that."""
+    kind = os.environ.get("KLEIN_IMAGE_STORE") or settings.image_store.kind
+    if workers <= 1 or kind not in ("auto", "filesystem") or os.environ.get("KLEIN_IMAGE_DIR") or settings.image_store.path:
+        return None
+    made = tempfile.mkdtemp(prefix="klein-images-")
+    os.environ["KLEIN_IMAGE_DIR"] = made
+    return made
 
 
 def raise_open_file_limit() -> None:

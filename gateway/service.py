@@ -26,6 +26,7 @@ from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import usd_text
 from gateway.routing import Plan, plan, refusal
+from gateway.shutdown import Drain
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Gateway:
     request_log: RequestLogger = field(default_factory=RequestLogger)
     ready: bool = False
     in_flight: int = 0
+    drain: Drain = field(default_factory=lambda: Drain(grace_s=25.0))
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[bool]:

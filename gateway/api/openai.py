@@ -41,6 +41,9 @@ def begin(request: Request[Any, Any, Any], gw: Gateway) -> CallContext:
     request_id = request_id_for(request)
     request.state.request_id = request_id
     request.state.klein_headers = {"x-request-id": request_id}
+    if gw.drain.draining:
+        request.state.klein_headers["connection"] = "close"  # the next request opens a connection elsewhere
+        raise GatewayError("the gateway is shutting down; retry, another replica will answer", status=503, code="shutting_down", retryable=True, retry_after=1)
     caller = authenticate(request, gw.keys)
     request.state.caller = caller
     settings = gw.config.settings
@@ -103,16 +106,21 @@ async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitab
     submitted (where the provider allows it), so an abandoned request stops
     costing money. The body has been read by now, so the next ASGI message can
     only be the disconnect."""
+    drain = gateway_of(request).drain
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # let dispatch cancel the provider job before answering
+    with drain.tracking(task):
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # let dispatch cancel the provider job before answering
+        if task.cancelled() and drain.stopped(task):
+            request.state.klein_headers["connection"] = "close"
+            raise GatewayError("the gateway shut down before this request finished; its provider job was cancelled; retry", status=503, code="shutting_down", retryable=True, retry_after=1)
     if task.cancelled():
         raise GatewayError("the caller closed the connection", status=499, code="client_closed_request")
     return task.result()

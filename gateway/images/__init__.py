@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
+from gateway.config import ConfigError, GatewaySettings
 from gateway.images.base import FILES_PATH, ImageStore, StoredImage, StoredRef, valid_name
 from gateway.images.signing import UrlSigner
-
-if TYPE_CHECKING:
-    from gateway.config import GatewaySettings
 
 __all__ = ["FILES_PATH", "ImageStore", "ImageStoreError", "StoredImage", "StoredRef", "UrlSigner", "open_image_store", "store_kind", "valid_name"]
 
 
-class ImageStoreError(ValueError):
+class ImageStoreError(ConfigError):
     """The image store cannot be opened as configured; the message says what to set."""
 
 
