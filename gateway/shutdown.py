@@ -21,9 +21,21 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from gateway.errors import GatewayError
+
 # After cancelling, how long handlers get to answer: dispatch waits up to
 # CANCEL_TIMEOUT_S (2 s) for each provider cancel.
 ANSWER_AFTER_CANCEL_S = 3.0
+
+
+class ShuttingDown(GatewayError):
+    """503: this process is draining. Nothing was started (or what was, was cancelled),
+    so the request is safe to send again; a load balancer may retry it elsewhere."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+    retryable_default = True
 
 
 class Drain:

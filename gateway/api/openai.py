@@ -27,6 +27,7 @@ from gateway.models import ALIASES, MODEL_ID, model_object, resolve_model
 from gateway.pricing import usd_text
 from gateway.references import check_image_bytes, parse_reference
 from gateway.service import Gateway
+from gateway.shutdown import ShuttingDown
 
 IMAGE_FIELDS = ("image", "image[]") + tuple(f"image[{i}]" for i in range(8))
 
@@ -43,7 +44,7 @@ def begin(request: Request[Any, Any, Any], gw: Gateway) -> CallContext:
     request.state.klein_headers = {"x-request-id": request_id}
     if gw.drain.draining:
         request.state.klein_headers["connection"] = "close"  # the next request opens a connection elsewhere
-        raise GatewayError("the gateway is shutting down; retry, another replica will answer", status=503, code="shutting_down", retryable=True, retry_after=1)
+        raise ShuttingDown("the gateway is shutting down; retry, another replica will answer", retry_after=1)
     caller = authenticate(request, gw.keys)
     request.state.caller = caller
     settings = gw.config.settings
@@ -120,7 +121,7 @@ async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitab
                     await task  # let dispatch cancel the provider job before answering
         if task.cancelled() and drain.stopped(task):
             request.state.klein_headers["connection"] = "close"
-            raise GatewayError("the gateway shut down before this request finished; its provider job was cancelled; retry", status=503, code="shutting_down", retryable=True, retry_after=1)
+            raise ShuttingDown("the gateway shut down before this request finished; its provider job was cancelled; retry", retry_after=1)
     if task.cancelled():
         raise GatewayError("the caller closed the connection", status=499, code="client_closed_request")
     return task.result()
