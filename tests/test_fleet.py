@@ -2,7 +2,8 @@
 
 Rolling restart: three `klein-gateway serve` replicas behind HAProxy (which
 health-checks `/readyz`), sharing one real Redis (breaker state) and one image
-directory (the filesystem store, its signing key kept in the directory), with
+store (a directory, its signing key kept in it; or a bucket on a loopback S3
+server and a shared KLEIN_URL_SIGNING_KEY), with
 the providers emulated by one emulator fleet in this process. Four clients
 send a steady, bounded load while each replica in turn gets SIGTERM, exits,
 is started again and rejoins. Then: no request failed, every url answer fetched
@@ -140,12 +141,16 @@ def lb_url(url: str, lb: str) -> str:
     return lb + "/" + url.split("://", 1)[1].split("/", 1)[1]
 
 
-def test_a_rolling_restart_behind_haproxy_loses_nothing(tmp_path: Path, emulators: EmulatorFleet, redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("store", ["filesystem", "s3"])
+def test_a_rolling_restart_behind_haproxy_loses_nothing(tmp_path: Path, emulators: EmulatorFleet, redis_server: RedisServer, store: str, request: pytest.FixtureRequest) -> None:
     if not Path(HAPROXY).exists():
         pytest.skip("haproxy is not installed (Debian/Ubuntu: apt-get install haproxy; .ci/run installs it)")
     emulators.reset()
     emulators["local"].set_knobs({"latency": {"ms": 120}})  # work is in flight when each SIGTERM lands
-    images = tmp_path / "images"
+    if store == "s3":  # one bucket on the loopback S3 server, one signing key for every replica
+        store_env = request.getfixturevalue("s3_bucket").env(KLEIN_URL_SIGNING_KEY="fleet-" + "5" * 32)
+    else:  # one directory; the signing key is the one kept in it
+        store_env = {"KLEIN_IMAGE_STORE": "filesystem", "KLEIN_IMAGE_DIR": str(tmp_path / "images")}
     config = write_config(tmp_path / "providers.yaml", shutdown_grace_s=10)
     lb_port = free_port()
     lb = f"http://127.0.0.1:{lb_port}"
@@ -154,8 +159,8 @@ def test_a_rolling_restart_behind_haproxy_loses_nothing(tmp_path: Path, emulator
         metrics_dir = tmp_path / f"metrics-{i}"
         metrics_dir.mkdir()
         env = {
-            **emulators.env(), "REDIS_URL": redis_server.url, "KLEIN_STATE_NAMESPACE": f"fleet-{os.getpid()}-{time.time_ns()}"[:40],
-            "KLEIN_IMAGE_STORE": "filesystem", "KLEIN_IMAGE_DIR": str(images), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            **emulators.env(), **store_env, "REDIS_URL": redis_server.url, "KLEIN_STATE_NAMESPACE": f"fleet-{os.getpid()}-{time.time_ns()}"[:40],
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }
         replicas.append(GatewayProcess(tmp_path, config, env, name=f"replica-{i}"))
     namespace = replicas[0].env["KLEIN_STATE_NAMESPACE"]

@@ -39,7 +39,7 @@ def open_bucket(bucket: str, *, endpoint_url: str | None, region: str | None, en
         if env.get(var):
             options[key] = env[var]
     options["region"] = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
-    client_options = {"allow_http": True} if endpoint_url and endpoint_url.startswith("http://") else None
+    client_options: Any = {"allow_http": True} if endpoint_url and endpoint_url.startswith("http://") else None
     return S3Store(bucket, client_options=client_options, **options)
 
 
