@@ -83,6 +83,7 @@ async def test_the_size_cap_evicts_the_oldest_and_keeps_the_newest(make_store: S
     for data in images:
         refs.append(await store.put(data, "image/png"))
         clock.now += 1  # distinct ages
+    await store.idle()  # shared stores sweep in the background, never in the caller's time
     present = [await store.get(r.name) is not None for r in refs]
     assert present[-2:] == [True, True]
     assert present[:3] == [False, False, False]
@@ -253,3 +254,39 @@ async def test_the_filesystem_store_without_a_key_signs_with_the_directorys(tmp_
     url = await a.url(ref, "http://gw")
     q = parse_qs(urlsplit(url).query)
     assert b.signer.verify(ref.name, int(q["expires"][0]), q["sig"][0])
+
+
+class StuckSweep(FilesystemImageStore):
+    """A sweep that waits until the test lets it go, or fails."""
+
+    def __init__(self, *args: object, fail: bool = False, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self.release = asyncio.Event()
+        self.fail = fail
+        self.sweeps = 0
+
+    async def sweep(self) -> int:
+        self.sweeps += 1
+        if self.fail:
+            raise OSError("the volume went away")
+        await self.release.wait()
+        return await super().sweep()
+
+
+async def test_a_put_never_waits_for_the_sweep_it_starts(tmp_path: Path) -> None:
+    store = StuckSweep(tmp_path, ttl_s=TTL_S, max_bytes=1, signer=UrlSigner(b"k" * 32))  # every put is due a sweep
+    first = await asyncio.wait_for(store.put(png_bytes(8, 8), "image/png"), 5)
+    second = await asyncio.wait_for(store.put(png_bytes(8, 8), "image/png"), 5)
+    assert store.sweeps == 1  # the second asked the running sweep to go once more
+    store.release.set()
+    await store.idle()
+    assert store.sweeps == 2
+    assert await store.get(first.name) is None and await store.get(second.name) is not None  # over the cap: the newest stays
+
+
+async def test_a_failing_sweep_does_not_fail_the_put(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = StuckSweep(tmp_path, ttl_s=TTL_S, max_bytes=1, signer=UrlSigner(b"k" * 32), fail=True)
+    ref = await store.put(png_bytes(8, 8), "image/png")
+    await store.idle()
+    assert await store.get(ref.name) is not None
+    assert "image store sweep failed: OSError" in caplog.text

@@ -11,6 +11,8 @@ caller without the signature check and `valid_name`.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import secrets
 import time
@@ -24,6 +26,7 @@ MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {media: ext for ext, media in MEDIA_TYPES.items()}
 _NAME = re.compile(r"^(\d{1,12})-[A-Za-z0-9_-]{22}\.(?:png|jpeg|webp)$")
 FILES_PATH = "/v1/images/files/"
+log = logging.getLogger("klein.images")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +64,25 @@ def media_type_of(name: str) -> str:
 
 
 class ImageStore(ABC):
-    """put / get / url. Subclasses store bytes; URLs default to the gateway's own signed ones."""
+    """put / get / url. Subclasses store bytes; URLs default to the gateway's own signed ones.
+
+    Stores shared between processes (filesystem, s3) keep no index; they
+    override `sweep` to delete what expired and what is over the cap, and it
+    runs in the background after a put, at most every `sweep_every_s` or once
+    an eighth of the cap was written, so no caller waits on a listing."""
 
     kind = "abstract"
 
-    def __init__(self, *, ttl_s: int, max_bytes: int, signer: UrlSigner, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, ttl_s: int, max_bytes: int, signer: UrlSigner, clock: Callable[[], float] = time.time, sweep_every_s: float = 30.0) -> None:
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self.signer = signer
         self.clock = clock
+        self.sweep_every_s = sweep_every_s
+        self._last_sweep = clock()
+        self._written_since_sweep = 0
+        self._sweeping: asyncio.Task[None] | None = None
+        self._sweep_again = False
 
     @abstractmethod
     async def put(self, data: bytes, content_type: str) -> StoredRef:
@@ -83,8 +96,42 @@ class ImageStore(ABC):
         """Where the caller fetches it: the gateway's signed, expiring file URL."""
         return base_url + self.signer.path_for(ref.name, ref.expires_at)
 
+    async def sweep(self) -> int:
+        """Delete expired images, then the oldest until under the cap (the newest always stays); how many went."""
+        return 0
+
+    async def idle(self) -> None:
+        """Wait for a background sweep, if one runs."""
+        if self._sweeping is not None:
+            await asyncio.gather(self._sweeping, return_exceptions=True)
+
     async def close(self) -> None:
-        """Release connections (nothing to release for local stores)."""
+        await self.idle()
 
     def expired(self, expires_at: float) -> bool:
         return expires_at < self.clock()
+
+    def _wrote(self, size: int) -> None:
+        """After a put: sweep in the background when one is due (once more, if one is running)."""
+        self._written_since_sweep += size
+        if self._written_since_sweep < self.max_bytes // 8 and self.clock() - self._last_sweep < self.sweep_every_s:
+            return
+        self._last_sweep = self.clock()
+        self._written_since_sweep = 0
+        if self._sweeping is not None and not self._sweeping.done():
+            self._sweep_again = True
+        else:
+            self._sweeping = asyncio.ensure_future(self._sweep_logged())
+
+    async def _sweep_logged(self) -> None:
+        while True:
+            self._sweep_again = False
+            try:
+                removed = await self.sweep()
+            except Exception as exc:  # noqa: BLE001 - a failed sweep must not fail requests; the next one retries
+                log.warning("image store sweep failed: %s", type(exc).__name__)
+                return
+            if removed:
+                log.debug("image store sweep removed %d image(s)", removed)
+            if not self._sweep_again:
+                return

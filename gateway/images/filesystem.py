@@ -4,10 +4,10 @@ Each image is one file, named as gateway.images.base says (its expiry leads the
 name), written to a temporary name in the same directory and renamed into
 place, so a reader sees the whole image or nothing. There is no index to keep
 consistent between processes; a file deleted by another process's sweep while
-it is being read still reads whole. A sweep (at most every `sweep_every_s`, or after an eighth of
-the cap was written) deletes expired files and then the oldest ones until the
-directory is under `max_bytes`; several processes sweeping at once only race
-to delete the same files, which is harmless.
+it is being read still reads whole. The background sweep (gateway.images.base) deletes expired
+files and then the oldest ones until the directory is under `max_bytes`;
+several processes sweeping at once only race to delete the same files, which
+is harmless.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import os
 import secrets
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +31,16 @@ STALE_TMP_S = 600  # a temporary file this old was left by a process that died m
 class FilesystemImageStore(ImageStore):
     kind = "filesystem"
 
-    def __init__(self, root: str | Path, *, sweep_every_s: float = 30.0, **kw: Any) -> None:
+    def __init__(self, root: str | Path, **kw: Any) -> None:
         super().__init__(**kw)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.sweep_every_s = sweep_every_s
-        self._last_sweep = self.clock()
-        self._written_since_sweep = 0
 
     async def put(self, data: bytes, content_type: str) -> StoredRef:
         expires = int(self.clock()) + self.ttl_s
         name = new_name(content_type, expires)
         await asyncio.to_thread(self._write, name, data)
-        self._written_since_sweep += len(data)
-        if self._written_since_sweep >= self.max_bytes // 8 or self.clock() - self._last_sweep >= self.sweep_every_s:
-            await self.sweep(keep=name)
+        self._wrote(len(data))
         return StoredRef(name, expires)
 
     async def get(self, name: str) -> StoredImage | None:
@@ -52,11 +48,8 @@ class FilesystemImageStore(ImageStore):
             return None
         return await asyncio.to_thread(self._read, name)
 
-    async def sweep(self, keep: str | None = None) -> int:
-        """Delete expired files, then the oldest until under the cap; returns how many went."""
-        self._last_sweep = self.clock()
-        self._written_since_sweep = 0
-        return await asyncio.to_thread(self._sweep, keep)
+    async def sweep(self) -> int:
+        return await asyncio.to_thread(self._sweep)
 
     def _write(self, name: str, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.root)
@@ -76,9 +69,9 @@ class FilesystemImageStore(ImageStore):
             return None
         return StoredImage(data, media_type_of(name), expiry_of(name))
 
-    def _sweep(self, keep: str | None) -> int:
+    def _sweep(self) -> int:
         now = self.clock()
-        live: list[tuple[int, int, str]] = []
+        live: list[tuple[int, int, int, str]] = []  # expiry, write time, size, name: oldest first
         removed = 0
         with os.scandir(self.root) as entries:
             for entry in entries:
@@ -87,22 +80,21 @@ class FilesystemImageStore(ImageStore):
                 except FileNotFoundError:
                     continue
                 if entry.name.startswith(TMP_PREFIX):
-                    if now - st.st_ctime > STALE_TMP_S:
+                    if time.time() - st.st_mtime > STALE_TMP_S:  # wall clock, as the file system's
                         removed += _unlink(entry.path)
                     continue
                 if not valid_name(entry.name):
                     continue
                 expires = expiry_of(entry.name)
-                if expires < now and entry.name != keep:
+                if expires < now:
                     removed += _unlink(entry.path)
                 else:
-                    live.append((expires, st.st_size, entry.name))
-        total = sum(size for _, size, _ in live)
-        for _, size, name in sorted(live):
+                    live.append((expires, st.st_mtime_ns, st.st_size, entry.name))
+        live.sort()
+        total = sum(size for _, _, size, _ in live)
+        for _, _, size, name in live[:-1]:  # the newest image always stays
             if total <= self.max_bytes:
                 break
-            if name == keep:
-                continue
             removed += _unlink(str(self.root / name))
             total -= size
         return removed

@@ -9,10 +9,10 @@ so neither `get` nor the sweep needs an index or a HEAD per object.
 URLs are either the gateway's own signed ones (`url_mode: gateway`: fetches go
 through the gateway, the bucket stays private to it) or the store's presigned
 GET URLs (`url_mode: presigned`: the caller downloads straight from the store,
-valid for the image's remaining lifetime). The sweep deletes expired objects
-and then the oldest until the prefix is under `max_bytes`; a bucket lifecycle
-rule on the prefix (expire after one day) is the backstop for objects a sweep
-never saw.
+valid for the image's remaining lifetime). The background sweep deletes
+expired objects and then the oldest until the prefix is under `max_bytes`
+(one listing of the prefix each time); a bucket lifecycle rule on the prefix
+(expire after one day) is the backstop for objects a sweep never saw.
 """
 
 from __future__ import annotations
@@ -46,14 +46,11 @@ def open_bucket(bucket: str, *, endpoint_url: str | None, region: str | None, en
 class S3ImageStore(ImageStore):
     kind = "s3"
 
-    def __init__(self, bucket: S3Store, *, prefix: str = "klein/images/", url_mode: UrlMode = "gateway", sweep_every_s: float = 60.0, **kw: Any) -> None:
+    def __init__(self, bucket: S3Store, *, prefix: str = "klein/images/", url_mode: UrlMode = "gateway", **kw: Any) -> None:
         super().__init__(**kw)
         self.bucket = bucket
         self.prefix = prefix
         self.url_mode = url_mode
-        self.sweep_every_s = sweep_every_s
-        self._last_sweep = self.clock()
-        self._written_since_sweep = 0
 
     def _key(self, name: str) -> str:
         return self.prefix + name
@@ -63,9 +60,7 @@ class S3ImageStore(ImageStore):
         name = new_name(content_type, expires)
         attributes = {"Content-Type": content_type, "Cache-Control": f"private, max-age={self.ttl_s}"}
         await obstore.put_async(self.bucket, self._key(name), data, attributes=attributes)  # type: ignore[arg-type]
-        self._written_since_sweep += len(data)
-        if self._written_since_sweep >= self.max_bytes // 8 or self.clock() - self._last_sweep >= self.sweep_every_s:
-            await self.sweep(keep=name)
+        self._wrote(len(data))
         return StoredRef(name, expires)
 
     async def get(self, name: str) -> StoredImage | None:
@@ -84,12 +79,9 @@ class S3ImageStore(ImageStore):
         lifetime = max(1, ref.expires_at - int(self.clock()))
         return await obstore.sign_async(self.bucket, "GET", self._key(ref.name), datetime.timedelta(seconds=lifetime))
 
-    async def sweep(self, keep: str | None = None) -> int:
-        """Delete expired objects, then the oldest until under the cap; returns how many went."""
-        self._last_sweep = self.clock()
-        self._written_since_sweep = 0
+    async def sweep(self) -> int:
         now = self.clock()
-        live: list[tuple[int, int, str]] = []
+        live: list[tuple[int, float, int, str]] = []  # expiry, write time, size, key: oldest first
         doomed: list[str] = []
         async for batch in obstore.list(self.bucket, self.prefix):
             for meta in batch:
@@ -98,17 +90,17 @@ class S3ImageStore(ImageStore):
                 if not valid_name(name):
                     continue
                 expires = expiry_of(name)
-                if expires < now and name != keep:
+                if expires < now:
                     doomed.append(path)
                 else:
-                    live.append((expires, meta["size"], name))
-        total = sum(size for _, size, _ in live)
-        for _, size, name in sorted(live):
+                    live.append((expires, meta["last_modified"].timestamp(), meta["size"], path))
+        live.sort()
+        total = sum(size for _, _, size, _ in live)
+        for _, _, size, path in live[:-1]:  # the newest image always stays
             if total <= self.max_bytes:
                 break
-            if name != keep:
-                doomed.append(self._key(name))
-                total -= size
+            doomed.append(path)
+            total -= size
         if doomed:
             await obstore.delete_async(self.bucket, doomed)
         return len(doomed)
