@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
-from gateway.image_store import ImageStore
+from gateway.images import open_image_store
 from gateway.job import ImageJob, JobKind
 from gateway.logs import RequestLogger, configure_logging, register_secrets
 from gateway.metrics import GatewayMetrics
@@ -28,6 +29,7 @@ from gateway.pinned import PinnedTransport, SystemResolver
 from gateway.probes import Prober
 from gateway.results import ResultShaper
 from gateway.service import Gateway
+from gateway.shutdown import Drain, on_sigterm
 from gateway.state import open_store
 from gateway.transport import ShardedTransport
 
@@ -68,8 +70,8 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     metrics = metrics or GatewayMetrics(baseline_backend=config.settings.baseline_backend)
     health.on_state_change(lambda name, state: metrics.set_breaker_state(name, state.value))
     settings = config.settings
-    images_store = ImageStore(ttl_s=settings.image_url_ttl_s, max_bytes=settings.image_store_bytes, signing_key=(env.get("KLEIN_URL_SIGNING_KEY") or "").encode() or None)
-    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store), metrics)
+    images_store = open_image_store(settings, env)
+    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store, rehost=settings.image_store.rehost), metrics)
     for name, backend in fleet.backends.items():
         metrics.set_backend_quote(name, backend.quote(REFERENCE_JOB).usd)
     gw = Gateway(
@@ -85,6 +87,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         store=store,
         clients=[client, fetch_client],
         request_log=RequestLogger(log_prompt_length=settings.log_prompts),
+        drain=Drain(grace_s=settings.shutdown_grace_s),
     )
     return gw
 
@@ -111,7 +114,10 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     probes: bool = True,
     metrics: GatewayMetrics | None = None,
+    drain_on_sigterm: bool = False,
 ) -> Litestar:
+    """`drain_on_sigterm`: the first SIGTERM drains this process (gateway.shutdown) before
+    the server exits; set where the app owns its process (`klein-gateway serve`)."""
     env = os.environ if env is None else env
     config = load_config(config_path, pricing_dir, env)
     if env.get(PUBLIC_BASE_URL_ENV):
@@ -125,10 +131,17 @@ def create_app(
         prober = Prober({n: b.adapter for n, b in gw.fleet.backends.items()}, gw.health, {b.name: b.config.probe for b in config.enabled}) if probes else None
         if prober is not None:
             prober.start()
+        draining: set[asyncio.Task[None]] = set()  # holds the drain task while it runs
+
+        def start_drain() -> None:
+            draining.add(asyncio.ensure_future(drain_then_exit(gw, exit_now)))
+
+        uninstall, exit_now = on_sigterm(start_drain, gw.drain.hurry) if drain_on_sigterm else (lambda: None, lambda: None)
         gw.ready = True
         try:
             yield
         finally:
+            uninstall()
             gw.ready = False
             if prober is not None:
                 await prober.stop()
@@ -148,10 +161,24 @@ def create_app(
     return app
 
 
+async def drain_then_exit(gw: Gateway, exit_now: Callable[[], None]) -> None:
+    """SIGTERM: refuse new work, wait for what is in flight (cancelling it at the grace), then exit."""
+    in_flight = gw.in_flight
+    gw.drain.begin()
+    log.warning("SIGTERM: draining %d request(s) in flight, at most %gs", in_flight, gw.drain.grace_s)
+    cancelled = await gw.drain.settle(lambda: gw.in_flight)
+    gw.metrics.record_shutdown_cancelled(cancelled)
+    if cancelled:
+        log.warning("shutdown grace ended: cancelled %d request(s) still running", cancelled)
+    else:
+        log.info("drained: every request in flight finished")
+    exit_now()
+
+
 def app_from_env() -> Litestar:
     """Factory for `uvicorn --factory gateway.app:app_from_env` (several workers).
 
     Each worker is a fresh process, so it sets up its own JSON, secret-scrubbing logs."""
     configure_logging(level=os.environ.get("KLEIN_LOG_LEVEL", "INFO").upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is ours; no per-call noise
-    return create_app(os.environ.get("KLEIN_CONFIG") or None, os.environ.get("KLEIN_PRICING") or None)
+    return create_app(os.environ.get("KLEIN_CONFIG") or None, os.environ.get("KLEIN_PRICING") or None, drain_on_sigterm=True)

@@ -12,6 +12,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from decimal import Decimal
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.callers import LABEL_SECRET_ENV
-from gateway.config import CONFIG_ENV, CONFIG_NAME, ConfigError, find_config, load_config, shipped_config
+from gateway.config import CONFIG_ENV, CONFIG_NAME, ConfigError, GatewaySettings, find_config, load_config, shipped_config
+from gateway.images import open_image_store
 
 if TYPE_CHECKING:
     from gateway.emulators.launcher import EmulatorFleet
@@ -161,6 +163,7 @@ def serve_gateway(args: argparse.Namespace) -> int:
     configure_logging(level=args.log_level.upper())
     path = _config_path(args)
     fleet, kept = None, {}
+    images_dir: str | None = None
     if args.emulate:
         from gateway.emulators.launcher import PROVIDERS, EmulatorFleet, explicit_base_urls
 
@@ -174,8 +177,17 @@ def serve_gateway(args: argparse.Namespace) -> int:
         os.environ[CONFIG_ENV] = str(config.path.resolve())  # every worker reads the same file
         if args.pricing:
             os.environ["KLEIN_PRICING"] = args.pricing
+        os.environ["KLEIN_WORKERS"] = str(args.workers)
+        images_dir = prepare_image_dir(config.settings, args.workers)
+        open_image_store(config.settings, os.environ, workers=args.workers)  # the same checks every worker makes, once, before binding
         raise_open_file_limit()
-        server_config = uvicorn.Config("gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers, log_level="warning", access_log=False, log_config=None)
+        # Each worker drains on SIGTERM (gateway.shutdown) before uvicorn stops it;
+        # the extra seconds are uvicorn's backstop for connections still open then.
+        grace = config.settings.shutdown_grace_s
+        server_config = uvicorn.Config(
+            "gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+            log_level="warning", access_log=False, log_config=None, timeout_graceful_shutdown=int(grace) + 5,
+        )
         sock = server_config.bind_socket()  # exits non-zero, logging why, if the port is taken
         sock.listen(server_config.backlog)  # connections queue from here on, before the app is up
         metrics_port = resolve_metrics_port(args)
@@ -190,8 +202,11 @@ def serve_gateway(args: argparse.Namespace) -> int:
     except BaseException:
         if fleet is not None:
             fleet.stop_thread()
+        if images_dir is not None:
+            shutil.rmtree(images_dir, ignore_errors=True)
         raise
     print(banner(args, fleet, kept), flush=True)  # the port is bound: the examples work from now on
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     server = uvicorn.Server(server_config)
     try:
         if args.workers > 1:
@@ -208,8 +223,9 @@ def serve_gateway(args: argparse.Namespace) -> int:
             metrics_server.server_close()
         if fleet is not None:
             fleet.stop_thread()
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        for made in (metrics_dir, images_dir):
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
     return 0 if server.started or args.workers > 1 else 3
 
 
@@ -224,6 +240,24 @@ def resolve_metrics_port(args: argparse.Namespace) -> int | None:
             raise ConfigError(f"--metrics-port {port} is the API port; pick another")
         os.environ[PORT_ENV] = str(port)
     return port
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    """SIGTERM once the drain is over (uvicorn re-raises it after shutting down): exit 0, cleaning up."""
+    raise SystemExit(0)
+
+
+def prepare_image_dir(settings: GatewaySettings, workers: int) -> str | None:
+    """Several workers with no directory named share a fresh temporary one (removed at exit).
+
+    Images then survive neither a restart nor another replica: name a
+    directory (gateway.image_store.path, KLEIN_IMAGE_DIR) or use s3 for that."""
+    kind = os.environ.get("KLEIN_IMAGE_STORE") or settings.image_store.kind
+    if workers <= 1 or kind not in ("auto", "filesystem") or os.environ.get("KLEIN_IMAGE_DIR") or settings.image_store.path:
+        return None
+    made = tempfile.mkdtemp(prefix="klein-images-")
+    os.environ["KLEIN_IMAGE_DIR"] = made
+    return made
 
 
 def raise_open_file_limit() -> None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.health import BreakerPolicy
 from gateway.pricing import PriceSheet, PriceSheetError, load_sheet
@@ -73,6 +73,31 @@ class BackendConfig(_Strict):
         return value
 
 
+class S3Settings(_Strict):
+    bucket: str | None = None  # KLEIN_S3_BUCKET
+    prefix: str = "klein/images/"  # KLEIN_S3_PREFIX
+    endpoint_url: str | None = None  # KLEIN_S3_ENDPOINT: R2, MinIO, GCS interoperability; unset for AWS
+    region: str | None = None  # KLEIN_S3_REGION, else AWS_REGION
+
+
+class ImageStoreSettings(_Strict):
+    """Where images the gateway serves itself live (gateway.images)."""
+
+    # auto: memory with one worker, filesystem with several. KLEIN_IMAGE_STORE overrides.
+    kind: Literal["auto", "memory", "filesystem", "s3"] = "auto"
+    path: str | None = None  # the filesystem store's directory; KLEIN_IMAGE_DIR overrides
+    url_mode: Literal["gateway", "presigned"] = "gateway"  # presigned: the caller fetches from the bucket (s3 only)
+    rehost: bool = False  # copy provider-hosted images into the store (their URLs expire) and answer with ours
+    sweep_every_s: float = Field(default=30.0, gt=0)  # how often expired and over-cap images are deleted
+    s3: S3Settings = Field(default_factory=S3Settings)
+
+    @model_validator(mode="after")
+    def _presigned_needs_s3(self) -> ImageStoreSettings:
+        if self.url_mode == "presigned" and self.kind not in ("s3", "auto"):
+            raise ValueError(f"url_mode presigned needs kind s3, not {self.kind}")
+        return self
+
+
 class GatewaySettings(_Strict):
     default_deadline_s: float = Field(default=120.0, gt=0, le=3600)
     max_deadline_s: float = Field(default=600.0, gt=0)
@@ -88,6 +113,11 @@ class GatewaySettings(_Strict):
     # start to look like sick backends. Sized for 5,000 in flight against slow
     # upstreams within 500 MB (bench/overhead.py).
     max_in_flight: int = Field(default=6000, gt=0)
+    image_store: ImageStoreSettings = Field(default_factory=ImageStoreSettings)
+    # On SIGTERM: how long requests in flight may take to finish before they are
+    # cancelled (and their provider jobs with them). Keep the orchestrator's
+    # grace (terminationGracePeriodSeconds) above it.
+    shutdown_grace_s: float = Field(default=25.0, gt=0, le=3600)
 
 
 class ProvidersFile(_Strict):

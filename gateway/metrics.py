@@ -151,6 +151,9 @@ class GatewayMetrics:
         self.in_flight_requests = Gauge(
             "klein_in_flight_requests", "Requests being handled now.",
             registry=r, multiprocess_mode="livesum")
+        self.shutdown_cancelled = Counter(
+            "klein_shutdown_cancelled_requests", "Requests still running when the shutdown grace ended, cancelled with their provider jobs.",
+            registry=r)
 
         # --- upstream attempts ---------------------------------------------
         self.upstream_duration = Histogram(
@@ -276,6 +279,11 @@ class GatewayMetrics:
         """Work on `backend` may have been billed twice (unknown outcome, then more work)."""
         self.double_spend.labels(backend).inc()
 
+    def record_shutdown_cancelled(self, count: int) -> None:
+        """`count` requests outlived the shutdown grace and were cancelled."""
+        if count:
+            self.shutdown_cancelled.inc(count)
+
     def set_breaker_state(self, backend: str, state: str) -> None:
         """The breaker of `backend` is now "closed", "half_open" or "open"."""
         value = BREAKER_STATES.get(str(state))
@@ -331,7 +339,7 @@ class GatewayMetrics:
             self.upstream_duration, self.upstream_attempts, self.failovers, self.double_spend,
             self.cost, self.megapixels, self.images, self.baseline_cost, self.savings,
             self.excess_cost, self.breaker_state, self.backend_up, self.backend_quote,
-            self.baseline_quote,
+            self.baseline_quote, self.shutdown_cancelled,
         ):
             for family in collector.describe():
                 names.update(family.name + s for s in suffixes[family.type])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image
 
-from gateway.image_store import ImageStore
+from gateway.images import ImageStore
 from gateway.job import MEDIA_TYPES, ImageJob
 from gateway.providers.base import FailureClass, GeneratedImage, ProviderError
 from gateway.references import sniff
@@ -42,9 +42,12 @@ class ShapedImage:
 
 
 class ResultShaper:
-    def __init__(self, client: httpx.AsyncClient, store: ImageStore) -> None:
+    def __init__(self, client: httpx.AsyncClient, store: ImageStore, *, rehost: bool = False) -> None:
         self.client = client
         self.store = store
+        # Provider URLs expire (Runflow's are presigned): with rehost the image
+        # is copied into the store and the caller gets the gateway's URL.
+        self.rehost = rehost
 
     async def shape(self, job: ImageJob, images: list[GeneratedImage], *, backend: str, deadline: float, base_url: str) -> list[ShapedImage]:
         if len(images) < job.n:
@@ -53,7 +56,7 @@ class ResultShaper:
 
     async def _one(self, job: ImageJob, img: GeneratedImage, deadline: float, base_url: str) -> ShapedImage:
         wanted = MEDIA_TYPES[job.output_format]
-        if img.data is None and job.response_format == "url" and img.url and img.content_type == wanted and (img.width, img.height) == (job.width, job.height):
+        if img.data is None and job.response_format == "url" and not self.rehost and img.url and img.content_type == wanted and (img.width, img.height) == (job.width, job.height):
             return ShapedImage(url=img.url, nsfw=img.nsfw, seed=img.seed)
         if img.data is None and img.b64 is not None and job.response_format == "b64_json" and pass_through(img.b64, wanted, job):
             return ShapedImage(b64_json=img.b64, nsfw=img.nsfw, seed=img.seed)
@@ -67,8 +70,8 @@ class ResultShaper:
             check_size(data, job.width, job.height)
         if job.response_format == "b64_json":
             return ShapedImage(b64_json=base64.b64encode(data).decode("ascii"), nsfw=img.nsfw, seed=img.seed)
-        image_id, expires = self.store.put(data, wanted)
-        return ShapedImage(url=base_url + self.store.path_for(image_id, expires, job.output_format), nsfw=img.nsfw, seed=img.seed)
+        ref = await self.store.put(data, wanted)
+        return ShapedImage(url=await self.store.url(ref, base_url), nsfw=img.nsfw, seed=img.seed)
 
     async def _bytes(self, img: GeneratedImage, deadline: float) -> bytes:
         if img.data is not None:

@@ -19,7 +19,7 @@ from gateway.backends import BackendFleet
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher, Outcome
 from gateway.health import HealthTracker
-from gateway.image_store import ImageStore
+from gateway.images import ImageStore
 from gateway.job import ImageJob
 from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
@@ -28,6 +28,7 @@ from gateway.pinned import Resolver, SystemResolver
 from gateway.pricing import usd_text
 from gateway.references import vet_reference_hosts
 from gateway.routing import Plan, plan, refusal
+from gateway.shutdown import Drain
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Gateway:
     metrics_access: MetricsAccess = field(default_factory=MetricsAccess)
     ready: bool = False
     in_flight: int = 0
+    drain: Drain = field(default_factory=lambda: Drain(grace_s=25.0))
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[bool]:
@@ -116,4 +118,5 @@ class Gateway:
         for client in self.clients:
             await client.aclose()
         await self.store.close()
+        await self.images_store.close()
 

@@ -6,6 +6,7 @@ import pytest as _pytest
 
 from tests.redis_server import RedisServer as _RedisServer
 from tests.redis_server import redis_available as _redis_available
+from tests.s3_server import moto_url, s3_bucket  # noqa: F401 - a loopback S3 server for the image store
 
 
 @_pytest.fixture(scope="session")

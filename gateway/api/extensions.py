@@ -80,11 +80,13 @@ async def healthz() -> Response[bytes]:
 @get("/readyz")
 async def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Ready once config is loaded and the state store answers; degraded (still 200) on a
-    Redis outage, since each replica carries on with its own memory."""
+    Redis outage, since each replica carries on with its own memory. 503 from the
+    moment a shutdown begins, so load balancers stop sending before the socket closes."""
     gw = gateway_of(request)
     store_status = str(await gw.store.status())
-    ready = gw.ready and bool(gw.fleet.backends)
-    body = {"status": "ready" if ready else "not_ready", "state_store": store_status, "backends": len(gw.fleet.backends)}
+    ready = gw.ready and bool(gw.fleet.backends) and not gw.drain.draining
+    status = "draining" if gw.drain.draining else "ready" if ready else "not_ready"
+    body = {"status": status, "state_store": store_status, "backends": len(gw.fleet.backends)}
     return Response(msgspec.json.encode(body), media_type=MediaType.JSON, status_code=200 if ready else 503)
 
 

@@ -22,11 +22,13 @@ from gateway.api.context import CallContext, authenticate, deadline_for, decode_
 from gateway.api.parse import build_job, parse_body
 from gateway.dispatch import DispatchFailed, tried
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from gateway.images import valid_name
 from gateway.job import ImageJob, JobKind, ReferenceImage
 from gateway.models import ALIASES, MODEL_ID, echo, model_object, resolve_model
 from gateway.pricing import usd_text
 from gateway.references import MAX_REFERENCE_BYTES, check_decodes, check_image_bytes, parse_reference
 from gateway.service import Gateway
+from gateway.shutdown import ShuttingDown
 
 IMAGE_FIELDS = ("image", "image[]") + tuple(f"image[{i}]" for i in range(8))
 
@@ -40,6 +42,9 @@ def gateway_of(request: Request[Any, Any, Any]) -> Gateway:
 def begin(request: Request[Any, Any, Any], gw: Gateway) -> CallContext:
     request_id = request_id_for(request)
     request.state.klein_headers = {"x-request-id": request_id}
+    if gw.drain.draining:
+        request.state.klein_headers["connection"] = "close"  # the next request opens a connection elsewhere
+        raise ShuttingDown("the gateway is shutting down; retry, another replica will answer", retry_after=1)
     caller = authenticate(request, gw.keys)
     request.state.caller = caller
     settings = gw.config.settings
@@ -118,16 +123,21 @@ async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitab
     submitted (where the provider allows it), so an abandoned request stops
     costing money. The body has been read by now, so the next ASGI message can
     only be the disconnect."""
+    drain = gateway_of(request).drain
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task  # let dispatch cancel the provider job before answering
+    with drain.tracking(task):
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # let dispatch cancel the provider job before answering
+        if task.cancelled() and drain.stopped(task):
+            request.state.klein_headers["connection"] = "close"
+            raise ShuttingDown("the gateway shut down before this request finished; its provider job was cancelled; retry", retry_after=1)
     if task.cancelled():
         raise GatewayError("the caller closed the connection", status=499, code="client_closed_request")
     return task.result()
@@ -260,13 +270,17 @@ async def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[
 
 @get("/v1/images/files/{name:str}")
 async def image_file(request: Request[Any, Any, Any], name: str, expires: int = 0, sig: str = "") -> Response[bytes]:
-    """Images the gateway serves itself; the signed URL is the credential."""
-    gw = gateway_of(request)
-    image_id = name.rsplit(".", 1)[0]
-    item = gw.images_store.get(image_id, expires, sig)
+    """Images the gateway serves itself; the signed URL is the credential.
+
+    Any worker or replica sharing the store and its signing key answers it."""
+    store = gateway_of(request).images_store
+    item = None
+    if valid_name(name) and store.signer.verify(name, expires, sig) and not store.expired(expires):
+        item = await store.get(name)
     if item is None:
         raise NotFound("image not found or its URL expired", code="image_not_found")
-    return Response(item.data, media_type=item.content_type, headers={"cache-control": "private, max-age=3600"})
+    max_age = max(0, item.expires_at - int(time.time()))
+    return Response(item.data, media_type=item.content_type, headers={"cache-control": f"private, max-age={max_age}"})
 
 
 ROUTES = [generations, edits, list_models, get_model, image_file]

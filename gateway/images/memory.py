@@ -1,0 +1,49 @@
+"""One process's memory: LRU by bytes, bounded by TTL.
+
+The default for a single worker. Refused when several workers or replicas
+serve one address, because a fetch that lands on another process finds nothing
+(gateway.images.open_image_store says so at start-up).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from gateway.images.base import ImageStore, StoredImage, StoredRef, new_name
+
+
+class MemoryImageStore(ImageStore):
+    kind = "memory"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._items: OrderedDict[str, StoredImage] = OrderedDict()
+        self._bytes = 0
+
+    async def put(self, data: bytes, content_type: str) -> StoredRef:
+        self._evict_expired()
+        expires = int(self.clock()) + self.ttl_s
+        name = new_name(content_type, expires)
+        self._items[name] = StoredImage(data, content_type, expires)
+        self._bytes += len(data)
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            self._drop_oldest()
+        return StoredRef(name, expires)
+
+    async def get(self, name: str) -> StoredImage | None:
+        item = self._items.get(name)
+        if item is None or self.expired(item.expires_at):
+            return None
+        return item
+
+    def _drop_oldest(self) -> None:
+        _, item = self._items.popitem(last=False)
+        self._bytes -= len(item.data)
+
+    def _evict_expired(self) -> None:
+        while self._items:
+            first = next(iter(self._items.values()))
+            if not self.expired(first.expires_at):
+                break
+            self._drop_oldest()
