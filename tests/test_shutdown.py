@@ -43,6 +43,18 @@ def post(url: str, model: str, timeout: float = 30.0) -> httpx.Response:
     return httpx.post(f"{url}/v1/images/generations", json={**BODY, "model": model}, timeout=timeout)
 
 
+def readiness_once_signalled(url: str, within_s: float = 1.5) -> httpx.Response:
+    """/readyz as soon as it turns 503. With several workers the supervisor
+    passes SIGTERM on at its next check (uvicorn looks every 0.5 s), so a
+    worker's readiness flips within that, not within a fixed sleep."""
+    until = time.monotonic() + within_s
+    while True:
+        ready = httpx.get(f"{url}/readyz", timeout=5)
+        if ready.status_code == 503 or time.monotonic() > until:
+            return ready
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_refuses_new_work_finishes_what_is_in_flight_and_exits_0(tmp_path: Path, emulators: EmulatorFleet, workers: int) -> None:
     emulators["local"].set_knobs({"latency": {"ms": 2500}})
@@ -54,8 +66,7 @@ def test_sigterm_refuses_new_work_finishes_what_is_in_flight_and_exits_0(tmp_pat
             time.sleep(1.0)  # every request has reached the (slow) backend
             signalled = time.monotonic()
             gw.sigterm()
-            time.sleep(0.3)
-            ready = httpx.get(f"{gw.url}/readyz", timeout=5)
+            ready = readiness_once_signalled(gw.url)
             refused = post(gw.url, "flux-2-klein-4b", timeout=5)
             answers = [f.result() for f in in_flight]
         rc = gw.wait(timeout=30)
