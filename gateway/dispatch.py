@@ -50,6 +50,7 @@ class Attempt:
     cost_usd: Decimal = Decimal(0)
     status: int | None = None
     message: str = ""
+    billed_usd: Decimal | None = None  # the provider's own figure, where its answer had one
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": self.backend, "outcome": self.outcome, "latency_ms": round(self.latency_s * 1000)}
@@ -77,6 +78,11 @@ class Outcome:
     @property
     def tried(self) -> int:
         return tried(self.attempts)
+
+    @property
+    def billed_usd(self) -> Decimal | None:
+        """What the serving backend said it billed, where it said so."""
+        return self.attempts[-1].billed_usd if self.attempts else None
 
 
 class DispatchFailed(GatewayError):
@@ -162,9 +168,12 @@ class Dispatcher:
             finally:
                 submitted_jobs.reset(token)
             elapsed = time.monotonic() - t0
-            cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images), cand.health)
+            # The gateway's figure is always the price sheet's; a provider's own
+            # figure travels beside it for reconciliation (gateway/reconcile.py).
+            cost = backend.bill(job, len(images), cand.health)
+            billed = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else None
             spent += cost
-            attempts.append(Attempt(cand.name, "success", elapsed, cost))
+            attempts.append(Attempt(cand.name, "success", elapsed, cost, billed_usd=billed))
             await self.health.record_success(cand.name, elapsed)
             self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
             self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))

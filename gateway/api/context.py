@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ from litestar import Request
 
 from gateway.errors import AuthenticationFailed, InvalidRequest, UnsupportedMediaType
 from gateway.job import new_request_id
+from gateway.keys import Caller, KeyRing, anonymous_name
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -19,25 +19,30 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 @dataclass(frozen=True, slots=True)
 class CallContext:
     request_id: str
-    caller: str | None  # a short, stable id of the caller's key; never the key
+    caller: str | None  # the key's name from the keys file, or a short stable id; never the key
     deadline_s: float
+    key: Caller | None = None  # the key's rules (budgets, limits, backends), where it has any
 
 
 def key_id(key: str) -> str:
     """A stable, non-reversible label for a caller key (for metrics and logs)."""
-    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+    return anonymous_name(key)
 
 
-def authenticate(request: Request[Any, Any, Any], keys: frozenset[str]) -> str | None:
-    """The caller's key id, or None when the gateway is open (no keys configured)."""
-    if not keys:
+def authenticate(request: Request[Any, Any, Any], keys: KeyRing) -> Caller | None:
+    """The caller, or None when the gateway is open (no keys configured).
+
+    The bearer token is looked up by its SHA-256 (the keys file holds only
+    that), among `KLEIN_GATEWAY_KEYS` and the `KLEIN_KEYS_FILE` keys."""
+    if keys.open:
         return None
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or token not in keys:
+    caller = keys.lookup(token) if scheme.lower() == "bearer" and token else None
+    if caller is None:
         raise AuthenticationFailed("missing or invalid API key: send Authorization: Bearer <key>")
-    return key_id(token)
+    return caller
 
 
 def request_id_for(request: Request[Any, Any, Any]) -> str:

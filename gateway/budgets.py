@@ -1,0 +1,199 @@
+"""Spend budgets per key and window, reserved before work and settled after it.
+
+A request first reserves its worst case in every window its key has (UTC day,
+UTC calendar month): the check "spent + reserved + this <= limit" and the add
+happen in one step, so concurrent requests on any number of replicas can never
+take a window over its limit. When the request ends it settles: the
+difference between the reservation and what it really cost is added back (a
+negative adjustment releases the unused part).
+
+Money is counted in integer units of 1e-8 USD (the gateway's quantum), so the
+store's arithmetic is exact: Redis INCRBY and Lua integers, not floats.
+
+Stores: `MemoryBudgets` (one process, under a lock) and `RedisBudgets` (one
+Lua EVAL per reservation). There is no silent fallback from Redis to memory:
+a memory fallback would let each replica spend the whole budget, so when
+Redis is away a budgeted key's requests are refused with a retryable 503.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, Decimal
+from typing import Protocol
+
+from gateway.pricing import USD_QUANTUM
+
+WINDOWS = ("day", "month")
+
+
+def to_units(usd: Decimal) -> int:
+    """USD as whole 1e-8 units, rounded up (a reservation never falls short)."""
+    return int((usd / USD_QUANTUM).to_integral_value(rounding=ROUND_CEILING))
+
+
+def from_units(units: int) -> Decimal:
+    return Decimal(units) * USD_QUANTUM
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """One budget window of one key: `day` 2026-12-01 or `month` 2026-12."""
+
+    name: str
+    period: str
+    limit_units: int
+    resets_at: datetime
+
+    @property
+    def limit_usd(self) -> Decimal:
+        return from_units(self.limit_units)
+
+    @property
+    def ttl_s(self) -> int:
+        """How long the store keeps the counter: a day past the reset, for reports."""
+        return 86400 + 1
+
+
+def windows_at(limits: list[tuple[str, Decimal]], now: datetime) -> list[Window]:
+    """The windows in force at `now` (UTC) for a key's `(name, limit)` pairs."""
+    now = now.astimezone(UTC)
+    out = []
+    for name, limit in limits:
+        if name == "day":
+            period = now.strftime("%Y-%m-%d")
+            resets = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+        elif name == "month":
+            period = now.strftime("%Y-%m")
+            resets = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+        else:
+            raise ValueError(f"unknown budget window {name!r}")
+        out.append(Window(name, period, to_units(limit), resets))
+    return out
+
+
+class BudgetUnavailable(Exception):
+    """The shared budget store cannot be reached; nothing was reserved."""
+
+
+class BudgetStore(Protocol):
+    async def reserve(self, key: str, windows: list[Window], units: int) -> Window | None:
+        """Add `units` to every window, or to none: returns the window that
+        would go over its limit (nothing added), else None (added to all)."""
+        ...
+
+    async def settle(self, key: str, windows: list[Window], delta_units: int) -> None:
+        """Adjust every window by `delta_units` (actual cost minus reservation)."""
+        ...
+
+    async def spent(self, key: str, windows: list[Window]) -> list[int]: ...
+
+    async def close(self) -> None: ...
+
+
+def _slot(key: str, window: Window) -> str:
+    # {key} is a Redis Cluster hash tag: every window of one key is in one slot.
+    return f"budget:{{{key}}}:{window.name}:{window.period}"
+
+
+class MemoryBudgets:
+    """Budgets for one process."""
+
+    def __init__(self) -> None:
+        self._spent: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    async def reserve(self, key: str, windows: list[Window], units: int) -> Window | None:
+        with self._lock:
+            for w in windows:
+                if self._spent.get(_slot(key, w), 0) + units > w.limit_units:
+                    return w
+            for w in windows:
+                slot = _slot(key, w)
+                self._spent[slot] = self._spent.get(slot, 0) + units
+        return None
+
+    async def settle(self, key: str, windows: list[Window], delta_units: int) -> None:
+        with self._lock:
+            for w in windows:
+                slot = _slot(key, w)
+                self._spent[slot] = max(0, self._spent.get(slot, 0) + delta_units)
+
+    async def spent(self, key: str, windows: list[Window]) -> list[int]:
+        with self._lock:
+            return [self._spent.get(_slot(key, w), 0) for w in windows]
+
+    async def close(self) -> None:
+        return None
+
+
+# KEYS: one counter per window. ARGV[1]: units; then per window its limit and TTL (s).
+# Returns 0 when every window took the units, else the 1-based index of the first that would overflow.
+_RESERVE = """
+local units = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local spent = tonumber(redis.call('GET', key) or '0')
+  if spent + units > tonumber(ARGV[2 * i]) then return i end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('INCRBY', key, units)
+  redis.call('EXPIRE', key, tonumber(ARGV[2 * i + 1]))
+end
+return 0
+"""
+
+# KEYS: the counters. ARGV[1]: delta (may be negative). Never below zero.
+_SETTLE = """
+local delta = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  local now = redis.call('INCRBY', key, delta)
+  if now < 0 then redis.call('SET', key, 0, 'KEEPTTL') end
+end
+return 0
+"""
+
+
+class RedisBudgets:
+    """Budgets shared by every replica on one Redis."""
+
+    def __init__(self, url: str, *, namespace: str = "default", socket_timeout: float = 0.5) -> None:
+        import redis.asyncio as aioredis
+
+        self._client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, decode_responses=True)
+        self._prefix = f"klein:{namespace}:"
+        self._reserve = self._client.register_script(_RESERVE)
+        self._settle = self._client.register_script(_SETTLE)
+
+    def _keys(self, key: str, windows: list[Window]) -> list[str]:
+        return [self._prefix + _slot(key, w) for w in windows]
+
+    async def reserve(self, key: str, windows: list[Window], units: int) -> Window | None:
+        import redis
+
+        args: list[int] = [units]
+        for w in windows:
+            args += [w.limit_units, w.ttl_s + int((w.resets_at - datetime.now(UTC)).total_seconds())]
+        try:
+            refused = int(await self._reserve(keys=self._keys(key, windows), args=args))
+        except (redis.RedisError, OSError) as exc:
+            raise BudgetUnavailable(type(exc).__name__) from None
+        return windows[refused - 1] if refused else None
+
+    async def settle(self, key: str, windows: list[Window], delta_units: int) -> None:
+        import redis
+
+        if delta_units == 0 or not windows:
+            return
+        try:
+            await self._settle(keys=self._keys(key, windows), args=[delta_units])
+        except (redis.RedisError, OSError) as exc:
+            raise BudgetUnavailable(type(exc).__name__) from None
+
+    async def spent(self, key: str, windows: list[Window]) -> list[int]:
+        values = await self._client.mget(self._keys(key, windows)) if windows else []
+        return [int(v or 0) for v in values]
+
+    async def close(self) -> None:
+        await self._client.aclose()
