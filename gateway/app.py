@@ -13,7 +13,7 @@ import httpx
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 
-from gateway.api import extensions, openai
+from gateway.api import extensions, openai, usage
 from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler
 from gateway.backends import BackendFleet
 from gateway.billing import Billing
@@ -25,7 +25,8 @@ from gateway.health import HealthTracker
 from gateway.image_store import ImageStore
 from gateway.job import ImageJob, JobKind
 from gateway.keys import KeyRing, KeysFileError
-from gateway.ledger import Ledger, open_store as open_ledger
+from gateway.ledger import Ledger
+from gateway.ledger import open_store as open_ledger
 from gateway.logs import RequestLogger, configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.probes import Prober
@@ -162,7 +163,7 @@ def create_app(
             await gw.close()
 
     app = Litestar(
-        route_handlers=[*openai.ROUTES, *extensions.ROUTES],
+        route_handlers=[*openai.ROUTES, *extensions.ROUTES, *usage.ROUTES],
         lifespan=[lifespan],
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
         request_max_body_size=config.settings.max_body_bytes,

@@ -28,9 +28,9 @@ from gateway.errors import GatewayError
 from gateway.job import ImageJob
 from gateway.keys import Caller, KeyRing, KeySpec
 from gateway.ledger import Ledger, UsageRow
+from gateway.metrics import GatewayMetrics
 from gateway.pricing import usd_text
 from gateway.ratelimit import RateLimiter
-from gateway.metrics import GatewayMetrics
 from gateway.routing import Plan
 
 log = logging.getLogger("klein.billing")

@@ -158,10 +158,14 @@ return 0
 class RedisBudgets:
     """Budgets shared by every replica on one Redis."""
 
-    def __init__(self, url: str, *, namespace: str = "default", socket_timeout: float = 0.5) -> None:
+    def __init__(self, url: str, *, namespace: str = "default", socket_timeout: float = 0.5, max_connections: int = 128) -> None:
         import redis.asyncio as aioredis
 
-        self._client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, decode_responses=True)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=socket_timeout, socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout, decode_responses=True,
+        )
+        self._client = aioredis.Redis(connection_pool=pool)
         self._prefix = f"klein:{namespace}:"
         self._reserve = self._client.register_script(_RESERVE)
         self._settle = self._client.register_script(_SETTLE)
@@ -174,7 +178,7 @@ class RedisBudgets:
 
         args: list[int] = [units]
         for w in windows:
-            args += [w.limit_units, w.ttl_s + int((w.resets_at - datetime.now(UTC)).total_seconds())]
+            args += [w.limit_units, max(60, w.ttl_s + int((w.resets_at - datetime.now(UTC)).total_seconds()))]
         try:
             refused = int(await self._reserve(keys=self._keys(key, windows), args=args))
         except (redis.RedisError, OSError) as exc:

@@ -15,6 +15,7 @@ limit protects capacity, and budgets (which fail closed) protect money.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -97,7 +98,5 @@ class RateLimiter:
         bridge = getattr(self._storage, "bridge", None)
         client = getattr(bridge, "storage", None)
         if client is not None and hasattr(client, "aclose"):
-            try:
+            with contextlib.suppress(Exception):  # closing a dead connection is not news
                 await client.aclose()
-            except Exception:  # noqa: BLE001
-                pass

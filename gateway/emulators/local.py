@@ -170,7 +170,7 @@ class LocalEmulator(EmulatorApp):
             ],
             "seed": seed,
             "timings": {"queue_ms": round(queue_ms, 3), "inference_ms": round(run_s * 1000, 3), "batch_size": 1},
-            "cost_usd_estimate": self.marginal_usd_per_image() * len(images),
+            "cost_usd_estimate": self.marginal_usd_per_image() * len(images) * self.knobs.billed_cost_factor,
         }
         return Response.json(200, body)
 

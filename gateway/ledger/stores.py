@@ -19,11 +19,12 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.ledger.rows import UsageRow
+from gateway.pricing import USD_QUANTUM
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 COLUMNS = ("row_id", "at", "request_id", "key_name", "route", "backend", "attempts", "images", "megapixels", "estimated_usd", "billed_usd", "billed_source", "status")
@@ -180,7 +181,8 @@ def _row(r: Sequence[Any], at: datetime) -> UsageRow:
 
 
 def _text(value: Decimal) -> str:
-    return f"{value:f}"
+    """Exact decimal text at the 8 places PostgreSQL's NUMERIC(20, 8) keeps, so both stores hold the same figure."""
+    return f"{value.quantize(USD_QUANTUM, rounding=ROUND_HALF_UP):f}"
 
 
 def _statements(sql: str) -> list[str]:
