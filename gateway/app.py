@@ -99,7 +99,7 @@ def build_billing(config: GatewayConfig, env: Mapping[str, str], metrics: Gatewa
     redis_url = env.get("REDIS_URL") or None
     namespace = env.get("KLEIN_STATE_NAMESPACE") or "default"
     budgets = RedisBudgets(redis_url, namespace=namespace) if redis_url else MemoryBudgets()
-    ledger_path = config.settings.usage_ledger
+    ledger_path = env.get("KLEIN_USAGE_LEDGER") or config.settings.usage_ledger
     if ledger_path and ledger_path != ":memory:" and not Path(ledger_path).is_absolute():
         ledger_path = str(config.path.parent / ledger_path)
     ledger = Ledger(open_ledger(env.get("DATABASE_URL") or None, ledger_path))

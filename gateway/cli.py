@@ -130,7 +130,7 @@ def print_usage(args: argparse.Namespace) -> int:
     except (ValueError, GatewayError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    path = config.settings.usage_ledger
+    path = os.environ.get("KLEIN_USAGE_LEDGER") or config.settings.usage_ledger
     if not os.environ.get("DATABASE_URL") and not path:
         print("error: no ledger to read: set DATABASE_URL or gateway.usage_ledger in providers.yaml", file=sys.stderr)
         return 2

@@ -93,8 +93,8 @@ class GatewaySettings(_Strict):
     # start to look like sick backends. Sized for 5,000 in flight against slow
     # upstreams within 500 MB (bench/overhead.py).
     max_in_flight: int = Field(default=6000, gt=0)
-    # The usage ledger's SQLite file (relative: beside providers.yaml); DATABASE_URL,
-    # when set, puts it in PostgreSQL instead. None: in memory, lost at exit.
+    # The usage ledger's SQLite file (relative: beside providers.yaml; KLEIN_USAGE_LEDGER
+    # overrides); DATABASE_URL, when set, puts it in PostgreSQL instead. None: in memory.
     usage_ledger: str | None = None
 
 

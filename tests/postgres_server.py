@@ -110,7 +110,7 @@ class PostgresServer:
         if not self._started:
             return
         self._started = False
-        subprocess.run(self._cmd(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        subprocess.run(self._cmd(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"), check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
 
     def close(self) -> None:
         self.stop()

@@ -70,7 +70,7 @@ async def test_a_billed_failure_then_a_success_settles_to_both(tmp_path):
         gw = app.state.gateway
         from gateway.budgets import windows_at
 
-        windows = windows_at([("day", Decimal("1"))], datetime.now(UTC))
+        windows = windows_at([("day", Decimal(1))], datetime.now(UTC))
         (spent,) = await gw.billing.budgets.spent("team", windows)
     assert cost == LOCAL_1MP + Decimal("0.00104858")  # the billed local attempt and replicate's image
     assert spent == int(cost / Decimal("0.00000001"))

@@ -24,7 +24,7 @@ from gateway.routing import Plan
     ],
 )
 def test_windows_are_utc_days_and_months(now, window, period, resets):
-    (w,) = windows_at([(window, Decimal("5"))], now)
+    (w,) = windows_at([(window, Decimal(5))], now)
     assert (w.period, w.resets_at, w.limit_units) == (period, resets, 500_000_000)
 
 
@@ -60,7 +60,7 @@ async def test_a_reservation_that_fits_is_taken_and_one_that_does_not_is_refused
 
 
 async def test_the_month_window_refuses_when_the_day_still_has_room(budgets):
-    windows = windows_at([("day", Decimal("1")), ("month", Decimal("0.03"))], NOW)
+    windows = windows_at([("day", Decimal(1)), ("month", Decimal("0.03"))], NOW)
     assert await budgets.reserve("k", windows, 2_000_000) is None
     refused = await budgets.reserve("k", windows, 2_000_000)
     assert refused is not None and refused.name == "month"
@@ -87,7 +87,7 @@ async def test_a_dead_redis_is_reported_not_ignored():
 
     store = RedisBudgets(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.2)
     with pytest.raises(BudgetUnavailable):
-        await store.reserve("k", windows_at([("day", Decimal("1"))], NOW), 1)
+        await store.reserve("k", windows_at([("day", Decimal(1))], NOW), 1)
     await store.close()
 
 

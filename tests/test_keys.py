@@ -141,7 +141,7 @@ def test_sighup_reaches_a_serving_process(tmp_path):
                 return False
 
         assert wait_until(up, 30), (tmp_path / "gw.log").read_text()
-        models = lambda key: httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5).status_code  # noqa: E731
+        models = lambda key: httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5).status_code
         assert models("s2") == 401
         # Same size and mtime would not trigger the change check; only the signal can reload now.
         stat = path.stat()
@@ -166,7 +166,7 @@ SPEC = KeySpec(name="team-a", key_sha256="a" * 64, max_price_usd=Decimal("0.01")
         (ProviderPrefs(only=("local", "replicate")), None, ("local",), (), Decimal("0.01")),  # narrowed, never widened
         (ProviderPrefs(ignore=("local",)), None, ("fal", "local"), ("local",), Decimal("0.01")),
         (ProviderPrefs(max_price=Decimal("0.002")), None, ("fal", "local"), (), Decimal("0.002")),  # lower: the caller's
-        (ProviderPrefs(max_price=Decimal("5")), None, ("fal", "local"), (), Decimal("0.01")),  # higher: the key's ceiling
+        (ProviderPrefs(max_price=Decimal(5)), None, ("fal", "local"), (), Decimal("0.01")),  # higher: the key's ceiling
         (ProviderPrefs(), "FAL", ("fal", "local"), (), Decimal("0.01")),
     ],
 )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
