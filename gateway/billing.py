@@ -142,6 +142,27 @@ class Tab:
             )
         self.windows, self.reserved_units = windows, units
 
+    async def cover(self, total: Decimal) -> None:
+        """Before failing over after a billed failure: grow the reservation to
+        `total` (spent so far plus the next attempt's quote), or refuse (429),
+        so a request that pays twice still cannot take a window over its limit."""
+        extra = to_units(total) - self.reserved_units
+        spec = self.spec
+        if not self.windows or extra <= 0 or spec is None:
+            return
+        try:
+            refused = await self.billing.budgets.reserve(spec.name, self.windows, extra)
+        except BudgetUnavailable:
+            raise GatewayError("the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1) from None
+        if refused is not None:
+            resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            raise BudgetExceeded(
+                f"an attempt failed after it was billed, and trying the next backend (up to ${usd_text(total)} in all) would take key "
+                f"{spec.name} over its {refused.name} budget of ${usd_text(refused.limit_usd)}; the {refused.name} budget resets at {resets}",
+                details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
+            )
+        self.reserved_units += extra
+
 
 @dataclass
 class Billing:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -104,7 +105,11 @@ class Dispatcher:
     metrics: GatewayMetrics
     _pending_cancels: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str) -> Outcome:
+    async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str, cover: Callable[[Decimal], Awaitable[None]] | None = None) -> Outcome:
+        """Try the plan's backends in order. `cover(total)`, when given, is awaited
+        before an attempt that follows billed spend, with that spend plus the
+        attempt's quote: it may refuse (a GatewayError), which ends the request
+        with what was spent (a caller's budget, gateway/billing.py)."""
         deadline = started + job.deadline_s
         attempts: list[Attempt] = []
         spent = Decimal(0)
@@ -116,6 +121,11 @@ class Dispatcher:
             if remaining <= 0:
                 break
             backend = self.backends[cand.name]
+            if spent and cover is not None:
+                try:
+                    await cover(spent + (cand.quote.usd if cand.quote is not None else Decimal(0)))
+                except GatewayError as err:
+                    raise self._failed(attempts, spent, upstream, status=err.status, code=err.code or "refused", message=err.message, retryable=err.retryable, type_=err.type) from None
             if not await self.health.acquire(cand.name):
                 attempts.append(Attempt(cand.name, SKIPPED, 0.0, message="circuit half-open, trial in progress"))
                 continue

@@ -89,7 +89,7 @@ class Gateway:
             raise refusal(p)
         if tab is not None:
             await tab.reserve(p)  # the budget, before any provider is called
-        return await self.dispatcher.run(job, p, started=started, base_url=base_url)
+        return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None)
 
     async def quote_table(self, job: ImageJob) -> dict[str, Any]:
         """Every backend's price and eligibility for this job, and the one that would be chosen."""

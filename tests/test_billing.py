@@ -173,3 +173,26 @@ async def test_usage_rejects_a_bad_query_with_the_param_named(tmp_path, params, 
     async with AsyncTestClient(app) as client:
         answer = await client.get("/v1/usage", params=params, headers=auth("team"))
     assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("day_budget", "status", "fal_called"),
+    [
+        ("0.006", 200, True),  # 0.00041506 billed on local + fal's 0.00524288 still fit: the reservation grows
+        ("0.0055", 429, False),  # they would not: stop before fal rather than overspend
+    ],
+)
+async def test_failing_over_after_a_billed_failure_never_overspends(tmp_path, day_budget, status, fal_called):
+    billed_timeout = ProviderError(FailureClass.UNKNOWN_OUTCOME, "timed out after submit", job_id="j1", billed=True)
+    app, fakes = await client_for(tmp_path, {"local": [billed_timeout]}, team={"budget_usd": {"day": day_budget}, "backends": {"only": ["local", "fal"]}})
+    async with AsyncTestClient(app) as client:
+        answer = await client.post("/v1/images/generations", json=BODY, headers=auth("team"))
+        from gateway.budgets import windows_at
+
+        (spent,) = await app.state.gateway.billing.budgets.spent("team", windows_at([("day", Decimal(day_budget))], datetime.now(UTC)))
+    assert answer.status_code == status, answer.headers
+    assert bool(fakes["fal"].calls) is fal_called
+    cost = Decimal(answer.headers["x-klein-cost-usd"])
+    assert cost <= Decimal(day_budget) and spent == int(cost / Decimal("0.00000001"))
+    if status == 429:
+        assert cost == LOCAL_1MP and answer.json()["error"]["code"] == "insufficient_quota"
