@@ -102,7 +102,12 @@ def build_billing(config: GatewayConfig, env: Mapping[str, str], metrics: Gatewa
     ledger_path = env.get("KLEIN_USAGE_LEDGER") or config.settings.usage_ledger
     if ledger_path and ledger_path != ":memory:" and not Path(ledger_path).is_absolute():
         ledger_path = str(config.path.parent / ledger_path)
-    ledger = Ledger(open_ledger(env.get("DATABASE_URL") or None, ledger_path))
+    try:
+        store = open_ledger(env.get("DATABASE_URL") or None, ledger_path)
+    except Exception as exc:  # noqa: BLE001 - a driver's connect or file error; the URL (and any password) stays out
+        where = "DATABASE_URL (PostgreSQL)" if env.get("DATABASE_URL") else f"gateway.usage_ledger ({ledger_path})"
+        raise ConfigError(f"usage ledger: cannot open {where}: {type(exc).__name__}") from None
+    ledger = Ledger(store)
     return keyring, Billing(keyring, RateLimiter(redis_url, namespace=namespace), budgets, ledger, metrics)
 
 

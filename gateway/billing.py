@@ -21,7 +21,6 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 from gateway.budgets import BudgetStore, BudgetUnavailable, Window, from_units, to_units, windows_at
 from gateway.errors import GatewayError
@@ -202,6 +201,3 @@ class Billing:
         await self.ledger.close()
         await self.limiter.close()
         await self.budgets.close()
-
-    def describe(self) -> dict[str, Any]:
-        return {"ledger": self.ledger.store.dialect}

@@ -261,7 +261,7 @@ def banner(args: argparse.Namespace, fleet: object | None) -> str:
         lines.append("Emulated backends on loopback, no keys needed (knobs: POST <emulator>/_admin/knobs):")
         for name, running in sorted(fleet.emulators.items()):  # type: ignore[attr-defined]
             lines.append(f"  {name:<12} {running.base_url}")
-    key_hint = "any" if not os.environ.get("KLEIN_GATEWAY_KEYS") else "<a key from KLEIN_GATEWAY_KEYS>"
+    key_hint = "any" if not (os.environ.get("KLEIN_GATEWAY_KEYS") or os.environ.get("KLEIN_KEYS_FILE")) else "<your key>"
     lines += [
         "",
         "Try it:",

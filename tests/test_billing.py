@@ -196,3 +196,13 @@ async def test_failing_over_after_a_billed_failure_never_overspends(tmp_path, da
     assert cost <= Decimal(day_budget) and spent == int(cost / Decimal("0.00000001"))
     if status == 429:
         assert cost == LOCAL_1MP and answer.json()["error"]["code"] == "insufficient_quota"
+
+
+def test_an_unreachable_ledger_database_is_a_configuration_error_without_the_password():
+    from gateway.config import ConfigError
+    from tests.redis_server import free_port
+
+    url = f"postgresql://klein:hunter2-secret@127.0.0.1:{free_port()}/usage?connect_timeout=1"
+    with pytest.raises(ConfigError) as exc:
+        make_app({**ENV, "DATABASE_URL": url, "KLEIN_USAGE_LEDGER": ""})
+    assert "DATABASE_URL" in str(exc.value) and "hunter2" not in str(exc.value)
