@@ -7,6 +7,10 @@ The request path calls four things, in order:
 - `tab.reserve(plan)`: before any provider is called, the worst case (the
   quote of the most expensive backend the plan could fail over to, for all
   its images) is reserved in every budget window, atomically across replicas;
+  when it does not fit, the plan is cut to the backends the budget can pay
+  for (the largest worst case that fits is reserved instead);
+- `tab.cover(total)`: dispatch asks before failing over after a billed
+  failure, so paying twice cannot overspend either;
 - `Billing.settle(tab, ...)`: the reservation is settled to what the request
   cost, the ledger gets its row, and the provider's billed figure (where one
   came back) is counted beside the gateway's estimate.
@@ -87,6 +91,20 @@ def worst_case(plan: Plan) -> Decimal:
     return max((c.quote.usd for c in plan.attempts if c.quote is not None), default=Decimal(0))
 
 
+def worst_cases(plan: Plan) -> list[Decimal]:
+    """The worst case of the plan and of each shorter plan that drops its dearest
+    backends: the distinct quotes, largest first. Reserving one of them keeps the
+    backends quoted at or below it."""
+    return sorted({c.quote.usd if c.quote is not None else Decimal(0) for c in plan.attempts}, reverse=True)
+
+
+def within(plan: Plan, ceiling: Decimal) -> Plan:
+    """The plan without the backends quoted above `ceiling` (order kept), each noted as skipped."""
+    kept = tuple(c for c in plan.attempts if (c.quote.usd if c.quote is not None else Decimal(0)) <= ceiling)
+    dropped = tuple((c.name, f"quoted ${usd_text(c.quote.usd)}, more than the key's budget has left") for c in plan.attempts if c not in kept and c.quote is not None)
+    return dataclasses.replace(plan, attempts=kept, skipped=plan.skipped + dropped) if dropped else plan
+
+
 @dataclass
 class Tab:
     """What one request has been admitted to spend, and by whom."""
@@ -120,26 +138,32 @@ class Tab:
             self.headers.update(verdict.headers)
         return self.job
 
-    async def reserve(self, plan: Plan) -> None:
-        """Reserve the plan's worst case in every budget window, or refuse (429)."""
+    async def reserve(self, plan: Plan) -> Plan:
+        """Reserve the worst case in every budget window, or refuse (429).
+
+        The whole plan's worst case when it fits; otherwise the largest that
+        does, and the plan loses the backends dearer than it (the request
+        still runs, with fewer fallbacks); when not even the cheapest fits,
+        a refusal naming the budget and when it resets."""
         spec = self.spec
         if spec is None or not spec.budget_usd.windows():
-            return
-        amount = worst_case(plan)
-        units = to_units(amount)
+            return plan
+        options = worst_cases(plan)
         windows = windows_at(spec.budget_usd.windows(), datetime.now(UTC))
         try:
-            refused = await self.billing.budgets.reserve(spec.name, windows, units)
+            taken, refused = await self.billing.budgets.reserve_largest(spec.name, windows, [to_units(o) for o in options])
         except BudgetUnavailable:
             raise GatewayError("the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1) from None
-        if refused is not None:
+        if taken is None or refused is not None:
+            refused = refused or windows[0]
             resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
             raise BudgetExceeded(
-                f"this request could cost up to ${usd_text(amount)}, which would take key {spec.name} over its {refused.name} budget "
+                f"this request costs at least ${usd_text(options[-1])}, which would take key {spec.name} over its {refused.name} budget "
                 f"of ${usd_text(refused.limit_usd)}; the {refused.name} budget resets at {resets}",
                 details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
             )
-        self.windows, self.reserved_units = windows, units
+        self.windows, self.reserved_units = windows, taken
+        return within(plan, from_units(taken))
 
     async def cover(self, total: Decimal) -> None:
         """Before failing over after a billed failure: grow the reservation to

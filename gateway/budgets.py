@@ -3,7 +3,9 @@
 A request first reserves its worst case in every window its key has (UTC day,
 UTC calendar month): the check "spent + reserved + this <= limit" and the add
 happen in one step, so concurrent requests on any number of replicas can never
-take a window over its limit. When the request ends it settles: the
+take a window over its limit. Given several worst cases (a plan with fewer
+fallbacks costs less at worst), the largest that fits is reserved, still in
+one step. When the request ends it settles: the
 difference between the reservation and what it really cost is added back (a
 negative adjustment releases the unused part).
 
@@ -84,6 +86,12 @@ class BudgetStore(Protocol):
         would go over its limit (nothing added), else None (added to all)."""
         ...
 
+    async def reserve_largest(self, key: str, windows: list[Window], options: list[int]) -> tuple[int | None, Window | None]:
+        """Reserve the largest of `options` (given largest first) that fits every
+        window, in one atomic step: (units reserved, None), or (None, the window
+        that refused the smallest option)."""
+        ...
+
     async def settle(self, key: str, windows: list[Window], delta_units: int) -> None:
         """Adjust every window by `delta_units` (actual cost minus reservation)."""
         ...
@@ -106,14 +114,19 @@ class MemoryBudgets:
         self._lock = threading.Lock()
 
     async def reserve(self, key: str, windows: list[Window], units: int) -> Window | None:
+        return (await self.reserve_largest(key, windows, [units]))[1]
+
+    async def reserve_largest(self, key: str, windows: list[Window], options: list[int]) -> tuple[int | None, Window | None]:
+        refused = None
         with self._lock:
-            for w in windows:
-                if self._spent.get(_slot(key, w), 0) + units > w.limit_units:
-                    return w
-            for w in windows:
-                slot = _slot(key, w)
-                self._spent[slot] = self._spent.get(slot, 0) + units
-        return None
+            for units in options:
+                refused = next((w for w in windows if self._spent.get(_slot(key, w), 0) + units > w.limit_units), None)
+                if refused is None:
+                    for w in windows:
+                        slot = _slot(key, w)
+                        self._spent[slot] = self._spent.get(slot, 0) + units
+                    return units, None
+        return None, refused
 
     async def settle(self, key: str, windows: list[Window], delta_units: int) -> None:
         with self._lock:
@@ -129,19 +142,30 @@ class MemoryBudgets:
         return None
 
 
-# KEYS: one counter per window. ARGV[1]: units; then per window its limit and TTL (s).
-# Returns 0 when every window took the units, else the 1-based index of the first that would overflow.
+# KEYS: one counter per window. ARGV[1]: m, the number of options; ARGV[2..m+1]: the
+# options in units, largest first; then per window its limit and TTL (s). Reserves the
+# first option that fits every window. Returns {option index, 0}, or {0, the 1-based
+# index of the window that refused the last option}.
 _RESERVE = """
-local units = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  local spent = tonumber(redis.call('GET', key) or '0')
-  if spent + units > tonumber(ARGV[2 * i]) then return i end
+local m = tonumber(ARGV[1])
+local spent = {}
+for i, key in ipairs(KEYS) do spent[i] = tonumber(redis.call('GET', key) or '0') end
+local refused = 0
+for j = 1, m do
+  local units = tonumber(ARGV[1 + j])
+  refused = 0
+  for i = 1, #KEYS do
+    if spent[i] + units > tonumber(ARGV[m + 2 * i]) then refused = i break end
+  end
+  if refused == 0 then
+    for i, key in ipairs(KEYS) do
+      redis.call('INCRBY', key, units)
+      redis.call('EXPIRE', key, tonumber(ARGV[m + 2 * i + 1]))
+    end
+    return {j, 0}
+  end
 end
-for i, key in ipairs(KEYS) do
-  redis.call('INCRBY', key, units)
-  redis.call('EXPIRE', key, tonumber(ARGV[2 * i + 1]))
-end
-return 0
+return {0, refused}
 """
 
 # KEYS: the counters. ARGV[1]: delta (may be negative). Never below zero.
@@ -174,16 +198,21 @@ class RedisBudgets:
         return [self._prefix + _slot(key, w) for w in windows]
 
     async def reserve(self, key: str, windows: list[Window], units: int) -> Window | None:
+        return (await self.reserve_largest(key, windows, [units]))[1]
+
+    async def reserve_largest(self, key: str, windows: list[Window], options: list[int]) -> tuple[int | None, Window | None]:
         import redis
 
-        args: list[int] = [units]
+        if not options:
+            raise ValueError("reserve_largest needs at least one option")
+        args: list[int] = [len(options), *options]
         for w in windows:
             args += [w.limit_units, max(60, w.ttl_s + int((w.resets_at - datetime.now(UTC)).total_seconds()))]
         try:
-            refused = int(await self._reserve(keys=self._keys(key, windows), args=args))
+            taken, refused = (int(v) for v in await self._reserve(keys=self._keys(key, windows), args=args))
         except (redis.RedisError, OSError) as exc:
             raise BudgetUnavailable(type(exc).__name__) from None
-        return windows[refused - 1] if refused else None
+        return (options[taken - 1], None) if taken else (None, windows[refused - 1])
 
     async def settle(self, key: str, windows: list[Window], delta_units: int) -> None:
         import redis

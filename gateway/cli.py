@@ -156,12 +156,14 @@ def print_usage(args: argparse.Namespace) -> int:
 
 def print_quote(args: argparse.Namespace) -> int:
     """The price table, computed offline from the sheets (no backend is called)."""
-    from gateway.api.parse import build_job, parse_body
     from gateway.app import build_gateway
+    from gateway.api.parse import build_job, parse_body
     from gateway.errors import GatewayError
     from gateway.job import JobKind, ReferenceImage
 
     env = dict(os.environ)
+    env.pop("DATABASE_URL", None)
+    env["KLEIN_USAGE_LEDGER"] = ":memory:"  # a quote runs nothing, so it records nothing
     config = load_config(args.config, args.pricing, env)
     # Price every configured backend, credentials or not: a quote calls nothing.
     for b in config.backends:

@@ -88,7 +88,7 @@ class Gateway:
         if not p.attempts:
             raise refusal(p)
         if tab is not None:
-            await tab.reserve(p)  # the budget, before any provider is called
+            p = await tab.reserve(p)  # the budget, before any provider is called
         return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None)
 
     async def quote_table(self, job: ImageJob) -> dict[str, Any]:

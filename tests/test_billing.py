@@ -206,3 +206,23 @@ def test_an_unreachable_ledger_database_is_a_configuration_error_without_the_pas
     with pytest.raises(ConfigError) as exc:
         make_app({**ENV, "DATABASE_URL": url, "KLEIN_USAGE_LEDGER": ""})
     assert "DATABASE_URL" in str(exc.value) and "hunter2" not in str(exc.value)
+
+
+
+@pytest.mark.parametrize(
+    ("day_budget", "local_fails", "served_by", "never_called"),
+    [
+        # $0.001 pays for local (0.00042) but not for any fallback: served, nothing else at risk.
+        ("0.001", False, "local", ["replicate", "fal", "empiriolabs", "runflow"]),
+        # $0.002 also pays for replicate (0.00105): local fails, replicate serves, dearer ones never run.
+        ("0.002", True, "replicate", ["fal", "empiriolabs", "runflow"]),
+    ],
+)
+async def test_a_tight_budget_still_serves_with_the_fallbacks_it_can_pay_for(tmp_path, day_budget, local_fails, served_by, never_called):
+    scripts = {"local": [ProviderError(FailureClass.FAILED, "HTTP 500", status=500)]} if local_fails else {}
+    app, fakes = await client_for(tmp_path, scripts, team={"budget_usd": {"day": day_budget}})
+    async with AsyncTestClient(app) as client:
+        answer = await client.post("/v1/images/generations", json=BODY, headers=auth("team"))
+    assert answer.status_code == 200, answer.headers
+    assert answer.headers["x-klein-backend"] == served_by
+    assert not any(fakes[name].calls for name in never_called)

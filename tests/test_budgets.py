@@ -104,3 +104,39 @@ def test_the_worst_case_is_the_dearest_quote_in_the_plan():
     plan = Plan((cand("local", "0.0004"), cand("runflow", "0.014"), cand("fal", "0.0052")), ())
     assert worst_case(plan) == Decimal("0.014")
     assert worst_case(Plan((), ())) == Decimal(0)
+
+
+@pytest.mark.parametrize(
+    ("spent", "taken", "refused"),
+    [
+        (0, 1_400_000, None),  # the whole plan fits
+        (700_000, 500_000, None),  # only the cheaper worst cases fit: the largest of them
+        (1_900_000, 40_000, None),
+        (1_990_000, None, "day"),  # not even the cheapest
+    ],
+)
+async def test_the_largest_worst_case_that_fits_is_reserved(budgets, spent, taken, refused):
+    windows = windows_at([("day", Decimal("0.02")), ("month", Decimal(1))], NOW)
+    if spent:
+        assert await budgets.reserve("k", windows, spent) is None
+    got, window = await budgets.reserve_largest("k", windows, [1_400_000, 500_000, 40_000])
+    assert got == taken and (window.name if window else None) == refused
+    assert (await budgets.spent("k", windows))[0] == spent + (taken or 0)
+
+
+def test_a_tight_budget_keeps_the_backends_it_can_pay_for():
+    from gateway.billing import within, worst_cases
+    from gateway.capabilities import Eligibility
+    from gateway.healthview import HealthView
+    from gateway.pricing import Quote
+    from gateway.routing import Candidate
+
+    def cand(name: str, usd: str) -> Candidate:
+        return Candidate(name, Eligibility(True), Quote(Decimal(usd), "per_image", ""), HealthView())
+
+    plan = Plan((cand("runflow", "0.014"), cand("local", "0.0004"), cand("fal", "0.0052")), ())  # a caller's order
+    assert worst_cases(plan) == [Decimal("0.014"), Decimal("0.0052"), Decimal("0.0004")]
+    trimmed = within(plan, Decimal("0.0052"))
+    assert [c.name for c in trimmed.attempts] == ["local", "fal"]
+    assert dict(trimmed.skipped)["runflow"].startswith("quoted $0.014")
+    assert within(plan, Decimal("0.014")) is plan
