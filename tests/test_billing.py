@@ -226,3 +226,23 @@ async def test_a_tight_budget_still_serves_with_the_fallbacks_it_can_pay_for(tmp
     assert answer.status_code == 200, answer.headers
     assert answer.headers["x-klein-backend"] == served_by
     assert not any(fakes[name].calls for name in never_called)
+
+
+
+async def test_every_authenticated_request_gets_a_ledger_row_even_a_bad_one(tmp_path):
+    app, _ = await client_for(tmp_path, team={})
+    async with AsyncTestClient(app) as client:
+        assert (await client.post("/v1/images/generations", json={**BODY, "size": "7x7"}, headers=auth("team"))).status_code == 400
+        assert (await client.post("/v1/images/generations", json=BODY, headers=auth("team"))).status_code == 200
+        assert (await client.post("/v1/images/generations", json=BODY, headers={"authorization": "Bearer unknown"})).status_code == 401
+        rows = await ledger_rows(app)
+    assert [(r.key_name, r.status, r.images) for r in rows] == [("team", 400, 0), ("team", 200, 1)]
+
+
+async def test_an_open_gateway_shows_all_usage(tmp_path):
+    app = make_app()
+    install_fakes(app, {name: FakeAdapter(name) for name in BACKENDS})
+    async with AsyncTestClient(app) as client:
+        assert (await client.post("/v1/images/generations", json=BODY)).status_code == 200
+        usage = (await client.get("/v1/usage", params={"group_by": "key,backend"})).json()
+    assert usage["data"] == [{"key": "anonymous", "backend": "local", "requests": 1, "images": 1, "megapixels": "1.048576", "cost_usd": "0.00041506", "billed_usd": None}]

@@ -61,11 +61,10 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
     with gw.metrics.in_flight(), gw.admission() as admitted:
         try:
             ctx = begin(request, gw)
+            tab = gw.billing.tab(ctx.key, ctx.request_id, route)  # from here on, the request has its ledger row
             if not admitted:
                 raise GatewayError("the gateway is at capacity; retry shortly", status=503, code="gateway_busy", retryable=True, retry_after=1)
-            job = await build(request, gw, ctx)
-            tab = gw.billing.tab(ctx.key, ctx.request_id, route)
-            job = await tab.admit(job)
+            job = await tab.admit(await build(request, gw, ctx))
             outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab))
             backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, outcome.tried
             headers = {
