@@ -182,11 +182,14 @@ return 0
 class RedisBudgets:
     """Budgets shared by every replica on one Redis."""
 
-    def __init__(self, url: str, *, namespace: str = "default", socket_timeout: float = 0.5, max_connections: int = 128) -> None:
+    def __init__(self, url: str, *, namespace: str = "default", socket_timeout: float = 1.0, pool_wait_s: float = 2.0, max_connections: int = 128) -> None:
+        """Budgets fail closed (a Redis error refuses the request), so the
+        timeouts are more patient than the health store's: a busy host must
+        not turn into refused requests."""
         import redis.asyncio as aioredis
 
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=socket_timeout, socket_timeout=socket_timeout,
+            url, max_connections=max_connections, timeout=pool_wait_s, socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout, decode_responses=True,
         )
         self._client = aioredis.Redis(connection_pool=pool)
