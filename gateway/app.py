@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,20 +14,27 @@ import httpx
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 
-from gateway.api import extensions, openai, openapi
+from gateway.api import extensions, openai, openapi, usage
 from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler, stamp_request_id
 from gateway.backends import BackendFleet
-from gateway.config import GatewayConfig, load_config
+from gateway.billing import Billing
+from gateway.budgets import MemoryBudgets, RedisBudgets
+from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
 from gateway.images import open_image_store
 from gateway.job import ImageJob, JobKind
+from gateway.keys import KeyRing, KeysFileError
+from gateway.ledger import Ledger
+from gateway.ledger import open_store as open_ledger
 from gateway.logs import RequestLogger, configure_logging, register_secrets
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_access import MetricsAccess
 from gateway.pinned import PinnedTransport, SystemResolver
 from gateway.probes import Prober
+from gateway.ratelimit import RateLimiter
+from gateway.reconcile import SOURCES
 from gateway.results import ResultShaper
 from gateway.service import Gateway
 from gateway.shutdown import Drain, on_sigterm
@@ -74,6 +82,9 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store, rehost=settings.image_store.rehost), metrics)
     for name, backend in fleet.backends.items():
         metrics.set_backend_quote(name, backend.quote(REFERENCE_JOB).usd)
+        if backend.kind in SOURCES:
+            metrics.know_billed_source(name, SOURCES[backend.kind])
+    keyring, billing = build_billing(config, env, metrics)
     gw = Gateway(
         config=config,
         fleet=fleet,
@@ -85,11 +96,34 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         resolver=resolver,
         metrics_access=metrics_access,
         store=store,
+        keyring=keyring,
+        billing=billing,
         clients=[client, fetch_client],
         request_log=RequestLogger(log_prompt_length=settings.log_prompts),
         drain=Drain(grace_s=settings.shutdown_grace_s),
     )
     return gw
+
+
+def build_billing(config: GatewayConfig, env: Mapping[str, str], metrics: GatewayMetrics) -> tuple[KeyRing, Billing]:
+    """Keys, rate limits and budgets (in Redis when `REDIS_URL` is set) and the usage ledger."""
+    try:
+        keyring = KeyRing.from_env(env, {b.name for b in config.backends})
+    except KeysFileError as exc:
+        raise ConfigError(str(exc)) from None
+    redis_url = env.get("REDIS_URL") or None
+    namespace = env.get("KLEIN_STATE_NAMESPACE") or "default"
+    budgets = RedisBudgets(redis_url, namespace=namespace) if redis_url else MemoryBudgets()
+    ledger_path = env.get("KLEIN_USAGE_LEDGER") or config.settings.usage_ledger
+    if ledger_path and ledger_path != ":memory:" and not Path(ledger_path).is_absolute():
+        ledger_path = str(config.path.parent / ledger_path)
+    try:
+        store = open_ledger(env.get("DATABASE_URL") or None, ledger_path)
+    except Exception as exc:  # noqa: BLE001 - a driver's connect or file error; the URL (and any password) stays out
+        where = "DATABASE_URL (PostgreSQL)" if env.get("DATABASE_URL") else f"gateway.usage_ledger ({ledger_path})"
+        raise ConfigError(f"usage ledger: cannot open {where}: {type(exc).__name__}") from None
+    ledger = Ledger(store)
+    return keyring, Billing(keyring, RateLimiter(redis_url, namespace=namespace), budgets, ledger, metrics)
 
 
 def startup_report(gw: Gateway) -> list[str]:
@@ -101,9 +135,22 @@ def startup_report(gw: Gateway) -> list[str]:
         lines.append(f"backend {name}: disabled ({reason})")
     if not gw.config.settings.public_base_url:
         lines.append(f"no public base URL: signed image URLs point at this server's bound address; set gateway.public_base_url or {PUBLIC_BASE_URL_ENV}")
-    if not gw.keys:
+    if gw.keyring.open:
         lines.append("KLEIN_GATEWAY_KEYS is not set: the gateway is open to anyone who can reach it")
+    if gw.keyring.path is not None:
+        lines.append(f"keys file {gw.keyring.path}: re-read on SIGHUP and when it changes")
+    lines.append(f"usage ledger: {gw.billing.ledger.store.dialect}")
     return lines
+
+
+def _reload_keys_on_sighup(keyring: KeyRing) -> None:
+    if keyring.path is None or not hasattr(signal, "SIGHUP"):
+        return
+    import asyncio
+    import contextlib
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keyring.reload)
 
 
 def create_app(
@@ -131,6 +178,8 @@ def create_app(
         prober = Prober({n: b.adapter for n, b in gw.fleet.backends.items()}, gw.health, {b.name: b.config.probe for b in config.enabled}) if probes else None
         if prober is not None:
             prober.start()
+        await gw.billing.start()
+        _reload_keys_on_sighup(gw.keyring)
         draining: set[asyncio.Task[None]] = set()  # holds the drain task while it runs
 
         def start_drain() -> None:
@@ -148,7 +197,7 @@ def create_app(
             await gw.close()
 
     app = Litestar(
-        route_handlers=[*openai.ROUTES, *extensions.ROUTES, *openapi.ROUTES],
+        route_handlers=[*openai.ROUTES, *extensions.ROUTES, *usage.ROUTES, *openapi.ROUTES],
         lifespan=[lifespan],
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
         before_send=[stamp_request_id],

@@ -1,4 +1,4 @@
-"""`klein-gateway`: serve, quote, check-config, init.
+"""`klein-gateway`: serve, quote, check-config, init, keys, usage.
 
 Every command finds its providers.yaml the same way: `--config`, else
 `KLEIN_CONFIG`, else `./providers.yaml`, else the defaults shipped in the
@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,8 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     quote.add_argument("--steps", type=int, default=4)
     quote.add_argument("--edit-images", type=int, default=0, help="quote an edit with this many reference images")
 
-    check = sub.add_parser("check-config", help="validate providers.yaml and pricing/")
+    check = sub.add_parser("check-config", help="validate providers.yaml, pricing/ and the keys file")
     _config_args(check)
+    check.add_argument("--keys-file", default=os.environ.get("KLEIN_KEYS_FILE"), help="the keys file to validate (default: KLEIN_KEYS_FILE)")
+
+    keys = sub.add_parser("keys", help="caller keys for KLEIN_KEYS_FILE")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    new = keys_sub.add_parser("new", help="print a fresh key and the keys-file entry that admits it")
+    new.add_argument("name")
+
+    usage = sub.add_parser("usage", help="spend, images and requests from the usage ledger")
+    _config_args(usage)
+    usage.add_argument("--since", default="7d", help="how far back: 90m, 24h, 7d, or an ISO-8601 date")
+    usage.add_argument("--until", default=None, help="end (ISO-8601); default now")
+    usage.add_argument("--group-by", default="key,backend,day")
+    usage.add_argument("--key", default=None, help="only this key's usage")
 
     init = sub.add_parser("init", help="write an editable copy of the shipped providers.yaml and pricing/")
     init.add_argument("dir", nargs="?", default=".", help="where to write them (default: the current directory)")
@@ -66,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             return init_config(Path(args.dir), force=args.force)
         if args.command == "check-config":
             return check_config(args)
+        if args.command == "keys":
+            return new_key_command(args)
+        if args.command == "usage":
+            return print_usage(args)
         if args.command == "quote":
             return print_quote(args)
         return serve_gateway(args)
@@ -84,6 +102,17 @@ def check_config(args: argparse.Namespace) -> int:
     for b in config.backends:
         state = "enabled" if b.enabled else f"disabled ({b.disabled_reason})"
         print(f"{b.name:<12} {b.config.kind:<12} {b.sheet.basis:<17} {state}")
+    if args.keys_file:
+        from gateway.keys import KeysFileError, load_keys_file
+
+        try:
+            parsed = load_keys_file(args.keys_file, {b.name for b in config.backends})
+        except KeysFileError as exc:
+            raise ConfigError(str(exc)) from None
+        for spec in parsed.keys:
+            budget = ", ".join(f"{w} ${v}" for w, v in spec.budget_usd.windows()) or "no budget"
+            print(f"key {spec.name:<20} {budget}{' (admin)' if spec.admin else ''}")
+        print(f"ok: {args.keys_file} is valid ({len(parsed.keys)} keys)")
     print(f"ok: {config.path} and {config.pricing_dir}/ are valid")
     return 0
 
@@ -113,6 +142,69 @@ def init_config(target: Path, *, force: bool = False) -> int:
     return 0
 
 
+def new_key_command(args: argparse.Namespace) -> int:
+    from gateway.keys import new_key
+
+    try:
+        secret, entry = new_key(args.name)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"key (give it to the caller; it is not stored anywhere): {secret}")
+    print("add this entry under `keys:` in the keys file (KLEIN_KEYS_FILE):")
+    print(entry, end="")
+    return 0
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """`90m`, `24h`, `7d`, `2w` back from now, or an ISO-8601 date or time (UTC)."""
+    units = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
+    text = text.strip()
+    if text[:-1].isdigit() and text[-1:] in units:
+        return now - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    parsed = datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def print_usage(args: argparse.Namespace) -> int:
+    """The same figures as GET /v1/usage, read from the ledger directly."""
+    from gateway.api.usage import parse_group_by, report
+    from gateway.errors import GatewayError
+    from gateway.ledger import open_store
+
+    config = load_config(args.config, args.pricing)
+    now = datetime.now(UTC)
+    try:
+        since = parse_since(args.since, now)
+        until = parse_since(args.until, now) if args.until else now
+        groups = parse_group_by(args.group_by)
+    except (ValueError, GatewayError) as exc:
+        print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    path = os.environ.get("KLEIN_USAGE_LEDGER") or config.settings.usage_ledger
+    if not os.environ.get("DATABASE_URL") and not path:
+        print("error: no ledger to read: set DATABASE_URL or gateway.usage_ledger in providers.yaml", file=sys.stderr)
+        return 2
+    if path and not Path(path).is_absolute():
+        path = str(config.path.parent / path)
+    store = open_store(os.environ.get("DATABASE_URL") or None, path)
+    try:
+        rows = store.fetch(since, until, args.key)
+    finally:
+        store.close()
+    table = report(rows, groups, since, until)
+    columns = [*groups, "requests", "images", "megapixels", "cost_usd", "billed_usd"]
+    lines = [[str(item.get(c) if item.get(c) is not None else "-") for c in columns] for item in table["data"]]
+    total = table["total"]
+    lines.append(["total", *[""] * (len(groups) - 1), *[str(total.get(c) if total.get(c) is not None else "-") for c in columns[len(groups):]]] if groups else [str(total.get(c) or "-") for c in columns])
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
+    print(f"usage {since.isoformat(timespec='seconds')} .. {until.isoformat(timespec='seconds')}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for line in lines:
+        print("  ".join(v.ljust(w) if i < len(groups) else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))))
+    return 0
+
+
 def print_quote(args: argparse.Namespace) -> int:
     """The price table, computed offline from the sheets (no backend is called)."""
     from gateway.api.parse import build_job, parse_body
@@ -121,6 +213,8 @@ def print_quote(args: argparse.Namespace) -> int:
     from gateway.job import JobKind, ReferenceImage
 
     env = dict(os.environ)
+    env.pop("DATABASE_URL", None)
+    env["KLEIN_USAGE_LEDGER"] = ":memory:"  # a quote runs nothing, so it records nothing
     config = load_config(_config_path(args), args.pricing, env)
     # Price every configured backend, credentials or not: a quote calls nothing.
     for b in config.backends:
@@ -310,6 +404,9 @@ def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str
     if os.environ.get("KLEIN_GATEWAY_KEYS"):
         auth = " -H \"authorization: Bearer ${KLEIN_GATEWAY_KEYS%%,*}\""
         api_key = "__import__('os').environ['KLEIN_GATEWAY_KEYS'].split(',')[0]"
+    elif os.environ.get("KLEIN_KEYS_FILE"):  # keys from the file: put one of yours in $KLEIN_KEY to run the examples
+        auth = " -H \"authorization: Bearer $KLEIN_KEY\""
+        api_key = "__import__('os').environ['KLEIN_KEY']"
     else:
         auth, api_key = "", "'any'"
     lines += [

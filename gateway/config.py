@@ -118,6 +118,9 @@ class GatewaySettings(_Strict):
     # cancelled (and their provider jobs with them). Keep the orchestrator's
     # grace (terminationGracePeriodSeconds) above it.
     shutdown_grace_s: float = Field(default=25.0, gt=0, le=3600)
+    # The usage ledger's SQLite file (relative: beside providers.yaml; KLEIN_USAGE_LEDGER
+    # overrides); DATABASE_URL, when set, puts it in PostgreSQL instead. None: in memory.
+    usage_ledger: str | None = None
 
 
 class ProvidersFile(_Strict):

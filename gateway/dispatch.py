@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -50,6 +51,7 @@ class Attempt:
     cost_usd: Decimal = Decimal(0)
     status: int | None = None
     message: str = ""
+    billed_usd: Decimal | None = None  # the provider's own figure, where its answer had one
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"backend": self.backend, "outcome": self.outcome, "latency_ms": round(self.latency_s * 1000)}
@@ -78,6 +80,11 @@ class Outcome:
     def tried(self) -> int:
         return tried(self.attempts)
 
+    @property
+    def billed_usd(self) -> Decimal | None:
+        """What the serving backend said it billed, where it said so."""
+        return self.attempts[-1].billed_usd if self.attempts else None
+
 
 class DispatchFailed(GatewayError):
     """Every attempt failed; carries what was spent and tried, for the headers."""
@@ -98,7 +105,11 @@ class Dispatcher:
     metrics: GatewayMetrics
     _pending_cancels: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str) -> Outcome:
+    async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str, cover: Callable[[Decimal], Awaitable[None]] | None = None) -> Outcome:
+        """Try the plan's backends in order. `cover(total)`, when given, is awaited
+        before an attempt that follows billed spend, with that spend plus the
+        attempt's quote: it may refuse (a GatewayError), which ends the request
+        with what was spent (a caller's budget, gateway/billing.py)."""
         deadline = started + job.deadline_s
         attempts: list[Attempt] = []
         spent = Decimal(0)
@@ -110,6 +121,11 @@ class Dispatcher:
             if remaining <= 0:
                 break
             backend = self.backends[cand.name]
+            if spent and cover is not None:
+                try:
+                    await cover(spent + (cand.quote.usd if cand.quote is not None else Decimal(0)))
+                except GatewayError as err:
+                    raise self._failed(attempts, spent, upstream, status=err.status, code=err.code or "refused", message=err.message, retryable=err.retryable, type_=err.type) from None
             if not await self.health.acquire(cand.name):
                 attempts.append(Attempt(cand.name, SKIPPED, 0.0, message="circuit half-open, trial in progress"))
                 continue
@@ -162,9 +178,12 @@ class Dispatcher:
             finally:
                 submitted_jobs.reset(token)
             elapsed = time.monotonic() - t0
-            cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images), cand.health)
+            # The gateway's figure is always the price sheet's; a provider's own
+            # figure travels beside it for reconciliation (gateway/reconcile.py).
+            cost = backend.bill(job, len(images), cand.health)
+            billed = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else None
             spent += cost
-            attempts.append(Attempt(cand.name, "success", elapsed, cost))
+            attempts.append(Attempt(cand.name, "success", elapsed, cost, billed_usd=billed))
             await self.health.record_success(cand.name, elapsed)
             self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
             self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))

@@ -185,6 +185,14 @@ class GatewayMetrics:
         self.excess_cost = Counter(
             "klein_excess_cost_usd", "Actual cost minus baseline cost, where positive (net savings = savings - excess).",
             ["backend"], registry=r)
+        # Reconciliation (gateway/reconcile.py): what providers say they billed, and
+        # the gateway's estimate for the same requests, so the two compare like with like.
+        self.billed = Counter(
+            "klein_billed_usd", "USD the provider reported billing, where its answer carries the figure.",
+            ["backend", "source"], registry=r)
+        self.billed_estimate = Counter(
+            "klein_billed_estimate_usd", "The gateway's estimate for the requests counted in klein_billed_usd_total.",
+            ["backend", "source"], registry=r)
 
         # --- health and prices ---------------------------------------------
         self.breaker_state = Gauge(
@@ -271,6 +279,18 @@ class GatewayMetrics:
         else:
             self.excess_cost.labels(backend).inc(float(-delta))
 
+    def record_billed(self, *, backend: str, source: str, billed_usd: Decimal, estimated_usd: Decimal) -> None:
+        """A provider's own billed figure for one request, beside the gateway's estimate of it."""
+        if billed_usd < 0 or estimated_usd < 0:
+            raise ValueError("billed figures cannot be negative")
+        self.billed.labels(backend, source).inc(float(billed_usd))
+        self.billed_estimate.labels(backend, source).inc(float(estimated_usd))
+
+    def know_billed_source(self, backend: str, source: str) -> None:
+        """Create the billed series at zero, so increase() sees the first figure."""
+        self.billed.labels(backend, source)
+        self.billed_estimate.labels(backend, source)
+
     def record_failover(self, *, from_backend: str, reason: str) -> None:
         """Dispatch left `from_backend` for another; `reason` is a FailureClass value."""
         self.failovers.labels(from_backend, str(reason)).inc()
@@ -339,7 +359,7 @@ class GatewayMetrics:
             self.upstream_duration, self.upstream_attempts, self.failovers, self.double_spend,
             self.cost, self.megapixels, self.images, self.baseline_cost, self.savings,
             self.excess_cost, self.breaker_state, self.backend_up, self.backend_quote,
-            self.baseline_quote, self.shutdown_cancelled,
+            self.baseline_quote, self.shutdown_cancelled, self.billed, self.billed_estimate,
         ):
             for family in collector.describe():
                 names.update(family.name + s for s in suffixes[family.type])

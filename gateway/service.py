@@ -16,16 +16,19 @@ from typing import Any
 import httpx
 
 from gateway.backends import BackendFleet
+from gateway.billing import Billing, Tab
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher, Outcome
 from gateway.health import HealthTracker
 from gateway.images import ImageStore
 from gateway.job import ImageJob
+from gateway.keys import KeyRing
 from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_access import MetricsAccess
 from gateway.pinned import Resolver, SystemResolver
 from gateway.pricing import usd_text
+from gateway.reconcile import billed_source
 from gateway.references import vet_reference_hosts
 from gateway.routing import Plan, plan, refusal
 from gateway.shutdown import Drain
@@ -41,6 +44,8 @@ class Gateway:
     images_store: ImageStore
     keys: frozenset[str]
     store: Any  # the state store, for readiness
+    keyring: KeyRing
+    billing: Billing
     clients: list[httpx.AsyncClient] = field(default_factory=list)
     request_log: RequestLogger = field(default_factory=RequestLogger)
     resolver: Resolver = field(default_factory=SystemResolver)  # reference URL hosts, checked on arrival
@@ -74,12 +79,21 @@ class Gateway:
         views = await self.health.views(self.fleet.backends)
         return plan(job, self.fleet.candidates(job, views))
 
-    async def images(self, job: ImageJob, *, started: float, base_url: str) -> Outcome:
+    def billed_figure(self, outcome: Outcome | None) -> tuple[Decimal, str] | None:
+        """The serving provider's own billed figure and its source, where it gave one."""
+        if outcome is None or outcome.billed_usd is None:
+            return None
+        backend = self.fleet.backends.get(outcome.backend)
+        return outcome.billed_usd, billed_source(backend.kind if backend else "")
+
+    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None) -> Outcome:
         await vet_reference_hosts(job.references, self.resolver)  # before any provider is handed a URL
         p = await self.plan(job)
         if not p.attempts:
             raise refusal(p)
-        return await self.dispatcher.run(job, p, started=started, base_url=base_url)
+        if tab is not None:
+            p = await tab.reserve(p)  # the budget, before any provider is called
+        return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None)
 
     async def quote_table(self, job: ImageJob) -> dict[str, Any]:
         """Every backend's price and eligibility for this job, and the one that would be chosen."""
@@ -115,6 +129,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.dispatcher.drain()
+        await self.billing.close()  # after the last request: every ledger row is written
         for client in self.clients:
             await client.aclose()
         await self.store.close()

@@ -34,3 +34,20 @@ async def state_store(request):
     store = RedisStore.from_url(server.url, namespace=f"test-{_uuid.uuid4().hex[:12]}")
     yield store
     await store.close()
+
+
+# ---- the usage ledger: a real PostgreSQL server, started once per session ----
+
+from tests.postgres_server import PostgresServer as _PostgresServer  # noqa: E402 - beside the fixture it serves
+from tests.postgres_server import postgres_available as _postgres_available  # noqa: E402 - beside the fixture it serves
+
+
+@_pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL for the session (loopback, fsync off); tests
+    take a database each. Skips when PostgreSQL is not installed."""
+    if not _postgres_available():
+        _pytest.skip("PostgreSQL is not installed")
+    server = _PostgresServer().start()
+    yield server
+    server.close()

@@ -33,7 +33,8 @@ SECRETS = {
     "RUNFLOW_API_KEY": "rf_live_runflow_secret_0000",
     "EMPIRIOLABS_API_KEY": "sk-empiriolabs-secret-0000",
 }
-ENV: dict[str, str] = {**SECRETS, "KLEIN_LOCAL_URL": "http://local.test:9000"}
+# The usage ledger stays in memory for in-process apps (nothing left on disk).
+ENV: dict[str, str] = {**SECRETS, "KLEIN_LOCAL_URL": "http://local.test:9000", "KLEIN_USAGE_LEDGER": ":memory:"}
 
 
 def make_app(env: Mapping[str, str] | None = None, *, transport: httpx.AsyncBaseTransport | None = None, config: Path = PROVIDERS_YAML) -> Litestar:

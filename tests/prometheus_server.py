@@ -146,15 +146,16 @@ class PrometheusServer:
                 self.process.wait(timeout=5)
 
 
-def start_prometheus(target: str, workdir: Path, *, interval: str = "1s", binary: str | None = None) -> PrometheusServer:
+def start_prometheus(target: str, workdir: Path, *, interval: str = "1s", binary: str | None = None, rules: Path = ALERT_RULES) -> PrometheusServer:
     """Start Prometheus scraping `target` ("host:port") with the shipped job
-    and rules; storage and config live in `workdir`. The caller stops it."""
+    and rules (or `rules`, e.g. a variant without `for:`); storage and config
+    live in `workdir`. The caller stops it."""
     binary = binary or prometheus_binary()
     if binary is None:
         raise FileNotFoundError("prometheus binary not found")
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config_for(target, interval=interval)))
+    config.write_text(yaml.safe_dump(scrape_config_for(target, interval=interval, rules=rules)))
     port = free_port()
     with open(workdir / "prometheus.log", "wb") as log:
         process = subprocess.Popen(

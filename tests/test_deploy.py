@@ -228,6 +228,7 @@ def simulate_traffic(metrics: GatewayMetrics, round_: int) -> Decimal:
     metrics.observe_attempt(backend="runflow", outcome="success", latency_s=3.0)
     runflow = PRICES["runflow"] * ONE_MP
     metrics.record_spend(backend="runflow", caller="team-1", usd=runflow, megapixels=ONE_MP, images=1, baseline_usd=baseline)
+    metrics.record_billed(backend="runflow", source="run_cost", billed_usd=runflow * Decimal("1.1"), estimated_usd=runflow)  # its run cost says 10% more
     metrics.observe_request(route=gen, status=200, backend="runflow", latency_s=33.5, overhead_s=0.004)
     billed += baseline + runflow
     # Everything failed: a 502 and nothing billed.

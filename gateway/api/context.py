@@ -9,9 +9,9 @@ from typing import Any
 import msgspec
 from litestar import Request
 
-from gateway.callers import Caller, caller_label
 from gateway.errors import AuthenticationFailed, InvalidRequest, UnsupportedMediaType
 from gateway.job import new_request_id
+from gateway.keys import Caller, KeyRing
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Ten digits of milliseconds is over 100 days, far past any max deadline; a
@@ -27,20 +27,25 @@ MAX_JSON_DEPTH = 32
 @dataclass(frozen=True, slots=True)
 class CallContext:
     request_id: str
-    caller: str | None  # the caller's label (gateway.callers); never the key
+    caller: str | None  # the caller's label: its name in the keys file, else a keyed hash (gateway.callers); never the key
     deadline_s: float
+    key: Caller | None = None  # the key's rules (budgets, limits, backends), where it has any
 
 
-def authenticate(request: Request[Any, Any, Any], keys: frozenset[str]) -> str | None:
-    """The caller's label (`caller_label`), or None when the gateway is open (no keys configured)."""
-    if not keys:
+def authenticate(request: Request[Any, Any, Any], keys: KeyRing) -> Caller | None:
+    """The caller, or None when the gateway is open (no keys configured).
+
+    The bearer token is looked up by its SHA-256 (the keys file holds only
+    that), among `KLEIN_GATEWAY_KEYS` and the `KLEIN_KEYS_FILE` keys."""
+    if keys.open:
         return None
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or token not in keys:
+    caller = keys.lookup(token) if scheme.lower() == "bearer" and token else None
+    if caller is None:
         raise AuthenticationFailed("missing or invalid API key: send Authorization: Bearer <key>")
-    return caller_label(Caller(token))
+    return caller
 
 
 def request_id_for(request: Request[Any, Any, Any]) -> str:

@@ -45,10 +45,11 @@ def begin(request: Request[Any, Any, Any], gw: Gateway) -> CallContext:
     if gw.drain.draining:
         request.state.klein_headers["connection"] = "close"  # the next request opens a connection elsewhere
         raise ShuttingDown("the gateway is shutting down; retry, another replica will answer", retry_after=1)
-    caller = authenticate(request, gw.keys)
+    key = authenticate(request, gw.keyring)
+    caller = key.name if key else None
     request.state.caller = caller
     settings = gw.config.settings
-    return CallContext(request_id, caller, deadline_for(request, settings.default_deadline_s, settings.max_deadline_s))
+    return CallContext(request_id, caller, deadline_for(request, settings.default_deadline_s, settings.max_deadline_s), key)
 
 
 def base_url_of(request: Request[Any, Any, Any], gw: Gateway) -> str:
@@ -75,20 +76,25 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
     gw = gateway_of(request)
     started = time.monotonic()
     status, backend, upstream, cost, attempts, job = 500, None, 0.0, None, 0, None
+    tab, outcome = None, None
     with gw.metrics.in_flight(), gw.admission() as admitted:
         try:
             ctx = begin(request, gw)
+            tab = gw.billing.tab(ctx.key, ctx.request_id, route)  # from here on, the request has its ledger row
             if not admitted:
                 raise GatewayError("the gateway is at capacity; retry shortly", status=503, code="gateway_busy", retryable=True, retry_after=1)
-            job = await build(request, gw, ctx)
-            outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw)))
+            job = await tab.admit(await build(request, gw, ctx))
+            outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab))
             backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, outcome.tried
             headers = {
                 "x-request-id": ctx.request_id,
                 "x-klein-backend": outcome.backend,
                 "x-klein-cost-usd": usd_text(outcome.cost_usd),
                 "x-klein-attempts": str(attempts),
+                **tab.headers,
             }
+            if outcome.billed_usd is not None:
+                headers["x-klein-billed-usd"] = usd_text(outcome.billed_usd)
             if any(img.nsfw for img in outcome.images):
                 headers["x-klein-nsfw"] = ",".join(str(i) for i, img in enumerate(outcome.images) if img.nsfw)
             body = {
@@ -101,16 +107,18 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             return Response(msgspec.json.encode(body), media_type=MediaType.JSON, headers=headers)
         except DispatchFailed as err:
             status, upstream, cost, attempts = err.status, err.upstream_s, err.cost_usd, tried(err.attempts)
-            request.state.klein_headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(attempts)})
+            request.state.klein_headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(attempts), **(tab.headers if tab else {})})
             raise
         except (GatewayError, HTTPException) as err:
             # HTTPException: litestar's own (broken multipart, body over the limit), counted by its real status.
             status = err.status if isinstance(err, GatewayError) else err.status_code
             if hasattr(request.state, "klein_headers"):
-                request.state.klein_headers.update({"x-klein-cost-usd": "0", "x-klein-attempts": "0"})
+                request.state.klein_headers.update({"x-klein-cost-usd": "0", "x-klein-attempts": "0", **(tab.headers if tab else {})})
             raise
         finally:
             request.scope.setdefault("state", {})["klein_observed"] = True
+            if tab is not None:
+                await gw.billing.settle(tab, status=status, backend=backend, attempts=attempts, images=len(outcome.images) if outcome else 0, cost=cost, billed=gw.billed_figure(outcome))
             total = time.monotonic() - started
             gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
             gw.log_request(request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream), prompt=job.prompt if job else None)

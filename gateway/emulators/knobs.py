@@ -130,6 +130,10 @@ class EmulatorKnobs:
     seed: int | None = None  # seeds the fault/latency/seed RNG, for reproducible runs
     cancel_spelling: Literal["canceled", "cancelled"] = "canceled"  # Runflow status_code
     local: LocalBackend = field(default_factory=LocalBackend)
+    # Scales the cost an emulator reports billing (Runflow's run `cost`, the local
+    # service's `cost_usd_estimate`): 1.1 bills 10% above the price sheet, for
+    # reconciliation tests. Providers without a cost figure ignore it.
+    billed_cost_factor: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,6 +171,8 @@ class EmulatorKnobs:
             raise ValueError("local.max_concurrency must be >= 1 and local.queue_capacity >= 0")
         if self.pad_to_bytes < 0:
             raise ValueError("pad_to_bytes must be >= 0")
+        if not 0.0 <= self.billed_cost_factor <= 100.0:
+            raise ValueError("billed_cost_factor must be within 0..100")
 
     @classmethod
     def realistic(cls, provider: str) -> EmulatorKnobs:

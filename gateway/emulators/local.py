@@ -116,6 +116,13 @@ class LocalEmulator(EmulatorApp):
         k = self.knobs.local
         return k.gpu_usd_per_hour * k.seconds_per_image / 3600
 
+    def request_cost_usd(self, spec: Spec, images: int) -> float:
+        """What the service reports for a request: its busy time, which grows with
+        megapixels and steps from the 1024x1024, 4-step reference (as the real
+        service measures it), times `billed_cost_factor`."""
+        scale = (spec.width * spec.height) / (1024 * 1024) * spec.steps / 4
+        return self.marginal_usd_per_image() * scale * images * self.knobs.billed_cost_factor
+
     def amortized_usd_per_image(self) -> float:
         return self.marginal_usd_per_image() / max(self.knobs.local.utilisation, 1e-6)
 
@@ -170,7 +177,7 @@ class LocalEmulator(EmulatorApp):
             ],
             "seed": seed,
             "timings": {"queue_ms": round(queue_ms, 3), "inference_ms": round(run_s * 1000, 3), "batch_size": 1},
-            "cost_usd_estimate": self.marginal_usd_per_image() * len(images),
+            "cost_usd_estimate": self.request_cost_usd(spec, len(images)),
         }
         return Response.json(200, body)
 

@@ -160,7 +160,7 @@ class RunflowEmulator(EmulatorApp):
                 "nsfw_detected": any(job.nsfw) if job.extra.get("safety") else None,
                 "timing": {"inference_ms": round(job.run_s * 1000)},
             }
-            cost = run_cost(job.spec, edit=bool(job.extra.get("edit")))
+            cost = run_cost(job.spec, edit=bool(job.extra.get("edit"))) * Decimal(str(self.knobs.billed_cost_factor))
         body: dict[str, Any] = {
             "id": job.id,
             "model_id": MODEL_ID + ("/edit" if job.extra.get("edit") else ""),

@@ -27,7 +27,8 @@ async def test_generate_matches_the_schema_with_per_image_seeds(client, fleet, f
         assert (im.width, im.height) == (512, 256) and im.content_type == f"image/{fmt}" and im.nsfw is None
         image = decode(base64.b64decode(im.b64_json))
         assert image.size == (512, 256) and image.format == pil
-    assert body.cost_usd_estimate == pytest.approx(3 * 2.5 * 0.57 / 3600)
+    # 3 images of busy time at 0.57 s per 1024x1024 image, scaled to 512x256 (an eighth of the pixels)
+    assert body.cost_usd_estimate == pytest.approx(3 * 2.5 * 0.57 / 3600 * (512 * 256) / (1024 * 1024))
 
 
 async def test_schema_violations_are_422_error_envelopes(client, fleet):
