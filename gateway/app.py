@@ -19,7 +19,7 @@ from gateway.api.errors import gateway_error_handler, http_exception_handler, in
 from gateway.backends import BackendFleet
 from gateway.billing import Billing
 from gateway.budgets import MemoryBudgets, RedisBudgets
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config import ConfigError, GatewayConfig, load_config, shipped_config
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
@@ -116,7 +116,12 @@ def build_billing(config: GatewayConfig, env: Mapping[str, str], metrics: Gatewa
     budgets = RedisBudgets(redis_url, namespace=namespace) if redis_url else MemoryBudgets()
     ledger_path = env.get("KLEIN_USAGE_LEDGER") or config.settings.usage_ledger
     if ledger_path and ledger_path != ":memory:" and not Path(ledger_path).is_absolute():
-        ledger_path = str(config.path.parent / ledger_path)
+        # Beside providers.yaml, unless that is the copy shipped inside an installed
+        # package: a ledger is never written into site-packages, so it goes in the
+        # working directory then.
+        shipped = shipped_config()
+        packaged = config.path.resolve() == shipped.resolve() and shipped.parent.name == "defaults"
+        ledger_path = str((Path.cwd() if packaged else config.path.parent) / ledger_path)
     try:
         store = open_ledger(env.get("DATABASE_URL") or None, ledger_path)
     except Exception as exc:  # noqa: BLE001 - a driver's connect or file error; the URL (and any password) stays out

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from litestar.testing import AsyncTestClient
 
+from gateway.callers import Caller as LabelledKey
+from gateway.callers import caller_label
 from gateway.keys import hash_key
 from gateway.providers.base import FailureClass, ProviderError, ProviderResult
 from tests.gateway_support import ENV, FakeAdapter, install_fakes, make_app
@@ -159,7 +161,8 @@ async def test_simple_keys_and_named_keys_work_side_by_side(tmp_path):
         assert (await client.post("/v1/images/generations", json=BODY, headers={"authorization": "Bearer nope"})).status_code == 401
         mine = (await client.get("/v1/usage", params={"group_by": "key"}, headers={"authorization": "Bearer plain-one"})).json()
         names = {r.key_name for r in await ledger_rows(app)}
-    assert [row["key"] for row in mine["data"]] == ["key_" + hash_key("plain-one")[:10]]
+    assert [row["key"] for row in mine["data"]] == [caller_label(LabelledKey("plain-one"))]  # keyed, never a plain hash of the key
+    assert hash_key("plain-one")[:10] not in str(names)
     assert mine["total"]["requests"] == 1
     assert "team" in names and "plain-one" not in str(names)  # no secret in the ledger
 
