@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.backends import Backend
 from gateway.errors import GatewayError
-from gateway.health import HealthTracker
+from gateway.health import Admission, HealthTracker
 from gateway.job import ImageJob
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import usd
@@ -110,7 +110,8 @@ class Dispatcher:
             if remaining <= 0:
                 break
             backend = self.backends[cand.name]
-            if not await self.health.acquire(cand.name):
+            admission = await self.health.acquire(cand.name)
+            if admission is None:
                 attempts.append(Attempt(cand.name, SKIPPED, 0.0, message="circuit half-open, trial in progress"))
                 continue
             last = index == len(candidates) - 1
@@ -134,7 +135,7 @@ class Dispatcher:
                 cost = backend.bill(job, job.n, cand.health) if err.billed else Decimal(0)
                 spent += cost
                 attempts.append(Attempt(cand.name, err.failure.value, elapsed, cost, err.status, err.message))
-                await self._record_failure(backend, job, err, elapsed, cost)
+                await self._record_failure(backend, job, err, elapsed, cost, admission)
                 if err.failure is FailureClass.CONTENT_FILTERED:
                     raise self._failed(attempts, spent, upstream, status=400, code="content_policy_violation", message="the image was flagged by the safety checker", retryable=False, type_="invalid_request_error") from None
                 if err.failure is FailureClass.UNKNOWN_OUTCOME:
@@ -150,14 +151,14 @@ class Dispatcher:
                 self.metrics.observe_attempt(backend=cand.name, outcome=FailureClass.REJECTED.value, latency_s=elapsed)
                 if not last:
                     self.metrics.record_failover(from_backend=cand.name, reason=FailureClass.REJECTED.value)
-                await self.health.release(cand.name)
+                await self.health.release(admission)
                 continue
             except asyncio.CancelledError:
                 # The caller went away (or the server is stopping): cancel what this
                 # attempt submitted, so nobody pays for an image no one will see.
                 for job_id in submitted:
                     self._cancel_later(backend, job_id)
-                await asyncio.shield(self.health.release(cand.name))
+                await asyncio.shield(self.health.release(admission))
                 raise
             finally:
                 submitted_jobs.reset(token)
@@ -165,17 +166,17 @@ class Dispatcher:
             cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images), cand.health)
             spent += cost
             attempts.append(Attempt(cand.name, "success", elapsed, cost))
-            await self.health.record_success(cand.name, elapsed)
+            await self.health.record_success(cand.name, elapsed, admission)
             self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
             self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))
             return Outcome(cand.name, images, attempts, spent, upstream, result.seed)
         raise self._exhausted(job, plan, attempts, spent, upstream, deadline)
 
-    async def _record_failure(self, backend: Backend, job: ImageJob, err: ProviderError, elapsed: float, cost: Decimal) -> None:
+    async def _record_failure(self, backend: Backend, job: ImageJob, err: ProviderError, elapsed: float, cost: Decimal, admission: Admission) -> None:
         self.metrics.observe_attempt(backend=backend.name, outcome=err.failure.value, latency_s=elapsed)
         if cost:
             self.metrics.record_spend(backend=backend.name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=Decimal(0))
-        await self.health.record_failure(backend.name, err, elapsed)
+        await self.health.record_failure(backend.name, err, elapsed, admission)
 
     def _cancel_later(self, backend: Backend, job_id: str) -> None:
         async def cancel() -> None:

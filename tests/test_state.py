@@ -152,7 +152,7 @@ class BrokenStore(MemoryStore):
 
     def __getattribute__(self, name: str):  # noqa: ANN204
         attr = super().__getattribute__(name)
-        if name in {"get", "get_many", "set", "set_if_absent", "compare_and_set", "incr", "delete", "append_sample", "samples"}:
+        if name in {"get", "get_many", "set", "set_if_absent", "compare_and_set", "compare_and_delete", "incr", "delete", "append_sample", "samples"}:
 
             async def guarded(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
                 self.calls += 1
@@ -197,8 +197,7 @@ async def test_resilient_store_pushes_keys_learned_alone_back_without_overwritin
     await primary.set("also-written-elsewhere", "theirs", ttl_s=60)
     now[0] += 2
     assert await store.status() == "ok"
-    await asyncio.sleep(0)  # the resync task
-    await asyncio.sleep(0)
+    await store.resynced()
     assert await primary.get("learned-alone") == "open"
     assert await primary.get("also-written-elsewhere") == "theirs"
     await store.close()
