@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.healthview import HEALTHY, BreakerState, HealthView
-from gateway.providers.base import GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
+from gateway.providers.base import DELIVERY_NETWORK, GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
 from gateway.state import health_records as hr
 from gateway.state.base import StateStore
 from gateway.state.breaker import BreakerPolicy, BreakerRecord, after_failure, after_probe, after_success
@@ -73,9 +73,12 @@ def health_effect(
     - REFUSED otherwise (a provider's own refusal code): treated as 503.
     - A timeout that fired long after it was due (code `gateway_overloaded`):
       the gateway's own event loop was too busy, not the backend; no effect.
+    - DELIVERY_FAILED: the images came back wrong (wrong size, broken, too
+      few): counts. One the gateway could not download in transport (code
+      `delivery_network`) may be the gateway's own network: no effect.
     """
     failure = error.failure
-    if failure in (FailureClass.REJECTED, FailureClass.CONTENT_FILTERED) or error.code == GATEWAY_OVERLOADED:
+    if failure in (FailureClass.REJECTED, FailureClass.CONTENT_FILTERED) or error.code in (GATEWAY_OVERLOADED, DELIVERY_NETWORK):
         return NO_EFFECT
     if failure is not FailureClass.REFUSED:
         return COUNTS
