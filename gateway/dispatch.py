@@ -53,6 +53,7 @@ LATENCY_HEADROOM = 1.25  # a healthy backend gets its p95 latency times this, wh
 HEALTHY_ERROR_RATE = 0.2  # below this a slow backend is slow, not sick
 BACKSTOP_GRACE_S = 0.25  # the adapter's own deadline handling goes first; the hard bound right after
 CANCEL_TIMEOUT_S = 2.0
+DEADLINE_SLACK_S = 0.05  # timers may fire this early; an attempt cut that close ran into the deadline
 
 
 def attempt_budget(remaining: float, last: bool, needs_s: float | None = None) -> float:
@@ -176,7 +177,7 @@ class Dispatcher:
         candidates = list(plan.attempts)
         try:
             for index, cand in enumerate(candidates):
-                if run.deadline - time.monotonic() <= 0:
+                if run.deadline - time.monotonic() <= DEADLINE_SLACK_S:
                     break
                 admission = await self.health.acquire(cand.name)
                 if admission is None:
@@ -295,7 +296,7 @@ class Dispatcher:
             if settled is not True:  # not confirmed unbilled: it may be billed
                 possibly = backend.bill(job, job.n, cand.health)
                 run.billed_elsewhere = True
-                refused_cancel = settled is False and time.monotonic() < run.deadline
+                refused_cancel = settled is False
         elif err.failure is FailureClass.DELIVERY_FAILED:
             made = len(result.images) if result is not None else job.n
             cost = self._cost_of(backend, job, cand, result, made)
@@ -319,9 +320,10 @@ class Dispatcher:
             self.metrics.record_failover(from_backend=cand.name, reason=err.failure.value)
 
     async def _cancel_and_wait(self, backend: Backend, job_ids: list[str], deadline: float) -> bool | None:
-        """True: every job's cancel confirmed. None: nothing to cancel, or no
-        cancel at this provider. False: refused or not answered in time (the
-        cancels carry on in the background)."""
+        """True: every job's cancel confirmed. False: refused, or not answered
+        within CANCEL_TIMEOUT_S. None: nothing to cancel, no cancel at this
+        provider, or the request's deadline came first (the request ends
+        anyway; the cancels carry on in the background)."""
         if not job_ids:
             return None
         task = asyncio.get_running_loop().create_task(self._cancel_all(backend, job_ids))
@@ -330,7 +332,9 @@ class Dispatcher:
         wait_s = min(CANCEL_TIMEOUT_S, deadline - time.monotonic())
         if wait_s > 0:
             await asyncio.wait([task], timeout=wait_s)
-        if not task.done() or task.cancelled() or task.exception() is not None:
+        if not task.done():
+            return False if wait_s >= CANCEL_TIMEOUT_S else None
+        if task.cancelled() or task.exception() is not None:
             return False
         return task.result()
 
@@ -375,7 +379,7 @@ class Dispatcher:
 
     def _exhausted(self, job: ImageJob, plan: Plan, run: _Run) -> DispatchFailed:
         tried = [a for a in run.attempts if a.outcome != SKIPPED]
-        if time.monotonic() >= run.deadline:
+        if time.monotonic() >= run.deadline - DEADLINE_SLACK_S:
             return self._failed(run, status=504, code="deadline_exceeded", message=f"no backend answered within the {job.deadline_s:g}s deadline", retryable=True)
         if not tried:
             return self._failed(run, status=503, code="no_backend_available", message="no backend was available for this request", retryable=True, retry_after=1.0)
