@@ -40,7 +40,12 @@ from gateway.healthview import BreakerState, HealthView
 from gateway.job import ImageJob
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import usd
-from gateway.providers.base import FailureClass, ProviderError, ProviderResult, submitted_jobs
+from gateway.providers.base import (
+    FailureClass,
+    ProviderError,
+    ProviderResult,
+    submitted_jobs,
+)
 from gateway.results import ResultShaper, ShapedImage, delivery_failed
 from gateway.routing import Candidate, Plan, SkipCause
 

@@ -29,7 +29,12 @@ from PIL import Image
 
 from gateway.image_store import ImageStore
 from gateway.job import MEDIA_TYPES, ImageJob
-from gateway.providers.base import DELIVERY_NETWORK, FailureClass, GeneratedImage, ProviderError
+from gateway.providers.base import (
+    DELIVERY_NETWORK,
+    FailureClass,
+    GeneratedImage,
+    ProviderError,
+)
 from gateway.references import sniff
 
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

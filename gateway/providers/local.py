@@ -73,7 +73,7 @@ MAX_TIMEOUT_S = 3600.0  # GenerateRequest.timeout_s upper bound
 DEADLINE_MARGIN_S = 1.0  # at most; never more than a tenth of the time left
 # A GPU at a few dollars an hour makes an image for a fraction of a cent; a
 # figure above this per image is a broken cost model, not a price.
-MAX_PLAUSIBLE_USD_PER_IMAGE = Decimal("1")
+MAX_PLAUSIBLE_USD_PER_IMAGE = Decimal(1)
 
 log = logging.getLogger(__name__)
 
