@@ -347,3 +347,45 @@ async def test_a_broken_local_cost_figure_never_fails_a_paid_success(figure: str
     sheet = app.state.gateway.fleet.backends["local"].bill(ImageJob(JobKind.GENERATE, "x", 1024, 1024), 1)
     assert Decimal(resp.headers["x-klein-cost-usd"]) == sheet
     assert sample(app, "klein_cost_usd_total", {"backend": "local", "caller": "anonymous"}) == pytest.approx(float(sheet))
+
+
+# ---- reference images are fetched together, within the attempt -----------------------
+
+REF_URLS = [f"http://93.184.216.{i}/ref.png" for i in (10, 11, 12)]  # public literals: no DNS needed
+
+
+def slow_reference_router(delay_s: float) -> respx.Router:
+    router = respx.Router(assert_all_called=False)
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(delay_s)
+        return httpx.Response(200, content=png_bytes(256, 256), headers={"content-type": "image/png"})
+
+    for url in REF_URLS:
+        router.get(url).mock(side_effect=slow)
+    return router
+
+
+@pytest.mark.parametrize(
+    ("delay_s", "deadline_ms", "status"),
+    [
+        pytest.param(0.8, 2000, 200, id="three-slow-references-fit-when-fetched-together"),
+        pytest.param(30.0, 1500, 504, id="a-hanging-reference-host-ends-at-the-deadline"),
+    ],
+)
+async def test_reference_urls_are_fetched_concurrently_within_the_deadline(delay_s: float, deadline_ms: int, status: int) -> None:
+    """The local backend needs reference bytes, so the gateway fetches the
+    caller's URLs. One after another, three that take 0.8 s each would need
+    2.4 s of a 2 s deadline; fetched together they take 0.8 s. A host that
+    never answers costs the deadline, not ten seconds per reference."""
+    app = make_app(transport=httpx.MockTransport(slow_reference_router(delay_s).async_handler))
+    install_fakes(app, {n: FakeAdapter(n) for n in PRICE_ORDER})
+    body = {"prompt": "the same lighthouse at night", "images": REF_URLS, "size": "1024x1024", "response_format": "b64_json", "model": "local/flux-2-klein-4b"}
+    t0 = time.monotonic()
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/edits", json=body, headers={"x-klein-deadline-ms": str(deadline_ms)})
+    elapsed = time.monotonic() - t0
+    assert resp.status_code == status, resp.text
+    assert elapsed < deadline_ms / 1000 + 0.5, elapsed
+    if status == 200:
+        assert resp.headers["x-klein-backend"] == "local"
