@@ -32,6 +32,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from gateway.state.base import StateStore, StoreStatus
@@ -150,9 +151,9 @@ class ResilientStore(StateStore):
             if merged is None or merged == theirs:
                 return None
             if theirs is None:
-                won = await self._try(lambda m=merged: self.primary.set_if_absent(key, m, ttl_s=ttl_s))
+                won = await self._try(partial(self.primary.set_if_absent, key, merged, ttl_s=ttl_s))
             else:
-                won = await self._try(lambda t=theirs, m=merged: self.primary.compare_and_set(key, t, m, ttl_s=ttl_s))
+                won = await self._try(partial(self.primary.compare_and_set, key, theirs, merged, ttl_s=ttl_s))
             if won is _FAILED:
                 return _FAILED
             if won:
