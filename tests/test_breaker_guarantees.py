@@ -2,7 +2,7 @@
 
 - A half-open trial lease belongs to the request that took it: outcomes of
   other requests on that backend never free it, across two gateway
-  instances sharing one real Redis.
+  instances sharing one real Redis (as trackers, and as whole apps).
 - A breaker opened while Redis was down survives Redis's return, although
   Redis still holds the older closed record (real redis-server, its data
   saved, stopped and restarted on the same port).
@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -26,6 +28,13 @@ from gateway.state.base import StateStore
 from gateway.state.breaker import BreakerRecord
 from gateway.state.health_records import merge_pushed_back
 from gateway.state.redis import RedisStore
+from tests.gateway_support import (
+    ENV,
+    FakeAdapter,
+    ServerThread,
+    install_fakes,
+    make_app,
+)
 from tests.redis_server import RedisServer, redis_available
 
 needs_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
@@ -264,3 +273,61 @@ async def test_an_incr_whose_reply_was_lost_is_not_sent_again_so_it_counts_once(
         await admin.aclose()
         await store.close()
         await proxy.close()
+
+
+# ---- the same through two gateway apps sharing one Redis --------------------------
+
+
+class ScriptedLocal:
+    """A local adapter whose calls follow the prompt: "slow-reject" answers 422
+    after 1 s (a request admitted while the breaker was still closed), "trial"
+    succeeds after 2 s. Shared by both apps, so it sees every call."""
+
+    kind = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def generate(self, job, deadline):
+        self.calls.append(job.prompt)
+        if job.prompt == "slow-reject":
+            await asyncio.sleep(1.0)
+            raise ProviderError(F.REJECTED, "HTTP 422: unprocessable", status=422)
+        await asyncio.sleep(2.0)
+        return await FakeAdapter("local").generate(job, deadline)
+
+
+@needs_redis
+async def test_an_uncounted_422_during_a_trial_lets_no_second_trial_in_across_two_gateways() -> None:
+    """Two gateway apps served on loopback, one Redis. A request admitted to
+    the local backend while its breaker was closed answers 422 while the
+    half-open trial runs on the same gateway; then requests on both gateways
+    must still go around local until the trial reports."""
+    local = ScriptedLocal()
+    body = {"size": "1024x1024", "response_format": "b64_json"}
+    with RedisServer() as server:
+        apps = [make_app(env={**ENV, "REDIS_URL": server.url}) for _ in range(2)]
+        for app in apps:
+            install_fakes(app, {n: FakeAdapter(n) for n in ("replicate", "fal", "empiriolabs", "runflow")})
+            app.state.gateway.fleet.backends["local"].adapter = local  # type: ignore[assignment]
+        store = RedisStore.from_url(server.url, namespace="default")
+        with ServerThread(apps[0]) as a, ServerThread(apps[1]) as b:
+            async with httpx.AsyncClient(timeout=30) as client:
+
+                def post(server: ServerThread, prompt: str) -> Any:
+                    return client.post(f"{server.url}/v1/images/generations", json={**body, "prompt": prompt})
+
+                early = asyncio.create_task(post(a, "slow-reject"))
+                await asyncio.sleep(0.3)  # admitted while closed; now another replica's breaker opened and cooled down
+                half_open = BreakerRecord(state=BreakerState.OPEN, since=time.time() - 3600, cooldown_s=5.0, version=41)
+                await store.set("health:local:breaker", half_open.encode(), ttl_s=3600)
+                trial = asyncio.create_task(post(a, "trial"))
+                await asyncio.sleep(0.3)
+                rejected = await early  # its 422 is recorded while the trial runs
+                others = await asyncio.gather(*(post(s, "during") for s in (a, b, a, b)))
+                served = await trial
+        await store.close()
+    assert rejected.status_code == 200 and rejected.headers["x-klein-backend"] == "replicate"  # local said 422; replicate took it
+    assert served.status_code == 200 and served.headers["x-klein-backend"] == "local"
+    assert [r.headers.get("x-klein-backend") for r in others] == ["replicate"] * 4
+    assert local.calls == ["slow-reject", "trial"], "a second trial reached the half-open backend"
