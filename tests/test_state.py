@@ -203,6 +203,22 @@ async def test_resilient_store_pushes_keys_learned_alone_back_without_overwritin
     await store.close()
 
 
+async def test_a_lease_given_back_while_the_primary_was_down_is_freed_there_when_it_returns() -> None:
+    now = [0.0]
+    primary = BrokenStore()
+    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0])
+    assert await store.set_if_absent("lease", "t1 token", ttl_s=60)
+    primary.broken = True
+    assert await store.compare_and_delete("lease", "t1 token")  # this replica's copy is gone at once
+    primary.broken = False
+    assert await primary.get("lease") == "t1 token"  # the shared copy would block the slot until it lapses
+    now[0] += 2
+    assert await store.status() == "ok"
+    await store.resynced()
+    assert await primary.get("lease") is None
+    await store.close()
+
+
 @needs_redis
 async def test_redis_killed_mid_run_degrades_to_memory_and_recovers_when_restarted() -> None:
     with RedisServer() as server:

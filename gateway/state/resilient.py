@@ -73,6 +73,7 @@ class ResilientStore(StateStore):
         self._down_until = 0.0
         self._retrying = False  # one call at a time tries a primary that was down
         self._dirty: set[str] = set()
+        self._undeleted: dict[str, str] = {}  # compare-and-deletes the primary missed: key -> expected
         self._resync: asyncio.Task[None] | None = None
 
     # ---- the circuit on the primary -------------------------------------------
@@ -126,6 +127,10 @@ class ResilientStore(StateStore):
             await self.primary.reconnect()
         except Exception as exc:  # noqa: BLE001 - the writes below find out whether it is up
             log.warning("state store reconnect failed (%s)", type(exc).__name__)
+        for key, expected in list(self._undeleted.items()):
+            if await self._try(partial(self.primary.compare_and_delete, key, expected)) is _FAILED:
+                return
+            self._undeleted.pop(key, None)
         for key in list(self._dirty):
             exported = self.fallback.export(key)
             self._dirty.discard(key)
@@ -214,6 +219,8 @@ class ResilientStore(StateStore):
         if mine:
             self._dirty.discard(key)
         theirs = await self._try(lambda: self.primary.compare_and_delete(key, expected))
+        if theirs is _FAILED and len(self._undeleted) < self._max_dirty:
+            self._undeleted[key] = expected  # a lease given back while Redis was away: free it there too
         return mine or (theirs is not _FAILED and bool(theirs))
 
     async def incr(self, key: str, amount: int = 1, *, ttl_s: float) -> int:
