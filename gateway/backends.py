@@ -60,7 +60,13 @@ class Backend:
         if self.capabilities_for(job).accepts_url_refs or all(r.data is not None for r in job.references):
             return job
         timeout = max(0.001, deadline - time.monotonic()) if deadline is not None else 10.0
-        refs = await asyncio.gather(*(fetch_reference(r, self.fetch_client, timeout=timeout) for r in job.references))
+        fetches = [asyncio.ensure_future(fetch_reference(r, self.fetch_client, timeout=timeout)) for r in job.references]
+        try:
+            refs = await asyncio.gather(*fetches)
+        except BaseException:
+            for fetch in fetches:  # one failed or the attempt ended: the others are not needed
+                fetch.cancel()
+            raise
         return replace(job, references=tuple(refs))
 
 
