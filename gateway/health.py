@@ -212,7 +212,9 @@ class HealthTracker:
         """May a request go to `name` now? None while open, parked or with
         rejected credentials; while half-open, an admission for at most
         `half_open_max_trials` callers across all replicas (a SET NX lease
-        with the request's own token)."""
+        with the request's own token). A store that cannot be read admits
+        (health never fails a request); a lease that cannot be taken does
+        not (a half-open backend gets one trial, not one per store error)."""
         now, policy = self._clock(), self.policy(name)
         try:
             snap = (await hr.read_snapshots(self.store, [name], now, {name: policy.window_s}, full=False))[name]
@@ -222,11 +224,15 @@ class HealthTracker:
                 return None
             if state is BreakerState.CLOSED:
                 return Admission(name)
-            lease = await self._trials.take(name, snap.record, now, policy)
-            return Admission(name, lease) if lease is not None else None
         except Exception as exc:  # noqa: BLE001
             self._absorb("acquire", exc)
             return Admission(name)
+        try:
+            lease = await self._trials.take(name, snap.record, now, policy)
+        except Exception as exc:  # noqa: BLE001 - half-open and no lease in hand: not a trial
+            self._absorb("trial lease", exc)
+            return None
+        return Admission(name, lease) if lease is not None else None
 
     async def release(self, admission: Admission | None) -> None:
         """Give back the admission's trial lease, if it holds one and has not

@@ -206,11 +206,13 @@ async def test_a_breaker_opened_while_redis_was_down_survives_its_return_over_th
 
 class ReplyCutter:
     """A loopback TCP proxy in front of Redis that, once armed, forwards the
-    next INCRBY to Redis and then drops the connection instead of the reply:
-    the command ran, the client only sees its connection broken."""
+    next command holding `trigger` to Redis and then drops the connection
+    instead of the reply: the command ran, the client only sees its
+    connection broken."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, trigger: bytes = b"INCRBY") -> None:
         self.upstream_port = upstream_port
+        self.trigger = trigger
         self.armed = False
         self.cuts = 0
         self._server: asyncio.Server | None = None
@@ -230,7 +232,7 @@ class ReplyCutter:
 
         async def up() -> None:
             while data := await client_r.read(65536):
-                if self.armed and b"INCRBY" in data.upper():
+                if self.armed and self.trigger in data.upper():
                     self.armed = False
                     cut.set()
                 server_w.write(data)
@@ -331,3 +333,45 @@ async def test_an_uncounted_422_during_a_trial_lets_no_second_trial_in_across_tw
     assert served.status_code == 200 and served.headers["x-klein-backend"] == "local"
     assert [r.headers.get("x-klein-backend") for r in others] == ["replicate"] * 4
     assert local.calls == ["slow-reject", "trial"], "a second trial reached the half-open backend"
+
+
+@needs_redis
+async def test_a_trial_lease_whose_set_nx_reply_was_lost_is_still_held_by_its_taker(redis_server) -> None:
+    """SET NX is not resent; the taker reads the slot back and finds its own
+    token, so it runs the one trial and no other replica does."""
+    ns = f"lostnx-{uuid.uuid4().hex[:8]}"
+    proxy = ReplyCutter(redis_server.port, trigger=b"$2\r\nNX\r\n")
+    port = await proxy.start()
+    clock = Clock()
+    cut = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", namespace=ns)
+    direct = RedisStore.from_url(redis_server.url, namespace=ns)
+    taker = HealthTracker(cut, {"b": POLICY}, {"b": "fal"}, clock=clock)
+    other = HealthTracker(direct, {"b": POLICY}, {"b": "fal"}, clock=clock)
+    try:
+        await half_open(other, clock)
+        proxy.armed = True
+        trial = await taker.acquire("b")
+        assert proxy.cuts == 1
+        assert trial is not None and trial.lease is not None
+        assert await other.acquire("b") is None
+        await taker.release(trial)
+        assert await other.acquire("b") is not None
+    finally:
+        await cut.close()
+        await direct.close()
+        await proxy.close()
+
+
+class LeaseStoreDown(MemoryStore):
+    """Reads work; taking a lease fails."""
+
+    async def set_if_absent(self, key: str, value: str, *, ttl_s: float) -> bool:
+        raise ConnectionError("down")
+
+
+async def test_a_lease_that_cannot_be_taken_admits_no_trial() -> None:
+    clock = Clock()
+    tracker = HealthTracker(LeaseStoreDown(), {"b": POLICY}, {"b": "fal"}, clock=clock)
+    assert await tracker.acquire("b") is not None  # closed: no lease needed
+    await half_open(tracker, clock)
+    assert all(a is None for a in await asyncio.gather(*(tracker.acquire("b") for _ in range(5))))

@@ -43,7 +43,14 @@ class TrialLeases:
         value, ttl = f"{now + policy.trial_timeout_s!r} {secrets.token_hex(8)}", policy.trial_timeout_s
         for slot in range(policy.half_open_max_trials):
             key = hr.key(name, "trial", record.version, slot)
-            won = await self._store.set_if_absent(key, value, ttl_s=ttl)
+            try:
+                won = await self._store.set_if_absent(key, value, ttl_s=ttl)
+            except Exception:
+                # SET NX is never resent (it is not idempotent), but it may have run
+                # although its answer was lost: the stored value says whose it is.
+                if await self._store.get(key) != value:
+                    raise
+                won = True
             if not won:  # a lapsed lease is taken over atomically
                 held = await self._store.get(key)
                 won = held is not None and lapses_at(held) <= now
