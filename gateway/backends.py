@@ -7,6 +7,8 @@ can do and report comes from its adapter class, never from its name.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, replace
 from decimal import Decimal
 
@@ -53,12 +55,21 @@ class Backend:
     def capabilities_for(self, job: ImageJob) -> Capabilities:
         return self.edit_capabilities if job.kind is JobKind.EDIT else self.capabilities
 
-    async def prepare(self, job: ImageJob) -> ImageJob:
-        """The job as this backend needs it: URL references fetched for a backend that takes bytes."""
+    async def prepare(self, job: ImageJob, *, deadline: float | None = None) -> ImageJob:
+        """The job as this backend needs it: URL references fetched for a backend
+        that takes bytes, all at once and each within what is left of `deadline`
+        (a `time.monotonic()` instant; dispatch also bounds the whole step)."""
         if self.capabilities_for(job).accepts_url_refs or all(r.data is not None for r in job.references):
             return job
-        refs = tuple([await fetch_reference(r, self.fetch_client) for r in job.references])
-        return replace(job, references=refs)
+        timeout = max(0.001, deadline - time.monotonic()) if deadline is not None else 10.0
+        fetches = [asyncio.ensure_future(fetch_reference(r, self.fetch_client, timeout=timeout)) for r in job.references]
+        try:
+            refs = await asyncio.gather(*fetches)
+        except BaseException:
+            for fetch in fetches:  # one failed or the attempt ended: the others are not needed
+                fetch.cancel()
+            raise
+        return replace(job, references=tuple(refs))
 
 
 class BackendFleet:

@@ -26,13 +26,13 @@ from typing import Any
 
 from gateway.healthview import HEALTHY, BreakerState, HealthView
 from gateway.providers import adapter_class
-from gateway.providers.base import GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
+from gateway.providers.base import DELIVERY_NETWORK, GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
 from gateway.state import health_records as hr
 from gateway.state.base import StateStore
 from gateway.state.breaker import BreakerPolicy, BreakerRecord, after_failure, after_probe, after_success
-from gateway.state.trials import TrialLeases
+from gateway.state.trials import Lease, TrialLeases
 
-__all__ = ["BreakerPolicy", "HealthEffect", "HealthTracker", "health_effect"]
+__all__ = ["Admission", "BreakerPolicy", "HealthEffect", "HealthTracker", "health_effect"]
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +73,12 @@ def health_effect(
     - REFUSED otherwise (a provider's own refusal code): treated as 503.
     - A timeout that fired long after it was due (code `gateway_overloaded`):
       the gateway's own event loop was too busy, not the backend; no effect.
+    - DELIVERY_FAILED: the images came back wrong (wrong size, broken, too
+      few): counts. One the gateway could not download in transport (code
+      `delivery_network`) may be the gateway's own network: no effect.
     """
     failure = error.failure
-    if failure in (FailureClass.REJECTED, FailureClass.CONTENT_FILTERED) or error.code == GATEWAY_OVERLOADED:
+    if failure in (FailureClass.REJECTED, FailureClass.CONTENT_FILTERED) or error.code in (GATEWAY_OVERLOADED, DELIVERY_NETWORK):
         return NO_EFFECT
     if failure is not FailureClass.REFUSED:
         return COUNTS
@@ -98,6 +101,16 @@ def _reports_queue_wait(kind: str) -> bool:
 
 
 # ---- the tracker ------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Admission:
+    """One request let through to one backend; holds its half-open trial
+    lease, if it took one. Hand it back with the outcome (or to `release`)."""
+
+    name: str
+    lease: Lease | None = None
+
 
 StateCallback = Callable[[str, BreakerState], None]
 _CAS_TRIES = 4
@@ -202,35 +215,47 @@ class HealthTracker:
 
     # ---- gating ------------------------------------------------------------
 
-    async def acquire(self, name: str) -> bool:
-        """May a request go to `name` now? False while open, parked or with
-        rejected credentials; while half-open, True for at most
-        `half_open_max_trials` callers across all replicas (a SET NX lease)."""
+    async def acquire(self, name: str) -> Admission | None:
+        """May a request go to `name` now? None while open, parked or with
+        rejected credentials; while half-open, an admission for at most
+        `half_open_max_trials` callers across all replicas (a SET NX lease
+        with the request's own token). A store that cannot be read admits
+        (health never fails a request); a lease that cannot be taken does
+        not (a half-open backend gets one trial, not one per store error)."""
         now, policy = self._clock(), self.policy(name)
         try:
             snap = (await hr.read_snapshots(self.store, [name], now, {name: policy.window_s}, full=False))[name]
             state = snap.record.effective(now)
             self._observe(name, state)
             if snap.credentials_invalid or snap.parked_until > now or state is BreakerState.OPEN:
-                return False
+                return None
             if state is BreakerState.CLOSED:
-                return True
-            return await self._trials.take(name, snap.record, now, policy)
+                return Admission(name)
         except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("acquire", exc)
-            return True
-
-    async def release(self, name: str) -> None:
-        """An acquired attempt ended without an outcome worth recording (it was
-        never sent): give its half-open trial lease back, if it held one."""
+            return Admission(name)
         try:
-            await self._trials.give_back(name)
+            lease = await self._trials.take(name, snap.record, now, policy)
+        except Exception as exc:  # noqa: BLE001 - half-open and no lease in hand: not a trial
+            self._absorb("trial lease", exc)
+            return None
+        return Admission(name, lease) if lease is not None else None
+
+    async def release(self, admission: Admission | None) -> None:
+        """Give back the admission's trial lease, if it holds one and has not
+        given it back yet. Safe to call more than once: dispatch calls it in a
+        `finally`, so a request cancelled half way never keeps a slot."""
+        if admission is None or admission.lease is None:
+            return
+        try:
+            await self._trials.give_back(admission.lease)
         except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("release", exc)
 
     # ---- recording ---------------------------------------------------------
 
-    async def record_success(self, name: str, latency_s: float) -> None:
+    async def record_success(self, name: str, latency_s: float, admission: Admission | None = None) -> None:
+        """A good answer; gives back `admission`'s trial lease (only that one)."""
         self._views_cache = None
         now, policy = self._clock(), self.policy(name)
         try:
@@ -243,13 +268,16 @@ class HealthTracker:
                 return after_success(record, now)
 
             await self._transition(name, raw, decide)
-            await self._trials.give_back(name)
+            await self.release(admission)
         except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("record_success", exc)
 
-    async def record_failure(self, name: str, error: ProviderError, latency_s: float | None = None) -> None:
+    async def record_failure(
+        self, name: str, error: ProviderError, latency_s: float | None = None, admission: Admission | None = None
+    ) -> None:
         """Apply `health_effect`. A timeout's latency joins the samples (a lower
-        bound that keeps p95 honest); other failures' latencies do not."""
+        bound that keeps p95 honest); other failures' latencies do not.
+        Gives back `admission`'s trial lease, never another request's."""
         self._views_cache = None
         now, policy = self._clock(), self.policy(name)
         effect = health_effect(
@@ -266,7 +294,7 @@ class HealthTracker:
             if effect.mark_credentials_invalid:
                 await self.store.set(hr.key(name, "creds"), repr(now), ttl_s=policy.credentials_recheck_s)
             if not effect.counts_as_failure:
-                await self._trials.give_back(name)
+                await self.release(admission)
                 return
             raw = await self.store.get(hr.key(name, "breaker"))
             await self._count(name, BreakerRecord.decode(raw), now, policy, "fail")
@@ -279,7 +307,7 @@ class HealthTracker:
                 return after_failure(record, now, policy, window, in_row)
 
             await self._transition(name, raw, decide)
-            await self._trials.give_back(name)
+            await self.release(admission)
         except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("record_failure", exc)
 

@@ -173,6 +173,10 @@ class GatewayMetrics:
         self.cost = Counter(
             "klein_cost_usd", "USD billed, every billed attempt included; sums to the x-klein-cost-usd headers.",
             ["backend", "caller"], registry=r)
+        self.possibly_billed = Counter(
+            "klein_possibly_billed_usd", "USD of work whose outcome is unknown and whose cancel was not confirmed "
+            "(it may be billed); sums to the x-klein-possibly-billed-usd headers. Not in klein_cost_usd.",
+            ["backend"], registry=r)
         self.megapixels = Counter(
             "klein_megapixels", "Output megapixels billed.", ["backend"], registry=r)
         self.images = Counter(
@@ -291,6 +295,14 @@ class GatewayMetrics:
         self.billed.labels(backend, source)
         self.billed_estimate.labels(backend, source)
 
+    def record_possibly_billed(self, *, backend: str, usd: Decimal) -> None:
+        """Work on `backend` of unknown outcome that may be billed (its cancel
+        was not confirmed, or the provider has none)."""
+        if usd < 0:
+            raise ValueError("possibly billed figures cannot be negative")
+        self._know_backend(backend)
+        self.possibly_billed.labels(backend).inc(float(usd))
+
     def record_failover(self, *, from_backend: str, reason: str) -> None:
         """Dispatch left `from_backend` for another; `reason` is a FailureClass value."""
         self.failovers.labels(from_backend, str(reason)).inc()
@@ -357,7 +369,7 @@ class GatewayMetrics:
         for collector in (
             self.requests, self.request_duration, self.overhead, self.in_flight_requests,
             self.upstream_duration, self.upstream_attempts, self.failovers, self.double_spend,
-            self.cost, self.megapixels, self.images, self.baseline_cost, self.savings,
+            self.cost, self.possibly_billed, self.megapixels, self.images, self.baseline_cost, self.savings,
             self.excess_cost, self.breaker_state, self.backend_up, self.backend_quote,
             self.baseline_quote, self.shutdown_cancelled, self.billed, self.billed_estimate,
         ):
@@ -393,7 +405,7 @@ class GatewayMetrics:
         if backend in self._known_backends:
             return
         self._known_backends.add(backend)
-        for counter in (self.megapixels, self.images, self.double_spend, self.baseline_cost, self.savings, self.excess_cost):
+        for counter in (self.megapixels, self.images, self.double_spend, self.possibly_billed, self.baseline_cost, self.savings, self.excess_cost):
             counter.labels(backend)
         for outcome in ATTEMPT_OUTCOMES:
             self.upstream_attempts.labels(backend, outcome)

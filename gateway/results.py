@@ -7,6 +7,13 @@ when the caller wants a URL (no download at all); bytes, or transcoded images,
 are served by the gateway itself from a signed, expiring URL.
 `output_compression` is applied when the gateway transcodes; adapters pass it
 to providers that take a quality setting.
+
+Every failure here comes after a generation the provider bills: it is a
+`DELIVERY_FAILED` (billed once, its own class in the metrics). A download
+that failed in transport (connect, reset, timeout) is coded
+`DELIVERY_NETWORK`: it may be the gateway's own network, so it does not
+count against the backend's health; a wrong, broken or missing image does.
+Downloads are streamed and stop at `MAX_OUTPUT_BYTES`, never read whole first.
 """
 
 from __future__ import annotations
@@ -22,12 +29,23 @@ from PIL import Image
 
 from gateway.images import ImageStore
 from gateway.job import MEDIA_TYPES, ImageJob
-from gateway.providers.base import FailureClass, GeneratedImage, ProviderError
+from gateway.providers.base import (
+    DELIVERY_NETWORK,
+    FailureClass,
+    GeneratedImage,
+    ProviderError,
+)
 from gateway.references import sniff
 
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def delivery_failed(message: str, *, network: bool = False) -> ProviderError:
+    """A billed generation whose images cannot be handed to the caller."""
+    return ProviderError(FailureClass.DELIVERY_FAILED, message, billed=True, code=DELIVERY_NETWORK if network else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +69,7 @@ class ResultShaper:
 
     async def shape(self, job: ImageJob, images: list[GeneratedImage], *, backend: str, deadline: float, base_url: str) -> list[ShapedImage]:
         if len(images) < job.n:
-            raise ProviderError(FailureClass.FAILED, f"returned {len(images)} of {job.n} images", billed=True)
+            raise delivery_failed(f"returned {len(images)} of {job.n} images")
         return list(await asyncio.gather(*(self._one(job, img, deadline, base_url) for img in images[: job.n])))
 
     async def _one(self, job: ImageJob, img: GeneratedImage, deadline: float, base_url: str) -> ShapedImage:
@@ -63,7 +81,7 @@ class ResultShaper:
         data = await self._bytes(img, deadline)
         actual = sniff(data)
         if actual is None:
-            raise ProviderError(FailureClass.FAILED, "returned something that is not a PNG, JPEG or WebP image", billed=True)
+            raise delivery_failed("returned something that is not a PNG, JPEG or WebP image")
         if actual != wanted:
             data = await asyncio.to_thread(transcode, data, job.output_format, job.output_compression, (job.width, job.height))
         else:
@@ -80,29 +98,44 @@ class ResultShaper:
             try:
                 return base64.b64decode(img.b64, validate=True)
             except (ValueError, TypeError):
-                raise ProviderError(FailureClass.FAILED, "returned image data that is not base64", billed=True) from None
+                raise delivery_failed("returned image data that is not base64") from None
         return await self._download(img.url, deadline)
 
     async def _download(self, url: str | None, deadline: float) -> bytes:
         if not url:
-            raise ProviderError(FailureClass.FAILED, "returned an image with neither URL nor bytes", billed=True)
+            raise delivery_failed("returned an image with neither URL nor bytes")
         if url.startswith("data:"):
             try:
                 return base64.b64decode(url.partition(",")[2], validate=True)
             except ValueError:
-                raise ProviderError(FailureClass.FAILED, "returned a broken data: URI", billed=True) from None
+                raise delivery_failed("returned a broken data: URI") from None
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ProviderError(FailureClass.FAILED, "deadline passed while downloading the image", billed=True)
+            raise delivery_failed("deadline passed while downloading the image", network=True)
         try:
-            resp = await self.client.get(url, timeout=min(remaining, 60.0))
-        except httpx.HTTPError as exc:
-            raise ProviderError(FailureClass.FAILED, f"image download failed: {type(exc).__name__}", billed=True) from None
-        if resp.status_code != 200:
-            raise ProviderError(FailureClass.FAILED, f"image download answered HTTP {resp.status_code}", billed=True)
-        if len(resp.content) > MAX_OUTPUT_BYTES:
-            raise ProviderError(FailureClass.FAILED, "image is implausibly large", billed=True)
-        return resp.content
+            async with asyncio.timeout(remaining):  # the whole body, not each read
+                return await self._stream(url, min(remaining, DOWNLOAD_TIMEOUT_S))
+        except TimeoutError:
+            raise delivery_failed("deadline passed while downloading the image", network=True) from None
+        except httpx.TransportError as exc:
+            raise delivery_failed(f"image download failed: {type(exc).__name__}", network=True) from None
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:  # a URL the client cannot use
+            raise delivery_failed(f"image download failed: {type(exc).__name__}") from None
+
+    async def _stream(self, url: str, timeout: float) -> bytes:
+        async with self.client.stream("GET", url, timeout=timeout) as resp:
+            if resp.status_code != 200:
+                raise delivery_failed(f"image download answered HTTP {resp.status_code}")
+            declared = resp.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > MAX_OUTPUT_BYTES:
+                raise delivery_failed("image is implausibly large")
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_OUTPUT_BYTES:
+                    raise delivery_failed("image is implausibly large")
+                chunks.append(chunk)
+        return b"".join(chunks)
 
 
 HEAD_B64 = 64 * 1024  # 48 KB once decoded: a PNG/WebP header and most JPEG headers
@@ -129,9 +162,9 @@ def check_size(data: bytes, width: int, height: int) -> None:
         with Image.open(io.BytesIO(data)) as im:
             size = im.size
     except Exception:  # noqa: BLE001 - Pillow raises many types for a broken image; each means the same to the caller
-        raise ProviderError(FailureClass.FAILED, "returned an image that cannot be read", billed=True) from None
+        raise delivery_failed("returned an image that cannot be read") from None
     if size != (width, height):
-        raise ProviderError(FailureClass.FAILED, f"returned {size[0]}x{size[1]}, not the requested {width}x{height}", billed=True)
+        raise delivery_failed(f"returned {size[0]}x{size[1]}, not the requested {width}x{height}")
 
 
 def transcode(data: bytes, fmt: str, compression: int | None, size: tuple[int, int]) -> bytes:
@@ -139,7 +172,7 @@ def transcode(data: bytes, fmt: str, compression: int | None, size: tuple[int, i
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.size != size:
-                raise ProviderError(FailureClass.FAILED, f"returned {im.size[0]}x{im.size[1]}, not the requested {size[0]}x{size[1]}", billed=True)
+                raise delivery_failed(f"returned {im.size[0]}x{im.size[1]}, not the requested {size[0]}x{size[1]}")
             rgb = im.convert("RGB")
             out = io.BytesIO()
             kwargs: dict[str, object] = {}
@@ -150,4 +183,4 @@ def transcode(data: bytes, fmt: str, compression: int | None, size: tuple[int, i
     except ProviderError:
         raise
     except Exception:  # noqa: BLE001 - Pillow raises many types for a broken image; each means the same to the caller
-        raise ProviderError(FailureClass.FAILED, "returned an image that cannot be decoded", billed=True) from None
+        raise delivery_failed("returned an image that cannot be decoded") from None

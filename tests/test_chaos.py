@@ -26,6 +26,35 @@ what dispatch gives the attempt (at least 5 s while there is time left,
 gateway/dispatch.py MIN_ATTEMPT_S), so the healthy rows use an 8 s deadline
 and the rows without a healthy backend the 3 s the issue asks for.
 
+Three rows go beyond the fault x position grid, each with the cheapest
+backend (local) as the one in trouble:
+
+- trickle: local sends its answer 1 KiB every 50 ms, so no per-read timeout
+  fires; dispatch cuts the attempt at its share of the deadline and fal
+  serves. The local attempt was sent and its outcome is unknown.
+- truncated_upload: edits whose reference PNG is cut in half (its header
+  intact, so header-only checks pass), then a good request. The bad uploads
+  must never answer 5xx and must not take the cheapest backend out of
+  rotation: the good request afterwards is still served by local. (Arrival
+  checks that decode references answer these 4xx; the emulated local
+  backend does not decode references, so without them it serves them.)
+- redis_outage: the gateway keeps its state in a real redis-server; local
+  answers 500 until its breaker opens, then Redis is stopped, and the
+  requests during the outage still go around the open breaker and succeed.
+
+How the two money columns read:
+- dbl_spend (klein_possible_double_spend_total) counts attempts made after
+  an earlier attempt of the same request may have bought an image nobody
+  got: an unknown outcome whose cancel was not confirmed, or a billed
+  generation whose images could not be delivered. Only the rows whose
+  faults leave the outcome unknown (timeout, stuck, trickle) may have any.
+- poss_billed counts answers carrying x-klein-possibly-billed-usd (with
+  their sum, from klein_possibly_billed_usd_total): attempts of unknown
+  outcome that were not confirmed cancelled, reported apart from what was
+  surely billed (x-klein-cost-usd). A stuck fal job that fal confirms
+  cancelled is neither billed nor possibly billed; a sync backend held past
+  its timeout has no job id to cancel, so it is possibly billed.
+
 The table of requests, successes, failovers and possible double spends (read
 from klein_failovers_total and klein_possible_double_spend_total), with the
 provider jobs the faulty emulators saw cancelled, is printed
@@ -46,7 +75,8 @@ import pytest
 import yaml
 
 from gateway.emulators import EmulatorFleet
-from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app
+from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app, png_bytes
+from tests.redis_server import RedisServer, redis_available
 
 ORDER = ["local", "fal", "runflow"]  # cheapest -> last at 512x512 (checked by test_the_ladder_is_as_the_table_assumes)
 POSITIONS = {"cheapest": 1, "middle": 2, "last": 3}  # how many of ORDER are faulty
@@ -74,13 +104,20 @@ UNKNOWN_OUTCOME_FAULTS = {"timeout", "stuck"}
 # Not rate_limited: local's 429 neither parks nor counts, and parking is only 1 s.
 ROUTED_AROUND_AFTER_WAVE = {"server_error", "out_of_credit", "timeout", "reset", "malformed", "stuck", "job_failed"}
 
-ROWS = [(fault, position) for fault in FAULTS for position in POSITIONS]
+# Rows beyond the grid (see the module docstring); local is the backend in trouble.
+TRICKLE = {"trickle": {"chunk_bytes": 1024, "interval_ms": 50}, "pad_to_bytes": 200_000}
+SPECIAL = ["trickle", "truncated_upload", *(["redis_outage"] if redis_available() else [])]
+UNKNOWN_OUTCOME_FAULTS.add("trickle")
+ROUTED_AROUND_AFTER_WAVE.add("trickle")
+
+ROWS = [(fault, position) for fault in FAULTS for position in POSITIONS] + [(name, "cheapest") for name in SPECIAL]
 # Lanes run side by side, balanced by what their rows wait for (the slow
 # rows are those of stuck and timeout); rows not named go to the last lane.
 LANES: list[list[tuple[str, str]]] = [
     [("stuck", "last"), *(("server_error", p) for p in POSITIONS)],
     [("stuck", "middle"), ("stuck", "cheapest"), *(("rate_limited", p) for p in POSITIONS)],
     [("timeout", p) for p in POSITIONS],
+    [(name, "cheapest") for name in SPECIAL],
     [],
 ]
 LANES[-1] = [row for row in ROWS if not any(row in lane for lane in LANES)]
@@ -100,6 +137,9 @@ class RowResult:
     followup_faulty_calls: int = 0
     cancels: int = 0  # provider jobs the faulty backends saw cancelled
     fal_unknown: float = 0.0  # fal attempts that ended with the job's outcome unknown
+    possibly_billed_answers: int = 0  # answers carrying x-klein-possibly-billed-usd
+    possibly_billed_usd: float = 0.0  # klein_possibly_billed_usd_total
+    followup_served_by: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -164,47 +204,95 @@ def is_clean_envelope(resp: httpx.Response) -> bool:
     return all(k in error for k in ("message", "type", "param", "code")) and isinstance(error["message"], str)
 
 
+def row_knobs(fault: str) -> dict | None:
+    """The emulator knobs a row sets on its faulty backends (None: none)."""
+    if fault == "trickle":
+        return TRICKLE
+    if fault == "truncated_upload":
+        return None  # the trouble is in the requests, not the backend
+    return {"faults": FAULTS["server_error" if fault == "redis_outage" else fault]}
+
+
 def run_row(fleet: EmulatorFleet, config: Path, fault: str, position: str) -> RowResult:
     faulty = ORDER[: POSITIONS[position]]
     none_healthy = len(faulty) == len(ORDER)
     row = RowResult(fault, position, faulty, NONE_HEALTHY_DEADLINE_MS if none_healthy else HEALTHY_DEADLINE_MS)
     fleet.reset()
-    app = make_app(env=fleet.env(), config=config)
-    with ServerThread(app) as server, httpx.Client(timeout=30) as client:
-        for name in faulty:
-            resp = client.post(f"{fleet[name].base_url}/_admin/knobs", json={"faults": FAULTS[fault]})
-            assert resp.status_code == 200, resp.text
-        headers = {"x-klein-deadline-ms": str(row.deadline_ms)}
+    redis = RedisServer().start() if fault == "redis_outage" else None
+    env = fleet.env() | ({"REDIS_URL": redis.url, "KLEIN_STATE_NAMESPACE": "chaos"} if redis else {})
+    app = make_app(env=env, config=config)
+    knobs = row_knobs(fault)
+    try:
+        with ServerThread(app) as server, httpx.Client(timeout=30) as client:
+            for name in faulty if knobs else ():
+                resp = client.post(f"{fleet[name].base_url}/_admin/knobs", json=knobs)
+                assert resp.status_code == 200, resp.text
+            headers = {"x-klein-deadline-ms": str(row.deadline_ms)}
 
-        def one(_: int) -> tuple[int, float, str, bool]:
-            t0 = time.monotonic()
-            resp = client.post(f"{server.url}/v1/images/generations", json=BODY, headers=headers)
-            elapsed = time.monotonic() - t0
-            return resp.status_code, elapsed, resp.headers.get("x-klein-backend", "-"), resp.status_code == 200 or is_clean_envelope(resp)
+            def one(index: int) -> tuple[int, float, str, bool, bool]:
+                t0 = time.monotonic()
+                if fault == "truncated_upload" and index < WAVE:
+                    files = {"image": ("cut.png", TRUNCATED_PNG, "image/png")}
+                    resp = client.post(f"{server.url}/v1/images/edits", files=files, data={"prompt": BODY["prompt"], "size": BODY["size"]}, headers=headers)
+                else:
+                    resp = client.post(f"{server.url}/v1/images/generations", json=BODY, headers=headers)
+                elapsed = time.monotonic() - t0
+                envelope_ok = resp.status_code == 200 or is_clean_envelope(resp)
+                return resp.status_code, elapsed, resp.headers.get("x-klein-backend", "-"), envelope_ok, "x-klein-possibly-billed-usd" in resp.headers
 
-        with ThreadPoolExecutor(WAVE) as pool:
-            outcomes = list(pool.map(one, range(WAVE)))
-        before = paid_calls(client, fleet, faulty)
-        outcomes.append(one(WAVE))
-        row.followup_faulty_calls = paid_calls(client, fleet, faulty) - before
-        metrics = client.get(f"{server.url}/metrics").text
+            with ThreadPoolExecutor(WAVE) as pool:
+                outcomes = list(pool.map(one, range(WAVE)))
+            if redis is not None:
+                redis.stop()  # the breaker the wave opened lives in Redis, and Redis is gone
+            before = paid_calls(client, fleet, faulty)
+            followups = [one(WAVE + i) for i in range(3 if redis is not None else 1)]
+            outcomes.extend(followups)
+            row.followup_served_by = [backend for _, _, backend, _, _ in followups]
+            row.followup_faulty_calls = paid_calls(client, fleet, faulty) - before
+            metrics = client.get(f"{server.url}/metrics").text
+    finally:
+        if redis is not None:
+            redis.close()
     # After the server stopped: its shutdown drains the cancels dispatch sent in the background.
     row.cancels = sum(httpx.get(f"{fleet[n].base_url}/_admin/stats", timeout=5).json()["cancels"] for n in faulty)
     row.failovers = metric_sum(metrics, "klein_failovers_total")
     row.double_spend = metric_sum(metrics, "klein_possible_double_spend_total")
+    row.possibly_billed_usd = metric_sum(metrics, "klein_possibly_billed_usd_total")
     row.fal_unknown = metric_sum(metrics, "klein_upstream_attempts_total", backend="fal", outcome="unknown_outcome")
-    for status, elapsed, backend, envelope_ok in outcomes:
+    for status, elapsed, backend, envelope_ok, possibly in outcomes:
         row.statuses.append(status)
         row.elapsed_s.append(elapsed)
         row.served_by.append(backend)
         row.envelopes_ok.append(envelope_ok)
+        row.possibly_billed_answers += possibly
     row.problems = check_row(row)
     return row
 
 
+# A 512x512 PNG cut in half: its header (and so its size) reads fine, its pixels do not.
+_WHOLE_PNG = png_bytes(512, 512)
+TRUNCATED_PNG = _WHOLE_PNG[: len(_WHOLE_PNG) // 2]
+
+
+def check_truncated_upload(row: RowResult) -> list[str]:
+    problems = []
+    uploads = row.statuses[:WAVE]
+    if any(s >= 500 for s in uploads):
+        problems.append(f"a truncated upload answered 5xx: {uploads}")
+    if any(s != 200 and not ok for s, ok in zip(uploads, row.envelopes_ok, strict=False)):
+        problems.append("an error was not in the OpenAI envelope")
+    if row.statuses[WAVE:] != [200] or row.followup_served_by != [ORDER[0]]:
+        problems.append(f"the good request after the bad uploads was not served by the cheapest backend: {row.statuses[WAVE:]} / {row.followup_served_by}")
+    return problems
+
+
 def check_row(row: RowResult) -> list[str]:
     """What the issue promises for this row; an empty list when it holds."""
+    if row.fault == "truncated_upload":
+        return check_truncated_upload(row)
     problems = []
+    if row.fault in UNKNOWN_OUTCOME_FAULTS and len(row.faulty) < len(ORDER) and row.possibly_billed_answers < 1:
+        problems.append("an attempt of unknown outcome, never confirmed cancelled, was not reported as possibly billed")
     if len(row.faulty) < len(ORDER):
         if row.successes != row.requests:
             problems.append(f"{row.requests - row.successes} of {row.requests} failed with a healthy backend left: {row.statuses}")
@@ -235,20 +323,21 @@ def check_row(row: RowResult) -> list[str]:
 
 
 def render(rows: list[RowResult]) -> str:
-    head = f"{'fault':<14} {'position':<9} {'faulty':<18} {'deadline':>8} {'requests':>8} {'ok':>3} {'failovers':>9} {'dbl_spend':>9} {'cancels':>7} {'max_s':>6}  statuses / served by"
+    head = f"{'fault':<16} {'position':<9} {'faulty':<18} {'deadline':>8} {'requests':>8} {'ok':>3} {'failovers':>9} {'dbl_spend':>9} {'poss_billed':>11} {'poss_usd':>9} {'cancels':>7} {'max_s':>6}  statuses / served by"
     lines = ["chaos table (backends local < fal < runflow at 512x512)", head, "-" * len(head)]
     for r in rows:
         served = ",".join(sorted(set(r.served_by)))
         codes = ",".join(str(s) for s in r.statuses)
         flag = "" if not r.problems else "  <-- " + "; ".join(r.problems)
         lines.append(
-            f"{r.fault:<14} {r.position:<9} {'+'.join(r.faulty):<18} {r.deadline_ms:>6}ms {r.requests:>8} {r.successes:>3} "
-            f"{r.failovers:>9g} {r.double_spend:>9g} {r.cancels:>7} {max(r.elapsed_s):>6.2f}  {codes} / {served}{flag}"
+            f"{r.fault:<16} {r.position:<9} {'+'.join(r.faulty):<18} {r.deadline_ms:>6}ms {r.requests:>8} {r.successes:>3} "
+            f"{r.failovers:>9g} {r.double_spend:>9g} {r.possibly_billed_answers:>11} {r.possibly_billed_usd:>9.5f} {r.cancels:>7} {max(r.elapsed_s):>6.2f}  {codes} / {served}{flag}"
         )
     lines.append(
         f"totals: {sum(r.requests for r in rows)} requests, {sum(r.successes for r in rows)} successes, "
         f"{sum(r.failovers for r in rows):g} failovers, {sum(r.double_spend for r in rows):g} possible double spends, "
-        f"{sum(r.cancels for r in rows)} provider jobs cancelled"
+        f"{sum(r.possibly_billed_answers for r in rows)} answers with possibly billed work "
+        f"(${sum(r.possibly_billed_usd for r in rows):.5f}), {sum(r.cancels for r in rows)} provider jobs cancelled"
     )
     return "\n".join(lines)
 

@@ -231,3 +231,39 @@ def test_abandoned_request_is_counted_as_client_closed_not_as_a_server_error(fle
     lines = answered()
     assert not [line for line in lines if 'status_class="5xx"' in line], lines
     assert [line for line in lines if 'status_class="4xx"' in line], lines
+
+
+# A body that arrives 1 KiB every 50 ms: every read is far inside any per-read
+# timeout, yet a padded image (about 300 KiB as base64) takes some 15 s whole.
+TRICKLE = {"trickle": {"chunk_bytes": 1024, "interval_ms": 50}, "pad_to_bytes": 200_000}
+
+
+def test_a_trickling_response_is_cut_at_the_attempts_time_and_the_next_backend_serves(fleet: EmulatorFleet, server: ServerThread) -> None:
+    """The cheapest backend (local) trickles its answer; the attempt ends at its
+    share of the deadline, whatever httpx's per-read timeout would do, and the
+    next backend serves within the deadline. The local attempt was sent and
+    its outcome is unknown: it is reported as possibly billed, not as billed."""
+    set_knobs(fleet, "local", TRICKLE)
+    t0 = time.monotonic()
+    resp = httpx.post(f"{server.url}/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "4000"}, timeout=30)
+    elapsed = time.monotonic() - t0
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-klein-backend"] != "local"
+    assert elapsed < 4.0, elapsed
+    assert resp.headers["x-klein-attempts"] == "2"
+    assert float(resp.headers["x-klein-possibly-billed-usd"]) > 0
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert 'klein_upstream_attempts_total{backend="local",outcome="unknown_outcome"} 1.0' in metrics
+    assert 'klein_possibly_billed_usd_total{backend="local"}' in metrics
+
+
+def test_when_every_backend_trickles_the_request_ends_at_its_deadline(fleet: EmulatorFleet, server: ServerThread) -> None:
+    for name in fleet.emulators:
+        set_knobs(fleet, name, TRICKLE)
+    t0 = time.monotonic()
+    body = {**BODY, "response_format": "b64_json"}  # so hosted backends' image files are downloaded, trickling too
+    resp = httpx.post(f"{server.url}/v1/images/generations", json=body, headers={"x-klein-deadline-ms": "2500"}, timeout=30)
+    elapsed = time.monotonic() - t0
+    assert resp.status_code == 504, resp.text
+    assert resp.json()["error"]["code"] == "deadline_exceeded"
+    assert elapsed < 2.5 + 0.5, elapsed

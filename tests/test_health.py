@@ -119,7 +119,7 @@ async def test_failure_rate_opens_only_once_the_minimum_count_is_reached(state_s
     assert await state(t) is BreakerState.CLOSED  # a success never opens
     await t.record_failure("b", err(F.FAILED, 500))  # 5 requests, 4 failed
     assert await state(t) is BreakerState.OPEN
-    assert await t.acquire("b") is False
+    assert await t.acquire("b") is None
 
 
 async def test_failure_rate_below_threshold_stays_closed(state_store: StateStore) -> None:
@@ -171,10 +171,10 @@ async def test_half_open_trial_success_closes_and_starts_a_fresh_window(state_st
     t = tracker_on(state_store, clock, POLICY.model_copy(update={"consecutive_failures": 0, "min_requests": 2}))
     await open_it(t, 2)
     clock.advance(5)
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
     await t.record_success("b", 1.0)
     assert await state(t) is BreakerState.CLOSED
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
     await t.record_failure("b", err(F.FAILED, 500))  # 1 of 2 in the new window: below the minimum
     assert await state(t) is BreakerState.CLOSED
 
@@ -184,7 +184,7 @@ async def test_half_open_trial_failure_reopens_with_a_grown_cooldown(state_store
     t = tracker_on(state_store, clock)
     await open_it(t)
     clock.advance(5)
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
     await t.record_failure("b", err(F.UNREACHABLE))
     clock.advance(9.9)
     assert await state(t) is BreakerState.OPEN
@@ -201,7 +201,7 @@ async def test_cooldown_grows_by_the_multiplier_and_caps_at_the_maximum(state_st
     for _ in range(4):
         seen.append((await t.describe(["b"]))["b"]["cooldown_s"])
         clock.advance(seen[-1])
-        assert await t.acquire("b") is True
+        assert await t.acquire("b") is not None
         await t.record_failure("b", err(F.FAILED, 500))
     assert seen == [5, 10, 12, 12]
 
@@ -230,11 +230,12 @@ async def test_half_open_admits_one_trial_until_it_reports(state_store: StateSto
     await open_it(t)
     clock.advance(5)
     results = await asyncio.gather(*(t.acquire("b") for _ in range(10)))
-    assert sum(results) == 1
-    await t.record_failure("b", err(F.REJECTED, 400))  # says nothing about health: the lease returns
+    admitted = [a for a in results if a is not None]
+    assert len(admitted) == 1
+    await t.record_failure("b", err(F.REJECTED, 400), admission=admitted[0])  # says nothing about health: the lease returns
     assert await state(t) is BreakerState.HALF_OPEN
-    assert await t.acquire("b") is True
-    assert await t.acquire("b") is False
+    assert await t.acquire("b") is not None
+    assert await t.acquire("b") is None
 
 
 async def test_a_trial_lease_whose_holder_never_reports_lapses(state_store: StateStore) -> None:
@@ -242,11 +243,11 @@ async def test_a_trial_lease_whose_holder_never_reports_lapses(state_store: Stat
     t = tracker_on(state_store, clock, POLICY.model_copy(update={"trial_timeout_s": 30}))
     await open_it(t)
     clock.advance(5)
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
     clock.advance(29)
-    assert await t.acquire("b") is False
+    assert await t.acquire("b") is None
     clock.advance(1)
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
 
 
 async def test_half_open_max_trials_admits_that_many(state_store: StateStore) -> None:
@@ -254,7 +255,7 @@ async def test_half_open_max_trials_admits_that_many(state_store: StateStore) ->
     t = tracker_on(state_store, clock, POLICY.model_copy(update={"half_open_max_trials": 3}))
     await open_it(t)
     clock.advance(5)
-    assert sum(await asyncio.gather(*(t.acquire("b") for _ in range(10)))) == 3
+    assert sum(a is not None for a in await asyncio.gather(*(t.acquire("b") for _ in range(10)))) == 3
 
 
 async def test_retry_after_parks_the_backend_without_counting_and_expires(state_store: StateStore) -> None:
@@ -266,12 +267,12 @@ async def test_retry_after_parks_the_backend_without_counting_and_expires(state_
     assert view.parked_for_s == pytest.approx(10)
     assert view.state is BreakerState.CLOSED and view.error_rate == 0
     assert not view.available and view.why_unavailable.startswith("rate limited")
-    assert await t.acquire("b") is False
+    assert await t.acquire("b") is None
     await t.record_failure("b", err(F.REFUSED, 429, retry_after=2))  # a shorter one does not shorten it
     clock.advance(9.9)
-    assert await t.acquire("b") is False
+    assert await t.acquire("b") is None
     clock.advance(0.1)
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
     assert (await t.views(["b"]))["b"].parked_for_s == 0
 
 
@@ -280,7 +281,7 @@ async def test_local_429_neither_parks_nor_counts(state_store: StateStore) -> No
     for _ in range(5):
         await t.record_failure("b", err(F.REFUSED, 429, retry_after=30))
     assert (await t.views(["b"]))["b"] == HEALTHY
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
 
 
 async def test_401_marks_credentials_invalid_until_a_good_probe(state_store: StateStore) -> None:
@@ -289,12 +290,12 @@ async def test_401_marks_credentials_invalid_until_a_good_probe(state_store: Sta
     view = (await t.views(["b"]))["b"]
     assert view.credentials_invalid and view.why_unavailable == "credentials rejected"
     assert view.state is BreakerState.CLOSED
-    assert await t.acquire("b") is False
+    assert await t.acquire("b") is None
     await t.record_probe("b", ProbeResult(ok=False, detail="HTTP 401"))
     assert (await t.views(["b"]))["b"].credentials_invalid
     await t.record_probe("b", ProbeResult(ok=True))
     assert not (await t.views(["b"]))["b"].credentials_invalid
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
 
 
 async def test_latency_quantiles_come_from_recent_successes(state_store: StateStore) -> None:
@@ -355,7 +356,7 @@ async def test_a_good_probe_ends_the_cooldown_early_but_never_closes(state_store
     assert await state(t) is BreakerState.HALF_OPEN
     await t.record_probe("b", ProbeResult(ok=True))
     assert await state(t) is BreakerState.HALF_OPEN  # probes never close
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
 
 
 async def test_failed_probes_in_a_row_open_a_closed_breaker(state_store: StateStore) -> None:
@@ -397,7 +398,7 @@ async def test_a_breaker_opened_by_one_replica_is_seen_by_another_within_a_secon
         while (await b.views(["b"]))["b"].state is not BreakerState.OPEN:
             assert time.monotonic() - opened_at < 1.0
             await asyncio.sleep(0.01)
-        assert await b.acquire("b") is False
+        assert await b.acquire("b") is None
     finally:
         await one.close()
         await two.close()
@@ -413,7 +414,7 @@ async def test_exactly_one_replica_takes_the_half_open_trial(redis_server) -> No
         await open_it(replicas[0])
         clock.advance(5)
         results = await asyncio.gather(*(r.acquire("b") for r in replicas for _ in range(10)))
-        assert sum(results) == 1
+        assert sum(a is not None for a in results) == 1
     finally:
         for s in stores:
             await s.close()
@@ -429,7 +430,7 @@ async def test_replicas_carry_on_through_a_redis_outage_and_share_again_after(re
         try:
             server.stop()
             for _ in range(3):  # every call works; the breaker opens in A's memory
-                assert await a.acquire("x") is True
+                assert await a.acquire("x") is not None
                 await a.record_failure("x", err(F.FAILED, 500))
             assert (await a.views(["x"]))["x"].state is BreakerState.OPEN
             assert await a_store.status() == "degraded"
@@ -464,7 +465,7 @@ class DeadStore(MemoryStore):
 async def test_a_failing_store_never_fails_a_request() -> None:
     t = HealthTracker(DeadStore(), {}, {"b": "fal"})
     assert await t.views(["b"]) == {"b": HEALTHY}
-    assert await t.acquire("b") is True
+    assert await t.acquire("b") is not None
     await t.record_success("b", 1.0)
     await t.record_failure("b", err(F.FAILED, 500))
     await t.record_probe("b", ProbeResult(ok=True, live={"estimated_wait_s": 1}))
@@ -476,7 +477,8 @@ async def test_release_returns_a_trial_lease_for_an_attempt_never_sent(state_sto
     t = tracker_on(state_store, clock)
     await open_it(t)
     clock.advance(5)
-    assert await t.acquire("b") is True
-    assert await t.acquire("b") is False
-    await t.release("b")
-    assert await t.acquire("b") is True
+    admission = await t.acquire("b")
+    assert admission is not None
+    assert await t.acquire("b") is None
+    await t.release(admission)
+    assert await t.acquire("b") is not None

@@ -209,6 +209,6 @@ async def test_a_probe_refused_for_its_key_marks_the_backend_down_until_a_good_p
     await tracker.record_probe("fal", ProbeResult(False, "credentials rejected (HTTP 401)", credentials_invalid=True))
     view = (await tracker.views(["fal"]))["fal"]
     assert not view.available and view.why_unavailable == "credentials rejected"
-    assert await tracker.acquire("fal") is False
+    assert await tracker.acquire("fal") is None
     await tracker.record_probe("fal", ProbeResult(True, "key accepted"))
     assert (await tracker.views(["fal"]))["fal"].available

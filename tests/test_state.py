@@ -152,7 +152,7 @@ class BrokenStore(MemoryStore):
 
     def __getattribute__(self, name: str):
         attr = super().__getattribute__(name)
-        if name in {"get", "get_many", "set", "set_if_absent", "compare_and_set", "incr", "delete", "append_sample", "samples"}:
+        if name in {"get", "get_many", "set", "set_if_absent", "compare_and_set", "compare_and_delete", "incr", "delete", "append_sample", "samples"}:
 
             async def guarded(*args, **kwargs):
                 self.calls += 1
@@ -197,10 +197,25 @@ async def test_resilient_store_pushes_keys_learned_alone_back_without_overwritin
     await primary.set("also-written-elsewhere", "theirs", ttl_s=60)
     now[0] += 2
     assert await store.status() == "ok"
-    await asyncio.sleep(0)  # the resync task
-    await asyncio.sleep(0)
+    await store.resynced()
     assert await primary.get("learned-alone") == "open"
     assert await primary.get("also-written-elsewhere") == "theirs"
+    await store.close()
+
+
+async def test_a_lease_given_back_while_the_primary_was_down_is_freed_there_when_it_returns() -> None:
+    now = [0.0]
+    primary = BrokenStore()
+    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0])
+    assert await store.set_if_absent("lease", "t1 token", ttl_s=60)
+    primary.broken = True
+    assert await store.compare_and_delete("lease", "t1 token")  # this replica's copy is gone at once
+    primary.broken = False
+    assert await primary.get("lease") == "t1 token"  # the shared copy would block the slot until it lapses
+    now[0] += 2
+    assert await store.status() == "ok"
+    await store.resynced()
+    assert await primary.get("lease") is None
     await store.close()
 
 

@@ -95,6 +95,8 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             }
             if outcome.billed_usd is not None:
                 headers["x-klein-billed-usd"] = usd_text(outcome.billed_usd)
+            if outcome.possibly_billed_usd:
+                headers["x-klein-possibly-billed-usd"] = usd_text(outcome.possibly_billed_usd)
             if any(img.nsfw for img in outcome.images):
                 headers["x-klein-nsfw"] = ",".join(str(i) for i, img in enumerate(outcome.images) if img.nsfw)
             body = {
@@ -108,6 +110,8 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
         except DispatchFailed as err:
             status, upstream, cost, attempts = err.status, err.upstream_s, err.cost_usd, tried(err.attempts)
             request.state.klein_headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(attempts), **(tab.headers if tab else {})})
+            if err.possibly_billed_usd:
+                request.state.klein_headers["x-klein-possibly-billed-usd"] = usd_text(err.possibly_billed_usd)
             raise
         except (GatewayError, HTTPException) as err:
             # HTTPException: litestar's own (broken multipart, body over the limit), counted by its real status.

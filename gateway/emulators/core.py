@@ -12,6 +12,9 @@ Admin API (under `/_admin/`, which no provider uses):
     GET  /_admin/stats    counters (see Stats)
     POST /_admin/reset    stats, jobs and knobs back to how they started
                           (body {"keep_knobs": true} keeps the knobs)
+
+With the `trickle` knob on, protocol responses and /files bodies are sent in
+small chunks with a pause between them (`send_trickled`).
 """
 
 from __future__ import annotations
@@ -126,7 +129,12 @@ class EmulatorApp(ABC):
             response = self.serve_file(request)
         else:
             response = await self.dispatch(request)
-        if response is not None:
+        if response is None:
+            return
+        trickle = self.knobs.trickle
+        if trickle.chunk_bytes > 0 and not path.startswith("/_admin/"):
+            await send_trickled(request, response, trickle.chunk_bytes, trickle.interval_ms / 1000, self.release)
+        else:
             await send_response(send, response)
 
     async def dispatch(self, request: Request) -> Response | None:
@@ -291,6 +299,19 @@ class EmulatorApp(ABC):
         if not keep_knobs:
             self.set_knobs(copy.deepcopy(self.initial_knobs))
             self.rng = random.Random(self.knobs.seed)
+
+
+async def send_trickled(request: Request, response: Response, chunk_bytes: int, interval_s: float, release: asyncio.Event) -> None:
+    """Send `response` `chunk_bytes` at a time, pausing `interval_s` between
+    chunks; stops when the client hangs up or the emulator closes."""
+    body = response.body
+    headers = response.headers + [(b"content-length", str(len(body)).encode())]
+    await request.send({"type": "http.response.start", "status": response.status, "headers": headers})
+    for start in range(0, max(len(body), 1), chunk_bytes):
+        if start and not await hold(request, interval_s, release):
+            return
+        chunk = body[start : start + chunk_bytes]
+        await request.send({"type": "http.response.body", "body": chunk, "more_body": start + chunk_bytes < len(body)})
 
 
 def _label(spec: Spec, index: int, nsfw: bool) -> str:

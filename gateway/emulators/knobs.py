@@ -109,6 +109,19 @@ class JobTiming:
 
 
 @dataclass
+class Trickle:
+    """Send response bodies slowly: `chunk_bytes` at a time, the first at once,
+    then one every `interval_ms` (`chunk_bytes` 0: off). It applies to every
+    protocol response and to /files downloads (never to the admin API), so it
+    slows whatever an adapter reads, whichever provider it speaks: a stream
+    whose every read arrives well inside a per-read timeout, yet whose whole
+    body takes far longer than any deadline."""
+
+    chunk_bytes: int = 0
+    interval_ms: float = 100.0
+
+
+@dataclass
 class LocalBackend:
     """Knobs of the local backend emulator only (local_backend/schemas.py)."""
 
@@ -134,6 +147,7 @@ class EmulatorKnobs:
     # service's `cost_usd_estimate`): 1.1 bills 10% above the price sheet, for
     # reconciliation tests. Providers without a cost figure ignore it.
     billed_cost_factor: float = 1.0
+    trickle: Trickle = field(default_factory=Trickle)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,6 +187,8 @@ class EmulatorKnobs:
             raise ValueError("pad_to_bytes must be >= 0")
         if not 0.0 <= self.billed_cost_factor <= 100.0:
             raise ValueError("billed_cost_factor must be within 0..100")
+        if self.trickle.chunk_bytes < 0 or self.trickle.interval_ms < 0:
+            raise ValueError("trickle.chunk_bytes and trickle.interval_ms must be >= 0")
 
     @classmethod
     def realistic(cls, provider: str) -> EmulatorKnobs:

@@ -27,6 +27,7 @@ from gateway.job import ImageJob, JobKind
 from gateway.providers.options import AdapterOptions
 
 GATEWAY_OVERLOADED = "gateway_overloaded"  # ProviderError.code when the gateway, not the backend, was slow
+DELIVERY_NETWORK = "delivery_network"  # ProviderError.code: the gateway could not fetch a finished image
 
 
 class FailureClass(StrEnum):
@@ -38,6 +39,9 @@ class FailureClass(StrEnum):
     FAILED = "failed"  # the provider tried and failed: 5xx, status failed, garbage body
     UNKNOWN_OUTCOME = "unknown_outcome"  # submitted (job id exists), then timeout/reset
     CONTENT_FILTERED = "content_filtered"  # every image flagged by the safety checker
+    # The generation succeeded (and is billed), then its images could not be
+    # delivered: download failed, wrong size, undecodable, too few images.
+    DELIVERY_FAILED = "delivery_failed"
 
 
 @dataclass(eq=False)
@@ -189,9 +193,11 @@ class Adapter(ABC):
     async def probe(self) -> ProbeResult:
         """A health check that costs nothing (never a generation)."""
 
-    async def cancel(self, job_id: str) -> bool:
-        """Ask the provider to cancel a submitted job; True if it accepted."""
-        return False
+    async def cancel(self, job_id: str) -> bool | None:
+        """Ask the provider to cancel a submitted job: True if it confirmed the
+        cancel (nothing is billed), False if it refused or did not answer (the
+        job may still run and be billed), None if this provider has no cancel."""
+        return None
 
     # ---- helpers shared by HTTP adapters -------------------------------------
 

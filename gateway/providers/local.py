@@ -43,6 +43,8 @@ providers.yaml `capabilities:`; it answers 422 otherwise, which is REJECTED.
 from __future__ import annotations
 
 import base64
+import logging
+import math
 import time
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -73,6 +75,11 @@ DEFAULT_CAPABILITIES = Capabilities(accepts_url_refs=False)
 PROBE_TIMEOUT_S = 5.0
 MAX_TIMEOUT_S = 3600.0  # GenerateRequest.timeout_s upper bound
 DEADLINE_MARGIN_S = 1.0  # at most; never more than a tenth of the time left
+# A GPU at a few dollars an hour makes an image for a fraction of a cent; a
+# figure above this per image is a broken cost model, not a price.
+MAX_PLAUSIBLE_USD_PER_IMAGE = Decimal(1)
+
+log = logging.getLogger(__name__)
 
 
 def service_timeout(remaining: float) -> float:
@@ -137,13 +144,28 @@ def to_result(payload: GenerateResponse) -> ProviderResult:
         raise ProviderError(FailureClass.FAILED, "the response holds no image", billed=True)
     if all(image.nsfw is True for image in images):
         raise ProviderError(FailureClass.CONTENT_FILTERED, "every image was flagged by the safety checker", billed=True)
-    cost = payload.cost_usd_estimate
     return ProviderResult(
         images=images,
         seed=payload.seed,
-        reported_cost_usd=None if cost is None else Decimal(str(cost)),
+        reported_cost_usd=plausible_cost(payload.cost_usd_estimate, len(images)),
         raw={"timings": payload.timings.model_dump()},
     )
+
+
+def plausible_cost(figure: float | None, images: int) -> Decimal | None:
+    """The service's cost figure as Decimal, or None (bill by the price sheet)
+    when it is missing, not a finite number, negative or absurd. The images are
+    made by then: a bad figure must never fail a paid success."""
+    if figure is None:
+        return None
+    if isinstance(figure, bool) or not isinstance(figure, (int, float)) or not math.isfinite(figure) or figure < 0:
+        log.warning("local backend reported an unusable cost figure (%r); billing by the price sheet", figure)
+        return None
+    cost = Decimal(str(figure))
+    if cost > MAX_PLAUSIBLE_USD_PER_IMAGE * max(images, 1):
+        log.warning("local backend reported an implausible cost (%s USD for %d images); billing by the price sheet", cost, images)
+        return None
+    return cost
 
 
 # The service states its cost per 1024x1024 image; the gateway's gpu_time sheet

@@ -537,11 +537,12 @@ class RunflowAdapter(Adapter):
         latency = time.monotonic() - started
         return ProbeResult(resp.is_success, f"HTTP {resp.status_code}", latency)
 
-    async def cancel(self, job_id: str) -> bool:
-        """Only through the admin endpoint, and only when `admin_cancel` is on:
-        201 means cancelled, 200 means the run was already terminal."""
+    async def cancel(self, job_id: str) -> bool | None:
+        """Only through the admin endpoint, and only when `admin_cancel` is on
+        (None otherwise: no cancel): 201 means cancelled, 200 means the run
+        was already terminal."""
         if not self.opts.admin_cancel or not job_id or not self.settings.credential:
-            return False
+            return None
         url = f"{self.base}/v1/admin/runs/{quote(job_id, safe='')}/cancellation"
         try:
             resp = await self.request(

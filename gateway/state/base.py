@@ -45,6 +45,11 @@ class StateStore(ABC):
     async def delete(self, key: str) -> None: ...
 
     @abstractmethod
+    async def compare_and_delete(self, key: str, expected: str) -> bool:
+        """Delete only if the value still equals `expected`; True if this call deleted it.
+        How a lease holder gives back its own lease and never someone else's."""
+
+    @abstractmethod
     async def incr(self, key: str, amount: int = 1, *, ttl_s: float) -> int:
         """Add to an integer counter (absent counts as 0); refreshes the TTL."""
 
@@ -59,6 +64,10 @@ class StateStore(ABC):
     @abstractmethod
     async def status(self) -> StoreStatus:
         """"ok" when the store holds shared state as configured, else "degraded"."""
+
+    async def reconnect(self) -> None:  # noqa: B027 - optional hook
+        """Called when the store answers again after failing: drop connections
+        that may be stale. The default has none."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has nothing to release."""

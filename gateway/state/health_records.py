@@ -24,7 +24,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -186,3 +186,38 @@ def as_decimal(value: Any) -> Decimal | None:
         return Decimal(str(value)) if _number(value) is not None else None
     except InvalidOperation:
         return None
+
+
+# ---- merging what a replica learned alone back into the shared store -------
+
+_BREAKER_KEY = re.compile(r"^health:[^:]+:breaker$")
+_PARK_KEY = re.compile(r"^health:[^:]+:park$")
+_NOTE_KEY = re.compile(r"^health:[^:]+:(last_error|last_probe|live)$")
+
+
+def merge_pushed_back(key: str, mine: str, theirs: str | None) -> str | None:
+    """What to write back for `key` after an outage: `mine` is what this
+    replica wrote while the shared store was away, `theirs` what the store
+    holds now (often an older record that outlived the outage). None keeps
+    theirs.
+
+    - breaker: the record whose state changed last wins (`since`, then
+      `version`): versions of records written apart are not comparable, the
+      instant of the latest transition is. A winning local record is written
+      with a version above both, so every reader sees a new record.
+    - park: the later deadline.
+    - last_error, last_probe, live: the later note (`at`).
+    - anything else: set only where absent (never overwrite another replica).
+    """
+    if theirs is None:
+        return mine
+    if _BREAKER_KEY.match(key):
+        local, shared = BreakerRecord.decode(mine), BreakerRecord.decode(theirs)
+        if (local.since, local.version) <= (shared.since, shared.version):
+            return None
+        return replace(local, version=max(local.version, shared.version) + 1).encode()
+    if _PARK_KEY.match(key):
+        return mine if as_float(mine) > as_float(theirs) else None
+    if _NOTE_KEY.match(key):
+        return mine if as_float((_doc(mine) or {}).get("at")) > as_float((_doc(theirs) or {}).get("at")) else None
+    return None

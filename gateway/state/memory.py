@@ -108,6 +108,12 @@ class MemoryStore(StateStore):
     async def delete(self, key: str) -> None:
         self._data.pop(key, None)
 
+    async def compare_and_delete(self, key: str, expected: str) -> bool:
+        if self._string(key) != expected:
+            return False
+        del self._data[key]
+        return True
+
     async def incr(self, key: str, amount: int = 1, *, ttl_s: float) -> int:
         current = self._string(key)
         value = (int(current) if current is not None else 0) + amount

@@ -2,10 +2,18 @@
 
 Keys are `klein:<namespace>:<logical key>`. Operations where replicas race
 are single atomic commands (SET NX PX, INCRBY) or a Lua script (compare and
-set); the others are MULTI pipelines. Timeouts are short (0.25 s by default)
-and the client retries once, at once (a pooled connection may be stale after
-Redis restarted; the retry reconnects): a dead Redis costs two quick errors,
-after which `ResilientStore` stops asking it for a while.
+set); the others are MULTI pipelines. Timeouts are short (0.25 s by default).
+
+Reads and idempotent writes (GET, MGET, SET, DEL) retry once, at once (a
+pooled connection may be stale after Redis restarted; the retry reconnects).
+Writes that are not idempotent (INCRBY, LPUSH, SET NX, the compare-and-set
+and compare-and-delete scripts) go through a second pool that never retries:
+a command that timed out may still run, and sending it again would count
+twice or take a lease its sender then believes lost. Their failure is
+raised; `ResilientStore` carries on in memory and, once Redis answers again,
+drops that pool's idle connections so none of them is stale. A dead Redis
+costs a couple of quick errors, after which `ResilientStore` stops asking
+it for a while.
 
 Errors are raised, not hidden: wrap this store in `ResilientStore` to carry
 on in memory when Redis is away. The URL (which may hold a password) never
@@ -34,16 +42,25 @@ redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
 return 1
 """
 
+_CAD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 def _ms(ttl_s: float) -> int:
     return max(1, int(ttl_s * 1000))
 
 
 class RedisStore(StateStore):
-    def __init__(self, client: aioredis.Redis, *, namespace: str = "default") -> None:
-        self._client = client
+    def __init__(self, client: aioredis.Redis, *, namespace: str = "default", once: aioredis.Redis | None = None) -> None:
+        self._client = client  # reads and idempotent writes: may retry
+        self._once = once if once is not None else client  # writes that must never be sent twice
         self._prefix = f"klein:{namespace}:"
-        self._cas = client.register_script(_CAS)
+        self._cas = self._once.register_script(_CAS)
+        self._cad = self._once.register_script(_CAD)
 
     @classmethod
     def from_url(
@@ -54,17 +71,23 @@ class RedisStore(StateStore):
         socket_timeout: float = 0.25,
         max_connections: int = 256,
     ) -> RedisStore:
-        """A client with bounded timeouts, one immediate retry and a bounded pool."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=socket_timeout,  # wait for a free connection at most this long
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 1),
-            decode_responses=True,
-        )
-        return cls(aioredis.Redis(connection_pool=pool), namespace=namespace)
+        """Clients with bounded timeouts and bounded pools: one retries once at
+        once (idempotent commands), the other never retries."""
+
+        def pool(retries: int) -> aioredis.BlockingConnectionPool:
+            return aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=socket_timeout,  # wait for a free connection at most this long
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                retry=Retry(NoBackoff(), retries),
+                decode_responses=True,
+            )
+
+        client = aioredis.Redis(connection_pool=pool(1))
+        once = aioredis.Redis(connection_pool=pool(0))
+        return cls(client, namespace=namespace, once=once)
 
     def _k(self, key: str) -> str:
         return self._prefix + key
@@ -81,7 +104,7 @@ class RedisStore(StateStore):
         await self._client.set(self._k(key), value, px=_ms(ttl_s))
 
     async def set_if_absent(self, key: str, value: str, *, ttl_s: float) -> bool:
-        return bool(await self._client.set(self._k(key), value, px=_ms(ttl_s), nx=True))
+        return bool(await self._once.set(self._k(key), value, px=_ms(ttl_s), nx=True))
 
     async def compare_and_set(self, key: str, expected: str | None, value: str, *, ttl_s: float) -> bool:
         args: list[str | int] = ["1", "", value, _ms(ttl_s)] if expected is None else ["0", expected, value, _ms(ttl_s)]
@@ -90,8 +113,11 @@ class RedisStore(StateStore):
     async def delete(self, key: str) -> None:
         await self._client.delete(self._k(key))
 
+    async def compare_and_delete(self, key: str, expected: str) -> bool:
+        return bool(await self._cad(keys=[self._k(key)], args=[expected]))
+
     async def incr(self, key: str, amount: int = 1, *, ttl_s: float) -> int:
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._once.pipeline(transaction=True) as pipe:
             pipe.incrby(self._k(key), amount)
             pipe.pexpire(self._k(key), _ms(ttl_s))
             value, _ = await pipe.execute()
@@ -99,7 +125,7 @@ class RedisStore(StateStore):
 
     async def append_sample(self, key: str, value: float, *, keep: int, ttl_s: float) -> None:
         k = self._k(key)
-        async with self._client.pipeline(transaction=True) as pipe:
+        async with self._once.pipeline(transaction=True) as pipe:
             pipe.lpush(k, repr(float(value)))
             pipe.ltrim(k, 0, keep - 1)
             pipe.pexpire(k, _ms(ttl_s))
@@ -119,6 +145,13 @@ class RedisStore(StateStore):
         """Raises when Redis does not answer."""
         await self._client.ping()
 
+    async def reconnect(self) -> None:
+        """Drop the idle connections of the pool that never retries: after an
+        outage they may be stale, and a stale one would fail its next command."""
+        if self._once is not self._client:
+            await self._once.connection_pool.disconnect(inuse_connections=False)
+
     async def close(self) -> None:
-        await self._client.aclose()
-        await self._client.connection_pool.disconnect()
+        for client in {id(c): c for c in (self._client, self._once)}.values():
+            await client.aclose()
+            await client.connection_pool.disconnect()

@@ -14,9 +14,15 @@ call, and `status()` says "degraded".
 
 Resync when Redis returns: reads simply resume from Redis (the shared truth),
 and the string keys this replica wrote while degraded (an opened breaker,
-a parking, a credentials mark) are pushed back with SET NX and their
-remaining TTL, so what was learned alone is shared but never overwrites
-what other replicas wrote meanwhile. Counters and latency samples from the
+a parking, a credentials mark) are merged back with their remaining TTL.
+Redis almost always still holds an older value of such a key (breaker
+records live a day), so "set if absent" would throw away what was learned
+alone; instead a merge rule (`merge`, by default
+`health_records.merge_pushed_back`) decides between the replica's value and
+Redis's: the breaker record that changed last wins, the later parking
+deadline wins, and keys without a rule are only set where absent. The write
+is a compare-and-set against the value the rule saw, re-decided when
+another replica wrote in between. Counters and latency samples from the
 outage stay local: they age out of their windows within a minute anyway.
 """
 
@@ -27,15 +33,22 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from gateway.state.base import StateStore, StoreStatus
+from gateway.state.health_records import merge_pushed_back
 from gateway.state.memory import MemoryStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _FAILED: Any = object()
+_MERGE_TRIES = 4
+
+# (key, this replica's value, the primary's value or None) -> the value to
+# write, or None to leave the primary's as it is.
+Merge = Callable[[str, str, "str | None"], "str | None"]
 
 
 class ResilientStore(StateStore):
@@ -48,8 +61,10 @@ class ResilientStore(StateStore):
         mirror_ttl_s: float = 300.0,
         max_dirty: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        merge: Merge = merge_pushed_back,
     ) -> None:
         self.primary = primary
+        self.merge = merge
         self.fallback = fallback if fallback is not None else MemoryStore()
         self.retry_interval_s = retry_interval_s
         self.mirror_ttl_s = mirror_ttl_s
@@ -59,6 +74,7 @@ class ResilientStore(StateStore):
         self._down_until = 0.0
         self._retrying = False  # one call at a time tries a primary that was down
         self._dirty: set[str] = set()
+        self._undeleted: dict[str, str] = {}  # compare-and-deletes the primary missed: key -> expected
         self._resync: asyncio.Task[None] | None = None
 
     # ---- the circuit on the primary -------------------------------------------
@@ -83,7 +99,7 @@ class ResilientStore(StateStore):
             return
         self._up = True
         log.warning("state store reachable again; resyncing %d keys", len(self._dirty))
-        if self._dirty and (self._resync is None or self._resync.done()):
+        if self._resync is None or self._resync.done():
             self._resync = asyncio.get_running_loop().create_task(self._push_back())
 
     async def _reached(self, call: Callable[[], Awaitable[object]]) -> bool:
@@ -112,15 +128,48 @@ class ResilientStore(StateStore):
             self._dirty.add(key)
 
     async def _push_back(self) -> None:
+        try:
+            await self.primary.reconnect()
+        except Exception as exc:  # noqa: BLE001 - the writes below find out whether it is up
+            log.warning("state store reconnect failed (%s)", type(exc).__name__)
+        for key, expected in list(self._undeleted.items()):
+            if await self._try(partial(self.primary.compare_and_delete, key, expected)) is _FAILED:
+                return
+            self._undeleted.pop(key, None)
         for key in list(self._dirty):
             exported = self.fallback.export(key)
             self._dirty.discard(key)
             if exported is None or exported[1] <= 0:
                 continue
             value, ttl_s = exported
-            if await self._try(functools.partial(self.primary.set_if_absent, key, value, ttl_s=ttl_s)) is _FAILED:
+            if await self._merge_one(key, value, ttl_s) is _FAILED:
                 self._dirty.add(key)
                 return
+
+    async def resynced(self) -> None:
+        """Wait for a push-back under way, if any (for shutdown and tests)."""
+        if self._resync is not None and not self._resync.done():
+            await asyncio.shield(self._resync)
+
+    async def _merge_one(self, key: str, mine: str, ttl_s: float) -> Any:
+        """Write `mine` where the merge rule prefers it to the primary's value."""
+        for _ in range(_MERGE_TRIES):
+            theirs = await self._try(lambda: self.primary.get(key))
+            if theirs is _FAILED:
+                return _FAILED
+            merged = self.merge(key, mine, theirs)
+            if merged is None or merged == theirs:
+                return None
+            if theirs is None:
+                won = await self._try(partial(self.primary.set_if_absent, key, merged, ttl_s=ttl_s))
+            else:
+                won = await self._try(partial(self.primary.compare_and_set, key, theirs, merged, ttl_s=ttl_s))
+            if won is _FAILED:
+                return _FAILED
+            if won:
+                await self.fallback.set(key, merged, ttl_s=ttl_s)
+                return None
+        return None
 
     # ---- StateStore ---------------------------------------------------------
 
@@ -167,6 +216,17 @@ class ResilientStore(StateStore):
         await self.fallback.delete(key)
         self._dirty.discard(key)
         await self._try(lambda: self.primary.delete(key))
+
+    async def compare_and_delete(self, key: str, expected: str) -> bool:
+        """Both copies: a lease taken while Redis was down lives in memory only,
+        one taken before lives in both."""
+        mine = await self.fallback.compare_and_delete(key, expected)
+        if mine:
+            self._dirty.discard(key)
+        theirs = await self._try(lambda: self.primary.compare_and_delete(key, expected))
+        if theirs is _FAILED and len(self._undeleted) < self._max_dirty:
+            self._undeleted[key] = expected  # a lease given back while Redis was away: free it there too
+        return mine or (theirs is not _FAILED and bool(theirs))
 
     async def incr(self, key: str, amount: int = 1, *, ttl_s: float) -> int:
         value = await self._try(lambda: self.primary.incr(key, amount, ttl_s=ttl_s))

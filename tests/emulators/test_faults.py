@@ -160,3 +160,23 @@ async def test_stuck_jobs_stay_queued(client, fleet, name):
     path = f"/v1/runs/{created['id']}" if name == "runflow" else f"/v1/predictions/{created['id']}"
     body = (await client.get(fleet[name].base_url + path, headers=auth(fleet, name))).json()
     assert body.get("status_code", body.get("status")) in ("queued", "starting")
+
+
+@pytest.mark.parametrize("name", ALL)
+async def test_trickle_sends_the_body_in_paced_chunks_whatever_the_provider(client, fleet, name):
+    """Every read arrives quickly, so a per-read timeout never fires; the whole
+    body takes (chunks - 1) x interval. The body is intact when it is done."""
+    await knobs(client, fleet, name, {"trickle": {"chunk_bytes": 64, "interval_ms": 20}})
+    t0 = time.monotonic()
+    response = await send(client, fleet, name, PAID[name])
+    elapsed = time.monotonic() - t0
+    assert response.status_code < 300, response.text
+    chunks = -(-len(response.content) // 64)
+    assert chunks >= 3
+    assert elapsed >= (chunks - 1) * 0.02 * 0.8, (elapsed, chunks)
+    assert response.json()  # complete JSON, only slow
+
+
+async def test_trickle_knob_rejects_negative_values(client, fleet):
+    response = await client.post(f"{fleet['fal'].base_url}/_admin/knobs", json={"trickle": {"chunk_bytes": -1}})
+    assert response.status_code == 400 and "trickle" in response.text

@@ -292,7 +292,7 @@ async def test_probe_reports_an_unhealthy_backend(mock, adapter, response, detai
 
 
 async def test_there_is_nothing_to_cancel(mock, adapter):
-    assert await adapter().cancel("anything") is False
+    assert await adapter().cancel("anything") is None  # None: this provider has no cancel
     assert len(mock.calls) == 0
 
 

@@ -270,3 +270,23 @@ def test_capabilities_match_what_the_service_accepts(make_job, changes: dict, ok
 def test_url_references_are_fetched_by_the_gateway_first() -> None:
     assert LocalAdapter.default_capabilities.accepts_url_refs is False
     assert LocalAdapter.default_capabilities.accepts_data_uri_refs is True
+
+
+@pytest.mark.parametrize(
+    ("figure", "reported"),
+    [
+        pytest.param("0.0004", Decimal("0.0004"), id="sane"),
+        pytest.param("NaN", None, id="nan"),
+        pytest.param("Infinity", None, id="infinity"),
+        pytest.param("-0.01", None, id="negative"),
+        pytest.param("1e9", None, id="absurd"),
+    ],
+)
+async def test_a_cost_figure_that_is_not_a_sane_amount_falls_back_to_the_sheet(mock, adapter, make_job, deadline, figure, reported):
+    """The images are made and paid for by then: a broken cost figure must not
+    fail the request; the gateway then bills by the price sheet."""
+    body = json.dumps(generated(image(3), cost=None)).replace('"cost_usd_estimate": null', f'"cost_usd_estimate": {figure}')
+    mock.post(GEN).respond(200, content=body.encode(), headers={"content-type": "application/json"})
+    result = await adapter.generate(make_job(), deadline)
+    assert result.reported_cost_usd == reported
+    assert len(result.images) == 1
