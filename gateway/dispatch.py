@@ -323,7 +323,8 @@ class Dispatcher:
                 run.billed_elsewhere = True
                 refused_cancel = settled is False
         elif err.failure is FailureClass.DELIVERY_FAILED:
-            made = len(result.images) if result is not None else job.n
+            # Billed for the images it made; one that ran and returned none is billed as asked.
+            made = len(result.images) if result is not None and result.images else job.n
             cost = backend.bill(job, made, cand.health)
             run.billed_elsewhere = True
         elif err.billed:

@@ -63,8 +63,8 @@ async def test_an_unbilled_failure_releases_its_reservation(tmp_path):
 
 
 async def test_a_billed_failure_then_a_success_settles_to_both(tmp_path):
-    billed_timeout = ProviderError(FailureClass.UNKNOWN_OUTCOME, "timed out after submit", job_id="j1", billed=True)
-    app, _ = await client_for(tmp_path, {"local": [billed_timeout, "ok"]}, team={"budget_usd": {"day": "1"}, "backends": {"only": ["local", "replicate"]}})
+    billed_failure = ProviderError(FailureClass.FAILED, "the job ran and failed", job_id="j1", billed=True)  # surely billed, unlike an unknown outcome
+    app, _ = await client_for(tmp_path, {"local": [billed_failure, "ok"]}, team={"budget_usd": {"day": "1"}, "backends": {"only": ["local", "replicate"]}})
     async with AsyncTestClient(app) as client:
         answer = await client.post("/v1/images/generations", json=BODY, headers=auth("team"))
         assert answer.status_code == 200 and answer.headers["x-klein-attempts"] == "2"
@@ -186,8 +186,8 @@ async def test_usage_rejects_a_bad_query_with_the_param_named(tmp_path, params, 
     ],
 )
 async def test_failing_over_after_a_billed_failure_never_overspends(tmp_path, day_budget, status, fal_called):
-    billed_timeout = ProviderError(FailureClass.UNKNOWN_OUTCOME, "timed out after submit", job_id="j1", billed=True)
-    app, fakes = await client_for(tmp_path, {"local": [billed_timeout]}, team={"budget_usd": {"day": day_budget}, "backends": {"only": ["local", "fal"]}})
+    billed_failure = ProviderError(FailureClass.FAILED, "the job ran and failed", job_id="j1", billed=True)  # surely billed, unlike an unknown outcome
+    app, fakes = await client_for(tmp_path, {"local": [billed_failure]}, team={"budget_usd": {"day": day_budget}, "backends": {"only": ["local", "fal"]}})
     async with AsyncTestClient(app) as client:
         answer = await client.post("/v1/images/generations", json=BODY, headers=auth("team"))
         from gateway.budgets import windows_at

@@ -286,6 +286,7 @@ class ScriptedLocal:
     succeeds after 2 s. Shared by both apps, so it sees every call."""
 
     kind = "fake"
+    reports_live_price = False
 
     def __init__(self) -> None:
         self.calls: list[str] = []

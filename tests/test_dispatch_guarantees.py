@@ -46,6 +46,7 @@ from tests.gateway_support import FakeAdapter, install_fakes, make_app, png_byte
 PRICE_ORDER = ["local", "replicate", "fal", "empiriolabs", "runflow"]  # at 1024x1024
 BODY = {"prompt": "a lighthouse at dusk", "size": "1024x1024", "response_format": "b64_json"}
 REPLICATE_USD = Decimal("0.00104858")
+LOCAL_USD = Decimal("0.00041506")  # the local sheet at 1024x1024: 2.50/3600 x 0.57 x 1.048576
 
 
 def sample(app, name: str, labels: dict[str, str]) -> float:
@@ -184,8 +185,8 @@ async def test_a_delivery_failure_is_billed_once_counted_and_bought_again_as_dou
         health = (await client.get("/v1/backends")).json()
     assert resp.status_code == 200, resp.text
     assert resp.headers["x-klein-backend"] == "replicate"
-    # each attempt billed once, the failed delivery by the provider's own figure
-    assert Decimal(resp.headers["x-klein-cost-usd"]) == Decimal("0.0004") + REPLICATE_USD
+    # each attempt billed once, by the sheet's figure (a provider's own travels beside it as billed)
+    assert Decimal(resp.headers["x-klein-cost-usd"]) == LOCAL_USD + REPLICATE_USD
     assert sample(app, "klein_upstream_attempts_total", {"backend": "local", "outcome": "delivery_failed"}) == 1
     assert sample(app, "klein_failovers_total", {"from_backend": "local", "reason": "delivery_failed"}) == 1
     assert sample(app, "klein_possible_double_spend_total", {"backend": "replicate"}) == 1
