@@ -34,10 +34,9 @@ backend (local) as the one in trouble:
   serves. The local attempt was sent and its outcome is unknown.
 - truncated_upload: edits whose reference PNG is cut in half (its header
   intact, so header-only checks pass), then a good request. The bad uploads
-  must never answer 5xx and must not take the cheapest backend out of
-  rotation: the good request afterwards is still served by local. (Arrival
-  checks that decode references answer these 4xx; the emulated local
-  backend does not decode references, so without them it serves them.)
+  are refused on arrival with 422 (the gateway decodes every reference) and
+  must not take the cheapest backend out of rotation: the good request
+  afterwards is still served by local.
 - redis_outage: the gateway keeps its state in a real redis-server; local
   answers 500 until its breaker opens, then Redis is stopped, and the
   requests during the outage still go around the open breaker and succeed.
@@ -277,8 +276,8 @@ TRUNCATED_PNG = _WHOLE_PNG[: len(_WHOLE_PNG) // 2]
 def check_truncated_upload(row: RowResult) -> list[str]:
     problems = []
     uploads = row.statuses[:WAVE]
-    if any(s >= 500 for s in uploads):
-        problems.append(f"a truncated upload answered 5xx: {uploads}")
+    if any(s != 422 for s in uploads):
+        problems.append(f"a truncated upload was not refused with 422: {uploads}")
     if any(s != 200 and not ok for s, ok in zip(uploads, row.envelopes_ok, strict=False)):
         problems.append("an error was not in the OpenAI envelope")
     if row.statuses[WAVE:] != [200] or row.followup_served_by != [ORDER[0]]:
