@@ -12,15 +12,18 @@ import httpx
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 
-from gateway.api import extensions, openai
+from gateway.api import extensions, jobs, openai
 from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler
 from gateway.backends import BackendFleet
 from gateway.config import GatewayConfig, load_config
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
+from gateway.idempotency import Idempotency
 from gateway.image_store import ImageStore
 from gateway.job import ImageJob, JobKind
+from gateway.jobs.service import open_jobs
+from gateway.jobs.worker import JobWorker
 from gateway.logs import RequestLogger, configure_logging
 from gateway.metrics import GatewayMetrics
 from gateway.probes import Prober
@@ -73,6 +76,8 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         store=store,
         clients=[client, fetch_client],
         request_log=RequestLogger(log_prompt_length=settings.log_prompts),
+        jobs=open_jobs(settings, env),
+        idempotency=Idempotency(store, metrics, ttl_s=settings.idempotency_ttl_s),
     )
     return gw
 
@@ -109,17 +114,20 @@ def create_app(
         prober = Prober({n: b.adapter for n, b in gw.fleet.backends.items()}, gw.health, {b.name: b.config.probe for b in config.enabled}) if probes else None
         if prober is not None:
             prober.start()
+        worker = JobWorker(gw, gw.jobs)
+        worker.start()
         gw.ready = True
         try:
             yield
         finally:
             gw.ready = False
+            await worker.stop()
             if prober is not None:
                 await prober.stop()
             await gw.close()
 
     app = Litestar(
-        route_handlers=[*openai.ROUTES, *extensions.ROUTES],
+        route_handlers=[*openai.ROUTES, *jobs.ROUTES, *extensions.ROUTES],
         lifespan=[lifespan],
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
         request_max_body_size=config.settings.max_body_bytes,

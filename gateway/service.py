@@ -20,8 +20,10 @@ from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher, Outcome
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
+from gateway.idempotency import Idempotency
 from gateway.image_store import ImageStore
 from gateway.job import ImageJob
+from gateway.jobs.service import Jobs
 from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import usd_text
@@ -42,6 +44,8 @@ class Gateway:
     request_log: RequestLogger = field(default_factory=RequestLogger)
     ready: bool = False
     in_flight: int = 0
+    jobs: Jobs = field(default=None)  # type: ignore[assignment]  # async jobs; build_gateway sets it
+    idempotency: Idempotency = field(default=None)  # type: ignore[assignment]
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[bool]:
@@ -113,5 +117,7 @@ class Gateway:
         await self.dispatcher.drain()
         for client in self.clients:
             await client.aclose()
+        if self.jobs is not None:
+            await self.jobs.close()
         await self.store.close()
 
