@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.emulators import EmulatorFleet
 from gateway.metrics import GatewayMetrics
-from tests.gateway_support import ServerThread, image_size_of
+from tests.gateway_support import ServerThread, image_size_of, png_bytes
 from tests.jobs_support import PRICING, WebhookReceiver, config_with, iter_pages, new_webhook_secret, wait_job
 
 KEYS = ["key-a", "key-b", "key-list", "key-bad", "key-idem", "key-hook"]
@@ -326,3 +326,20 @@ def test_job_metrics_are_exported(rig: Rig) -> None:
     for name in ("klein_image_jobs_total", "klein_image_job_queue_depth", "klein_image_job_oldest_queued_age_seconds", "klein_webhook_deliveries_total", "klein_idempotency_requests_total"):
         assert name in text
     assert 'klein_image_jobs_total{status="succeeded"}' in text
+
+
+def test_a_multipart_edit_runs_as_a_job_and_its_key_replays(rig: Rig) -> None:
+    before = rig.fal()["generations"]
+    files = {"image": ("ref.png", png_bytes(512, 512), "image/png")}
+    fields = {"prompt": "make it night", "size": "512x512", "response_format": "b64_json", "metadata": '{"shot": "4"}'}
+    headers = {**ASYNC, **idem("edit-1")}
+    first = rig.http.post(f"{rig.url}/v1/images/edits", data=fields, files=files, headers=headers)
+    again = rig.http.post(f"{rig.url}/v1/images/edits", data=fields, files={"image": ("other-name.png", png_bytes(512, 512), "image/png")}, headers=headers)
+    assert first.status_code == again.status_code == 202, first.text
+    assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
+    job = wait_job(rig.http, rig.url, first.json()["id"], headers=auth("key-idem"))
+    assert job["status"] == "succeeded" and job["metadata"] == {"shot": "4"}
+    assert image_size_of(base64.b64decode(job["result"]["data"][0]["b64_json"])) == (512, 512)
+    assert rig.fal()["generations"] == before + 1
+    changed = rig.http.post(f"{rig.url}/v1/images/edits", data=fields, files={"image": ("ref.png", png_bytes(512, 512, color=(1, 2, 3)), "image/png")}, headers=headers)
+    assert changed.status_code == 422 and changed.json()["error"]["code"] == "idempotency_key_reused"

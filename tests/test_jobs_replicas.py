@@ -24,7 +24,7 @@ import pytest
 import redis as redis_client
 
 from gateway.emulators import EmulatorFleet
-from tests.jobs_support import PRICING, TERMINAL, config_with
+from tests.jobs_support import PRICING, TERMINAL, config_with, wait_job
 from tests.redis_server import RedisServer, redis_available
 from tests.test_resilience_replicas import Replica, start_replica, wait_ready
 
@@ -147,3 +147,26 @@ def test_a_replica_killed_mid_run_leaves_every_job_succeeded_and_paid_for_once(r
     resumed = [job_id for job_id in taken_over if rig.record(job_id)["provider_jobs"]]
     assert resumed, "no interrupted job had provider work in flight"
 
+
+
+def test_with_redis_down_an_async_request_is_a_retryable_503_and_sync_requests_still_work(rig: Rig) -> None:
+    replica = rig.replicas[1]
+    rig.knobs({"job": {"queue_ms": 0, "run_ms": 0}})
+    rig.redis.stop()
+    try:
+        resp = rig.http.post(f"{replica.url}/v1/images/generations", json=BODY, headers={"Prefer": "respond-async"})
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "job_store_unavailable" and resp.headers["x-should-retry"] == "true"
+        assert rig.http.get(f"{replica.url}/v1/images/jobs/imgjob_000000000000").status_code == 503
+        assert rig.http.post(f"{replica.url}/v1/images/generations", json=BODY).status_code == 200
+    finally:
+        rig.redis.start()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        resp = rig.http.post(f"{replica.url}/v1/images/generations", json=BODY, headers={"Prefer": "respond-async"})
+        if resp.status_code == 202:
+            break
+        time.sleep(0.2)
+    assert resp.status_code == 202
+    job = wait_job(rig.http, replica.url, resp.json()["id"], timeout=20)  # the queue works again after Redis lost everything
+    assert job["status"] == "succeeded", job

@@ -50,7 +50,7 @@ async def _extras(request: Request[Any, Any, Any]) -> dict[str, Any]:
             extras["webhook_url"] = form.get("webhook_url")
         if "metadata" in form:
             try:
-                extras["metadata"] = msgspec.json.decode(form.get("metadata"))
+                extras["metadata"] = msgspec.json.decode(str(form.get("metadata")))
             except (msgspec.DecodeError, TypeError):
                 raise InvalidRequest("metadata must be a JSON object of strings", param="metadata", code="invalid_metadata") from None
         return extras
@@ -127,7 +127,7 @@ async def list_jobs(request: Request[Any, Any, Any]) -> Response[bytes]:
     if not 1 <= limit <= MAX_LIST:
         raise InvalidRequest(f"limit must be between 1 and {MAX_LIST}", param="limit", code="invalid_value")
     after = params.get("after") or None
-    records, more = await gw.jobs.store.list(ctx.caller, status=status, limit=limit, after=after)
+    records, more = await gw.jobs.list(ctx.caller, status=status, limit=limit, after=after)
     data = [r.public() for r in records]
     body = {"object": "list", "data": data, "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None, "has_more": more}
     return Response(msgspec.json.encode(body), media_type=MediaType.JSON)

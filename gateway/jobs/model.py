@@ -87,7 +87,6 @@ class JobRecord:
     webhook: Webhook | None = None
     provider_jobs: dict[str, list[str]] = field(default_factory=dict)  # backend -> job ids submitted and not yet settled
     runs: int = 0  # times a worker has started the job (more than one after a crash)
-    headers: dict[str, str] = field(default_factory=dict)  # the x-klein-* headers the sync answer would carry
 
     @property
     def terminal(self) -> bool:

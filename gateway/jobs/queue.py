@@ -118,17 +118,38 @@ class RedisJobQueue(JobQueue):
         await self._group()
         await self._client.xadd(self._stream, {"job": job_id})
 
+    def _lost_group(self, exc: Exception) -> bool:
+        """Redis lost the group (restarted without persistence): make it again next time."""
+        if "NOGROUP" in str(exc):
+            self._ready = False
+            return True
+        return False
+
     async def claim(self, consumer: str, *, block_s: float) -> Message | None:
+        from redis.exceptions import ResponseError
+
         await self._group()
-        reply = await self._client.xreadgroup(self.GROUP, consumer, {self._stream: ">"}, count=1, block=max(1, int(block_s * 1000)))
+        try:
+            reply = await self._client.xreadgroup(self.GROUP, consumer, {self._stream: ">"}, count=1, block=max(1, int(block_s * 1000)))
+        except ResponseError as exc:
+            if self._lost_group(exc):
+                return None
+            raise
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
                 return Message(entry_id, fields["job"])
         return None
 
     async def reclaim(self, consumer: str, *, idle_s: float, count: int) -> list[Message]:
+        from redis.exceptions import ResponseError
+
         await self._group()
-        reply = await self._client.xautoclaim(self._stream, self.GROUP, consumer, min_idle_time=int(idle_s * 1000), start_id="0-0", count=count)
+        try:
+            reply = await self._client.xautoclaim(self._stream, self.GROUP, consumer, min_idle_time=int(idle_s * 1000), start_id="0-0", count=count)
+        except ResponseError as exc:
+            if self._lost_group(exc):
+                return []
+            raise
         entries = reply[1] if reply else []
         return [Message(entry_id, fields["job"]) for entry_id, fields in entries if fields and "job" in fields]
 

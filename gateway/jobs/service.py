@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import GatewaySettings
+from gateway.errors import GatewayError
 from gateway.jobs.deliveries import DeliverySchedule, MemoryDeliverySchedule, RedisDeliverySchedule
 from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import JobQueue, MemoryJobQueue, RedisJobQueue
@@ -23,6 +24,21 @@ from gateway.jobs.webhooks import Allowlist, parse_secret
 if TYPE_CHECKING:
     from gateway.backends import BackendFleet
     from gateway.metrics import GatewayMetrics
+
+
+@contextlib.contextmanager
+def store_reachable() -> Iterator[None]:
+    """A job store outage is a 503 the caller may retry, not an internal error."""
+    try:
+        yield
+    except GatewayError:
+        raise
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        raise GatewayError("the job store is unavailable; retry shortly", status=503, code="job_store_unavailable", retryable=True, retry_after=1) from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith("redis"):
+            raise GatewayError("the job store is unavailable; retry shortly", status=503, code="job_store_unavailable", retryable=True, retry_after=1) from exc
+        raise
 
 
 @dataclass
@@ -37,13 +53,15 @@ class Jobs:
     client: Any = None  # the Redis client, closed with the jobs
 
     async def submit(self, record: JobRecord, metrics: GatewayMetrics) -> None:
-        await self.store.create(record)
-        await self.queue.enqueue(record.id)
+        with store_reachable():
+            await self.store.create(record)
+            await self.queue.enqueue(record.id)
         metrics.record_job_status("queued")
 
     async def owned(self, owner: str | None, job_id: str) -> JobRecord | None:
         """The job if `owner` made it; None otherwise, the same as when it does not exist."""
-        record = await self.store.get(job_id)
+        with store_reachable():
+            record = await self.store.get(job_id)
         return record if record is not None and record.owner == owner else None
 
     async def cancel(self, owner: str | None, job_id: str, fleet: BackendFleet, metrics: GatewayMetrics) -> JobRecord | None:
@@ -59,7 +77,8 @@ class Jobs:
 
         if await self.owned(owner, job_id) is None:
             return None
-        record = await self.store.update(job_id, cancel)
+        with store_reachable():
+            record = await self.store.update(job_id, cancel)
         if record is None or record.owner != owner:
             return None
         if changed:
@@ -71,6 +90,10 @@ class Jobs:
                         await backend.adapter.cancel(provider_job_id)  # type: ignore[union-attr]
             await self.schedule_webhook(record)
         return record
+
+    async def list(self, owner: str | None, *, status: str | None, limit: int, after: str | None) -> tuple[list[JobRecord], bool]:
+        with store_reachable():
+            return await self.store.list(owner, status=status, limit=limit, after=after)
 
     async def schedule_webhook(self, record: JobRecord) -> None:
         if record.webhook is not None and not record.webhook.delivered:

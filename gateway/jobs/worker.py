@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from gateway.answer import images_body, klein_headers
+from gateway.answer import images_body
 from gateway.dispatch import Attempt, DispatchFailed, Outcome
 from gateway.errors import GatewayError
 from gateway.job import ImageJob
 from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import Message
 from gateway.jobs.webhooks import next_delay, refusal_at_delivery, signed_headers
-from gateway.pricing import usd, usd_text
+from gateway.pricing import usd
 from gateway.providers.base import FailureClass, ProviderError, job_id_listener
 
 if TYPE_CHECKING:
@@ -198,11 +198,8 @@ class JobWorker:
                 outcome = await self.gw.images(job, started=started, base_url=record.base_url)
             backend, upstream, status = outcome.backend, outcome.upstream_s, 200
             body = images_body(job, outcome)
-            headers = klein_headers(job.request_id, outcome)
-            cost = outcome.cost_usd + extra_cost
-            headers["x-klein-cost-usd"] = usd_text(cost)
             await self._settle(pending)
-            await self._finish(record.id, "succeeded", backend=outcome.backend, cost=cost, attempts=outcome.tried + extra_attempts, result=body, headers=headers)
+            await self._finish(record.id, "succeeded", backend=outcome.backend, cost=outcome.cost_usd + extra_cost, attempts=outcome.tried + extra_attempts, result=body)
         except DispatchFailed as err:
             status, upstream = err.status, err.upstream_s
             await self._settle(pending)
@@ -257,7 +254,7 @@ class JobWorker:
             return Outcome(name, images, [Attempt(name, "success", elapsed, cost)], cost, elapsed, result.seed), spent, attempts - 1
         return None, spent, attempts
 
-    async def _finish(self, job_id: str, status: str, *, backend: str | None = None, cost: Decimal | None = None, attempts: int = 0, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> None:
+    async def _finish(self, job_id: str, status: str, *, backend: str | None = None, cost: Decimal | None = None, attempts: int = 0, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
         """Record the outcome (a cancel that came first keeps its status, but
         the money spent is still recorded) and schedule the webhook."""
         if self._abandoned:
@@ -271,7 +268,7 @@ class JobWorker:
                 changed.append(False)
                 return True
             r.status, r.completed = status, time.time()  # type: ignore[assignment]
-            r.backend, r.result, r.error, r.headers = backend, result, error, headers or {}
+            r.backend, r.result, r.error = backend, result, error
             changed.append(True)
             return True
 
