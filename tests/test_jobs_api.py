@@ -25,7 +25,7 @@ from gateway.metrics import GatewayMetrics
 from tests.gateway_support import ServerThread, image_size_of, png_bytes
 from tests.jobs_support import PRICING, WebhookReceiver, config_with, iter_pages, new_webhook_secret, wait_job
 
-KEYS = ["key-a", "key-b", "key-list", "key-bad", "key-idem", "key-hook"]
+KEYS = ["key-a", "key-b", "key-list", "key-bad", "key-idem", "key-hook", "key-busy"]
 BODY = {"prompt": "a lighthouse at dusk", "size": "512x512", "response_format": "b64_json"}
 ASYNC = {"Prefer": "respond-async"}
 
@@ -343,3 +343,27 @@ def test_a_multipart_edit_runs_as_a_job_and_its_key_replays(rig: Rig) -> None:
     assert rig.fal()["generations"] == before + 1
     changed = rig.http.post(f"{rig.url}/v1/images/edits", data=fields, files={"image": ("ref.png", png_bytes(512, 512, color=(1, 2, 3)), "image/png")}, headers=headers)
     assert changed.status_code == 422 and changed.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_a_replica_runs_at_most_job_concurrency_jobs_and_exports_the_queue_depth(rig: Rig) -> None:
+    rig.knobs({"job": {"queue_ms": 2500}})
+    before = rig.fal()["generations"]
+    ids = [rig.submit("key-busy", {**BODY, "prompt": f"frame {i}"}).json()["id"] for i in range(7)]
+    time.sleep(1.3)  # the workers took what they could; the queue gauge refreshed
+    assert rig.fal()["generations"] - before == 4  # job_concurrency in this rig
+    statuses = [rig.http.get(f"{rig.url}/v1/images/jobs/{i}", headers=auth("key-busy")).json()["status"] for i in ids]
+    assert sorted(statuses) == ["queued"] * 3 + ["running"] * 4
+    text = rig.http.get(f"{rig.url}/metrics").text
+    depth = next(line for line in text.splitlines() if line.startswith("klein_image_job_queue_depth "))
+    age = next(line for line in text.splitlines() if line.startswith("klein_image_job_oldest_queued_age_seconds "))
+    assert float(depth.split()[1]) == 3 and float(age.split()[1]) > 0.5
+    for job_id in ids:
+        assert wait_job(rig.http, rig.url, job_id, headers=auth("key-busy"))["status"] == "succeeded"
+
+
+def test_the_callers_deadline_bounds_an_async_job(rig: Rig) -> None:
+    rig.knobs({"job": {"queue_ms": 5000}})
+    job = rig.submit("key-a", headers={"x-klein-deadline-ms": "1500"}).json()
+    done = wait_job(rig.http, rig.url, job["id"], headers=auth("key-a"), timeout=15)
+    assert done["status"] == "failed" and done["error"]["code"] == "deadline_exceeded"
+    assert done["completed"] - done["created"] <= 4

@@ -67,6 +67,7 @@ class JobWorker:
     _running: dict[str, _Running] = field(default_factory=dict)
     _deliveries: set[asyncio.Task[Any]] = field(default_factory=set)
     _stopping: bool = False
+    _store_trouble: bool = False  # logged once per outage, not once per slot and second
     _abandoned: bool = False  # past the stop grace: outcomes are left for the replica that takes over
 
     # ---- lifecycle -----------------------------------------------------------
@@ -103,14 +104,19 @@ class JobWorker:
             try:
                 taken = await queue.reclaim(self.consumer, idle_s=s.job_visibility_timeout_s, count=1)
                 message = taken[0] if taken else await queue.claim(self.consumer, block_s=1.0)
-                if message is None or self._stopping:
-                    continue
-                await self._handle(message)
+                if message is not None and not self._stopping:
+                    await self._handle(message)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a store outage must not end the slot
-                log.warning("job slot %d: queue or store error; retrying in 1s", index, exc_info=True)
+            except Exception as exc:  # a store outage must not end the slot
+                if not self._store_trouble:
+                    self._store_trouble = True
+                    log.warning("job queue or store unreachable (%s); job slots retry every second", type(exc).__name__)
                 await asyncio.sleep(1.0)
+                continue
+            if self._store_trouble:
+                self._store_trouble = False
+                log.info("job queue reachable again")
 
     async def _handle(self, message: Message) -> None:
         store = self.jobs.store
