@@ -214,6 +214,9 @@ class JobWorker:
             status = err.status
             await self._settle(pending)
             await self._finish(record.id, "failed", cost=extra_cost, attempts=extra_attempts, error=err.envelope()["error"])
+        except asyncio.CancelledError:
+            status = 499  # canceled by its owner (or the process is stopping), not a server error
+            raise
         finally:
             job_id_listener.reset(token)
             total = time.time() - record.created
