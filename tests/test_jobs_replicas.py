@@ -9,6 +9,7 @@ Every process is stopped by its own pid.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,8 +23,13 @@ from typing import Any
 import httpx
 import pytest
 import redis as redis_client
+import redis.asyncio as aioredis
 
 from gateway.emulators import EmulatorFleet
+from gateway.job import ImageJob, JobKind
+from gateway.jobs.model import JobRecord, job_to_dict, new_job_id
+from gateway.jobs.queue import RedisJobQueue
+from gateway.jobs.store import RedisJobStore
 from tests.jobs_support import PRICING, TERMINAL, config_with, wait_job
 from tests.redis_server import RedisServer, redis_available
 from tests.test_resilience_replicas import Replica, start_replica, wait_ready
@@ -142,11 +148,52 @@ def test_a_replica_killed_mid_run_leaves_every_job_succeeded_and_paid_for_once(r
     stats = rig.fal()
     assert stats["generations"] - before == JOBS
     assert all(len(j["result"]["data"]) == 1 for j in finished.values())
+    assert len({j["cost_usd"] for j in finished.values()}) == 1 and None not in {j["cost_usd"] for j in finished.values()}  # resumed jobs cost what the others did
     taken_over = [job_id for job_id in ids if rig.record(job_id).get("runs", 0) > 1]
     assert taken_over, "the kill interrupted no job; the test proved nothing"
     resumed = [job_id for job_id in taken_over if rig.record(job_id)["provider_jobs"]]
     assert resumed, "no interrupted job had provider work in flight"
 
+
+
+def seed_job(rig: Rig, provider_jobs: dict[str, list[str]]) -> str:
+    """Write a running job into Redis as a replica that died mid-run leaves it, and queue it."""
+    job = ImageJob(kind=JobKind.GENERATE, prompt="left behind", width=512, height=512, deadline_s=120)
+    record = JobRecord(id=new_job_id(), owner=None, route="generations", job=job_to_dict(job), base_url="http://127.0.0.1", created=time.time(), status="running", runs=1, provider_jobs=provider_jobs)
+
+    async def write() -> None:
+        client = aioredis.from_url(rig.redis.url, decode_responses=True)
+        try:
+            await RedisJobStore(client, namespace=rig.namespace, retention_s=3600).create(record)
+            await RedisJobQueue(client, namespace=rig.namespace).enqueue(record.id)
+        finally:
+            await client.aclose()
+
+    asyncio.run(write())
+    return record.id
+
+
+def test_a_taken_over_job_follows_the_provider_job_it_finds_instead_of_paying_again(rig: Rig) -> None:
+    rig.knobs({"job": {"queue_ms": 800, "run_ms": 0}})
+    fal = rig.fleet["fal"]
+    submitted = rig.http.post(f"{fal.base_url}/fal-ai/flux-2/klein/4b", headers={"Authorization": f"Key {fal.key}"}, json={"prompt": "left behind", "image_size": {"width": 512, "height": 512}, "num_images": 1, "output_format": "png"})
+    assert submitted.status_code == 200, submitted.text
+    paid = rig.fal()["generations"]
+    job_id = seed_job(rig, {"fal": [submitted.json()["request_id"]]})
+    job = wait_job(rig.http, rig.replicas[1].url, job_id, timeout=20)
+    assert job["status"] == "succeeded" and job["backend"] == "fal" and job["cost_usd"] is not None
+    assert rig.fal()["generations"] == paid
+
+
+def test_a_taken_over_job_whose_provider_job_is_gone_runs_afresh_once(rig: Rig) -> None:
+    rig.knobs({"job": {"queue_ms": 0, "run_ms": 0}})
+    paid = rig.fal()["generations"]
+    job_id = seed_job(rig, {"replicate": ["gone-0001"], "fal": ["no-such-request"]})
+    job = wait_job(rig.http, rig.replicas[1].url, job_id, timeout=20)
+    assert job["status"] == "succeeded", job
+    assert rig.fal()["generations"] == paid + 1
+    left = rig.record(job_id)["provider_jobs"]
+    assert list(left) == ["fal"] and left["fal"] != ["no-such-request"] and len(left["fal"]) == 1
 
 
 def test_with_redis_down_an_async_request_is_a_retryable_503_and_sync_requests_still_work(rig: Rig) -> None:

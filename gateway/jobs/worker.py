@@ -108,7 +108,7 @@ class JobWorker:
                     await self._handle(message)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a store outage must not end the slot
+            except Exception as exc:  # noqa: BLE001 - a store outage must not end the slot
                 if not self._store_trouble:
                     self._store_trouble = True
                     log.warning("job queue or store unreachable (%s); job slots retry every second", type(exc).__name__)
@@ -187,10 +187,10 @@ class JobWorker:
 
         def noted(backend: str, provider_job_id: str) -> None:
             def add(r: JobRecord) -> bool:
-                ids = r.provider_jobs.setdefault(backend, [])
-                if provider_job_id in ids:
-                    return False
-                ids.append(provider_job_id)
+                ids = r.provider_jobs.pop(backend, [])
+                if provider_job_id not in ids:
+                    ids.append(provider_job_id)
+                r.provider_jobs[backend] = ids  # last: the attempt in flight now
                 return True
 
             pending.append(asyncio.get_running_loop().create_task(self.jobs.store.update(record.id, add)))
@@ -228,40 +228,51 @@ class JobWorker:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _resume(self, record: JobRecord, job: ImageJob, started: float) -> tuple[Outcome | None, Decimal, int]:
-        """Follow provider jobs an earlier run submitted; (outcome or None, spent, attempts).
+        """Follow the provider job an earlier run left in flight; (outcome or None, spent, attempts).
 
-        None means nothing was in flight (or it ended without images), so the
-        job is dispatched afresh."""
-        spent, attempts = Decimal(0), 0
+        Dispatch tries backends one after another, so only the last backend
+        noted can still be running: earlier ones ended (or were cancelled)
+        before it began. None means nothing is left to follow, so the job is
+        dispatched afresh; the stale ids are dropped first, so a later
+        takeover does not follow them again."""
+        if not record.provider_jobs:
+            return None, Decimal(0), 0
+        name, ids = list(record.provider_jobs.items())[-1]
+        backend = self.gw.fleet.backends.get(name)
+        if backend is None or not backend.adapter.resumable or not ids:
+            await self._forget_provider_jobs(record.id)
+            return None, Decimal(0), 0
         deadline = started + job.deadline_s
-        for name, ids in record.provider_jobs.items():
-            backend = self.gw.fleet.backends.get(name)
-            if backend is None or not backend.adapter.resumable or not ids:
-                continue
-            t0 = time.monotonic()
-            attempts += 1
-            try:
-                result = await backend.adapter.resume(job, ids, deadline)
-                images = await self.gw.dispatcher.shaper.shape(job, result.images, backend=name, deadline=deadline, base_url=record.base_url)
-            except ProviderError as err:
-                elapsed = time.monotonic() - t0
-                cost = backend.bill(job, job.n) if err.billed else Decimal(0)
-                spent += cost
-                self.gw.metrics.observe_attempt(backend=name, outcome=err.failure.value, latency_s=elapsed)
-                if cost:
-                    self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=Decimal(0))
-                if err.failure is FailureClass.CONTENT_FILTERED:
-                    raise DispatchFailed("the image was flagged by the safety checker", status=400, code="content_policy_violation", attempts=[Attempt(name, err.failure.value, elapsed, cost)], cost_usd=spent - cost, upstream_s=elapsed, retryable=False, type_="invalid_request_error") from None
-                if err.failure is FailureClass.UNKNOWN_OUTCOME and time.monotonic() >= deadline:
-                    raise DispatchFailed(f"no backend answered within the {job.deadline_s:g}s deadline", status=504, code="deadline_exceeded", attempts=[], cost_usd=spent, upstream_s=elapsed, retryable=True) from None
-                continue
+        t0 = time.monotonic()
+        try:
+            result = await backend.adapter.resume(job, ids, deadline)
+            images = await self.gw.dispatcher.shaper.shape(job, result.images, backend=name, deadline=deadline, base_url=record.base_url)
+        except ProviderError as err:
             elapsed = time.monotonic() - t0
-            cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images))
-            self.gw.metrics.observe_attempt(backend=name, outcome="success", latency_s=elapsed)
-            self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))
-            log.info("job %s: resumed %s job on %s after a worker stopped", record.id, name, name)
-            return Outcome(name, images, [Attempt(name, "success", elapsed, cost)], cost, elapsed, result.seed), spent, attempts - 1
-        return None, spent, attempts
+            cost = backend.bill(job, job.n) if err.billed else Decimal(0)
+            self.gw.metrics.observe_attempt(backend=name, outcome=err.failure.value, latency_s=elapsed)
+            if cost:
+                self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=Decimal(0))
+            attempt = Attempt(name, err.failure.value, elapsed, cost, err.status, err.message)
+            if err.failure is FailureClass.CONTENT_FILTERED:
+                raise DispatchFailed("the image was flagged by the safety checker", status=400, code="content_policy_violation", attempts=[attempt], cost_usd=cost, upstream_s=elapsed, retryable=False, type_="invalid_request_error") from None
+            if time.monotonic() >= deadline:
+                raise DispatchFailed(f"no backend answered within the {job.deadline_s:g}s deadline", status=504, code="deadline_exceeded", attempts=[attempt], cost_usd=cost, upstream_s=elapsed, retryable=True) from None
+            await self._forget_provider_jobs(record.id)
+            return None, cost, 1
+        elapsed = time.monotonic() - t0
+        cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images))
+        self.gw.metrics.observe_attempt(backend=name, outcome="success", latency_s=elapsed)
+        self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))
+        log.info("job %s: followed its %s job to the end after taking it over", record.id, name)
+        return Outcome(name, images, [Attempt(name, "success", elapsed, cost)], cost, elapsed, result.seed), Decimal(0), 0
+
+    async def _forget_provider_jobs(self, job_id: str) -> None:
+        def forget(r: JobRecord) -> bool:
+            r.provider_jobs = {}
+            return True
+
+        await self.jobs.store.update(job_id, forget)
 
     async def _finish(self, job_id: str, status: str, *, backend: str | None = None, cost: Decimal | None = None, attempts: int = 0, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
         """Record the outcome (a cancel that came first keeps its status, but
