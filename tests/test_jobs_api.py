@@ -23,7 +23,14 @@ from gateway.app import create_app
 from gateway.emulators import EmulatorFleet
 from gateway.metrics import GatewayMetrics
 from tests.gateway_support import ServerThread, image_size_of, png_bytes
-from tests.jobs_support import PRICING, WebhookReceiver, config_with, iter_pages, new_webhook_secret, wait_job
+from tests.jobs_support import (
+    PRICING,
+    WebhookReceiver,
+    config_with,
+    iter_pages,
+    new_webhook_secret,
+    wait_job,
+)
 
 KEYS = ["key-a", "key-b", "key-list", "key-bad", "key-idem", "key-hook", "key-busy"]
 BODY = {"prompt": "a lighthouse at dusk", "size": "512x512", "response_format": "b64_json"}

@@ -17,10 +17,24 @@ import standardwebhooks
 from gateway.errors import InvalidRequest
 from gateway.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage
 from gateway.jobs.deliveries import MemoryDeliverySchedule, RedisDeliverySchedule
-from gateway.jobs.model import JobRecord, Webhook, job_from_dict, job_to_dict, new_job_id
+from gateway.jobs.model import (
+    JobRecord,
+    Webhook,
+    job_from_dict,
+    job_to_dict,
+    new_job_id,
+)
 from gateway.jobs.queue import MemoryJobQueue, RedisJobQueue
 from gateway.jobs.store import MemoryJobStore, RedisJobStore
-from gateway.jobs.webhooks import Allowlist, WebhookSecretError, check_url, next_delay, parse_secret, refusal_at_delivery, signed_headers
+from gateway.jobs.webhooks import (
+    Allowlist,
+    WebhookSecretError,
+    check_url,
+    next_delay,
+    parse_secret,
+    refusal_at_delivery,
+    signed_headers,
+)
 from tests.redis_server import RedisServer, redis_available
 
 needs_redis = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")

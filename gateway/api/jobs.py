@@ -94,7 +94,10 @@ async def accept_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallCont
 
 
 def _begin(request: Request[Any, Any, Any]) -> tuple[Gateway, CallContext]:
-    from gateway.api.openai import begin, gateway_of  # one authentication path for every route
+    from gateway.api.openai import (  # one authentication path for every route
+        begin,
+        gateway_of,
+    )
 
     gw = gateway_of(request)
     return gw, begin(request, gw)

@@ -15,7 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.config import GatewaySettings
 from gateway.errors import GatewayError
-from gateway.jobs.deliveries import DeliverySchedule, MemoryDeliverySchedule, RedisDeliverySchedule
+from gateway.jobs.deliveries import (
+    DeliverySchedule,
+    MemoryDeliverySchedule,
+    RedisDeliverySchedule,
+)
 from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import JobQueue, MemoryJobQueue, RedisJobQueue
 from gateway.jobs.store import JobStore, MemoryJobStore, RedisJobStore

@@ -41,6 +41,9 @@ class JobStore(ABC):
     async def update(self, job_id: str, change: Change) -> JobRecord | None:
         """Apply `change` atomically; the record as it now is (None if gone)."""
 
+    async def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        return [await self.get(job_id) for job_id in job_ids]
+
     @abstractmethod
     async def ids(self, owner: str | None, *, before: str | None, limit: int) -> list[str]:
         """The owner's job ids, newest first, older than `before` when given."""
@@ -53,8 +56,7 @@ class JobStore(ABC):
             batch = await self.ids(owner, before=cursor, limit=max(limit * 2, 20))
             if not batch:
                 break
-            for job_id in batch:
-                record = await self.get(job_id)
+            for record in await self.get_many(batch):
                 if record is not None and record.owner == owner and (status is None or record.status == status):
                     found.append(record)
             cursor = batch[-1]
@@ -140,6 +142,12 @@ class RedisJobStore(JobStore):
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._client.get(self._key(job_id))
         return JobRecord.from_json(json.loads(raw)) if raw else None
+
+    async def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        if not job_ids:
+            return []
+        raws = await self._client.mget([self._key(i) for i in job_ids])
+        return [JobRecord.from_json(json.loads(raw)) if raw else None for raw in raws]
 
     async def update(self, job_id: str, change: Change) -> JobRecord | None:
         from redis.exceptions import WatchError
