@@ -360,10 +360,20 @@ def test_a_replica_runs_at_most_job_concurrency_jobs_and_exports_the_queue_depth
     assert rig.fal()["generations"] - before == 4  # job_concurrency in this rig
     statuses = [rig.http.get(f"{rig.url}/v1/images/jobs/{i}", headers=auth("key-busy")).json()["status"] for i in ids]
     assert sorted(statuses) == ["queued"] * 3 + ["running"] * 4
-    text = rig.http.get(f"{rig.url}/metrics").text
-    depth = next(line for line in text.splitlines() if line.startswith("klein_image_job_queue_depth "))
-    age = next(line for line in text.splitlines() if line.startswith("klein_image_job_oldest_queued_age_seconds "))
-    assert float(depth.split()[1]) == 3 and float(age.split()[1]) > 0.5
+
+    def gauges() -> tuple[float, float]:
+        lines = rig.http.get(f"{rig.url}/metrics").text.splitlines()
+        depth = next(line for line in lines if line.startswith("klein_image_job_queue_depth "))
+        age = next(line for line in lines if line.startswith("klein_image_job_oldest_queued_age_seconds "))
+        return float(depth.split()[1]), float(age.split()[1])
+
+    # The gauges are sampled once a second; the three jobs wait at least 2.5 s.
+    seen = gauges()
+    deadline = time.monotonic() + 2
+    while seen[1] <= 0.8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        seen = gauges()
+    assert seen[0] == 3 and seen[1] > 0.8, seen
     for job_id in ids:
         assert wait_job(rig.http, rig.url, job_id, headers=auth("key-busy"))["status"] == "succeeded"
 
