@@ -14,7 +14,7 @@ import httpx
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 
-from gateway.api import extensions, openai, openapi, usage
+from gateway.api import extensions, jobs, openai, openapi, usage
 from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler, stamp_request_id
 from gateway.backends import BackendFleet
 from gateway.billing import Billing
@@ -23,8 +23,11 @@ from gateway.config import ConfigError, GatewayConfig, load_config, shipped_conf
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.health import HealthTracker
+from gateway.idempotency import Idempotency
 from gateway.images import open_image_store
 from gateway.job import ImageJob, JobKind
+from gateway.jobs.service import open_jobs
+from gateway.jobs.worker import JobWorker
 from gateway.keys import KeyRing, KeysFileError
 from gateway.ledger import Ledger
 from gateway.ledger import open_store as open_ledger
@@ -101,6 +104,8 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         clients=[client, fetch_client],
         request_log=RequestLogger(log_prompt_length=settings.log_prompts),
         drain=Drain(grace_s=settings.shutdown_grace_s),
+        jobs=open_jobs(settings, env),
+        idempotency=Idempotency(store, metrics, ttl_s=settings.idempotency_ttl_s),
     )
     return gw
 
@@ -191,18 +196,21 @@ def create_app(
             draining.add(asyncio.ensure_future(drain_then_exit(gw, exit_now)))
 
         uninstall, exit_now = on_sigterm(start_drain, gw.drain.hurry) if drain_on_sigterm else (lambda: None, lambda: None)
+        worker = JobWorker(gw, gw.jobs)
+        worker.start()
         gw.ready = True
         try:
             yield
         finally:
             uninstall()
             gw.ready = False
+            await worker.stop()
             if prober is not None:
                 await prober.stop()
             await gw.close()
 
     app = Litestar(
-        route_handlers=[*openai.ROUTES, *extensions.ROUTES, *usage.ROUTES, *openapi.ROUTES],
+        route_handlers=[*openai.ROUTES, *jobs.ROUTES, *extensions.ROUTES, *usage.ROUTES, *openapi.ROUTES],
         lifespan=[lifespan],
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
         before_send=[stamp_request_id],

@@ -121,6 +121,15 @@ class GatewaySettings(_Strict):
     # The usage ledger's SQLite file (relative: beside providers.yaml; KLEIN_USAGE_LEDGER
     # overrides); DATABASE_URL, when set, puts it in PostgreSQL instead. None: in memory.
     usage_ledger: str | None = None
+    # Async jobs (Prefer: respond-async), webhooks and idempotency keys.
+    async_deadline_s: float = Field(default=600.0, gt=0, le=86400)  # an async job's deadline when the caller sets none
+    job_retention_s: float = Field(default=86400.0, gt=0)  # how long a job (and an idempotent answer) is kept
+    job_concurrency: int = Field(default=16, gt=0, le=1024)  # jobs one replica runs at once
+    job_visibility_timeout_s: float = Field(default=30.0, ge=1)  # a silent worker's job is taken over after this
+    webhook_allow: list[str] = Field(default_factory=list)  # hosts and CIDRs webhooks may reach besides public https
+    webhook_retry_delays_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0], max_length=20)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    idempotency_ttl_s: float = Field(default=86400.0, gt=0)
 
 
 class ProvidersFile(_Strict):

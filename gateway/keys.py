@@ -216,6 +216,13 @@ class KeyRing:
         digest = hash_key(token)
         return self._named.get(digest) or self._simple.get(digest)
 
+    def named(self, name: str | None) -> Caller | None:
+        """The caller a label names (an async job's owner), with its rules; None if no key has it now."""
+        if name is None:
+            return None
+        self._maybe_reload()
+        return next((c for c in (*self._named.values(), *self._simple.values()) if c.name == name), None)
+
     def reload(self) -> bool:
         """Re-read the file now; on a bad file keep the keys in force and say why."""
         if self.path is None:

@@ -211,6 +211,7 @@ class GatewayMetrics:
         self.baseline_quote = Gauge(
             "klein_baseline_quote_usd", "Price of one 1024x1024 text-to-image on the baseline backend.",
             registry=r, multiprocess_mode="mostrecent")
+        self._init_job_metrics(r)
 
     # ---- request path ------------------------------------------------------
 
@@ -345,6 +346,48 @@ class GatewayMetrics:
         if backend == self.baseline_backend:
             self.baseline_quote.set(quote)
 
+    # ---- async jobs, webhooks, idempotency ---------------------------------
+
+    def _init_job_metrics(self, r: CollectorRegistry) -> None:
+        self.jobs = Counter(
+            "klein_image_jobs", "Async image jobs reaching each status (queued when accepted).",
+            ["status"], registry=r)
+        self.job_queue_depth = Gauge(
+            "klein_image_job_queue_depth", "Async jobs waiting for a worker (shared by replicas when jobs live in Redis).",
+            registry=r, multiprocess_mode="livemax")
+        self.job_oldest_age = Gauge(
+            "klein_image_job_oldest_queued_age_seconds", "Age of the oldest async job still waiting for a worker.",
+            registry=r, multiprocess_mode="livemax")
+        self.webhook_deliveries = Counter(
+            "klein_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retrying (failed, will retry), given_up.",
+            ["outcome"], registry=r)
+        self.idempotency = Counter(
+            "klein_idempotency_requests", "Requests with an Idempotency-Key by outcome: original, replayed, in_use (409), reused (422).",
+            ["outcome"], registry=r)
+        for status in ("queued", "running", "succeeded", "failed", "canceled"):
+            self.jobs.labels(status)
+        for outcome in ("delivered", "retrying", "given_up"):
+            self.webhook_deliveries.labels(outcome)
+        for outcome in ("original", "replayed", "in_use", "reused"):
+            self.idempotency.labels(outcome)
+
+    def _job_collectors(self) -> tuple[Counter | Gauge, ...]:
+        return (self.jobs, self.job_queue_depth, self.job_oldest_age, self.webhook_deliveries, self.idempotency)
+
+    def record_job_status(self, status: str) -> None:
+        """An async job was accepted ("queued"), started, or ended with `status`."""
+        self.jobs.labels(status).inc()
+
+    def set_job_queue(self, *, depth: int, oldest_age_s: float) -> None:
+        self.job_queue_depth.set(depth)
+        self.job_oldest_age.set(max(0.0, oldest_age_s))
+
+    def record_webhook_delivery(self, outcome: str) -> None:
+        self.webhook_deliveries.labels(outcome).inc()
+
+    def record_idempotency(self, outcome: str) -> None:
+        self.idempotency.labels(outcome).inc()
+
     # ---- exposition --------------------------------------------------------
 
     def render(self) -> tuple[bytes, str]:
@@ -371,7 +414,7 @@ class GatewayMetrics:
             self.upstream_duration, self.upstream_attempts, self.failovers, self.double_spend,
             self.cost, self.possibly_billed, self.megapixels, self.images, self.baseline_cost, self.savings,
             self.excess_cost, self.breaker_state, self.backend_up, self.backend_quote,
-            self.baseline_quote, self.shutdown_cancelled, self.billed, self.billed_estimate,
+            self.baseline_quote, self.shutdown_cancelled, self.billed, self.billed_estimate, *self._job_collectors(),
         ):
             for family in collector.describe():
                 names.update(family.name + s for s in suffixes[family.type])

@@ -20,8 +20,10 @@ from gateway.billing import Billing, Tab
 from gateway.config import GatewayConfig
 from gateway.dispatch import Dispatcher, Outcome
 from gateway.health import HealthTracker
+from gateway.idempotency import Idempotency
 from gateway.images import ImageStore
 from gateway.job import ImageJob
+from gateway.jobs.service import Jobs
 from gateway.keys import KeyRing
 from gateway.logs import RequestLogger
 from gateway.metrics import GatewayMetrics
@@ -53,6 +55,8 @@ class Gateway:
     ready: bool = False
     in_flight: int = 0
     drain: Drain = field(default_factory=lambda: Drain(grace_s=25.0))
+    jobs: Jobs = field(default=None)  # type: ignore[assignment]  # async jobs; build_gateway sets it
+    idempotency: Idempotency = field(default=None)  # type: ignore[assignment]
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[bool]:
@@ -132,6 +136,8 @@ class Gateway:
         await self.billing.close()  # after the last request: every ledger row is written
         for client in self.clients:
             await client.aclose()
+        if self.jobs is not None:
+            await self.jobs.close()
         await self.store.close()
         await self.images_store.close()
 

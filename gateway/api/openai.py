@@ -18,8 +18,11 @@ from litestar import MediaType, Request, Response, get, post
 from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException
 
+from gateway.answer import images_body, klein_headers
 from gateway.api.context import CallContext, authenticate, deadline_for, decode_json, json_object, request_id_for
+from gateway.api.jobs import accept_job, prefers_async
 from gateway.api.parse import build_job, parse_body
+from gateway.billing import Tab
 from gateway.dispatch import DispatchFailed, tried
 from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.images import valid_name
@@ -83,41 +86,33 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             tab = gw.billing.tab(ctx.key, ctx.request_id, route)  # from here on, the request has its ledger row
             if not admitted:
                 raise GatewayError("the gateway is at capacity; retry shortly", status=503, code="gateway_busy", retryable=True, retry_after=1)
-            job = await tab.admit(await build(request, gw, ctx))
-            outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab))
-            backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, outcome.tried
-            headers = {
-                "x-request-id": ctx.request_id,
-                "x-klein-backend": outcome.backend,
-                "x-klein-cost-usd": usd_text(outcome.cost_usd),
-                "x-klein-attempts": str(attempts),
-                **tab.headers,
-            }
-            if outcome.billed_usd is not None:
-                headers["x-klein-billed-usd"] = usd_text(outcome.billed_usd)
-            if outcome.possibly_billed_usd:
-                headers["x-klein-possibly-billed-usd"] = usd_text(outcome.possibly_billed_usd)
-            if any(img.nsfw for img in outcome.images):
-                headers["x-klein-nsfw"] = ",".join(str(i) for i, img in enumerate(outcome.images) if img.nsfw)
-            body = {
-                "created": int(time.time()),
-                "data": [img.as_openai() for img in outcome.images],
-                "output_format": job.output_format,
-                "size": job.size,
-            }
-            status = 200
-            return Response(msgspec.json.encode(body), media_type=MediaType.JSON, headers=headers)
+            respond_async = prefers_async(request)
+            async with gw.idempotency.guard(request, ctx.caller, respond_async=respond_async, running_ttl_s=ctx.deadline_s + 60) as once:
+                if once.replay is not None:
+                    status = once.replay.status_code or 200
+                    once.replay.headers["x-request-id"] = ctx.request_id
+                    return once.replay
+                try:
+                    job = await tab.admit(await build(request, gw, ctx))
+                    if respond_async:
+                        status = 202
+                        return once.keep(await accept_job(request, gw, ctx, job, route=route, base_url=base_url_of(request, gw)))
+                    outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab))
+                except GatewayError as err:
+                    note_failure(request, err, tab)  # before the idempotency guard keeps the answer
+                    raise
+                backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, outcome.tried
+                status = 200
+                return once.keep(Response(msgspec.json.encode(images_body(job, outcome)), media_type=MediaType.JSON, headers={**klein_headers(ctx.request_id, outcome), **tab.headers}))
         except DispatchFailed as err:
             status, upstream, cost, attempts = err.status, err.upstream_s, err.cost_usd, tried(err.attempts)
-            request.state.klein_headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(attempts), **(tab.headers if tab else {})})
-            if err.possibly_billed_usd:
-                request.state.klein_headers["x-klein-possibly-billed-usd"] = usd_text(err.possibly_billed_usd)
+            note_failure(request, err, tab)
             raise
         except (GatewayError, HTTPException) as err:
             # HTTPException: litestar's own (broken multipart, body over the limit), counted by its real status.
             status = err.status if isinstance(err, GatewayError) else err.status_code
-            if hasattr(request.state, "klein_headers"):
-                request.state.klein_headers.update({"x-klein-cost-usd": "0", "x-klein-attempts": "0", **(tab.headers if tab else {})})
+            if isinstance(err, GatewayError):
+                note_failure(request, err, tab)
             raise
         finally:
             request.scope.setdefault("state", {})["klein_observed"] = True
@@ -126,6 +121,22 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             total = time.monotonic() - started
             gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
             gw.log_request(request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream), prompt=job.prompt if job else None)
+
+
+def note_failure(request: Request[Any, Any, Any], err: GatewayError, tab: Tab | None = None) -> None:
+    """The x-klein-* figures of a failed request: what was spent and tried,
+    what may have been billed, and the caller's rate-limit headers."""
+    if not hasattr(request.state, "klein_headers"):
+        return
+    headers = request.state.klein_headers
+    if isinstance(err, DispatchFailed):
+        headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(tried(err.attempts))})
+        if err.possibly_billed_usd:
+            headers["x-klein-possibly-billed-usd"] = usd_text(err.possibly_billed_usd)
+    else:
+        headers.update({"x-klein-cost-usd": "0", "x-klein-attempts": "0"})
+    if tab is not None:
+        headers.update(tab.headers)
 
 
 async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitable[Any]) -> Any:

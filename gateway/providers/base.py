@@ -13,7 +13,7 @@ import asyncio
 import email.utils
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -199,6 +199,14 @@ class Adapter(ABC):
         job may still run and be billed), None if this provider has no cancel."""
         return None
 
+    resumable: ClassVar[bool] = False  # True where `resume` can follow a job submitted earlier
+
+    async def resume(self, job: ImageJob, job_ids: Sequence[str], deadline: float) -> ProviderResult:
+        """Follow jobs an earlier process submitted for `job` (ids it noted) to
+        their result, without submitting anything: how a replica that claims
+        a crashed replica's async job avoids paying for it twice."""
+        raise ProviderError(FailureClass.FAILED, f"{self.kind} jobs cannot be resumed")
+
     # ---- helpers shared by HTTP adapters -------------------------------------
 
     async def request(
@@ -253,11 +261,19 @@ class Adapter(ABC):
 submitted_jobs: ContextVar[list[str] | None] = ContextVar("submitted_jobs", default=None)
 
 
-def note_job_id(job_id: str) -> None:
+# Who else wants to know a job id at once: the async job worker records it
+# durably, so another replica can resume the job after a crash.
+job_id_listener: ContextVar[Callable[[str, str], None] | None] = ContextVar("job_id_listener", default=None)
+
+
+def note_job_id(job_id: str, backend: str | None = None) -> None:
     """Adapters call this as soon as a provider has given the work an id."""
     jobs = submitted_jobs.get()
     if jobs is not None:
         jobs.append(job_id)
+    listener = job_id_listener.get()
+    if listener is not None and backend is not None:
+        listener(backend, job_id)
 
 
 def deadline_error(job_id: str | None) -> ProviderError:

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote
@@ -252,9 +252,23 @@ class FalAdapter(Adapter):
         request_id = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(request_id, str) or not request_id:
             raise ProviderError(FailureClass.FAILED, f"HTTP {response.status_code}: submit response has no request_id", status=response.status_code)
-        note_job_id(request_id)
+        note_job_id(request_id, self.name)
         urls = self._queue_urls(endpoint, request_id, body)
         self._remember(request_id, urls.cancel)
+        return await self._follow(job, urls, request_id, headers, deadline)
+
+    resumable: ClassVar[bool] = True
+
+    async def resume(self, job: ImageJob, job_ids: Sequence[str], deadline: float) -> ProviderResult:
+        """Follow a queue request submitted earlier, by its request id (one per job)."""
+        if len(job_ids) != 1:
+            raise ProviderError(FailureClass.FAILED, f"expected one fal request id to resume, got {len(job_ids)}")
+        endpoint = self.edit_model if job.kind is JobKind.EDIT else self.model
+        urls = self._own_urls(endpoint, job_ids[0])
+        self._remember(job_ids[0], urls.cancel)
+        return await self._follow(job, urls, job_ids[0], self._auth(), deadline)
+
+    async def _follow(self, job: ImageJob, urls: QueueUrls, request_id: str, headers: Mapping[str, str], deadline: float) -> ProviderResult:
         status = await self._wait_until_completed(urls.status, request_id, headers, deadline)
         if status.get("error") or status.get("error_type"):
             raise self._completed_error(status, request_id)

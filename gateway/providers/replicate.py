@@ -55,7 +55,7 @@ import asyncio
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 from urllib.parse import quote
@@ -322,10 +322,23 @@ class ReplicateAdapter(Adapter):
         if not isinstance(pid, str) or not pid:
             raise ProviderError(FailureClass.FAILED, f"HTTP {response.status_code}: create response is not a prediction", status=response.status_code)
         created[index] = pid
-        note_job_id(pid)
+        note_job_id(pid, self.name)
         if prediction.get("status") not in TERMINAL:
             prediction = await self._follow(prediction, pid, headers, deadline)
         return self._settle(prediction, pid)
+
+    resumable: ClassVar[bool] = True
+
+    async def resume(self, job: ImageJob, job_ids: Sequence[str], deadline: float) -> ProviderResult:
+        """Follow predictions created earlier (one per image) to their results."""
+        if len(job_ids) != job.n:
+            raise ProviderError(FailureClass.FAILED, f"{len(job_ids)} of {job.n} predictions were recorded; cannot resume")
+        headers = self._auth()
+
+        async def one(pid: str) -> Mapping[str, Any]:
+            return self._settle(await self._follow({"status": "starting"}, pid, headers, deadline), pid)
+
+        return self._result(job, list(await asyncio.gather(*(one(pid) for pid in job_ids))))
 
     def _prefer_wait(self, remaining: float) -> int:
         choice = self.opts.prefer_wait_s

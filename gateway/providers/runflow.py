@@ -80,7 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Literal
@@ -410,10 +410,19 @@ class RunflowAdapter(Adapter):
             raise self._create_error(resp)
         run = self._created_run(resp)
         run_id = str(run["id"])
-        note_job_id(run_id)  # from here on the run may bill: dispatch can cancel it if the caller leaves
+        note_job_id(run_id, self.name)  # from here on the run may bill: dispatch can cancel it if the caller leaves
         if run_status(run) not in TERMINAL:
             run = await self._follow(run_id, deadline)
         return self._outcome(run, run_id, job)
+
+    resumable: ClassVar[bool] = True
+
+    async def resume(self, job: ImageJob, job_ids: Sequence[str], deadline: float) -> ProviderResult:
+        """Follow a run created earlier, by its id, to its outcome."""
+        self._require_key()
+        if len(job_ids) != 1:
+            raise ProviderError(FailureClass.FAILED, f"expected one Runflow run id to resume, got {len(job_ids)}")
+        return self._outcome(await self._follow(job_ids[0], deadline), job_ids[0], job)
 
     def _created_run(self, resp: httpx.Response) -> Mapping[str, Any]:
         try:

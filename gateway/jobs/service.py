@@ -1,0 +1,133 @@
+"""Async jobs, assembled: the store, the queue, the webhook schedule and rules.
+
+`open_jobs` picks memory (one process; lost on restart) or Redis
+(`REDIS_URL`, shared by every replica). The API calls `submit`, `owned`,
+`list` and `cancel`; the worker (gateway/jobs/worker.py) does the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway.config import GatewaySettings
+from gateway.errors import GatewayError
+from gateway.jobs.deliveries import (
+    DeliverySchedule,
+    MemoryDeliverySchedule,
+    RedisDeliverySchedule,
+)
+from gateway.jobs.model import JobRecord
+from gateway.jobs.queue import JobQueue, MemoryJobQueue, RedisJobQueue
+from gateway.jobs.store import JobStore, MemoryJobStore, RedisJobStore
+from gateway.jobs.webhooks import Allowlist, parse_secret
+
+if TYPE_CHECKING:
+    from gateway.backends import BackendFleet
+    from gateway.metrics import GatewayMetrics
+
+
+@contextlib.contextmanager
+def store_reachable() -> Iterator[None]:
+    """A job store outage is a 503 the caller may retry, not an internal error."""
+    try:
+        yield
+    except GatewayError:
+        raise
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        raise GatewayError("the job store is unavailable; retry shortly", status=503, code="job_store_unavailable", retryable=True, retry_after=1) from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith("redis"):
+            raise GatewayError("the job store is unavailable; retry shortly", status=503, code="job_store_unavailable", retryable=True, retry_after=1) from exc
+        raise
+
+
+@dataclass
+class Jobs:
+    store: JobStore
+    queue: JobQueue
+    deliveries: DeliverySchedule
+    settings: GatewaySettings
+    allowlist: Allowlist
+    signing_key: bytes | None  # None: KLEIN_WEBHOOK_SECRET unset, so webhooks are refused
+    shared: bool  # True when every replica sees the same jobs (Redis)
+    client: Any = None  # the Redis client, closed with the jobs
+
+    async def submit(self, record: JobRecord, metrics: GatewayMetrics) -> None:
+        with store_reachable():
+            await self.store.create(record)
+            await self.queue.enqueue(record.id)
+        metrics.record_job_status("queued")
+
+    async def owned(self, owner: str | None, job_id: str) -> JobRecord | None:
+        """The job if `owner` made it; None otherwise, the same as when it does not exist."""
+        with store_reachable():
+            record = await self.store.get(job_id)
+        return record if record is not None and record.owner == owner else None
+
+    async def cancel(self, owner: str | None, job_id: str, fleet: BackendFleet, metrics: GatewayMetrics) -> JobRecord | None:
+        """Cancel a queued or running job, and its provider jobs where the provider allows it."""
+        changed: list[bool] = []
+
+        def cancel(r: JobRecord) -> bool:
+            if r.owner != owner or r.terminal:
+                return False
+            r.status, r.completed = "canceled", time.time()
+            changed.append(True)
+            return True
+
+        if await self.owned(owner, job_id) is None:
+            return None
+        with store_reachable():
+            record = await self.store.update(job_id, cancel)
+        if record is None or record.owner != owner:
+            return None
+        if changed:
+            metrics.record_job_status("canceled")
+            for name, ids in record.provider_jobs.items():
+                backend = fleet.backends.get(name)
+                for provider_job_id in ids if backend is not None else ():
+                    with contextlib.suppress(Exception):
+                        await backend.adapter.cancel(provider_job_id)  # type: ignore[union-attr]
+            await self.schedule_webhook(record)
+        return record
+
+    async def list(self, owner: str | None, *, status: str | None, limit: int, after: str | None) -> tuple[list[JobRecord], bool]:
+        with store_reachable():
+            return await self.store.list(owner, status=status, limit=limit, after=after)
+
+    async def schedule_webhook(self, record: JobRecord) -> None:
+        if record.webhook is not None and not record.webhook.delivered:
+            await self.deliveries.at(record.id, time.time())
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+
+def open_jobs(settings: GatewaySettings, env: Mapping[str, str]) -> Jobs:
+    """Jobs in Redis when `REDIS_URL` is set, else in this process."""
+    allow = Allowlist.parse([*settings.webhook_allow, *(env.get("KLEIN_WEBHOOK_ALLOW") or "").split(",")])
+    secret = env.get("KLEIN_WEBHOOK_SECRET")
+    key = parse_secret(secret) if secret else None
+    url = env.get("REDIS_URL")
+    if not url:
+        return Jobs(MemoryJobStore(settings.job_retention_s), MemoryJobQueue(), MemoryDeliverySchedule(), settings, allow, key, shared=False)
+    import redis.asyncio as aioredis
+
+    namespace = env.get("KLEIN_STATE_NAMESPACE") or "default"
+    # Longer timeouts than the health store's: XREADGROUP blocks for a second.
+    client = aioredis.from_url(url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=30)
+    return Jobs(
+        RedisJobStore(client, namespace=namespace, retention_s=settings.job_retention_s),
+        RedisJobQueue(client, namespace=namespace),
+        RedisDeliverySchedule(client, namespace=namespace),
+        settings,
+        allow,
+        key,
+        shared=True,
+        client=client,
+    )
