@@ -46,6 +46,12 @@ HEADERS: dict[str, Any] = {
     "CostUsd": {"description": "What the request cost, in US dollars, as a decimal string; the same figure the spend metrics record.", "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}},
     "Attempts": {"description": "How many backends were tried.", "schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "Nsfw": {"description": "Indexes of images the safety checker flagged, comma-separated.", "schema": {"type": "string"}},
+    "BilledUsd": {"description": "What the serving provider itself reported billing, where its answer carries a figure (reconciliation).", "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}},
+    "PossiblyBilledUsd": {"description": "Work whose outcome is unknown and whose cancel was not confirmed: it may be billed; not in x-klein-cost-usd.", "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}},
+    "RateLimit": {"description": "OpenAI's rate-limit headers for keys with a limit (x-ratelimit-{limit,remaining,reset}-{requests,images}).", "schema": {"type": "string"}},
+    "IdempotentReplayed": {"description": "`true` when the answer is the stored one of an earlier request with the same Idempotency-Key.", "schema": {"const": "true"}},
+    "Location": {"description": "Where the job can be read.", "required": True, "schema": {"type": "string"}},
+    "PreferenceApplied": {"description": "`respond-async` (RFC 7240).", "required": True, "schema": {"const": "respond-async"}},
 }
 
 SCHEMAS: dict[str, Any] = {
@@ -138,6 +144,36 @@ SCHEMAS: dict[str, Any] = {
         "required": ["status", "state_store", "backends"],
         "properties": {"status": {"type": "string", "enum": ["ready", "not_ready"]}, "state_store": {"type": "string"}, "backends": {"type": "integer"}},
     },
+    "ImageJob": {
+        "type": "object",
+        "description": "An async image job (Prefer: respond-async); `result` is exactly the synchronous answer's body.",
+        "required": ["id", "object", "status", "created", "completed", "backend", "cost_usd", "attempts", "result", "error", "metadata", "webhook"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "image.job"},
+            "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]},
+            "created": {"type": "integer"},
+            "completed": {"type": ["integer", "null"]},
+            "backend": {"type": ["string", "null"]},
+            "cost_usd": {"type": ["string", "null"]},
+            "attempts": {"type": "integer"},
+            "result": {"oneOf": [_schema("ImagesResponse"), {"type": "null"}]},
+            "error": {"type": ["object", "null"]},
+            "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+            "webhook": {"type": ["object", "null"]},
+        },
+    },
+    "ImageJobList": {
+        "type": "object",
+        "required": ["object", "data", "first_id", "last_id", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _schema("ImageJob")}, "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}},
+    },
+    "Usage": {
+        "type": "object",
+        "description": "Spend, billed figure, images, megapixels and requests from the usage ledger, grouped as asked, with a total.",
+        "required": ["data", "total"],
+        "properties": {"data": {"type": "array", "items": {"type": "object"}}, "total": {"type": "object"}},
+    },
     "EditForm": {
         "type": "object",
         "description": "OpenAI's multipart edit form: 1 to 4 images as `image`, `image[]` or `image[0..3]`; every other field as in ImageBody, as text (`provider` as JSON text).",
@@ -159,10 +195,13 @@ SCHEMAS: dict[str, Any] = {
 ERROR_DESCRIPTIONS = {
     400: "The request can never succeed as written (a field, a header, JSON, a disabled backend pinned).",
     401: "Missing or wrong `Authorization: Bearer <key>` (when the gateway has keys).",
-    404: "Unknown model, or an image URL that is wrong or expired.",
+    403: "The caller's key may not use the backend it pinned or named (its `backends` rule).",
+    404: "Unknown model or job, or an image URL that is wrong or expired.",
+    409: "A request with the same Idempotency-Key is still running.",
     413: "The body, a reference image or its pixel count is over the limit.",
     415: "The body or a reference image is of a type the gateway does not take.",
     422: "Well-formed, but no backend can do it, or a reference image cannot be decoded.",
+    429: "A rate limit (`rate_limit_exceeded`, with Retry-After) or a budget (`insufficient_quota`) of the caller's key.",
     499: "The caller closed the connection; the backend job was cancelled where the provider allows it.",
     500: "A bug in the gateway; the request id is in `x-request-id`.",
     502: "Every eligible backend failed.",
@@ -195,8 +234,20 @@ DEADLINE = {
     "description": "The request's time budget in milliseconds (at most the configured max_deadline_s); default default_deadline_s.",
     "schema": {"type": "string", "pattern": f"^[0-9]{{1,{MAX_DEADLINE_DIGITS}}}$"},
 }
-IMAGE_STATUSES = (400, 401, 404, 413, 415, 422, 499, 500, 502, 503, 504)
-IMAGE_HEADERS = {"x-klein-backend": _header("Backend"), "x-klein-cost-usd": _header("CostUsd"), "x-klein-attempts": _header("Attempts"), "x-klein-nsfw": _header("Nsfw")}
+PREFER = {"name": "Prefer", "in": "header", "required": False, "description": "`respond-async` (RFC 7240): answer 202 with a job instead of waiting.", "schema": {"type": "string"}}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Replays the stored answer of an earlier request with this key and body (kept 24 h, per caller); at most 255 characters.",
+    "schema": {"type": "string"},
+}  # fmt: skip
+IMAGE_STATUSES = (400, 401, 403, 404, 409, 413, 415, 422, 429, 499, 500, 502, 503, 504)
+RATE_LIMIT_HEADERS = {f"x-ratelimit-{part}-{what}": _header("RateLimit") for part in ("limit", "remaining", "reset") for what in ("requests", "images")}
+IMAGE_HEADERS = {
+    "x-klein-backend": _header("Backend"), "x-klein-cost-usd": _header("CostUsd"), "x-klein-attempts": _header("Attempts"), "x-klein-nsfw": _header("Nsfw"),
+    "x-klein-billed-usd": _header("BilledUsd"), "x-klein-possibly-billed-usd": _header("PossiblyBilledUsd"), "idempotent-replayed": _header("IdempotentReplayed"),
+    **RATE_LIMIT_HEADERS,
+}  # fmt: skip
+JOB_STATUSES = (400, 401, 404, 500, 503)
 
 
 def _images_operation(summary: str, request_body: dict[str, Any], operation_id: str) -> dict[str, Any]:
@@ -204,9 +255,13 @@ def _images_operation(summary: str, request_body: dict[str, Any], operation_id: 
         "operationId": operation_id,
         "summary": summary,
         "security": AUTH,
-        "parameters": [DEADLINE],
+        "parameters": [DEADLINE, PREFER, IDEMPOTENCY_KEY],
         "requestBody": request_body,
-        "responses": {"200": _ok("The images, from the cheapest healthy backend that could make them.", "ImagesResponse", headers=IMAGE_HEADERS), **_errors(*IMAGE_STATUSES, cost_headers=True)},
+        "responses": {
+            "200": _ok("The images, from the cheapest healthy backend that could make them.", "ImagesResponse", headers=IMAGE_HEADERS),
+            "202": _ok("With `Prefer: respond-async`: the job, queued.", "ImageJob", headers={"location": _header("Location"), "preference-applied": _header("PreferenceApplied")}),
+            **_errors(*IMAGE_STATUSES, cost_headers=True),
+        },
     }
 
 
@@ -253,6 +308,50 @@ def _paths() -> dict[str, Any]:
                     },
                     **_errors(400, 404),
                 },
+            }
+        },
+        "/v1/images/jobs": {
+            "get": {
+                "operationId": "listImageJobs",
+                "summary": "The caller's async jobs, newest first, cursor-paginated.",
+                "security": AUTH,
+                "parameters": [
+                    {"name": "status", "in": "query", "required": False, "schema": {"type": "string", "enum": ["queued", "running", "succeeded", "failed", "canceled"]}},
+                    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _ok("The jobs.", "ImageJobList"), **_errors(*JOB_STATUSES)},
+            }
+        },
+        "/v1/images/jobs/{job_id}": {
+            "get": {
+                "operationId": "retrieveImageJob",
+                "summary": "One async job, to the caller that made it (404 to any other).",
+                "security": AUTH,
+                "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _ok("The job.", "ImageJob"), **_errors(*JOB_STATUSES)},
+            }
+        },
+        "/v1/images/jobs/{job_id}/cancel": {
+            "post": {
+                "operationId": "cancelImageJob",
+                "summary": "Cancel an async job, and its provider job where the provider allows.",
+                "security": AUTH,
+                "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": _ok("The job.", "ImageJob"), **_errors(*JOB_STATUSES)},
+            }
+        },
+        "/v1/usage": {
+            "get": {
+                "operationId": "usage",
+                "summary": "Spend from the usage ledger: a key sees its own, an admin key everyone's.",
+                "security": AUTH,
+                "parameters": [
+                    {"name": "start", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "end", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "group_by", "in": "query", "required": False, "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _ok("The usage.", "Usage"), **_errors(400, 401, 500)},
             }
         },
         "/v1/backends": {"get": {"operationId": "listBackends", "summary": "Every configured backend, its pricing and health.", "security": AUTH, "responses": {"200": _ok("The backends.", "BackendList"), **_errors(401, 500)}}},
