@@ -59,12 +59,24 @@ class SqliteLedger:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
-        if self.path != ":memory:":
-            self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA busy_timeout=30000")
+        self._conn = self._connect()
         self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        if self.path != ":memory:":
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        """The connection, opened again if an earlier shutdown closed it (an app served twice in one process)."""
+        if self._closed:
+            self._conn, self._closed = self._connect(), False
+        return self._conn
+
+    _closed = False
 
     def _migrate(self) -> None:
         with self._lock:
@@ -93,12 +105,13 @@ class SqliteLedger:
             for r in rows
         ]
         with self._lock:
-            self._conn.execute("BEGIN")
+            conn = self._open()
+            conn.execute("BEGIN")
             try:
-                self._conn.executemany(f"INSERT OR IGNORE INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
-                self._conn.execute("COMMIT")
+                conn.executemany(f"INSERT OR IGNORE INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", values)
+                conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
 
     def fetch(self, start: datetime, end: datetime, key_name: str | None = None) -> list[UsageRow]:
@@ -108,12 +121,16 @@ class SqliteLedger:
             sql += " AND key_name = ?"
             args.append(key_name)
         with self._lock:
-            found = self._conn.execute(sql + " ORDER BY at, row_id", args).fetchall()
+            found = self._open().execute(sql + " ORDER BY at, row_id", args).fetchall()
         return [_row(r, datetime.fromisoformat(r[1])) for r in found]
 
     def close(self) -> None:
+        if self.path == ":memory:":
+            return  # closing would drop the rows; nothing on disk to release
         with self._lock:
-            self._conn.close()
+            if not self._closed:
+                self._conn.close()
+                self._closed = True
 
 
 class PostgresLedger:

@@ -34,6 +34,8 @@ class Ledger:
 
     def start(self) -> None:
         if self._task is None:
+            # Made on the loop that serves: an app started again (tests, an embedding host) gets a new loop.
+            self._wake, self._write_lock = asyncio.Event(), asyncio.Lock()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     def record(self, row: UsageRow) -> None:
