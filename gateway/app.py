@@ -29,6 +29,7 @@ from gateway.probes import Prober
 from gateway.results import ResultShaper
 from gateway.service import Gateway
 from gateway.state import open_store
+from gateway.upload_links import UploadLinks
 from gateway.transport import ShardedTransport
 
 log = logging.getLogger("klein.gateway")
@@ -69,7 +70,8 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     health.on_state_change(lambda name, state: metrics.set_breaker_state(name, state.value))
     settings = config.settings
     images_store = ImageStore(ttl_s=settings.image_url_ttl_s, max_bytes=settings.image_store_bytes, signing_key=(env.get("KLEIN_URL_SIGNING_KEY") or "").encode() or None)
-    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store), metrics)
+    fleet.uploads = UploadLinks(images_store, settings)
+    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store), metrics, uploads=fleet.uploads)
     for name, backend in fleet.backends.items():
         metrics.set_backend_quote(name, backend.quote(REFERENCE_JOB).usd)
     gw = Gateway(

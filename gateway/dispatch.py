@@ -26,6 +26,7 @@ from gateway.pricing import usd
 from gateway.providers.base import FailureClass, ProviderError, submitted_jobs
 from gateway.results import ResultShaper, ShapedImage
 from gateway.routing import Plan, SkipCause
+from gateway.upload_links import UploadLinks
 
 SKIPPED = "skipped"
 MIN_ATTEMPT_S = 5.0  # an attempt that is not the last gets at least this long...
@@ -73,6 +74,7 @@ class Outcome:
     cost_usd: Decimal
     upstream_s: float
     seed: int | None = None
+    size: str | None = None  # what was produced ("WxH"); a flexible request may get a backend's native size
 
     @property
     def tried(self) -> int:
@@ -96,6 +98,7 @@ class Dispatcher:
     health: HealthTracker
     shaper: ResultShaper
     metrics: GatewayMetrics
+    uploads: UploadLinks | None = None  # lends uploads a URL for backends that take URLs only
     _pending_cancels: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str) -> Outcome:
@@ -110,6 +113,7 @@ class Dispatcher:
             if remaining <= 0:
                 break
             backend = self.backends[cand.name]
+            served = cand.served(job)  # at the size this backend produces (gateway.native_sizes)
             if not await self.health.acquire(cand.name):
                 attempts.append(Attempt(cand.name, SKIPPED, 0.0, message="circuit half-open, trial in progress"))
                 continue
@@ -122,16 +126,16 @@ class Dispatcher:
             token = submitted_jobs.set(submitted)
             waited: float | None = None  # time spent in the adapter, i.e. on the provider
             try:
-                job_for = await backend.prepare(job)
+                job_for = await backend.prepare(served, self.uploads)
                 result = await backend.adapter.generate(job_for, t0 + budget)
                 waited = time.monotonic() - t0
                 upstream += waited
-                images = await self.shaper.shape(job, result.images, backend=cand.name, deadline=deadline, base_url=base_url)
+                images = await self.shaper.shape(served, result.images, backend=cand.name, deadline=deadline, base_url=base_url)
             except ProviderError as err:
                 elapsed = time.monotonic() - t0
                 if waited is None:
                     upstream += elapsed
-                cost = backend.bill(job, job.n, cand.health) if err.billed else Decimal(0)
+                cost = backend.bill(served, job.n, cand.health) if err.billed else Decimal(0)
                 spent += cost
                 attempts.append(Attempt(cand.name, err.failure.value, elapsed, cost, err.status, err.message))
                 await self._record_failure(backend, job, err, elapsed, cost)
@@ -162,13 +166,13 @@ class Dispatcher:
             finally:
                 submitted_jobs.reset(token)
             elapsed = time.monotonic() - t0
-            cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images), cand.health)
+            cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(served, len(images), cand.health)
             spent += cost
             attempts.append(Attempt(cand.name, "success", elapsed, cost))
             await self.health.record_success(cand.name, elapsed)
             self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
-            self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))
-            return Outcome(cand.name, images, attempts, spent, upstream, result.seed)
+            self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=served.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))
+            return Outcome(cand.name, images, attempts, spent, upstream, result.seed, served.size)
         raise self._exhausted(job, plan, attempts, spent, upstream, deadline)
 
     async def _record_failure(self, backend: Backend, job: ImageJob, err: ProviderError, elapsed: float, cost: Decimal) -> None:

@@ -90,6 +90,7 @@ class Gateway:
             rows.append({
                 "name": c.name,
                 "eligible": c.eligibility.ok,
+                "size": c.served(job).size,
                 "reason": skipped.get(c.name, "") or c.eligibility.reason,
                 "cost_usd": usd_text(c.quote.usd) if c.quote else None,
                 "basis": c.quote.basis if c.quote else None,

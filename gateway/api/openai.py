@@ -86,11 +86,12 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             }
             if any(img.nsfw for img in outcome.images):
                 headers["x-klein-nsfw"] = ",".join(str(i) for i, img in enumerate(outcome.images) if img.nsfw)
+            produced = outcome.size or job.size  # a request for a shape may get the backend's native size
             body = {
                 "created": int(time.time()),
-                "data": [img.as_openai() for img in outcome.images],
+                "data": [img.as_openai() | {"size": produced} for img in outcome.images],
                 "output_format": job.output_format,
-                "size": job.size,
+                "size": produced,
             }
             status = 200
             return Response(msgspec.json.encode(body), media_type=MediaType.JSON, headers=headers)
