@@ -29,8 +29,8 @@ from gateway.probes import Prober
 from gateway.results import ResultShaper
 from gateway.service import Gateway
 from gateway.state import open_store
-from gateway.upload_links import UploadLinks
 from gateway.transport import ShardedTransport
+from gateway.upload_links import UploadLinks
 
 log = logging.getLogger("klein.gateway")
 

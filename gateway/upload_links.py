@@ -57,8 +57,5 @@ class UploadLinks:
         if not base:
             raise RuntimeError("no public base URL: uploads cannot be lent a URL")
         ttl = min(self.settings.reference_url_ttl_s, self.settings.image_url_ttl_s)
-        refs = tuple(
-            ref if ref.url is not None else replace(ref, url=reference_url_for(self.store, base, ref, ttl, self.clock))
-            for ref in job.references
-        )
+        refs = tuple(ref if ref.url is not None else replace(ref, url=reference_url_for(self.store, base, ref, ttl, self.clock)) for ref in job.references)
         return replace(job, references=refs)

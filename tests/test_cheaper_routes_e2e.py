@@ -98,9 +98,7 @@ def private_rig(fleet: EmulatorFleet, admin: httpx.Client) -> Iterator[Rig]:
 
 
 def test_a_16_9_aspect_ratio_is_served_by_replicate_at_its_native_size_and_priced_by_its_rule(rig: Rig) -> None:
-    raw = rig.sdk.images.with_raw_response.generate(
-        model="flux-2-klein-4b", prompt="a harbour at dawn", response_format="b64_json", extra_body={"aspect_ratio": "16:9", **NO_LOCAL}
-    )
+    raw = rig.sdk.images.with_raw_response.generate(model="flux-2-klein-4b", prompt="a harbour at dawn", response_format="b64_json", extra_body={"aspect_ratio": "16:9", **NO_LOCAL})
     result = raw.parse()
     assert raw.headers["x-klein-backend"] == "replicate"
     # Replicate: $0.001 per output MP, exact (pricing/replicate.yaml); 1365x768 = 1.04832 MP.
