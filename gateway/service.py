@@ -107,6 +107,7 @@ class Gateway:
             "n": job.n,
             "kind": job.kind.value,
             "chosen": chosen,
+            "chosen_size": p.chosen.served(job).size if p.chosen else None,  # what the chosen backend would produce
             "cost_usd": usd_text(p.chosen.quote.usd) if p.chosen and p.chosen.quote else None,
             "order": [c.name for c in p.attempts],
             "backends": rows,

@@ -115,7 +115,7 @@ def test_the_quote_prices_each_backend_at_the_size_it_would_produce(rig: Rig) ->
     assert response.status_code == 200, response.text
     table = response.json()
     rows = {row["name"]: row for row in table["backends"]}
-    assert table["chosen"] == "replicate" and table["size"] == "1360x768"
+    assert table["chosen"] == "replicate" and table["size"] == "1360x768" and table["chosen_size"] == "1365x768"
     assert rows["replicate"]["size"] == "1365x768" and rows["replicate"]["cost_usd"] == "0.00104832"
     assert rows["fal"]["size"] == "1360x768" and rows["fal"]["cost_usd"] == "0.0052224"
 

@@ -115,6 +115,7 @@ SCHEMAS: dict[str, Any] = {
             "n": {"type": "integer"},
             "kind": {"type": "string", "enum": ["generate", "edit"]},
             "chosen": {"type": ["string", "null"]},
+            "chosen_size": {"type": ["string", "null"], "description": "The size the chosen backend would produce: `size`, or its native size near it for a request that gave only a shape."},
             "cost_usd": {"type": ["string", "null"]},
             "order": {"type": "array", "items": {"type": "string"}},
             "backends": {"type": "array", "items": _schema("QuoteRow")},
