@@ -108,6 +108,19 @@ def test_a_16_9_aspect_ratio_is_served_by_replicate_at_its_native_size_and_price
     assert body["size"] == "1365x768" and [d["size"] for d in body["data"]] == ["1365x768"]
     assert [(i["aspect_ratio"], i["output_megapixels"]) for i in rig.replicate_inputs()] == [("16:9", "1")]
     assert rig.stats("fal")["paid_calls"] == 0
+    # the ledger agrees with the header: money and megapixels at the size produced
+    metrics = httpx.get(f"{rig.server.url}/metrics", timeout=10).text
+    assert metric(metrics, "klein_cost_usd_total", "replicate") == Decimal(raw.headers["x-klein-cost-usd"])
+    assert metric(metrics, "klein_megapixels_total", "replicate") == Decimal("1.04832")
+
+
+def metric(text: str, name: str, backend: str) -> Decimal:
+    """The sum of one metric's samples for a backend, from the Prometheus text format."""
+    total = Decimal(0)
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'backend="{backend}"' in line:
+            total += Decimal(line.rsplit(" ", 1)[1])
+    return total
 
 
 def test_the_quote_prices_each_backend_at_the_size_it_would_produce(rig: Rig) -> None:
@@ -194,3 +207,27 @@ def test_with_a_public_base_url_the_quote_makes_empiriolabs_the_choice_for_an_up
     rows = {row["name"]: row for row in table["backends"]}
     assert rows["empiriolabs"]["eligible"] is True
     assert table["chosen"] == "empiriolabs" and table["cost_usd"] == "0.0085"
+
+
+def test_a_lent_url_another_replica_cannot_serve_fails_over_to_a_backend_that_takes_the_bytes(fleet: EmulatorFleet, admin: httpx.Client) -> None:
+    """Behind a load balancer the provider may fetch the lent URL from another
+    replica, whose in-memory store lacks the upload: EmpirioLabs gets a 404, refuses
+    the request, and the edit fails over to fal with the bytes; nothing is billed twice."""
+    for running in fleet.emulators.values():
+        assert admin.post(f"{running.base_url}/_admin/reset").status_code == 200
+    shared_key = {"KLEIN_URL_SIGNING_KEY": "replicas-share-this-signing-key"}
+    other_port = free_port()
+    with ServerThread(make_app(env=fleet.env() | shared_key), port=other_port):
+        env = fleet.env() | shared_key | {"KLEIN_PUBLIC_BASE_URL": f"http://127.0.0.1:{other_port}"}
+        with ServerThread(make_app(env=env)) as server:
+            rig = Rig(fleet, admin, server)
+            try:
+                raw = _edit(rig, png_bytes(1024, 768))
+            finally:
+                rig.sdk.close()
+    assert raw.headers["x-klein-backend"] == "fal" and raw.headers["x-klein-attempts"] == "2"
+    assert raw.headers["x-klein-cost-usd"] == "0.01786432"  # fal only: (0.786432 + 1) MP x $0.010
+    assert image_size_of(base64.b64decode(raw.parse().data[0].b64_json)) == (1024, 768)
+    fetched = rig.stats("empiriolabs")["references_fetched"]
+    assert [f["status"] for f in fetched] == [404]
+    assert rig.stats("empiriolabs")["images"] == 0
