@@ -15,11 +15,13 @@ from gateway.pricing import usd_text
 
 
 def images_body(job: ImageJob, outcome: Outcome, created: float | None = None) -> dict[str, Any]:
+    """`size` (and each image's) is what was produced: a request for a shape may get the backend's native size."""
+    produced = outcome.size or job.size
     return {
         "created": int(time.time() if created is None else created),
-        "data": [img.as_openai() for img in outcome.images],
+        "data": [img.as_openai() | {"size": produced} for img in outcome.images],
         "output_format": job.output_format,
-        "size": job.size,
+        "size": produced,
     }
 
 

@@ -43,6 +43,7 @@ from gateway.service import Gateway
 from gateway.shutdown import Drain, on_sigterm
 from gateway.state import open_store
 from gateway.transport import ShardedTransport
+from gateway.upload_links import UploadLinks
 
 log = logging.getLogger("klein.gateway")
 
@@ -82,7 +83,8 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     health.on_state_change(lambda name, state: metrics.set_breaker_state(name, state.value))
     settings = config.settings
     images_store = open_image_store(settings, env)
-    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store, rehost=settings.image_store.rehost), metrics)
+    fleet.uploads = UploadLinks(images_store, settings)
+    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store, rehost=settings.image_store.rehost), metrics, uploads=fleet.uploads)
     for name, backend in fleet.backends.items():
         metrics.set_backend_quote(name, backend.quote(REFERENCE_JOB).usd)
         if backend.kind in SOURCES:

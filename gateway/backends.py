@@ -19,11 +19,13 @@ from gateway.config import GatewayConfig, ResolvedBackend
 from gateway.healthview import HealthView
 from gateway.job import ImageJob, JobKind
 from gateway.logs import register_secrets
+from gateway.native_sizes import SizeTolerance, as_served
 from gateway.pricing import PriceSheet, Quote, bill, quote
 from gateway.providers import adapter_class, capabilities_for
 from gateway.providers.base import Adapter, AdapterSettings, Timeouts
 from gateway.references import fetch_reference
 from gateway.routing import Candidate
+from gateway.upload_links import UploadLinks
 
 
 @dataclass
@@ -55,11 +57,19 @@ class Backend:
     def capabilities_for(self, job: ImageJob) -> Capabilities:
         return self.edit_capabilities if job.kind is JobKind.EDIT else self.capabilities
 
-    async def prepare(self, job: ImageJob, *, deadline: float | None = None) -> ImageJob:
-        """The job as this backend needs it: URL references fetched for a backend
-        that takes bytes, all at once and each within what is left of `deadline`
-        (a `time.monotonic()` instant; dispatch also bounds the whole step)."""
-        if self.capabilities_for(job).accepts_url_refs or all(r.data is not None for r in job.references):
+    def served(self, job: ImageJob, tolerance: SizeTolerance) -> ImageJob:
+        """The job at the size this backend would produce (gateway.native_sizes)."""
+        return as_served(job, self.capabilities_for(job), tolerance)
+
+    async def prepare(self, job: ImageJob, uploads: UploadLinks | None = None, *, deadline: float | None = None) -> ImageJob:
+        """The job as this backend needs it: uploads lent a URL for a backend that
+        takes URLs only; URL references fetched for a backend that takes bytes,
+        all at once and each within what is left of `deadline` (a
+        `time.monotonic()` instant; dispatch also bounds the whole step)."""
+        caps = self.capabilities_for(job)
+        if not caps.accepts_data_uri_refs and uploads is not None and uploads.available and any(r.url is None for r in job.references):
+            return await uploads.lend(job)
+        if caps.accepts_url_refs or all(r.data is not None for r in job.references):
             return job
         timeout = max(0.001, deadline - time.monotonic()) if deadline is not None else 10.0
         fetches = [asyncio.ensure_future(fetch_reference(r, self.fetch_client, timeout=timeout)) for r in job.references]
@@ -86,18 +96,29 @@ class BackendFleet:
         self.backends: dict[str, Backend] = {}
         for resolved in config.enabled:
             self.backends[resolved.name] = build_backend(resolved, client, fetch_client, baseline)
+        self.uploads: UploadLinks | None = None  # set once the image store exists (gateway.app)
+
+    @property
+    def tolerance(self) -> SizeTolerance:
+        s = self.config.settings
+        return SizeTolerance(ratio=s.native_size_ratio_tolerance, pixels=s.native_size_pixel_tolerance)
 
     @property
     def names(self) -> set[str]:
         return set(self.backends) | set(self.disabled)
 
     def candidates(self, job: ImageJob, views: dict[str, HealthView]) -> list[Candidate]:
+        """Each backend's eligibility and quote for the job at the size it would produce."""
         out = []
+        tolerance = self.tolerance
+        reachable = self.uploads is not None and self.uploads.available
         for name, backend in self.backends.items():
             view = views.get(name, HealthView(latency_p50_s=backend.expected_latency_s))
             if view.latency_p50_s is None and backend.expected_latency_s is not None:
                 view = replace(view, latency_p50_s=backend.expected_latency_s)
-            out.append(Candidate(name=name, eligibility=eligible(job, backend.capabilities_for(job)), quote=backend.quote(job, view), health=view))
+            served = backend.served(job, tolerance)
+            fit = eligible(served, backend.capabilities_for(served), uploads_reachable=reachable)
+            out.append(Candidate(name=name, eligibility=fit, quote=backend.quote(served, view), health=view, job=served))
         return out
 
 

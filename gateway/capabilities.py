@@ -79,10 +79,19 @@ class Eligibility:
 
 
 ELIGIBLE = Eligibility(True)
+UPLOADS_UNREACHABLE = (
+    "needs reference images as public URLs; uploads get a short-lived signed one only when "
+    "gateway.public_base_url (or KLEIN_PUBLIC_BASE_URL) is set, or an s3 image store presigns its URLs"
+)
 
 
-def eligible(job: ImageJob, caps: Capabilities) -> Eligibility:
-    """Can this backend do exactly this job? Pure; the reason names the limit."""
+def eligible(job: ImageJob, caps: Capabilities, *, uploads_reachable: bool = False) -> Eligibility:
+    """Can this backend do exactly this job? Pure; the reason names the limit.
+
+    `job` is the job at the size this backend would produce
+    (gateway.native_sizes.as_served). `uploads_reachable`: the gateway can
+    give uploaded references a short-lived URL (gateway.upload_links), so a
+    backend that takes references as URLs only can still take uploads."""
     w, h = job.width, job.height
     if job.kind is JobKind.EDIT and not caps.edit:
         return Eligibility(False, "does not support edits", "image")
@@ -90,7 +99,9 @@ def eligible(job: ImageJob, caps: Capabilities) -> Eligibility:
         return Eligibility(False, "does not support text-to-image", "prompt")
     if caps.exact_sizes is not None:
         if (w, h) not in caps.exact_sizes:
-            return Eligibility(False, f"cannot produce exactly {w}x{h}", "size")
+            if job.size_intent.exact:
+                return Eligibility(False, f"cannot produce exactly {w}x{h}", "size")
+            return Eligibility(False, f"cannot produce {w}x{h} or a native size near it", "size")
     else:
         if w % caps.multiple_of or h % caps.multiple_of:
             return Eligibility(False, f"width and height must be multiples of {caps.multiple_of}", "size")
@@ -106,8 +117,8 @@ def eligible(job: ImageJob, caps: Capabilities) -> Eligibility:
         return Eligibility(False, f"num_inference_steps must be {caps.min_steps} to {caps.max_steps}", "num_inference_steps")
     if len(job.references) > caps.max_references:
         return Eligibility(False, f"at most {caps.max_references} reference images", "image")
-    if not caps.accepts_data_uri_refs and any(ref.url is None for ref in job.references):
-        return Eligibility(False, "needs reference images as public URLs, not uploads", "image")
+    if not caps.accepts_data_uri_refs and not uploads_reachable and any(ref.url is None for ref in job.references):
+        return Eligibility(False, UPLOADS_UNREACHABLE, "image")
     if job.seed is not None and not caps.seed:
         return Eligibility(False, "does not accept a seed", "seed")
     return ELIGIBLE

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quote = sub.add_parser("quote", help="print every backend's price for a request")
     _config_args(quote)
-    quote.add_argument("--size", default="1024x1024")
+    quote.add_argument("--size", default=None, help="exact WIDTHxHEIGHT (default 1024x1024)")
+    quote.add_argument("--aspect-ratio", default=None, help="a shape such as 16:9 instead of a size: each backend is priced at its native size near it")
     quote.add_argument("--n", type=int, default=1)
     quote.add_argument("--steps", type=int, default=4)
     quote.add_argument("--edit-images", type=int, default=0, help="quote an edit with this many reference images")
@@ -208,7 +209,7 @@ def print_usage(args: argparse.Namespace) -> int:
 def print_quote(args: argparse.Namespace) -> int:
     """The price table, computed offline from the sheets (no backend is called)."""
     from gateway.api.parse import build_job, parse_body
-    from gateway.app import build_gateway
+    from gateway.app import PUBLIC_BASE_URL_ENV, build_gateway
     from gateway.errors import GatewayError
     from gateway.job import JobKind, ReferenceImage
 
@@ -221,22 +222,26 @@ def print_quote(args: argparse.Namespace) -> int:
         if b.disabled_reason and b.config.enabled:
             b.disabled_reason = None
             b.base_url = b.base_url or "http://unused.invalid"
+    if env.get(PUBLIC_BASE_URL_ENV):  # as the server does: uploads can then be lent a URL
+        config.settings.public_base_url = env[PUBLIC_BASE_URL_ENV]
     gw = build_gateway(config, env)
     refs = [ReferenceImage(content_type="image/png", data=b"", width=1024, height=1024)] * args.edit_images
     try:
-        body = parse_body({"prompt": "quote", "size": args.size, "n": args.n, "num_inference_steps": args.steps})
+        size = args.size or (None if args.aspect_ratio else "1024x1024")
+        body = parse_body({"prompt": "quote", "size": size, "aspect_ratio": args.aspect_ratio, "n": args.n, "num_inference_steps": args.steps})
         job = build_job(body, kind=JobKind.EDIT if refs else JobKind.GENERATE, references=refs, max_prompt_chars=10, deadline_s=config.settings.default_deadline_s, caller=None, known_backends=gw.fleet.names, request_id="quote")
     except GatewayError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
     table = asyncio.run(_quote(gw, job))
     kind = f"edit with {args.edit_images} reference image(s)" if refs else "text-to-image"
-    print(f"{args.size} x{args.n}, {args.steps} steps, {kind}")
-    print(f"{'backend':<12} {'cost_usd':>12}  {'basis':<17} {'eligible':<8} reason")
+    asked = f"aspect ratio {args.aspect_ratio} ({job.size})" if args.aspect_ratio and not args.size else job.size
+    print(f"{asked} x{args.n}, {args.steps} steps, {kind}")
+    print(f"{'backend':<12} {'size':<10} {'cost_usd':>12}  {'basis':<17} {'eligible':<8} reason")
     for row in table["backends"]:
         cost = f"{Decimal(row['cost_usd']):.8f}" if row["cost_usd"] is not None else "-"
-        print(f"{row['name']:<12} {cost:>12}  {row['basis'] or '-':<17} {'yes' if row['eligible'] else 'no':<8} {row['reason']}")
-    print(f"chosen: {table['chosen'] or 'none'}")
+        print(f"{row['name']:<12} {row.get('size') or '-':<10} {cost:>12}  {row['basis'] or '-':<17} {'yes' if row['eligible'] else 'no':<8} {row['reason']}")
+    print(f"chosen: {table['chosen'] or 'none'}" + (f" at {table['chosen_size']}" if table.get("chosen_size") else ""))
     return 0
 
 

@@ -106,6 +106,12 @@ class GatewaySettings(_Strict):
     image_url_ttl_s: int = Field(default=3600, gt=0)
     image_store_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     public_base_url: str | None = None  # where signed image URLs point; default: the request's own host
+    # Uploaded references lent to URL-only backends expire this soon (and never after image_url_ttl_s).
+    reference_url_ttl_s: int = Field(default=300, gt=0, le=3600)
+    # A request for a shape (aspect_ratio, preset, auto) may be served at a backend's
+    # native size this close to the resolved one (relative; gateway/native_sizes.py).
+    native_size_ratio_tolerance: float = Field(default=0.01, ge=0, le=0.1)
+    native_size_pixel_tolerance: float = Field(default=0.10, ge=0, le=0.5)
     baseline_backend: str | None = "fal"  # savings are measured against this backend's price
     log_prompts: bool = False
     # Requests one worker process holds at once; beyond it the caller gets 503

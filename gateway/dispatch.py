@@ -49,6 +49,7 @@ from gateway.providers.base import (
 )
 from gateway.results import ResultShaper, ShapedImage, delivery_failed
 from gateway.routing import Candidate, Plan, SkipCause
+from gateway.upload_links import UploadLinks
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class Outcome:
     upstream_s: float
     seed: int | None = None
     possibly_billed_usd: Decimal = Decimal(0)
+    size: str | None = None  # what was produced ("WxH"); a flexible request may get a backend's native size
 
     @property
     def tried(self) -> int:
@@ -182,6 +184,7 @@ class Dispatcher:
     health: HealthTracker
     shaper: ResultShaper
     metrics: GatewayMetrics
+    uploads: UploadLinks | None = None  # lends uploads a URL for backends that take URLs only
     _pending_cancels: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str, cover: Callable[[Decimal], Awaitable[None]] | None = None) -> Outcome:
@@ -217,7 +220,7 @@ class Dispatcher:
 
     async def _attempt(self, run: _Run, cand: Candidate, admission: Admission, *, last: bool, base_url: str) -> Outcome | None:
         """One attempt: its Outcome, or None after recording its failure."""
-        job, backend = run.job, self.backends[cand.name]
+        job, backend = cand.served(run.job), self.backends[cand.name]  # at the size this backend produces (gateway.native_sizes)
         t0 = time.monotonic()
         attempt_deadline = t0 + attempt_budget(run.deadline - t0, last, needed_time(cand.health))
         if run.billed_elsewhere:
@@ -265,15 +268,15 @@ class Dispatcher:
         run.attempts.append(Attempt(cand.name, "success", elapsed, cost, billed_usd=billed))
         await self.health.record_success(cand.name, elapsed, admission)
         self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
-        self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=self._baseline_usd(job, backend))
-        return Outcome(cand.name, images, run.attempts, run.spent, run.upstream, result.seed, run.possibly)
+        self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=self._baseline_usd(run.job, backend))
+        return Outcome(cand.name, images, run.attempts, run.spent, run.upstream, result.seed, run.possibly, size=job.size)
 
     # ---- the three phases of an attempt, each bounded --------------------------
 
     async def _prepare(self, backend: Backend, job: ImageJob, attempt_deadline: float) -> ImageJob:
         try:
             async with asyncio.timeout_at(_monotonic_to_loop(attempt_deadline)):
-                return await backend.prepare(job, deadline=attempt_deadline)
+                return await backend.prepare(job, self.uploads, deadline=attempt_deadline)
         except GatewayError:
             raise
         except TimeoutError:
@@ -312,7 +315,7 @@ class Dispatcher:
         self, run: _Run, cand: Candidate, backend: Backend, admission: Admission, err: ProviderError,
         elapsed: float, result: ProviderResult | None, submitted: list[str], *, last: bool,
     ) -> None:  # fmt: skip
-        job = run.job
+        job = cand.served(run.job)  # billed at the size it was asked to make
         cost = possibly = Decimal(0)
         refused_cancel = False
         if err.failure is FailureClass.UNKNOWN_OUTCOME:

@@ -62,6 +62,25 @@ class ProviderPrefs:
     allow_fallbacks: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class SizeIntent:
+    """How strictly the size must be kept.
+
+    `exact`: the caller named the pixels (`size: "1344x768"`, `image_size:
+    {width, height}`), and no backend may change them. Otherwise (an
+    `aspect_ratio`, a fal `image_size` preset, `size: auto` or no size) the
+    resolved size is a target: a backend may serve its own native size near it
+    (gateway/native_sizes.py). `ratio` is the caller's aspect ratio when they
+    gave one, so nearness is measured against what they asked for rather
+    than its rounding onto the 16-pixel grid."""
+
+    exact: bool = True
+    ratio: tuple[int, int] | None = None
+
+
+EXACT_SIZE = SizeIntent()
+
+
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
@@ -86,6 +105,7 @@ class ImageJob:
     deadline_s: float = 120.0
     caller: str | None = None
     request_id: str = field(default_factory=new_request_id)
+    size_intent: SizeIntent = EXACT_SIZE
 
     @property
     def pixels(self) -> int:

@@ -40,6 +40,10 @@ class Candidate:
     eligibility: Eligibility
     quote: Quote | None
     health: HealthView
+    job: ImageJob | None = None  # the job at the size this backend would produce; None: as asked
+
+    def served(self, asked: ImageJob) -> ImageJob:
+        return self.job if self.job is not None else asked
 
 
 class SkipCause(StrEnum):

@@ -110,6 +110,7 @@ class Gateway:
             rows.append({
                 "name": c.name,
                 "eligible": c.eligibility.ok,
+                "size": c.served(job).size,
                 "reason": skipped.get(c.name, "") or c.eligibility.reason,
                 "cost_usd": usd_text(c.quote.usd) if c.quote else None,
                 "basis": c.quote.basis if c.quote else None,
@@ -126,6 +127,7 @@ class Gateway:
             "n": job.n,
             "kind": job.kind.value,
             "chosen": chosen,
+            "chosen_size": p.chosen.served(job).size if p.chosen else None,  # what the chosen backend would produce
             "cost_usd": usd_text(p.chosen.quote.usd) if p.chosen and p.chosen.quote else None,
             "order": [c.name for c in p.attempts],
             "backends": rows,

@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway.capabilities import MODEL_MULTIPLE
 from gateway.errors import InvalidRequest
+from gateway.job import EXACT_SIZE, SizeIntent
 
 DEFAULT_SIZE = (1024, 1024)
 
@@ -42,13 +43,20 @@ def parse_size(value: str, param: str = "size") -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def size_for_aspect_ratio(value: str) -> tuple[int, int]:
+def parse_aspect_ratio(value: str) -> tuple[int, int]:
+    """'16:9' -> (16, 9); 400 for anything else or a ratio past 1:8 / 8:1."""
     match = _RATIO.match(value)
     if not match or int(match.group(1)) == 0 or int(match.group(2)) == 0:
         raise InvalidRequest(f"aspect_ratio must look like '16:9', got {value[:40]!r}", param="aspect_ratio", code="invalid_aspect_ratio")
-    ratio = int(match.group(1)) / int(match.group(2))
-    if not 1 / 8 <= ratio <= 8:
+    num, den = int(match.group(1)), int(match.group(2))
+    if not 1 / 8 <= num / den <= 8:
         raise InvalidRequest("aspect_ratio must be between 1:8 and 8:1", param="aspect_ratio", code="invalid_aspect_ratio")
+    return num, den
+
+
+def size_for_aspect_ratio(value: str) -> tuple[int, int]:
+    num, den = parse_aspect_ratio(value)
+    ratio = num / den
     height = math.sqrt(ASPECT_TARGET_PIXELS / ratio)
     h = max(MODEL_MULTIPLE, round(height / MODEL_MULTIPLE) * MODEL_MULTIPLE)
     w = max(MODEL_MULTIPLE, round(h * ratio / MODEL_MULTIPLE) * MODEL_MULTIPLE)
@@ -90,6 +98,18 @@ def resolve_size(size: str | None, aspect_ratio: str | None, image_size: Any, re
     if reference_size is not None:
         return _snap_reference(*reference_size)
     return DEFAULT_SIZE
+
+
+def size_intent(size: str | None, aspect_ratio: str | None, image_size: Any) -> SizeIntent:
+    """Whether the caller named exact pixels. Call after `resolve_size`, which
+    has already refused ambiguous or malformed values.
+
+    Exact: `size: "WxH"` or `image_size: {width, height}`. Flexible: an
+    aspect ratio, a preset name, `size: auto` or no size at all: the caller
+    asked for a shape, not for pixels."""
+    if size not in (None, "auto") or isinstance(image_size, dict):
+        return EXACT_SIZE
+    return SizeIntent(exact=False, ratio=parse_aspect_ratio(aspect_ratio) if aspect_ratio is not None else None)
 
 
 def _snap_reference(w: int, h: int) -> tuple[int, int]:

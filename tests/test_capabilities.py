@@ -106,3 +106,19 @@ def test_overrides_from_config_parse_sizes_and_formats():
     assert eligible(job(768, 1365, n=2), caps).ok
     assert not eligible(job(1024, 768), caps).ok
     assert DEFAULT.merged(None) is DEFAULT
+
+
+@pytest.mark.parametrize(
+    ("refs", "reachable", "ok"),
+    [
+        ([UPLOAD], True, True),  # the gateway lends the upload a signed URL
+        ([UPLOAD], False, False),
+        ([LINKED, UPLOAD], True, True),
+        ([LINKED], False, True),  # a caller's URL needs nothing lent
+    ],
+)
+def test_uploads_reach_a_url_only_backend_only_when_they_can_be_lent_a_url(refs, reachable, ok):
+    result = eligible(job(refs=refs), REPLICATE, uploads_reachable=reachable)
+    assert result.ok is ok
+    if not ok:
+        assert "public_base_url" in result.reason and result.param == "image"

@@ -77,8 +77,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "description": "One image: a URL (the provider's, or a signed URL the gateway serves) or base64 bytes.",
         "oneOf": [
-            {"required": ["url"], "properties": {"url": {"type": "string"}}},
-            {"required": ["b64_json"], "properties": {"b64_json": {"type": "string"}}},
+            {"required": ["url"], "properties": {"url": {"type": "string"}, "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"}}},
+            {"required": ["b64_json"], "properties": {"b64_json": {"type": "string"}, "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"}}},
         ],
     },
     "ImagesResponse": {
@@ -88,7 +88,7 @@ SCHEMAS: dict[str, Any] = {
             "created": {"type": "integer"},
             "data": {"type": "array", "minItems": 1, "items": _schema("Image")},
             "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
-            "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"},
+            "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$", "description": "What was produced: the requested size, or for a request that gave only a shape (aspect_ratio, a preset, auto) the serving backend's native size near it."},
         },
     },
     "QuoteRequest": {
@@ -103,6 +103,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "name": {"type": "string"},
             "eligible": {"type": "boolean"},
+            "size": {"type": "string", "description": "The size this backend would produce (and is priced at)."},
             "reason": {"type": "string"},
             "cost_usd": {"type": ["string", "null"]},
             "basis": {"type": ["string", "null"]},
@@ -120,6 +121,7 @@ SCHEMAS: dict[str, Any] = {
             "n": {"type": "integer"},
             "kind": {"type": "string", "enum": ["generate", "edit"]},
             "chosen": {"type": ["string", "null"]},
+            "chosen_size": {"type": ["string", "null"], "description": "The size the chosen backend would produce: `size`, or its native size near it for a request that gave only a shape."},
             "cost_usd": {"type": ["string", "null"]},
             "order": {"type": "array", "items": {"type": "string"}},
             "backends": {"type": "array", "items": _schema("QuoteRow")},

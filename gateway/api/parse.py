@@ -16,7 +16,7 @@ from gateway.capabilities import MODEL_MAX_N, MODEL_MAX_PIXELS, MODEL_MAX_REFERE
 from gateway.errors import InvalidRequest, NotFound
 from gateway.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage
 from gateway.models import MAX_MODEL_CHARS, echo, resolve_model
-from gateway.sizes import resolve_size
+from gateway.sizes import resolve_size, size_intent
 
 MAX_SEED = 2**32 - 1  # the narrowest documented seed range among backends (uint32)
 
@@ -124,6 +124,7 @@ def build_job(
     ref_size = (first.width, first.height) if first and first.width and first.height else None
     width, height = resolve_size(body.size, body.aspect_ratio, body.image_size, ref_size if kind is JobKind.EDIT else None)
     _check_size(width, height)
+    intent = size_intent(body.size, body.aspect_ratio, body.image_size)
     if body.steps is not None and body.num_inference_steps is not None and body.steps != body.num_inference_steps:
         raise InvalidRequest("steps and num_inference_steps disagree; give one", param="num_inference_steps", code="invalid_value")
     steps = body.num_inference_steps or body.steps or 4
@@ -156,6 +157,7 @@ def build_job(
         deadline_s=deadline_s,
         caller=caller,
         request_id=request_id,
+        size_intent=intent,
     )
 
 

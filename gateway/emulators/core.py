@@ -56,6 +56,8 @@ class Stats:
     faults: Counter[str] = field(default_factory=Counter)
     not_found: int = 0
     files_served: int = 0
+    # Reference URLs the emulator downloaded, as a provider would: {url, status, size, sha256}.
+    references_fetched: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +71,7 @@ class Stats:
             "faults": dict(self.faults),
             "not_found": self.not_found,
             "files_served": self.files_served,
+            "references_fetched": list(self.references_fetched),
         }
 
 

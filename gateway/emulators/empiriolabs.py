@@ -22,12 +22,23 @@ Choices where the references are silent (docs/providers/empiriolabs.md#choices-m
 - No per-image NSFW flag exists in the documented response; nsfw_rate has
   no effect here.
 - The `aspect_ratio` pixels (no `size`, no width/height) are `sizes.EMPIRIOLABS_ASPECT`.
+- Reference URLs on loopback (the gateway lending an upload a signed URL) are
+  downloaded before any work, as the provider would, and recorded in
+  `references_fetched`; one that does not answer 200 with an image is 400
+  `invalid_image_url` (param `images`). Other URLs are not fetched: the
+  emulator never reaches beyond this machine.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
 from typing import Any, TypeGuard
+from urllib.parse import urlsplit
+
+import httpx
+from PIL import Image
 
 from gateway.emulators.asgi import Request, Response, hold, route
 from gateway.emulators.core import EmulatorApp
@@ -35,6 +46,8 @@ from gateway.emulators.jobs import Spec
 from gateway.emulators.sizes import EMPIRIOLABS_ASPECT, parse_size
 
 MODEL = "flux-2-klein-4b"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+FETCH_TIMEOUT_S = 10.0
 MAX_PIXELS = 1_048_576
 FORMATS = ("webp", "png", "jpg", "jpeg")
 
@@ -92,6 +105,9 @@ class EmpirioLabsEmulator(EmulatorApp):
             status, param, text = problem
             code = "parameter_out_of_range" if status == 422 else "invalid_parameter"
             return _envelope(status, text, "invalid_request_error", code, param)
+        failed = await self.fetch_references(payload.get("images"))
+        if failed is not None:
+            return _envelope(400, failed, "invalid_request_error", "invalid_image_url", "images")
         work = self.knobs.job
         if not await hold(request, (work.queue_ms + work.run_ms) / 1000, self.release):
             return None
@@ -104,6 +120,27 @@ class EmpirioLabsEmulator(EmulatorApp):
         data = [{"b64_json": im.b64()} if b64 else {"url": self.file_url(request, im)} for im in images]
         body = {"created": int(time.time()), "data": data, "output_format": spec.fmt, "size": f"{spec.width}x{spec.height}", "seed": spec.seed}
         return Response.json(200, body)
+
+    async def fetch_references(self, refs: Any) -> str | None:
+        """Download every loopback reference URL; a message for the first that fails."""
+        if isinstance(refs, str):
+            refs = [r for r in refs.split(",") if r.strip()]
+        urls = [r for r in refs if isinstance(r, str) and urlsplit(r).hostname in LOOPBACK_HOSTS] if isinstance(refs, list) else []
+        if not urls:
+            return None
+        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT_S, follow_redirects=False, trust_env=False) as client:
+            for url in urls:
+                try:
+                    resp = await client.get(url)
+                except httpx.HTTPError as exc:
+                    self.stats.references_fetched.append({"url": url, "status": None, "size": None, "sha256": None})
+                    return f"Could not download reference image: {type(exc).__name__}."
+                size = _image_size(resp.content) if resp.status_code == 200 else None
+                digest = hashlib.sha256(resp.content).hexdigest() if size else None
+                self.stats.references_fetched.append({"url": url, "status": resp.status_code, "size": size, "sha256": digest})
+                if size is None:
+                    return f"Could not download reference image: HTTP {resp.status_code}."
+        return None
 
     async def models(self, request: Request) -> Response:
         return Response.json(200, {"object": "list", "data": [_model_card()]})
@@ -177,6 +214,14 @@ def parse_body(body: dict[str, Any], *, seed: int) -> tuple[Spec, tuple[int, str
     if _number(given) and int(given) == given:
         seed = int(given)
     return Spec(prompt=prompt, width=width, height=height, fmt=fmt, n=int(n), seed=seed, edit_refs=len(refs), steps=int(steps)), None
+
+
+def _image_size(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return f"{im.size[0]}x{im.size[1]}"
+    except Exception:  # noqa: BLE001 - anything unreadable is "not an image"
+        return None
 
 
 def _number(value: Any) -> TypeGuard[int | float]:

@@ -1,0 +1,37 @@
+"""`klein-gateway quote` shows the size each backend would produce, and honours the public base URL."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.cli import main
+from tests.gateway_support import PROVIDERS_YAML, SECRETS
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KLEIN_PUBLIC_BASE_URL", raising=False)
+    return monkeypatch
+
+
+def rows(out: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in out.splitlines()[2:] if line and not line.startswith("chosen")}
+
+
+def test_an_aspect_ratio_quote_prices_replicate_at_its_native_size(env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quote", "--config", str(PROVIDERS_YAML), "--aspect-ratio", "16:9"]) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert table["replicate"][1:3] == ["1365x768", "0.00104832"]
+    assert table["fal"][1:3] == ["1360x768", "0.00522240"]
+    assert out.splitlines()[0].startswith("aspect ratio 16:9 (1360x768)")
+
+
+@pytest.mark.parametrize("public_url,eligible", [(None, "no"), ("https://gw.example.com", "yes")])
+def test_an_upload_edit_quote_lends_empiriolabs_a_url_only_with_a_public_base_url(env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], public_url: str | None, eligible: str) -> None:
+    if public_url:
+        env.setenv("KLEIN_PUBLIC_BASE_URL", public_url)
+    assert main(["quote", "--config", str(PROVIDERS_YAML), "--size", "1024x768", "--edit-images", "2"]) == 0
+    assert rows(capsys.readouterr().out)["empiriolabs"][1:5] == ["1024x768", "0.00850000", "per_image", eligible]
