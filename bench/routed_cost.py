@@ -49,7 +49,8 @@ from gateway.backends import BackendFleet  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.health import BreakerState  # noqa: E402
 from gateway.healthview import HealthView  # noqa: E402
-from gateway.image_store import ImageStore  # noqa: E402
+from gateway.images.memory import MemoryImageStore  # noqa: E402
+from gateway.images.signing import UrlSigner  # noqa: E402
 from gateway.job import ImageJob, JobKind, ReferenceImage  # noqa: E402
 from gateway.references import check_image_bytes  # noqa: E402
 from gateway.routing import plan  # noqa: E402
@@ -222,7 +223,7 @@ def build_fleet(*, with_local: bool, public_url: bool, native_sizes: bool = True
         config.settings.native_size_ratio_tolerance = config.settings.native_size_pixel_tolerance = 0.0
     client = httpx.AsyncClient()  # never used: nothing here sends a request
     fleet = BackendFleet(config, client, client)
-    fleet.uploads = UploadLinks(ImageStore(ttl_s=60, max_bytes=1), config.settings)
+    fleet.uploads = UploadLinks(MemoryImageStore(ttl_s=60, max_bytes=1, signer=UrlSigner()), config.settings)
     return fleet
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
-from gateway.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage
+from gateway.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage, SizeIntent
 from gateway.pricing import usd_text
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -53,8 +53,10 @@ def job_from_dict(data: dict[str, Any]) -> ImageJob:
     )
     p = data.get("prefs") or {}
     prefs = ProviderPrefs(order=tuple(p.get("order", ())), only=tuple(p.get("only", ())), ignore=tuple(p.get("ignore", ())), max_price=Decimal(p["max_price"]) if p.get("max_price") is not None else None, allow_fallbacks=p.get("allow_fallbacks", True))
-    fields = {k: v for k, v in data.items() if k not in ("kind", "references", "prefs")}
-    return ImageJob(kind=JobKind(data["kind"]), references=refs, prefs=prefs, **fields)
+    s = data.get("size_intent") or {}
+    intent = SizeIntent(exact=s.get("exact", True), ratio=tuple(s["ratio"]) if s.get("ratio") else None)  # JSON gives a list of two ints
+    fields = {k: v for k, v in data.items() if k not in ("kind", "references", "prefs", "size_intent")}
+    return ImageJob(kind=JobKind(data["kind"]), references=refs, prefs=prefs, size_intent=intent, **fields)
 
 
 @dataclass(slots=True)
