@@ -75,7 +75,7 @@ class ResultShaper:
             return img.data
         if img.b64 is not None:
             try:
-                return base64.b64decode(img.b64, validate=True)
+                return base64.b64decode("".join(img.b64.split()), validate=True)
             except (ValueError, TypeError):
                 raise ProviderError(FailureClass.FAILED, "returned image data that is not base64", billed=True) from None
         return await self._download(img.url, deadline)

@@ -38,7 +38,7 @@ Response: the exact JSON was not captured (docs/providers/empiriolabs.md#respons
 `{"created", "data": [{"url" | "b64_json"}]}` is read, and, defensively,
 `images: [...]` with objects or plain strings (URLs, data URIs or base64).
 A URL's media type comes from its extension, else the `format` asked for;
-decoded bytes are sniffed. A `seed` or per-image `nsfw` flag is kept if the
+inline base64 is kept as it came (its head is checked and sniffed). A `seed` or per-image `nsfw` flag is kept if the
 response carries one (none is documented); every image flagged is
 CONTENT_FILTERED.
 Errors come in OpenAI's envelope `{"error": {"message", "type", "code"}}`;
@@ -51,8 +51,6 @@ synchronous call may hide work that finished and was billed: UNKNOWN_OUTCOME.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -63,7 +61,7 @@ import httpx
 from gateway.capabilities import Capabilities
 from gateway.job import MEDIA_TYPES, ImageJob, JobKind
 from gateway.providers import register
-from gateway.providers._images import content_type_from_url, is_data_uri, parse_data_uri, reference_uri
+from gateway.providers._images import checked_b64, content_type_from_url, data_uri_b64, is_data_uri, parse_data_uri, reference_uri
 from gateway.providers._wire import maybe_json, provider_text
 from gateway.providers.base import (
     Adapter,
@@ -175,14 +173,23 @@ def error_fields(body: Any) -> tuple[str | None, str | None]:
     return (str(code) if code else None), (str(message) if message is not None else None)
 
 
-def _decode_b64(value: str) -> bytes:
-    """Bytes of a `b64_json` value, which may also come as a data: URI."""
+def _inline_image(value: str, requested_type: str, width: int | None, height: int | None, nsfw: bool | None) -> GeneratedImage:
+    """The image of a `b64_json` value, which may also come as a data: URI.
+
+    Base64 is kept as it came, not decoded whole: its head is checked and
+    sniffed, and results.py decodes the rest only if a transcode or a stored
+    URL needs the bytes. A percent-encoded data: URI is decoded."""
     try:
         if is_data_uri(value):
-            return parse_data_uri(value)[1]
-        return base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError):
+            inline = data_uri_b64(value)
+            if inline is None:
+                data = parse_data_uri(value)[1]
+                return GeneratedImage(data=data, content_type=sniff(data) or requested_type, width=width, height=height, nsfw=nsfw)
+            value = inline[1]
+        b64, head = checked_b64(value)
+    except ValueError:
         raise ProviderError(FailureClass.FAILED, "returned base64 image data that cannot be decoded", billed=True) from None
+    return GeneratedImage(b64=b64, content_type=sniff(head) or requested_type, width=width, height=height, nsfw=nsfw)
 
 
 def _item_image(item: Any, requested_type: str, size: tuple[int | None, int | None]) -> GeneratedImage | None:
@@ -198,8 +205,7 @@ def _item_image(item: Any, requested_type: str, size: tuple[int | None, int | No
     url = item.get("url")
     inline = b64 if isinstance(b64, str) and b64 else url if isinstance(url, str) and is_data_uri(url) else None
     if inline:
-        data = _decode_b64(inline)
-        return GeneratedImage(data=data, content_type=sniff(data) or requested_type, width=width, height=height, nsfw=nsfw)
+        return _inline_image(inline, requested_type, width, height, nsfw)
     if isinstance(url, str) and url:
         return GeneratedImage(url=url, content_type=content_type_from_url(url) or requested_type, width=width, height=height, nsfw=nsfw)
     return None
