@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -192,6 +192,20 @@ class Adapter(ABC):
     async def cancel(self, job_id: str) -> bool:
         """Ask the provider to cancel a submitted job; True if it accepted."""
         return False
+
+    def sizes_to_verify(self, images: list[GeneratedImage], job: ImageJob) -> list[GeneratedImage]:
+        """The images with the sizes the gateway may trust under `verify_size`.
+
+        A width and height left on an image are trusted (a URL then goes to
+        the caller unread); None makes the result shaper read the header.
+        `off` stamps the requested size, `header` clears any, `reported`
+        keeps what the provider's answer reported."""
+        policy = getattr(self.opts, "verify_size", "header")
+        if policy == "off":
+            return [replace(img, width=job.width, height=job.height) for img in images]
+        if policy == "header":
+            return [replace(img, width=None, height=None) for img in images]
+        return images
 
     # ---- helpers shared by HTTP adapters -------------------------------------
 

@@ -23,10 +23,11 @@ backend's `options:` in providers.yaml:
 - `data_uri_refs` (default false): `images` is documented as reference image
   URLs only, so uploads (which would travel as data URIs) are not eligible
   here unless this is true.
-- `assume_requested_size` (default false): the response reports no image size.
-  By default the images are reported without one, so the gateway checks them;
-  true reports the requested size (which EmpirioLabs is asked for explicitly),
-  letting the gateway hand a URL straight to the caller.
+- `verify_size` (default `header`): the response reports no image size, so the
+  gateway reads the first 64 KB of each URL image (a Range request) and checks
+  its header before handing the URL on; `off` trusts the requested size.
+- `assume_requested_size` (default false): true is `verify_size: off`, kept
+  for configurations written before that option.
 
 Capabilities (EL-MODEL unless noted): sides 256 to 2048, at most 1,048,576
 pixels per image, steps 1 to 12, 1 to 4 images, formats png/jpeg/webp. The doc
@@ -268,6 +269,8 @@ class EmpirioLabsAdapter(Adapter):
         if all(img.nsfw is True for img in images):
             raise ProviderError(FailureClass.CONTENT_FILTERED, "every image was flagged by the safety checker", billed=True)
         raw = {k: payload[k] for k in ("created", "id", "model") if k in payload}
+        if not self.opts.assume_requested_size:
+            images = self.sizes_to_verify(images, job)
         return ProviderResult(images=images, seed=seed, raw=raw)
 
     def _error(self, resp: httpx.Response) -> ProviderError:

@@ -78,7 +78,7 @@ from gateway.providers.base import (
     json_body,
     note_job_id,
 )
-from gateway.providers.options import AdapterOptions
+from gateway.providers.options import AdapterOptions, VerifySize
 
 DEFAULT_MODEL = "fal-ai/flux-2/klein/4b"
 DEFAULT_EDIT_MODEL = "fal-ai/flux-2/klein/4b/edit"
@@ -181,6 +181,7 @@ class FalOptions(AdapterOptions):
 
     model: str = DEFAULT_MODEL
     edit_model: str = DEFAULT_EDIT_MODEL
+    verify_size: VerifySize = "reported"  # the result's `images[]` documents width and height
     sync_mode: Literal["auto"] | bool = "auto"
     start_timeout_s: Literal["deadline", False] | float | None = "deadline"
     probe_path: str | None = None
@@ -419,7 +420,7 @@ class FalAdapter(Adapter):
         if flags and all(flags):
             raise ProviderError(FailureClass.CONTENT_FILTERED, "every image was flagged by the safety checker", job_id=request_id, billed=True, code="nsfw")
         raw = {"request_id": request_id, "timings": output.get("timings"), "metrics": status.get("metrics")}
-        return ProviderResult(images=images, seed=seed, job_id=request_id, raw=raw)
+        return ProviderResult(images=self.sizes_to_verify(images, job), seed=seed, job_id=request_id, raw=raw)
 
     # ---- cancel and probe ----------------------------------------------------
 

@@ -107,7 +107,7 @@ from gateway.providers.base import (
     note_job_id,
     parse_retry_after,
 )
-from gateway.providers.options import AdapterOptions
+from gateway.providers.options import AdapterOptions, VerifySize
 
 DEFAULT_MODEL = "black-forest-labs/flux-2-klein-4b"
 PROBE_TIMEOUT_S = 10.0
@@ -137,6 +137,7 @@ class RunflowOptions(AdapterOptions):
     """The adapter's options, validated; see the module docstring for each."""
 
     model: str = DEFAULT_MODEL
+    verify_size: VerifySize = "reported"  # a run's `outputs[]` documents width and height
     edit_model: str | None = None
     image_size: Literal["object", "preset", "preset_only"] = "object"
     send_guidance_scale: bool = False
@@ -489,7 +490,7 @@ class RunflowAdapter(Adapter):
             if all(img.nsfw is True for img in images):
                 raise ProviderError(FailureClass.CONTENT_FILTERED, "every image was flagged by the safety checker", job_id=run_id, billed=True)
             seed = images[0].seed if images[0].seed is not None else job.seed
-            return ProviderResult(images=images, seed=seed, job_id=run_id, reported_cost_usd=cost, raw=_summary(run))
+            return ProviderResult(images=self.sizes_to_verify(images, job), seed=seed, job_id=run_id, reported_cost_usd=cost, raw=_summary(run))
         code, message = failure_fields(run)
         text = self._scrub(": ".join(p for p in (code, message) if p) or "no reason given")
         if status in CANCELED:
