@@ -24,6 +24,7 @@ import httpx
 
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
+from gateway.providers._json import response_json
 from gateway.providers.options import AdapterOptions
 
 GATEWAY_OVERLOADED = "gateway_overloaded"  # ProviderError.code when the gateway, not the backend, was slow
@@ -326,7 +327,7 @@ def http_error(
 def json_body(response: httpx.Response, *, job_id: str | None = None) -> Any:
     """The JSON body, or a FAILED (garbage body) error."""
     try:
-        return response.json()
+        return response_json(response)
     except ValueError:
         raise ProviderError(
             FailureClass.UNKNOWN_OUTCOME if job_id else FailureClass.FAILED,

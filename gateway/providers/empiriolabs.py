@@ -63,6 +63,7 @@ from gateway.capabilities import Capabilities
 from gateway.job import MEDIA_TYPES, ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import checked_b64, content_type_from_url, data_uri_b64, is_data_uri, parse_data_uri, reference_uri
+from gateway.providers._json import response_json
 from gateway.providers._wire import maybe_json, provider_text
 from gateway.providers.base import (
     Adapter,
@@ -254,7 +255,7 @@ class EmpirioLabsAdapter(Adapter):
         if not resp.is_success:
             raise self._error(resp)
         try:
-            payload = resp.json()
+            payload = response_json(resp)
         except ValueError:
             # The synchronous work is done and billed; its answer is lost.
             raise ProviderError(FailureClass.FAILED, f"HTTP {resp.status_code}: response body is not JSON", status=resp.status_code, billed=True) from None

@@ -64,6 +64,7 @@ from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import output_image, reference_uri
+from gateway.providers._json import response_json
 from gateway.providers._wire import as_outcome_unknown, follow_job, get_patiently, maybe_json, provider_text, trusted_url
 from gateway.providers.base import (
     Adapter,
@@ -343,7 +344,7 @@ class FalAdapter(Adapter):
         if response.status_code >= 400:
             raise self._error(response, job_id=request_id)
         try:
-            return response.json()
+            return response_json(response)
         except ValueError:
             raise ProviderError(
                 FailureClass.FAILED, f"HTTP {response.status_code}: result body is not JSON", status=response.status_code, job_id=request_id, billed=True

@@ -92,6 +92,7 @@ from gateway.capabilities import Capabilities, eligible
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
+from gateway.providers._json import response_json
 from gateway.providers._wire import as_outcome_unknown, follow_job, maybe_json, provider_text
 from gateway.providers.base import (
     Adapter,
@@ -418,7 +419,7 @@ class RunflowAdapter(Adapter):
 
     def _created_run(self, resp: httpx.Response) -> Mapping[str, Any]:
         try:
-            run = resp.json()
+            run = response_json(resp)
         except ValueError:
             run = None
         if not isinstance(run, Mapping) or not run.get("id"):
@@ -458,7 +459,7 @@ class RunflowAdapter(Adapter):
             if not resp.is_success:
                 raise self._lost_run(resp, run_id)
             try:
-                run = resp.json()
+                run = response_json(resp)
             except ValueError:
                 return None  # an unreadable poll answer is transient, like a 5xx
             if isinstance(run, Mapping) and run_status(run) in TERMINAL:
