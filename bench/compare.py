@@ -81,7 +81,7 @@ B64_TARGET_CHARS = 1_100_000
 # `openai/` model refuses it), so the upstream is declared as dall-e-2; the
 # upstream ignores the model name.
 LITELLM_UPSTREAM_MODEL = "openai/dall-e-2"
-PATHS = ("direct", "litellm", "klein", "klein+redis")
+PATHS = ("direct", "litellm", "klein", "klein+redis", "klein-base")
 
 
 # ---- the upstream (its own process) -------------------------------------------------------------
@@ -405,7 +405,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--delay-ms", type=float, default=50.0, help="the upstream's fixed delay (default 50)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--payloads", nargs="+", default=["url", "b64"], choices=["url", "b64"])
-    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    p.add_argument("--paths", nargs="+", default=None, choices=list(PATHS), help="default: all but klein-base, which --baseline adds")
+    p.add_argument("--baseline", type=Path, default=None, help="another checkout of the gateway, measured in the same run as path klein-base (before/after)")
     p.add_argument("--burst", type=int, nargs=2, default=[4000, 2000], metavar=("REQUESTS", "CONCURRENCY"), help="the in-flight phase (default 4000 2000; 0 0 skips it)")
     p.add_argument("--slow-s", type=float, default=5.0, help="the upstream's delay in the in-flight phase (default 5)")
     p.add_argument("--source", type=Path, default=REPO, help="a checkout of the gateway to measure (default: this one)")
@@ -413,6 +414,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logs", type=Path, default=None, help="keep the servers' logs here")
     p.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.paths is None:
+        args.paths = [p for p in PATHS if p != "klein-base" or args.baseline]
+    if "klein-base" in args.paths and not args.baseline:
+        p.error("path klein-base needs --baseline DIR")
     if args.quick:
         args.repeat, args.duration, args.burst = 1, 3.0, [1000, 500]
     return args
@@ -434,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         "conditions": f"upstream fixed delay {args.delay_ms:g} ms; {args.repeat} repeats of {args.duration:g} s per cell (at most {args.max_requests} requests); one worker per server; LiteLLM {litellm_version() if 'litellm' in args.paths else '-'}",
         "slow_s": args.slow_s,
         "source": str(source),
+        "baseline": str(args.baseline) if args.baseline else None,
         "git": subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -448,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             servers["litellm"] = start_litellm(workdir, upstream_url, "cells")
         if "klein" in args.paths:
             servers["klein"] = start_klein(source, workdir, upstream_url, "memory")
+        if "klein-base" in args.paths:
+            servers["klein-base"] = start_klein(args.baseline.resolve(), workdir, upstream_url, "base")
         if "klein+redis" in args.paths:
             redis = Redis(workdir)
             children.append(redis.child)
@@ -488,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
                 "direct": lambda: (None, slow_url),
                 "litellm": lambda: start_litellm(workdir, slow_url, "burst"),
                 "klein": lambda: start_klein(source, workdir, slow_url, "burst"),
+                "klein-base": lambda: start_klein(args.baseline.resolve(), workdir, slow_url, "burst-base"),
             }
-            for path in [p for p in ("direct", "litellm", "klein") if p in args.paths]:
+            for path in [p for p in ("direct", "litellm", "klein", "klein-base") if p in args.paths]:
                 bursts.append(run_burst(path, starters[path], total, conc))
                 print(f"  burst {path:8} ok {bursts[-1]['ok']} errors {sum(bursts[-1]['errors'].values())} p50 {bursts[-1]['p50_s']:.2f} s p99 {bursts[-1]['p99_s']:.2f} s peak RSS {fmt(bursts[-1]['rss_peak_mb'], 0)} MB", flush=True)
     finally:
