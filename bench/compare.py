@@ -163,7 +163,9 @@ def wait_ready(child: Child, url: str, timeout_s: float = 120.0) -> None:
 
 def start_upstream(workdir: Path, delay_ms: float, tag: str) -> tuple[Child, str]:
     port = free_port()
-    child = Child(f"upstream-{tag}", [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(port), "--delay-ms", str(delay_ms)], child_env(REPO), REPO, workdir / f"upstream-{tag}.log")
+    child = Child(
+        f"upstream-{tag}", [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(port), "--delay-ms", str(delay_ms)], child_env(REPO), REPO, workdir / f"upstream-{tag}.log"
+    )
     line = child.read_line(60)
     if line != f"ready {port}":
         child.stop()
@@ -202,10 +204,17 @@ def start_litellm(workdir: Path, upstream: str, tag: str) -> tuple[Child, str]:
     exe = ensure_litellm()
     config = workdir / f"litellm-{tag}.yaml"
     config.write_text(
-        json.dumps({"model_list": [{"model_name": MODEL, "litellm_params": {"model": LITELLM_UPSTREAM_MODEL, "api_base": upstream + "/v1", "api_key": "sk-bench"}}], "litellm_settings": {"telemetry": False}})
+        json.dumps(
+            {"model_list": [{"model_name": MODEL, "litellm_params": {"model": LITELLM_UPSTREAM_MODEL, "api_base": upstream + "/v1", "api_key": "sk-bench"}}], "litellm_settings": {"telemetry": False}}
+        )
     )
     port = free_port()
-    env = child_env(REPO) | {"LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"}  # no caller keys, as Klein runs here
+    env = child_env(REPO) | {
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_TELEMETRY": "False",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+    }  # no caller keys, as Klein runs here
     env.pop("PYTHONPATH", None)
     child = Child(f"litellm-{tag}", [str(exe), "--config", str(config), "--host", HOST, "--port", str(port), "--num_workers", "1"], env, workdir, workdir / f"litellm-{tag}.log")
     url = f"http://{HOST}:{port}"
@@ -289,12 +298,19 @@ def check(target: Target, payload: str) -> None:
         raise RuntimeError(f"{target.name}: no url in {str(item)[:200]}")
 
 
-def measure(target: Target, concurrency: int, duration_s: float, max_requests: int, delay_s: float, gateway_url: str | None, redis: Redis | None, proc: Child | None) -> tuple[dict[str, float], Counter[str], Counter[str] | None, int]:
+def measure(
+    target: Target, concurrency: int, duration_s: float, max_requests: int, delay_s: float, gateway_url: str | None, redis: Redis | None, proc: Child | None
+) -> tuple[dict[str, float], Counter[str], Counter[str] | None, int]:
     before = histogram_buckets(scrape(gateway_url), *OVERHEAD) if gateway_url else []
     redis_before = redis.commands() if redis else None
     cpu0 = proc.cpu_seconds() if proc else 0.0
     latencies, errors, elapsed = asyncio.run(closed_loop(target, concurrency, duration_s, max_requests, stagger_s=delay_s))
-    figures = {"req_s": len(latencies) / elapsed if elapsed else 0.0, "p50_ms": percentile(sorted(latencies), 50) * 1000, "p99_ms": percentile(sorted(latencies), 99) * 1000, "ok": float(len(latencies))}
+    figures = {
+        "req_s": len(latencies) / elapsed if elapsed else 0.0,
+        "p50_ms": percentile(sorted(latencies), 50) * 1000,
+        "p99_ms": percentile(sorted(latencies), 99) * 1000,
+        "ok": float(len(latencies)),
+    }
     if proc:
         figures["cpu_ms_per_req"] = (proc.cpu_seconds() - cpu0) * 1000 / max(len(latencies), 1)
     if gateway_url:
@@ -349,9 +365,17 @@ def run_burst(name: str, start: Any, total: int, concurrency: int) -> dict[str, 
         mem = child.memory_kb() if child else {}
         s = sorted(latencies)
         return {
-            "path": name, "requests": total, "concurrency": concurrency, "ok": len(latencies), "errors": dict(errors),
-            "p50_s": percentile(s, 50), "p99_s": percentile(s, 99), "max_s": s[-1] if s else float("nan"), "wall_s": elapsed,
-            "rss_idle_mb": idle, "rss_peak_mb": mem.get("VmHWM", 0) / 1024 if child else None,
+            "path": name,
+            "requests": total,
+            "concurrency": concurrency,
+            "ok": len(latencies),
+            "errors": dict(errors),
+            "p50_s": percentile(s, 50),
+            "p99_s": percentile(s, 99),
+            "max_s": s[-1] if s else float("nan"),
+            "wall_s": elapsed,
+            "rss_idle_mb": idle,
+            "rss_peak_mb": mem.get("VmHWM", 0) / 1024 if child else None,
         }
     finally:
         if child:
@@ -375,21 +399,50 @@ def report(cells: list[CellResult], bursts: list[dict[str, Any]], meta: dict[str
         ratio = c.median("req_s") / d.median("req_s") if d and c.path != "direct" else None
         vs_litellm = c.median("req_s") / lt.median("req_s") if lt and c.path.startswith("klein") else None
         added = (c.median("p50_ms") - d.median("p50_ms"), c.median("p99_ms") - d.median("p99_ms")) if d and c.path != "direct" else None
-        rows.append([
-            c.payload, str(c.concurrency), c.path, fmt(c.median("req_s")), fmt(c.median("p50_ms")), fmt(c.median("p99_ms")),
-            f"+{added[0]:.1f} / +{added[1]:.1f}" if added else "", fmt(ratio, 2), fmt(vs_litellm, 2),
-            f"{fmt(c.median('own_p50_ms'), 2)} / {fmt(c.median('own_p99_ms'), 2)}" if c.path.startswith("klein") else "",
-            fmt(c.median("cpu_ms_per_req"), 2), fmt(c.redis_per_request), str(sum(c.errors.values())),
-        ])
-    lines.append(table(["payload", "conc", "path", "req/s", "p50 ms", "p99 ms", "added p50/p99 ms", "of direct", "of LiteLLM", "own overhead p50/p99 ms", "server CPU ms/req", "redis cmds/req", "errors"], rows))
+        rows.append(
+            [
+                c.payload,
+                str(c.concurrency),
+                c.path,
+                fmt(c.median("req_s")),
+                fmt(c.median("p50_ms")),
+                fmt(c.median("p99_ms")),
+                f"+{added[0]:.1f} / +{added[1]:.1f}" if added else "",
+                fmt(ratio, 2),
+                fmt(vs_litellm, 2),
+                f"{fmt(c.median('own_p50_ms'), 2)} / {fmt(c.median('own_p99_ms'), 2)}" if c.path.startswith("klein") else "",
+                fmt(c.median("cpu_ms_per_req"), 2),
+                fmt(c.redis_per_request),
+                str(sum(c.errors.values())),
+            ]
+        )
+    lines.append(
+        table(["payload", "conc", "path", "req/s", "p50 ms", "p99 ms", "added p50/p99 ms", "of direct", "of LiteLLM", "own overhead p50/p99 ms", "server CPU ms/req", "redis cmds/req", "errors"], rows)
+    )
     lines.append("medians of the repeats; added = path minus direct; own overhead = klein_gateway_overhead_seconds; CPU = the server process's user+system time per answered request")
     if bursts:
         lines += ["", f"{bursts[0]['requests']} requests at concurrency {bursts[0]['concurrency']}, upstream holds each {meta['slow_s']:g} s, fresh process each"]
-        brow = [[b["path"], str(b["ok"]), str(sum(b["errors"].values())), fmt(b["p50_s"], 2), fmt(b["p99_s"], 2), fmt(b["max_s"], 2), f"{b['rss_idle_mb']:.0f} / {b['rss_peak_mb']:.0f}" if b["rss_peak_mb"] is not None else "(no server)", fmt(b["wall_s"])] for b in bursts]
+        brow = [
+            [
+                b["path"],
+                str(b["ok"]),
+                str(sum(b["errors"].values())),
+                fmt(b["p50_s"], 2),
+                fmt(b["p99_s"], 2),
+                fmt(b["max_s"], 2),
+                f"{b['rss_idle_mb']:.0f} / {b['rss_peak_mb']:.0f}" if b["rss_peak_mb"] is not None else "(no server)",
+                fmt(b["wall_s"]),
+            ]
+            for b in bursts
+        ]
         lines.append(table(["path", "ok", "errors", "p50 s", "p99 s", "max s", "RSS idle / peak MB", "wall s"], brow))
     redis_cells = [c for c in cells if c.redis_commands]
     if redis_cells:
-        lines += ["", "Redis commands per request (klein+redis): " + "; ".join(f"{c.payload} c={c.concurrency}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(c.redis_commands.items(), key=lambda kv: -kv[1])) for c in redis_cells[:1])]
+        lines += [
+            "",
+            "Redis commands per request (klein+redis): "
+            + "; ".join(f"{c.payload} c={c.concurrency}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(c.redis_commands.items(), key=lambda kv: -kv[1])) for c in redis_cells[:1]),
+        ]
     return "\n".join(lines)
 
 
@@ -472,8 +525,14 @@ def main(argv: list[str] | None = None) -> int:
                         child, url = servers[path]
                         is_klein = path.startswith("klein")
                         figures, errors, redis_delta, sent = measure(
-                            target_for(path, url, payload), conc, args.duration, args.max_requests, args.delay_ms / 1000,
-                            url if is_klein else None, redis if path == "klein+redis" else None, child if child else upstream,
+                            target_for(path, url, payload),
+                            conc,
+                            args.duration,
+                            args.max_requests,
+                            args.delay_ms / 1000,
+                            url if is_klein else None,
+                            redis if path == "klein+redis" else None,
+                            child if child else upstream,
                         )
                         cell = results[path]
                         cell.runs.append(figures)
@@ -482,7 +541,10 @@ def main(argv: list[str] | None = None) -> int:
                         if redis_delta is not None:
                             cell.redis_commands = {k: v / sent for k, v in redis_delta.items()}
                             cell.redis_per_request = sum(redis_delta.values()) / sent
-                        print(f"  {payload:4} c={conc:<3} {path:12} {figures['req_s']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms  errors {sum(errors.values())}", flush=True)
+                        print(
+                            f"  {payload:4} c={conc:<3} {path:12} {figures['req_s']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms  errors {sum(errors.values())}",
+                            flush=True,
+                        )
                 cells += results.values()
         for child in children:
             if child is not upstream:
@@ -500,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
             }
             for path in [p for p in ("direct", "litellm", "klein", "klein-base") if p in args.paths]:
                 bursts.append(run_burst(path, starters[path], total, conc))
-                print(f"  burst {path:8} ok {bursts[-1]['ok']} errors {sum(bursts[-1]['errors'].values())} p50 {bursts[-1]['p50_s']:.2f} s p99 {bursts[-1]['p99_s']:.2f} s peak RSS {fmt(bursts[-1]['rss_peak_mb'], 0)} MB", flush=True)
+                print(
+                    f"  burst {path:8} ok {bursts[-1]['ok']} errors {sum(bursts[-1]['errors'].values())} p50 {bursts[-1]['p50_s']:.2f} s p99 {bursts[-1]['p99_s']:.2f} s peak RSS {fmt(bursts[-1]['rss_peak_mb'], 0)} MB",
+                    flush=True,
+                )
     finally:
         for child in reversed(children):
             with contextlib.suppress(Exception):
@@ -509,7 +574,13 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     RESULTS.mkdir(exist_ok=True)
     out = args.json or RESULTS / f"compare-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
-    out.write_text(json.dumps({"meta": meta, "cells": [asdict(c) | {"median": {k: c.median(k) for k in ("req_s", "p50_ms", "p99_ms", "own_p50_ms", "cpu_ms_per_req")}} for c in cells], "bursts": bursts, "table": text}, indent=2, default=str))
+    out.write_text(
+        json.dumps(
+            {"meta": meta, "cells": [asdict(c) | {"median": {k: c.median(k) for k in ("req_s", "p50_ms", "p99_ms", "own_p50_ms", "cpu_ms_per_req")}} for c in cells], "bursts": bursts, "table": text},
+            indent=2,
+            default=str,
+        )
+    )
     print(f"wrote {out}")
     return 0
 

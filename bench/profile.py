@@ -64,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         target = target_for("klein", url, args.payload)
         asyncio.run(closed_loop(target, args.concurrency, 2.0, 10_000, stagger_s=0.05))  # warm
         out = args.out or workdir / f"{args.payload}.txt"
-        spy = subprocess.Popen([args.py_spy, "record", "--pid", str(klein.pid), "--format", "raw", "--rate", "250", "--duration", str(int(args.seconds)), "--nonblocking", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spy = subprocess.Popen(
+            [args.py_spy, "record", "--pid", str(klein.pid), "--format", "raw", "--rate", "250", "--duration", str(int(args.seconds)), "--nonblocking", "-o", str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         cpu0 = klein.cpu_seconds()
         latencies, errors, elapsed = asyncio.run(closed_loop(target, args.concurrency, args.seconds, 100_000, stagger_s=0.05))
         cpu = klein.cpu_seconds() - cpu0

@@ -85,7 +85,13 @@ ADAPTERS: list[tuple[type[Adapter], str, str | None, Callable[[respx.MockRouter]
 
 @pytest.mark.parametrize(("adapter_type", "base", "key", "wire"), ADAPTERS, ids=["local", "empiriolabs", "empiriolabs-data-uri", "fal", "replicate", "runflow"])
 async def test_provider_base64_reaches_the_caller_byte_for_byte(
-    adapter_type: type[Adapter], base: str, key: str | None, wire: Callable[[respx.MockRouter], None], make_settings: Callable[..., AdapterSettings], make_job: Callable[..., ImageJob], mock: respx.MockRouter
+    adapter_type: type[Adapter],
+    base: str,
+    key: str | None,
+    wire: Callable[[respx.MockRouter], None],
+    make_settings: Callable[..., AdapterSettings],
+    make_job: Callable[..., ImageJob],
+    mock: respx.MockRouter,
 ) -> None:
     wire(mock)
     job = make_job(response_format="b64_json", output_format="png")
@@ -100,7 +106,9 @@ async def test_provider_base64_reaches_the_caller_byte_for_byte(
 
 
 @pytest.mark.parametrize(("output_format", "size"), [("jpeg", (1024, 1024)), ("png", (512, 512))], ids=["other-format-transcoded", "wrong-size-refused"])
-async def test_base64_that_does_not_fit_the_request_takes_the_checked_path(output_format: str, size: tuple[int, int], make_settings: Callable[..., AdapterSettings], make_job: Callable[..., ImageJob], mock: respx.MockRouter) -> None:
+async def test_base64_that_does_not_fit_the_request_takes_the_checked_path(
+    output_format: str, size: tuple[int, int], make_settings: Callable[..., AdapterSettings], make_job: Callable[..., ImageJob], mock: respx.MockRouter
+) -> None:
     """Pass-through is only for the asked format and size: a JPEG request gets a
     transcode, and a size the provider got wrong is a failure, not passed on."""
     wire_empiriolabs(mock)

@@ -136,4 +136,3 @@ async def test_a_reported_wrong_size_is_never_passed_on(mock: respx.MockRouter, 
     mock.get(IMAGE_URL).respond(200, content=png(512, 512, noise=False))
     with pytest.raises(ProviderError, match="not the requested 1024x1024"):
         await shape(make_job(response_format="url", output_format="png"), url_image(512, 512))
-
