@@ -81,7 +81,7 @@ B64_TARGET_CHARS = 1_100_000
 # `openai/` model refuses it), so the upstream is declared as dall-e-2; the
 # upstream ignores the model name.
 LITELLM_UPSTREAM_MODEL = "openai/dall-e-2"
-PATHS = ("direct", "litellm", "klein", "klein+redis", "klein-base")
+PATHS = ("direct", "litellm", "klein", "klein+redis", "klein-base", "klein-granian")
 
 
 # ---- the upstream (its own process) -------------------------------------------------------------
@@ -180,6 +180,38 @@ def start_klein(source: Path, workdir: Path, upstream: str, tag: str, redis_url:
     if redis_url:
         extra["REDIS_URL"] = redis_url
     child = Child(f"klein-{tag}", argv, child_env(source, extra), source, workdir / f"klein-{tag}.log")
+    url = f"http://{HOST}:{port}"
+    wait_ready(child, url + "/readyz")
+    return child, url
+
+
+def start_klein_granian(source: Path, workdir: Path, upstream: str, tag: str) -> tuple[Child, str]:
+    """The same app under granian (Rust HTTP, one worker, uvloop) instead of uvicorn.
+
+    granian is not a dependency: it must be importable (e.g. `pip install
+    --target DIR granian` and DIR on PYTHONPATH)."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "granian",
+        "--interface",
+        "asgi",
+        "--factory",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--loop",
+        "uvloop",
+        "--log-level",
+        "warning",
+        "gateway.app:app_from_env",
+    ]
+    extra = {"EMPIRIOLABS_API_KEY": "sk-empiriolabs-bench", "KLEIN_EMPIRIOLABS_BASE_URL": upstream, "KLEIN_CONFIG": str(source / "providers.yaml")}
+    child = Child(f"klein-granian-{tag}", argv, child_env(source, extra), source, workdir / f"klein-granian-{tag}.log")
     url = f"http://{HOST}:{port}"
     wait_ready(child, url + "/readyz")
     return child, url
@@ -458,7 +490,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--delay-ms", type=float, default=50.0, help="the upstream's fixed delay (default 50)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--payloads", nargs="+", default=["url", "b64"], choices=["url", "b64"])
-    p.add_argument("--paths", nargs="+", default=None, choices=list(PATHS), help="default: all but klein-base, which --baseline adds")
+    p.add_argument("--paths", nargs="+", default=None, choices=list(PATHS), help="default: all but klein-base (which --baseline adds) and klein-granian (granian must be importable)")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout of the gateway, measured in the same run as path klein-base (before/after)")
     p.add_argument("--burst", type=int, nargs=2, default=[4000, 2000], metavar=("REQUESTS", "CONCURRENCY"), help="the in-flight phase (default 4000 2000; 0 0 skips it)")
     p.add_argument("--slow-s", type=float, default=5.0, help="the upstream's delay in the in-flight phase (default 5)")
@@ -468,7 +500,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.paths is None:
-        args.paths = [p for p in PATHS if p != "klein-base" or args.baseline]
+        args.paths = [p for p in PATHS if (p != "klein-base" or args.baseline) and p != "klein-granian"]
     if "klein-base" in args.paths and not args.baseline:
         p.error("path klein-base needs --baseline DIR")
     if args.quick:
@@ -509,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             servers["klein"] = start_klein(source, workdir, upstream_url, "memory")
         if "klein-base" in args.paths:
             servers["klein-base"] = start_klein(args.baseline.resolve(), workdir, upstream_url, "base")
+        if "klein-granian" in args.paths:
+            servers["klein-granian"] = start_klein_granian(source, workdir, upstream_url, "cells")
         if "klein+redis" in args.paths:
             redis = Redis(workdir)
             children.append(redis.child)
@@ -532,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.delay_ms / 1000,
                             url if is_klein else None,
                             redis if path == "klein+redis" else None,
-                            child if child else upstream,
+                            None if path == "klein-granian" else child or upstream,  # granian serves from a child process: its CPU is not the pid's
                         )
                         cell = results[path]
                         cell.runs.append(figures)
