@@ -38,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (metrics stay correct: PROMETHEUS_MULTIPROC_DIR is set for you)")
+    serve.add_argument(
+        "--workers", type=int, default=None,
+        help="worker processes (default: the CPUs this process may run on; metrics stay correct: PROMETHEUS_MULTIPROC_DIR is set for you)",
+    )  # fmt: skip
     serve.add_argument("--emulate", action="store_true", help="start every provider's emulator on loopback and route to them (no keys needed)")
     serve.add_argument("--log-level", default="info")
     serve.add_argument(
@@ -272,6 +275,8 @@ def serve_gateway(args: argparse.Namespace) -> int:
             fleet = EmulatorFleet.start_in_thread(emulated)
             os.environ.update(fleet.env())
     try:
+        if args.workers is None:
+            args.workers = default_workers()
         config = load_config(path, args.pricing)  # fail fast, with the field named, before binding a port
         os.environ[CONFIG_ENV] = str(config.path.resolve())  # every worker reads the same file
         if args.pricing:
@@ -369,6 +374,15 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
     except (ImportError, ValueError, OSError):
         pass
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may use: its affinity mask (a container's
+    cpuset, `taskset`), not the machine's count, which can be far larger."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return max(1, os.cpu_count() or 1)
 
 
 def prepare_metrics_dir(workers: int, *, shared: bool = False) -> str | None:

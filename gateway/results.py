@@ -3,7 +3,9 @@
 `url` or `b64_json`, in the requested format, with the requested size. Images
 are decoded only when they must be transcoded; otherwise only their header is
 read to check the size. A provider URL in the right format is passed through
-when the caller wants a URL (no download at all); bytes, or transcoded images,
+when the caller wants a URL: unread if the adapter vouches for its size
+(`verify_size`), else after a Range request for its first 64 KB, never a
+whole download; bytes, or transcoded images,
 are served by the gateway itself from a signed, expiring URL.
 `output_compression` is applied when the gateway transcodes; adapters pass it
 to providers that take a quality setting.
@@ -74,8 +76,16 @@ class ResultShaper:
 
     async def _one(self, job: ImageJob, img: GeneratedImage, deadline: float, base_url: str) -> ShapedImage:
         wanted = MEDIA_TYPES[job.output_format]
-        if img.data is None and job.response_format == "url" and not self.rehost and img.url and img.content_type == wanted and (img.width, img.height) == (job.width, job.height):
-            return ShapedImage(url=img.url, nsfw=img.nsfw, seed=img.seed)
+        if img.data is None and img.b64 is None and job.response_format == "url" and not self.rehost and img.url and not img.url.startswith("data:") and img.content_type == wanted:
+            if (img.width, img.height) == (job.width, job.height):
+                return ShapedImage(url=img.url, nsfw=img.nsfw, seed=img.seed)
+            if img.width is None or img.height is None:
+                head = await self._head(img.url, deadline)
+                size = header_size(head) if sniff(head) == wanted else None
+                if size is not None:
+                    if size != (job.width, job.height):
+                        raise delivery_failed(f"returned {size[0]}x{size[1]}, not the requested {job.width}x{job.height}")
+                    return ShapedImage(url=img.url, nsfw=img.nsfw, seed=img.seed)
         if img.data is None and img.b64 is not None and job.response_format == "b64_json" and pass_through(img.b64, wanted, job):
             return ShapedImage(b64_json=img.b64, nsfw=img.nsfw, seed=img.seed)
         data = await self._bytes(img, deadline)
@@ -96,10 +106,30 @@ class ResultShaper:
             return img.data
         if img.b64 is not None:
             try:
-                return base64.b64decode(img.b64, validate=True)
+                return base64.b64decode("".join(img.b64.split()), validate=True)
             except (ValueError, TypeError):
                 raise delivery_failed("returned image data that is not base64") from None
         return await self._download(img.url, deadline)
+
+    async def _head(self, url: str, deadline: float) -> bytes:
+        """The image's first HEAD_BYTES: a Range request, and a server that
+        ignores Range is read no further than that. Empty if it cannot be read
+        (the caller then downloads the whole image and checks that)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise delivery_failed("deadline passed while reading the image header", network=True)
+        head = bytearray()
+        try:
+            async with self.client.stream("GET", url, headers={"range": f"bytes=0-{HEAD_BYTES - 1}"}, timeout=min(remaining, 30.0)) as resp:
+                if resp.status_code not in (200, 206):
+                    return b""
+                async for chunk in resp.aiter_bytes():
+                    head += chunk
+                    if len(head) >= HEAD_BYTES:
+                        break
+        except httpx.HTTPError:
+            return b""
+        return bytes(head[:HEAD_BYTES])
 
     async def _download(self, url: str | None, deadline: float) -> bytes:
         if not url:
@@ -139,6 +169,16 @@ class ResultShaper:
 
 
 HEAD_B64 = 64 * 1024  # 48 KB once decoded: a PNG/WebP header and most JPEG headers
+HEAD_BYTES = 64 * 1024  # what a Range request reads of an image served by URL
+
+
+def header_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image's first bytes, None if they do not say."""
+    try:
+        with Image.open(io.BytesIO(head)) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - Pillow raises many types for a truncated or odd header
+        return None
 
 
 def pass_through(b64: str, wanted: str, job: ImageJob) -> bool:
@@ -148,10 +188,7 @@ def pass_through(b64: str, wanted: str, job: ImageJob) -> bool:
     CPU per request). Only that head is checked to be valid base64."""
     try:
         head = base64.b64decode(b64[:HEAD_B64], validate=True)
-        if sniff(head) != wanted:
-            return False
-        with Image.open(io.BytesIO(head)) as im:
-            return im.size == (job.width, job.height)
+        return sniff(head) == wanted and header_size(head) == (job.width, job.height)
     except Exception:  # noqa: BLE001 - anything odd takes the full path
         return False
 

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway.logs import mask_fragments, redact, registered_secrets, unescape
+from gateway.providers._json import response_json
 from gateway.providers.base import Adapter, FailureClass, ProviderError, Timeouts, sleep_until_next_poll
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ async def follow_job(poll: Callable[[], Awaitable[T | None]], *, timeouts: Timeo
 def maybe_json(response: httpx.Response) -> Any:
     """The JSON body, or None: for error bodies, which may be anything."""
     try:
-        return response.json()
+        return response_json(response)
     except ValueError:
         return None
 

@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -24,6 +24,7 @@ import httpx
 
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
+from gateway.providers._json import response_json
 from gateway.providers.options import AdapterOptions
 
 GATEWAY_OVERLOADED = "gateway_overloaded"  # ProviderError.code when the gateway, not the backend, was slow
@@ -207,6 +208,20 @@ class Adapter(ABC):
         a crashed replica's async job avoids paying for it twice."""
         raise ProviderError(FailureClass.FAILED, f"{self.kind} jobs cannot be resumed")
 
+    def sizes_to_verify(self, images: list[GeneratedImage], job: ImageJob) -> list[GeneratedImage]:
+        """The images with the sizes the gateway may trust under `verify_size`.
+
+        A width and height left on an image are trusted (a URL then goes to
+        the caller unread); None makes the result shaper read the header.
+        `off` stamps the requested size, `header` clears any, `reported`
+        keeps what the provider's answer reported."""
+        policy = getattr(self.opts, "verify_size", "header")
+        if policy == "off":
+            return [replace(img, width=job.width, height=job.height) for img in images]
+        if policy == "header":
+            return [replace(img, width=None, height=None) for img in images]
+        return images
+
     # ---- helpers shared by HTTP adapters -------------------------------------
 
     async def request(
@@ -334,7 +349,7 @@ def http_error(
 def json_body(response: httpx.Response, *, job_id: str | None = None) -> Any:
     """The JSON body, or a FAILED (garbage body) error."""
     try:
-        return response.json()
+        return response_json(response)
     except ValueError:
         raise ProviderError(
             FailureClass.UNKNOWN_OUTCOME if job_id else FailureClass.FAILED,

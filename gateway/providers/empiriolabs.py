@@ -23,10 +23,11 @@ backend's `options:` in providers.yaml:
 - `data_uri_refs` (default false): `images` is documented as reference image
   URLs only, so uploads (which would travel as data URIs) are not eligible
   here unless this is true.
-- `assume_requested_size` (default false): the response reports no image size.
-  By default the images are reported without one, so the gateway checks them;
-  true reports the requested size (which EmpirioLabs is asked for explicitly),
-  letting the gateway hand a URL straight to the caller.
+- `verify_size` (default `header`): the response reports no image size, so the
+  gateway reads the first 64 KB of each URL image (a Range request) and checks
+  its header before handing the URL on; `off` trusts the requested size.
+- `assume_requested_size` (default false): true is `verify_size: off`, kept
+  for configurations written before that option.
 
 Capabilities (EL-MODEL unless noted): sides 256 to 2048, at most 1,048,576
 pixels per image, steps 1 to 12, 1 to 4 images, formats png/jpeg/webp. The doc
@@ -38,7 +39,7 @@ Response: the exact JSON was not captured (docs/providers/empiriolabs.md#respons
 `{"created", "data": [{"url" | "b64_json"}]}` is read, and, defensively,
 `images: [...]` with objects or plain strings (URLs, data URIs or base64).
 A URL's media type comes from its extension, else the `format` asked for;
-decoded bytes are sniffed. A `seed` or per-image `nsfw` flag is kept if the
+inline base64 is kept as it came (its head is checked and sniffed). A `seed` or per-image `nsfw` flag is kept if the
 response carries one (none is documented); every image flagged is
 CONTENT_FILTERED.
 Errors come in OpenAI's envelope `{"error": {"message", "type", "code"}}`;
@@ -51,8 +52,6 @@ synchronous call may hide work that finished and was billed: UNKNOWN_OUTCOME.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -63,7 +62,8 @@ import httpx
 from gateway.capabilities import Capabilities
 from gateway.job import MEDIA_TYPES, ImageJob, JobKind
 from gateway.providers import register
-from gateway.providers._images import content_type_from_url, is_data_uri, parse_data_uri, reference_uri
+from gateway.providers._images import checked_b64, content_type_from_url, data_uri_b64, is_data_uri, parse_data_uri, reference_uri
+from gateway.providers._json import response_json
 from gateway.providers._wire import maybe_json, provider_text
 from gateway.providers.base import (
     Adapter,
@@ -175,14 +175,23 @@ def error_fields(body: Any) -> tuple[str | None, str | None]:
     return (str(code) if code else None), (str(message) if message is not None else None)
 
 
-def _decode_b64(value: str) -> bytes:
-    """Bytes of a `b64_json` value, which may also come as a data: URI."""
+def _inline_image(value: str, requested_type: str, width: int | None, height: int | None, nsfw: bool | None) -> GeneratedImage:
+    """The image of a `b64_json` value, which may also come as a data: URI.
+
+    Base64 is kept as it came, not decoded whole: its head is checked and
+    sniffed, and results.py decodes the rest only if a transcode or a stored
+    URL needs the bytes. A percent-encoded data: URI is decoded."""
     try:
         if is_data_uri(value):
-            return parse_data_uri(value)[1]
-        return base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError):
+            inline = data_uri_b64(value)
+            if inline is None:
+                data = parse_data_uri(value)[1]
+                return GeneratedImage(data=data, content_type=sniff(data) or requested_type, width=width, height=height, nsfw=nsfw)
+            value = inline[1]
+        b64, head = checked_b64(value)
+    except ValueError:
         raise ProviderError(FailureClass.FAILED, "returned base64 image data that cannot be decoded", billed=True) from None
+    return GeneratedImage(b64=b64, content_type=sniff(head) or requested_type, width=width, height=height, nsfw=nsfw)
 
 
 def _item_image(item: Any, requested_type: str, size: tuple[int | None, int | None]) -> GeneratedImage | None:
@@ -198,8 +207,7 @@ def _item_image(item: Any, requested_type: str, size: tuple[int | None, int | No
     url = item.get("url")
     inline = b64 if isinstance(b64, str) and b64 else url if isinstance(url, str) and is_data_uri(url) else None
     if inline:
-        data = _decode_b64(inline)
-        return GeneratedImage(data=data, content_type=sniff(data) or requested_type, width=width, height=height, nsfw=nsfw)
+        return _inline_image(inline, requested_type, width, height, nsfw)
     if isinstance(url, str) and url:
         return GeneratedImage(url=url, content_type=content_type_from_url(url) or requested_type, width=width, height=height, nsfw=nsfw)
     return None
@@ -247,7 +255,7 @@ class EmpirioLabsAdapter(Adapter):
         if not resp.is_success:
             raise self._error(resp)
         try:
-            payload = resp.json()
+            payload = response_json(resp)
         except ValueError:
             # The synchronous work is done and billed; its answer is lost.
             raise ProviderError(FailureClass.FAILED, f"HTTP {resp.status_code}: response body is not JSON", status=resp.status_code, billed=True) from None
@@ -262,6 +270,8 @@ class EmpirioLabsAdapter(Adapter):
         if all(img.nsfw is True for img in images):
             raise ProviderError(FailureClass.CONTENT_FILTERED, "every image was flagged by the safety checker", billed=True)
         raw = {k: payload[k] for k in ("created", "id", "model") if k in payload}
+        if not self.opts.assume_requested_size:
+            images = self.sizes_to_verify(images, job)
         return ProviderResult(images=images, seed=seed, raw=raw)
 
     def _error(self, resp: httpx.Response) -> ProviderError:

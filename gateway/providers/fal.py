@@ -64,6 +64,7 @@ from gateway.capabilities import Capabilities
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import output_image, reference_uri
+from gateway.providers._json import response_json
 from gateway.providers._wire import as_outcome_unknown, follow_job, get_patiently, maybe_json, provider_text, trusted_url
 from gateway.providers.base import (
     Adapter,
@@ -78,7 +79,7 @@ from gateway.providers.base import (
     json_body,
     note_job_id,
 )
-from gateway.providers.options import AdapterOptions
+from gateway.providers.options import AdapterOptions, VerifySize
 
 DEFAULT_MODEL = "fal-ai/flux-2/klein/4b"
 DEFAULT_EDIT_MODEL = "fal-ai/flux-2/klein/4b/edit"
@@ -181,6 +182,7 @@ class FalOptions(AdapterOptions):
 
     model: str = DEFAULT_MODEL
     edit_model: str = DEFAULT_EDIT_MODEL
+    verify_size: VerifySize = "reported"  # the result's `images[]` documents width and height
     sync_mode: Literal["auto"] | bool = "auto"
     start_timeout_s: Literal["deadline", False] | float | None = "deadline"
     probe_path: str | None = None
@@ -356,7 +358,7 @@ class FalAdapter(Adapter):
         if response.status_code >= 400:
             raise self._error(response, job_id=request_id)
         try:
-            return response.json()
+            return response_json(response)
         except ValueError:
             raise ProviderError(
                 FailureClass.FAILED, f"HTTP {response.status_code}: result body is not JSON", status=response.status_code, job_id=request_id, billed=True
@@ -433,7 +435,7 @@ class FalAdapter(Adapter):
         if flags and all(flags):
             raise ProviderError(FailureClass.CONTENT_FILTERED, "every image was flagged by the safety checker", job_id=request_id, billed=True, code="nsfw")
         raw = {"request_id": request_id, "timings": output.get("timings"), "metrics": status.get("metrics")}
-        return ProviderResult(images=images, seed=seed, job_id=request_id, raw=raw)
+        return ProviderResult(images=self.sizes_to_verify(images, job), seed=seed, job_id=request_id, raw=raw)
 
     # ---- cancel and probe ----------------------------------------------------
 

@@ -55,6 +55,7 @@ from pydantic import ValidationError
 from gateway.capabilities import Capabilities
 from gateway.job import ImageJob
 from gateway.providers import register
+from gateway.providers._json import response_json
 from gateway.providers._wire import provider_text
 from gateway.providers.base import (
     Adapter,
@@ -117,7 +118,7 @@ def request_body(job: ImageJob, timeout_s: float) -> dict[str, Any]:
 def error_text(response: httpx.Response) -> tuple[str | None, str]:
     """(code, message) from the service's `{"error": {...}}` envelope, fit for a caller (`provider_text`)."""
     try:
-        error = response.json().get("error") or {}
+        error = response_json(response).get("error") or {}
     except (ValueError, AttributeError):
         error = {}
     if not isinstance(error, dict):

@@ -18,10 +18,23 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T", bound="AdapterOptions")
 
+VerifySize = Literal["header", "reported", "off"]
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AdapterOptions:
-    """Base of every adapter's options dataclass (this one has none)."""
+    """Base of every adapter's options dataclass: the options every backend has.
+
+    `verify_size` says how the gateway makes sure an image a provider hands
+    back by URL has the size asked for, before passing that URL on:
+    `header` reads only the image's first 64 KB (an HTTP Range request) and
+    parses its header; `reported` trusts a width and height the provider's
+    answer reports (where its protocol documents them), reading the header
+    only when they are missing; `off` trusts the request. Inline (base64)
+    images have their header read in any case: it is already in hand.
+    """
+
+    verify_size: VerifySize = "header"
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None, provider: str = "") -> typing.Self:

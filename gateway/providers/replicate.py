@@ -443,7 +443,7 @@ class ReplicateAdapter(Adapter):
             if isinstance(seconds, (int, float)):
                 predict_time += float(seconds)
         raw = {"prediction_ids": ids, "predict_time": predict_time}
-        return ProviderResult(images=images, seed=job.seed, job_id=",".join(ids), raw=raw)
+        return ProviderResult(images=self.sizes_to_verify(images, job), seed=job.seed, job_id=",".join(ids), raw=raw)
 
     # ---- cancel and probe ----------------------------------------------------
 

@@ -92,6 +92,7 @@ from gateway.capabilities import Capabilities, eligible
 from gateway.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
+from gateway.providers._json import response_json
 from gateway.providers._wire import as_outcome_unknown, follow_job, maybe_json, provider_text
 from gateway.providers.base import (
     Adapter,
@@ -107,7 +108,7 @@ from gateway.providers.base import (
     note_job_id,
     parse_retry_after,
 )
-from gateway.providers.options import AdapterOptions
+from gateway.providers.options import AdapterOptions, VerifySize
 
 DEFAULT_MODEL = "black-forest-labs/flux-2-klein-4b"
 PROBE_TIMEOUT_S = 10.0
@@ -137,6 +138,7 @@ class RunflowOptions(AdapterOptions):
     """The adapter's options, validated; see the module docstring for each."""
 
     model: str = DEFAULT_MODEL
+    verify_size: VerifySize = "reported"  # a run's `outputs[]` documents width and height
     edit_model: str | None = None
     image_size: Literal["object", "preset", "preset_only"] = "object"
     send_guidance_scale: bool = False
@@ -426,7 +428,7 @@ class RunflowAdapter(Adapter):
 
     def _created_run(self, resp: httpx.Response) -> Mapping[str, Any]:
         try:
-            run = resp.json()
+            run = response_json(resp)
         except ValueError:
             run = None
         if not isinstance(run, Mapping) or not run.get("id"):
@@ -466,7 +468,7 @@ class RunflowAdapter(Adapter):
             if not resp.is_success:
                 raise self._lost_run(resp, run_id)
             try:
-                run = resp.json()
+                run = response_json(resp)
             except ValueError:
                 return None  # an unreadable poll answer is transient, like a 5xx
             if isinstance(run, Mapping) and run_status(run) in TERMINAL:
@@ -498,7 +500,7 @@ class RunflowAdapter(Adapter):
             if all(img.nsfw is True for img in images):
                 raise ProviderError(FailureClass.CONTENT_FILTERED, "every image was flagged by the safety checker", job_id=run_id, billed=True)
             seed = images[0].seed if images[0].seed is not None else job.seed
-            return ProviderResult(images=images, seed=seed, job_id=run_id, reported_cost_usd=cost, raw=_summary(run))
+            return ProviderResult(images=self.sizes_to_verify(images, job), seed=seed, job_id=run_id, reported_cost_usd=cost, raw=_summary(run))
         code, message = failure_fields(run)
         text = self._scrub(": ".join(p for p in (code, message) if p) or "no reason given")
         if status in CANCELED:

@@ -68,7 +68,7 @@ async def test_url_response_returns_the_signed_url(mock, adapter, make_job, dead
     assert result.reported_cost_usd is None and result.job_id is None and result.seed == 11
 
 
-async def test_b64_response_is_decoded_without_a_second_download(mock, adapter, make_job, deadline):
+async def test_b64_response_is_kept_as_sent_without_a_second_download(mock, adapter, make_job, deadline):
     route = mock.post(GEN).respond(200, json={"created": 1, "data": [{"b64_json": B64_PNG}, {"b64_json": base64.b64encode(JPEG_BYTES).decode()}]})
     job = make_job(n=2, response_format="b64_json", output_format="webp", guidance_scale=1.5)
 
@@ -76,7 +76,8 @@ async def test_b64_response_is_decoded_without_a_second_download(mock, adapter, 
 
     sent = sent_json(route)
     assert (sent["response_format"], sent["format"], sent["guidance_scale"], sent["num_images"]) == ("b64_json", "webp", 1.5, 2)
-    assert [img.data for img in result.images] == [PNG_BYTES, JPEG_BYTES]
+    assert [img.b64 for img in result.images] == [B64_PNG, base64.b64encode(JPEG_BYTES).decode()]  # as sent, never decoded whole
+    assert all(img.data is None for img in result.images)
     assert [img.content_type for img in result.images] == ["image/png", "image/jpeg"]  # sniffed, not assumed
     assert all(img.url is None for img in result.images)
 
@@ -143,8 +144,8 @@ def test_capabilities_follow_the_model_page():
     [
         ({"data": [{"url": "https://c/1.webp"}]}, [("https://c/1.webp", None)]),
         ({"images": ["https://c/2.png"]}, [("https://c/2.png", None)]),
-        ({"images": [{"b64_json": B64_PNG}]}, [(None, PNG_BYTES)]),
-        ({"images": [f"data:image/png;base64,{B64_PNG}"]}, [(None, PNG_BYTES)]),
+        ({"images": [{"b64_json": B64_PNG}]}, [(None, B64_PNG)]),
+        ({"images": [f"data:image/png;base64,{B64_PNG}"]}, [(None, B64_PNG)]),
         ({"data": [], "images": [{"url": "https://c/3.png"}]}, [("https://c/3.png", None)]),
         ({"data": [{"revised_prompt": "x"}]}, []),
         ({"created": 1}, []),
@@ -153,7 +154,7 @@ def test_capabilities_follow_the_model_page():
     ids=["data-url", "images-strings", "images-b64", "images-data-uri", "empty-data-falls-back", "no-image-in-item", "no-list", "not-an-object"],
 )
 def test_extractor_reads_openai_data_and_images_defensively(body, expected):
-    assert [(img.url, img.data) for img in extract_images(body, "image/png")] == expected
+    assert [(img.url, img.b64) for img in extract_images(body, "image/png")] == expected
 
 
 async def test_seed_and_nsfw_reported_by_the_response_are_kept(mock, adapter, make_job, deadline):

@@ -123,14 +123,15 @@ async def test_edit_submits_to_the_edit_path_and_follows_owner_alias_urls(fal, m
     assert len(result.images) == 1
 
 
-async def test_b64_json_request_uses_sync_mode_and_returns_bytes(fal, mock, make_job, deadline):
+async def test_b64_json_request_uses_sync_mode_and_keeps_the_base64(fal, mock, make_job, deadline):
     data_uri = "data:image/png;base64," + base64.b64encode(PNG_BYTES).decode()
     routes = happy_queue(mock, result=output(url=data_uri))
 
     result = await fal.generate(make_job(response_format="b64_json"), deadline)
 
     assert json.loads(routes["submit"].calls.last.request.content)["sync_mode"] is True
-    assert result.images[0].data == PNG_BYTES and result.images[0].url is None
+    image = result.images[0]
+    assert (image.b64, image.data, image.url) == (data_uri.partition(",")[2], None, None)
 
 
 @pytest.mark.parametrize(("option", "sent"), [(None, False), (True, True), (False, False)])

@@ -595,9 +595,9 @@ def test_default_options_match_the_documents():
     assert (opts.image_size, opts.edit_steps_field, opts.data_uri_refs, opts.admin_cancel) == ("object", "steps", True, False)
 
 
-def test_inline_data_uri_outputs_become_bytes():
+def test_inline_data_uri_outputs_keep_their_base64():
     [img] = extract_images({"outputs": [{"url": "data:image/png;base64," + base64.b64encode(PNG_BYTES).decode(), "type": "image"}]}, "image/png")
-    assert (img.url, img.data, img.content_type) == (None, PNG_BYTES, "image/png")
+    assert (img.url, img.b64, img.data, img.content_type) == (None, base64.b64encode(PNG_BYTES).decode(), None, "image/png")
 
 
 def test_malformed_data_uri_output_is_failed_and_billed():

@@ -74,10 +74,14 @@ def test_reference_uri_prefers_the_callers_url_over_bytes():
     assert reference_uri(ReferenceImage(content_type="image/png", data=PNG_BYTES)).startswith("data:image/png;base64,")
 
 
-def test_output_image_keeps_urls_and_decodes_data_uris():
+def test_output_image_keeps_urls_and_the_base64_of_data_uris():
     assert output_image("https://cdn/x.png", content_type="image/png").url == "https://cdn/x.png"
     inline = output_image("data:image/jpeg;base64," + base64.b64encode(b"jpg").decode(), content_type="image/png")
-    assert (inline.data, inline.content_type, inline.url) == (b"jpg", "image/jpeg", None)
+    assert (inline.b64, inline.data, inline.content_type, inline.url) == (base64.b64encode(b"jpg").decode(), None, "image/jpeg", None)
+    wrapped = output_image("data:image/png;base64,iVBO\nRw0K", content_type="image/png")
+    assert wrapped.b64 == "iVBORw0K"  # line-wrapped base64 is unwrapped, then kept
+    plain = output_image("data:image/png,%89PNG", content_type="image/png")
+    assert (plain.data, plain.b64) == (b"\x89PNG", None)  # not base64: decoded
 
 
 @pytest.mark.parametrize(("url", "media_type"), [("https://r/out-0.webp", "image/webp"), ("https://r/a.jpg?sig=1", "image/jpeg"), ("https://r/blob", None)])
