@@ -21,7 +21,8 @@ import pytest
 import respx
 from PIL import Image
 
-from gateway.image_store import ImageStore
+from gateway.images.memory import MemoryImageStore
+from gateway.images.signing import UrlSigner
 from gateway.job import ImageJob
 from gateway.providers.base import Adapter, AdapterSettings
 from gateway.providers.empiriolabs import EmpirioLabsAdapter
@@ -100,7 +101,7 @@ async def test_provider_base64_reaches_the_caller_byte_for_byte(
         result = await adapter.generate(job, time.monotonic() + 5)
         [image] = result.images
         assert image.data is None and image.b64 == B64  # kept as sent, never decoded whole
-        [shaped] = await ResultShaper(client, ImageStore(ttl_s=60, max_bytes=1 << 20)).shape(job, result.images, backend=adapter_type.kind, deadline=time.monotonic() + 5, base_url="http://gw.test")
+        [shaped] = await ResultShaper(client, MemoryImageStore(ttl_s=60, max_bytes=1 << 20, signer=UrlSigner())).shape(job, result.images, backend=adapter_type.kind, deadline=time.monotonic() + 5, base_url="http://gw.test")
     assert shaped.b64_json is image.b64  # the very string: no re-encode on the way out
     assert base64.b64decode(shaped.as_openai()["b64_json"]) == PNG
 
@@ -115,7 +116,7 @@ async def test_base64_that_does_not_fit_the_request_takes_the_checked_path(
     job = make_job(response_format="b64_json", output_format=output_format, width=size[0], height=size[1])
     async with httpx.AsyncClient() as client:
         result = await EmpirioLabsAdapter(make_settings("empiriolabs", el.BASE, el.KEY), client).generate(job, time.monotonic() + 5)
-        shaper = ResultShaper(client, ImageStore(ttl_s=60, max_bytes=1 << 20))
+        shaper = ResultShaper(client, MemoryImageStore(ttl_s=60, max_bytes=1 << 20, signer=UrlSigner()))
         if size != (1024, 1024):
             with pytest.raises(Exception, match="not the requested 512x512"):
                 await shaper.shape(job, result.images, backend="empiriolabs", deadline=time.monotonic() + 5, base_url="http://gw.test")

@@ -16,7 +16,8 @@ import pytest
 import respx
 from PIL import Image
 
-from gateway.image_store import ImageStore
+from gateway.images.memory import MemoryImageStore
+from gateway.images.signing import UrlSigner
 from gateway.job import ImageJob
 from gateway.providers.base import FailureClass, GeneratedImage, ProviderError
 from gateway.providers.empiriolabs import EmpirioLabsAdapter
@@ -78,8 +79,8 @@ async def test_empiriolabs_answer_is_checked_by_header_by_default(mock, make_set
     assert (image.url, image.width, image.height) == (IMAGE_URL, None, None)
 
 
-async def shape(job: ImageJob, image: GeneratedImage) -> tuple[str, ImageStore]:
-    store = ImageStore(ttl_s=60, max_bytes=64 << 20)
+async def shape(job: ImageJob, image: GeneratedImage) -> tuple[str, MemoryImageStore]:
+    store = MemoryImageStore(ttl_s=60, max_bytes=64 << 20, signer=UrlSigner())
     async with httpx.AsyncClient() as client:
         [shaped] = await ResultShaper(client, store).shape(job, [image], backend="x", deadline=time.monotonic() + 5, base_url="http://gw.test")
     return shaped.url or "", store
@@ -107,7 +108,7 @@ async def test_a_wrong_size_in_the_header_is_a_billed_failure(mock: respx.MockRo
     mock.get(IMAGE_URL).respond(206, content=png(512, 512)[:HEAD_BYTES])
     with pytest.raises(ProviderError) as info:
         await shape(make_job(response_format="url", output_format="png"), url_image())
-    assert (info.value.failure, info.value.billed) == (FailureClass.FAILED, True)
+    assert (info.value.failure, info.value.billed) == (FailureClass.DELIVERY_FAILED, True)  # billed once, bought again elsewhere
     assert "returned 512x512, not the requested 1024x1024" in info.value.message
 
 
