@@ -71,7 +71,9 @@ def redis_server() -> Iterator[str]:
 def gateway(env: dict[str, str]) -> Iterator[str]:
     port = free_port()
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 30
@@ -127,7 +129,12 @@ async def measure(url: str, requests: int, jobs: int) -> dict[str, str]:
             resp = await c.post("/v1/images/generations", json=BODY, headers={"Idempotency-Key": f"{run}-{i}"})
             assert resp.headers.get("idempotent-replayed") == "true"
 
-        figures = {"sync": pct(await timed(requests, sync)), "accept": pct(await timed(requests, accept)), "to result": pct(await timed(requests, to_result)), "replay": pct(await timed(requests, replay))}
+        figures = {
+            "sync": pct(await timed(requests, sync)),
+            "accept": pct(await timed(requests, accept)),
+            "to result": pct(await timed(requests, to_result)),
+            "replay": pct(await timed(requests, replay)),
+        }
 
         gate = asyncio.Semaphore(20)
         ids: list[str] = []

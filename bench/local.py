@@ -83,10 +83,7 @@ def table(rows: Sequence[Row]) -> str:
     lines = [f"{'bucket':>10} {'batch':>5} {'latency s':>10} {'images/s':>9} {'s/image':>8} {'peak GiB':>9}"]
     for row in rows:
         peak = "-" if row.peak_bytes is None else f"{row.peak_bytes / 2**30:.2f}"
-        lines.append(
-            f"{row.size:>10} {row.batch:>5} {row.latency_s:>10.4f} {row.images_per_s:>9.2f}"
-            f" {row.seconds_per_image:>8.4f} {peak:>9}"
-        )
+        lines.append(f"{row.size:>10} {row.batch:>5} {row.latency_s:>10.4f} {row.images_per_s:>9.2f} {row.seconds_per_image:>8.4f} {peak:>9}")
     return "\n".join(lines)
 
 
@@ -105,9 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=120.0, help="start no new row after this many seconds")
     args = parser.parse_args(argv)
 
-    settings = Settings(
-        model_path=args.model, tiny=args.model is None, device=args.device, dtype=args.dtype, compile=args.compile
-    )
+    settings = Settings(model_path=args.model, tiny=args.model is None, device=args.device, dtype=args.dtype, compile=args.compile)
     started = time.monotonic()
     generator = build_generator(settings)
     print(f"pipeline: {settings.model_name} on {generator.device}, loaded in {time.monotonic() - started:.1f}s, "

@@ -580,8 +580,23 @@ def cell_rows(cells: list[Cell]) -> list[list[str]]:
             own = f"{fmt(c.overhead_ms['p50'], 2)} / {fmt(c.overhead_ms['p99'], 2)}"
         cpu = " ".join(f"{v / c.elapsed_s * 100:.0f}" for v in c.cpu_s.values()) if c.elapsed_s else ""
         upstream = "saturated" if not c.upstream_ms else f"paced {c.upstream_ms:g} ms"
-        rows.append([f"{c.payload}, {upstream}", c.path, str(c.concurrency), str(len(c.latencies)), f"{c.rps:.0f}",
-                     fmt(c.q_ms(50)), fmt(c.q_ms(95)), fmt(c.q_ms(99)), added, own, ratio, str(sum(c.errors.values())), cpu])
+        rows.append(
+            [
+                f"{c.payload}, {upstream}",
+                c.path,
+                str(c.concurrency),
+                str(len(c.latencies)),
+                f"{c.rps:.0f}",
+                fmt(c.q_ms(50)),
+                fmt(c.q_ms(95)),
+                fmt(c.q_ms(99)),
+                added,
+                own,
+                ratio,
+                str(sum(c.errors.values())),
+                cpu,
+            ]
+        )
     return rows
 
 
@@ -589,12 +604,18 @@ def report(cells: list[Cell], inflight: InflightResult | None, args: argparse.Na
     out = [
         f"machine: {os.cpu_count()} CPUs ({platform.machine()}), Linux {platform.release()}, Python {platform.python_version()}; "
         "load generator, gateway and emulator are 3 processes sharing these CPUs",
-        "workload: 1024x1024 PNG as b64_json; payloads " + ", ".join(f"{k} = {v / 1e6:.2f} MB of base64" for k, v in sizes.items())
+        "workload: 1024x1024 PNG as b64_json; payloads "
+        + ", ".join(f"{k} = {v / 1e6:.2f} MB of base64" for k, v in sizes.items())
         + f"; {args.duration:g} s per saturated cell, {2 * args.duration:g} s per paced cell (at most {args.max_requests} requests)",
         "",
     ]
     if cells:
-        out.append(table(["workload", "path", "conc", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "added p50/p99 ms", "own overhead p50/p99 ms", "gw/direct req/s", "errors", "CPU % client gw emu"], cell_rows(cells)))
+        out.append(
+            table(
+                ["workload", "path", "conc", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "added p50/p99 ms", "own overhead p50/p99 ms", "gw/direct req/s", "errors", "CPU % client gw emu"],
+                cell_rows(cells),
+            )
+        )
         out += [
             "",
             "added = gateway percentile minus direct percentile (same workload and concurrency); own overhead = the",
@@ -607,9 +628,23 @@ def report(cells: list[Cell], inflight: InflightResult | None, args: argparse.Na
         out += [
             "",
             f"in flight: {inflight.requested} requests started over {inflight.ramp_s:g} s, upstream holds each {inflight.slow_s:g} s, client gives up after {args.inflight_timeout:g} s",
-            table(["requests", "ok", "errors", "peak in flight (client / gateway gauge)", "p50 s", "p99 s", "max s", "RSS idle / peak / after MB", "wall s", "gateway CPU s"],
-                  [[str(inflight.requested), str(inflight.ok), errors, f"{inflight.client_peak_in_flight} / {gauge}", fmt(percentile(lat, 50), 2), fmt(percentile(lat, 99), 2),
-                    fmt(percentile(lat, 100), 2), f"{inflight.rss_idle_mb:.0f} / {inflight.rss_peak_mb:.0f} / {inflight.rss_after_mb:.0f}", f"{inflight.elapsed_s:.1f}", f"{inflight.gateway_cpu_s:.1f}"]]),
+            table(
+                ["requests", "ok", "errors", "peak in flight (client / gateway gauge)", "p50 s", "p99 s", "max s", "RSS idle / peak / after MB", "wall s", "gateway CPU s"],
+                [
+                    [
+                        str(inflight.requested),
+                        str(inflight.ok),
+                        errors,
+                        f"{inflight.client_peak_in_flight} / {gauge}",
+                        fmt(percentile(lat, 50), 2),
+                        fmt(percentile(lat, 99), 2),
+                        fmt(percentile(lat, 100), 2),
+                        f"{inflight.rss_idle_mb:.0f} / {inflight.rss_peak_mb:.0f} / {inflight.rss_after_mb:.0f}",
+                        f"{inflight.elapsed_s:.1f}",
+                        f"{inflight.gateway_cpu_s:.1f}",
+                    ]
+                ],
+            ),
         ]
     out += ["", "targets:", *verdicts(cells, inflight, args)]
     return "\n".join(out)
@@ -631,7 +666,9 @@ def verdicts(cells: list[Cell], inflight: InflightResult | None, args: argparse.
         gw, direct = by_key.get((payload, 0.0, "gateway", 50)), by_key.get((payload, 0.0, "direct", 50))
         if gw and direct and direct.rps:
             ratio = gw.rps / direct.rps
-            lines.append(f"  {mark(ratio >= TARGET_THROUGHPUT_RATIO)} {payload}, saturated, concurrency 50: {gw.rps:.0f} req/s through the gateway vs {direct.rps:.0f} direct = {ratio:.2f} (target >= {TARGET_THROUGHPUT_RATIO:g})")
+            lines.append(
+                f"  {mark(ratio >= TARGET_THROUGHPUT_RATIO)} {payload}, saturated, concurrency 50: {gw.rps:.0f} req/s through the gateway vs {direct.rps:.0f} direct = {ratio:.2f} (target >= {TARGET_THROUGHPUT_RATIO:g})"
+            )
     if inflight is not None:
         clean = not inflight.errors and inflight.ok == inflight.requested and inflight.requested >= TARGET_INFLIGHT
         lines.append(f"  {mark(clean)} {inflight.requested} in flight: {inflight.ok} ok, {sum(inflight.errors.values())} errors (target {TARGET_INFLIGHT} with no errors)")
@@ -653,7 +690,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-saturated", action="store_true", help="skip the saturated cells")
     p.add_argument("--inflight", type=int, default=TARGET_INFLIGHT, help="concurrent requests in the in-flight run (0 skips it)")
     p.add_argument("--slow", type=float, default=20.0, help="seconds the upstream holds each request in the in-flight run (default 20, longer than the ramp so all overlap)")
-    p.add_argument("--ramp", type=float, default=16.0, help="seconds over which the in-flight requests start (default 16: about 300 new requests a second, well within what one worker absorbs on 2 shared cores)")
+    p.add_argument(
+        "--ramp", type=float, default=16.0, help="seconds over which the in-flight requests start (default 16: about 300 new requests a second, well within what one worker absorbs on 2 shared cores)"
+    )
     p.add_argument("--inflight-timeout", type=float, help="seconds the in-flight run may take in all (default ramp + slow + 45)")
     p.add_argument("--source", type=Path, default=REPO, help="run the gateway and emulator from this checkout, to compare a change (default: this one)")
     p.add_argument("--json", type=Path, help="also write the raw figures here")
@@ -700,7 +739,11 @@ def main(argv: list[str] | None = None) -> int:
                                 duration = args.duration * (2 if upstream_ms else 1)  # paced cells: fewer requests a second, so longer
                                 cell = run_cell(Cell(payload, upstream_ms, target.name, concurrency), target, duration, args.max_requests, gateway_url, procs)
                                 cells.append(cell)
-                                print(f"  {payload:>5} upstream {upstream_ms:4g} ms {target.name:>7} c={concurrency:<3} {cell.rps:6.0f} req/s  p50 {cell.q_ms(50):7.1f} ms  p99 {cell.q_ms(99):7.1f} ms  errors {sum(cell.errors.values())}", file=sys.stderr, flush=True)
+                                print(
+                                    f"  {payload:>5} upstream {upstream_ms:4g} ms {target.name:>7} c={concurrency:<3} {cell.rps:6.0f} req/s  p50 {cell.q_ms(50):7.1f} ms  p99 {cell.q_ms(99):7.1f} ms  errors {sum(cell.errors.values())}",
+                                    file=sys.stderr,
+                                    flush=True,
+                                )
             finally:
                 gateway.stop()
             if args.inflight:
@@ -711,12 +754,35 @@ def main(argv: list[str] | None = None) -> int:
     print(report(cells, inflight, args, sizes))
     print(f"\n(run took {time.monotonic() - t_start:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({
-            "cells": [{"payload": c.payload, "upstream_ms": c.upstream_ms, "path": c.path, "concurrency": c.concurrency, "ok": len(c.latencies), "rps": c.rps,
-                       "p50_ms": c.q_ms(50), "p95_ms": c.q_ms(95), "p99_ms": c.q_ms(99), "errors": dict(c.errors), "overhead_ms": c.overhead_ms, "cpu_s": c.cpu_s, "elapsed_s": c.elapsed_s} for c in cells],
-            "inflight": None if inflight is None else {k: v for k, v in vars(inflight).items() if k != "latencies"}
-            | {"p50_s": percentile(sorted(inflight.latencies), 50), "p99_s": percentile(sorted(inflight.latencies), 99)},
-        }, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "cells": [
+                        {
+                            "payload": c.payload,
+                            "upstream_ms": c.upstream_ms,
+                            "path": c.path,
+                            "concurrency": c.concurrency,
+                            "ok": len(c.latencies),
+                            "rps": c.rps,
+                            "p50_ms": c.q_ms(50),
+                            "p95_ms": c.q_ms(95),
+                            "p99_ms": c.q_ms(99),
+                            "errors": dict(c.errors),
+                            "overhead_ms": c.overhead_ms,
+                            "cpu_s": c.cpu_s,
+                            "elapsed_s": c.elapsed_s,
+                        }
+                        for c in cells
+                    ],
+                    "inflight": None
+                    if inflight is None
+                    else {k: v for k, v in vars(inflight).items() if k != "latencies"} | {"p50_s": percentile(sorted(inflight.latencies), 50), "p99_s": percentile(sorted(inflight.latencies), 99)},
+                },
+                indent=2,
+                default=str,
+            )
+        )
     return 0
 
 

@@ -75,5 +75,6 @@ def main() -> None:
             figures = [median_ms(partial(fn, data), args.runs) for fn in (header, decode, check_image_bytes, check_decodes)]
             print(f"{fmt + ' ' + label:18s} {len(data):11,d} " + " ".join(f"{ms:10.2f}" for ms in figures))
 
+
 if __name__ == "__main__":
     main()

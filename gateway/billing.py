@@ -102,9 +102,7 @@ def within(plan: Plan, ceiling: Decimal) -> Plan:
     """The plan without the backends quoted above `ceiling` (order kept), each noted as skipped."""
     kept = tuple(c for c in plan.attempts if (c.quote.usd if c.quote is not None else Decimal(0)) <= ceiling)
     dropped = tuple(
-        Skip(c.name, f"quoted ${usd_text(c.quote.usd)}, more than the key's budget has left", SkipCause.OVER_PRICE, usd=c.quote.usd)
-        for c in plan.attempts
-        if c not in kept and c.quote is not None
+        Skip(c.name, f"quoted ${usd_text(c.quote.usd)}, more than the key's budget has left", SkipCause.OVER_PRICE, usd=c.quote.usd) for c in plan.attempts if c not in kept and c.quote is not None
     )
     return dataclasses.replace(plan, attempts=kept, details=plan.details + dropped) if dropped else plan
 
@@ -157,7 +155,9 @@ class Tab:
         try:
             taken, refused = await self.billing.budgets.reserve_largest(spec.name, windows, [to_units(o) for o in options])
         except BudgetUnavailable:
-            raise GatewayError("the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1) from None
+            raise GatewayError(
+                "the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1
+            ) from None
         if taken is None or refused is not None:
             refused = refused or windows[0]
             resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -180,7 +180,9 @@ class Tab:
         try:
             refused = await self.billing.budgets.reserve(spec.name, self.windows, extra)
         except BudgetUnavailable:
-            raise GatewayError("the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1) from None
+            raise GatewayError(
+                "the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1
+            ) from None
         if refused is not None:
             resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
             raise BudgetExceeded(
@@ -216,11 +218,22 @@ class Billing:
             self.metrics.record_billed(backend=backend, source=billed[1], billed_usd=billed[0], estimated_usd=cost)
         job = tab.job
         megapixels = job.megapixels * images if job is not None else Decimal(0)
-        self.ledger.record(UsageRow(
-            at=datetime.now(UTC), request_id=tab.request_id, key_name=tab.key_name, route=tab.route, backend=backend,
-            attempts=attempts, images=images, megapixels=megapixels, estimated_usd=cost,
-            billed_usd=billed[0] if billed else None, billed_source=billed[1] if billed else None, status=status,
-        ))
+        self.ledger.record(
+            UsageRow(
+                at=datetime.now(UTC),
+                request_id=tab.request_id,
+                key_name=tab.key_name,
+                route=tab.route,
+                backend=backend,
+                attempts=attempts,
+                images=images,
+                megapixels=megapixels,
+                estimated_usd=cost,
+                billed_usd=billed[0] if billed else None,
+                billed_source=billed[1] if billed else None,
+                status=status,
+            )
+        )
 
     async def start(self) -> None:
         self.ledger.start()

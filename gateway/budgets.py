@@ -189,8 +189,12 @@ class RedisBudgets:
         import redis.asyncio as aioredis
 
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=pool_wait_s, socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout, decode_responses=True,
+            url,
+            max_connections=max_connections,
+            timeout=pool_wait_s,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            decode_responses=True,
         )
         self._client = aioredis.Redis(connection_pool=pool)
         self._prefix = f"klein:{namespace}:"

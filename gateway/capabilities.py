@@ -80,8 +80,7 @@ class Eligibility:
 
 ELIGIBLE = Eligibility(True)
 UPLOADS_UNREACHABLE = (
-    "needs reference images as public URLs; uploads get a short-lived signed one only when "
-    "gateway.public_base_url (or KLEIN_PUBLIC_BASE_URL) is set, or an s3 image store presigns its URLs"
+    "needs reference images as public URLs; uploads get a short-lived signed one only when gateway.public_base_url (or KLEIN_PUBLIC_BASE_URL) is set, or an s3 image store presigns its URLs"
 )
 
 

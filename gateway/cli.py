@@ -200,7 +200,9 @@ def print_usage(args: argparse.Namespace) -> int:
     columns = [*groups, "requests", "images", "megapixels", "cost_usd", "billed_usd"]
     lines = [[str(item.get(c) if item.get(c) is not None else "-") for c in columns] for item in table["data"]]
     total = table["total"]
-    lines.append(["total", *[""] * (len(groups) - 1), *[str(total.get(c) if total.get(c) is not None else "-") for c in columns[len(groups):]]] if groups else [str(total.get(c) or "-") for c in columns])
+    lines.append(
+        ["total", *[""] * (len(groups) - 1), *[str(total.get(c) if total.get(c) is not None else "-") for c in columns[len(groups) :]]] if groups else [str(total.get(c) or "-") for c in columns]
+    )
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
     print(f"usage {since.isoformat(timespec='seconds')} .. {until.isoformat(timespec='seconds')}")
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
@@ -232,7 +234,16 @@ def print_quote(args: argparse.Namespace) -> int:
     try:
         size = args.size or (None if args.aspect_ratio else "1024x1024")
         body = parse_body({"prompt": "quote", "size": size, "aspect_ratio": args.aspect_ratio, "n": args.n, "num_inference_steps": args.steps})
-        job = build_job(body, kind=JobKind.EDIT if refs else JobKind.GENERATE, references=refs, max_prompt_chars=10, deadline_s=config.settings.default_deadline_s, caller=None, known_backends=gw.fleet.names, request_id="quote")
+        job = build_job(
+            body,
+            kind=JobKind.EDIT if refs else JobKind.GENERATE,
+            references=refs,
+            max_prompt_chars=10,
+            deadline_s=config.settings.default_deadline_s,
+            caller=None,
+            known_backends=gw.fleet.names,
+            request_id="quote",
+        )
     except GatewayError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
@@ -289,8 +300,15 @@ def serve_gateway(args: argparse.Namespace) -> int:
         # the extra seconds are uvicorn's backstop for connections still open then.
         grace = config.settings.shutdown_grace_s
         server_config = uvicorn.Config(
-            "gateway.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-            log_level="warning", access_log=False, log_config=None, timeout_graceful_shutdown=int(grace) + 5,
+            "gateway.app:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_level="warning",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=int(grace) + 5,
         )
         sock = server_config.bind_socket()  # exits non-zero, logging why, if the port is taken
         sock.listen(server_config.backlog)  # connections queue from here on, before the app is up
@@ -421,18 +439,18 @@ def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str
     for name, address in sorted((kept or {}).items()):
         lines.append(f"Not emulated: {name} at {redact(address)} ({adapter_class(name).base_url_env} is set)")
     if os.environ.get("KLEIN_GATEWAY_KEYS"):
-        auth = " -H \"authorization: Bearer ${KLEIN_GATEWAY_KEYS%%,*}\""
+        auth = ' -H "authorization: Bearer ${KLEIN_GATEWAY_KEYS%%,*}"'
         api_key = "__import__('os').environ['KLEIN_GATEWAY_KEYS'].split(',')[0]"
     elif os.environ.get("KLEIN_KEYS_FILE"):  # keys from the file: put one of yours in $KLEIN_KEY to run the examples
-        auth = " -H \"authorization: Bearer $KLEIN_KEY\""
+        auth = ' -H "authorization: Bearer $KLEIN_KEY"'
         api_key = "__import__('os').environ['KLEIN_KEY']"
     else:
         auth, api_key = "", "'any'"
     lines += [
         "",
         "Try it:",
-        f"  curl -s {url}/images/quote{auth} -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"1024x1024\"}}'",
-        f"  curl -s {url}/images/generations{auth} -H 'content-type: application/json' -d '{{\"prompt\": \"a lighthouse\", \"size\": \"512x512\", \"response_format\": \"b64_json\"}}' -D - -o /dev/null",
+        f'  curl -s {url}/images/quote{auth} -H \'content-type: application/json\' -d \'{{"prompt": "a lighthouse", "size": "1024x1024"}}\'',
+        f'  curl -s {url}/images/generations{auth} -H \'content-type: application/json\' -d \'{{"prompt": "a lighthouse", "size": "512x512", "response_format": "b64_json"}}\' -D - -o /dev/null',
         "  python -c \"from openai import OpenAI; c = OpenAI(base_url='" + url + "', api_key=" + api_key + "); "
         "print(c.images.generate(model='flux-2-klein-4b', prompt='a lighthouse', size='512x512').data[0].url)\"",
         f"  curl -s {url}/backends{auth} | python -m json.tool",

@@ -135,7 +135,20 @@ class Outcome:
 class DispatchFailed(GatewayError):
     """Every attempt failed; carries what was spent and tried, for the headers."""
 
-    def __init__(self, message: str, *, status: int, code: str, attempts: list[Attempt], cost_usd: Decimal, upstream_s: float, retryable: bool | None, type_: str = "server_error", retry_after: float | None = None, possibly_billed_usd: Decimal = Decimal(0)) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        code: str,
+        attempts: list[Attempt],
+        cost_usd: Decimal,
+        upstream_s: float,
+        retryable: bool | None,
+        type_: str = "server_error",
+        retry_after: float | None = None,
+        possibly_billed_usd: Decimal = Decimal(0),
+    ) -> None:
         super().__init__(message, status=status, code=code, retryable=retryable, retry_after=retry_after, details={"attempts": [a.summary() for a in attempts]})
         self.type = type_
         self.attempts = attempts
@@ -344,7 +357,15 @@ class Dispatcher:
         if err.failure is FailureClass.CONTENT_FILTERED:
             raise _Stop(self._failed(run, status=400, code="content_policy_violation", message="the image was flagged by the safety checker", retryable=False, type_="invalid_request_error"))
         if refused_cancel:
-            raise _Stop(self._failed(run, status=502, code="outcome_unknown", message=f"{cand.name} did not confirm cancelling a job whose outcome is unknown; it may still run and be billed, so it was not bought again elsewhere", retryable=True))
+            raise _Stop(
+                self._failed(
+                    run,
+                    status=502,
+                    code="outcome_unknown",
+                    message=f"{cand.name} did not confirm cancelling a job whose outcome is unknown; it may still run and be billed, so it was not bought again elsewhere",
+                    retryable=True,
+                )
+            )
         if not last:
             self.metrics.record_failover(from_backend=cand.name, reason=err.failure.value)
 
@@ -416,13 +437,26 @@ class Dispatcher:
         others_down = any(skip.cause is SkipCause.UNAVAILABLE for skip in plan.details)
         if all(a.outcome == FailureClass.REJECTED.value for a in tried) and not others_down:
             first = tried[0]
-            return self._failed(run, status=422, code="rejected_by_backends", message=f"every backend rejected the request; {first.backend}: {first.message}", retryable=False, type_="invalid_request_error")
+            return self._failed(
+                run, status=422, code="rejected_by_backends", message=f"every backend rejected the request; {first.backend}: {first.message}", retryable=False, type_="invalid_request_error"
+            )
         summary = "; ".join(f"{a.backend}: {a.outcome}" for a in tried)
         return self._failed(run, status=502, code="all_backends_failed", message=f"every eligible backend failed ({summary})", retryable=True)
 
     @staticmethod
     def _failed(run: _Run, *, status: int, code: str, message: str, retryable: bool | None, type_: str = "server_error", retry_after: float | None = None) -> DispatchFailed:
-        return DispatchFailed(message, status=status, code=code, attempts=run.attempts, cost_usd=run.spent, upstream_s=run.upstream, retryable=retryable, type_=type_, retry_after=retry_after, possibly_billed_usd=run.possibly)
+        return DispatchFailed(
+            message,
+            status=status,
+            code=code,
+            attempts=run.attempts,
+            cost_usd=run.spent,
+            upstream_s=run.upstream,
+            retryable=retryable,
+            type_=type_,
+            retry_after=retry_after,
+            possibly_billed_usd=run.possibly,
+        )
 
     async def drain(self) -> None:
         """Let pending cancels and health writes finish (on shutdown)."""

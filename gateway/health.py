@@ -272,9 +272,7 @@ class HealthTracker:
         except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("record_success", exc)
 
-    async def record_failure(
-        self, name: str, error: ProviderError, latency_s: float | None = None, admission: Admission | None = None
-    ) -> None:
+    async def record_failure(self, name: str, error: ProviderError, latency_s: float | None = None, admission: Admission | None = None) -> None:
         """Apply `health_effect`. A timeout's latency joins the samples (a lower
         bound that keeps p95 honest); other failures' latencies do not.
         Gives back `admission`'s trial lease, never another request's."""

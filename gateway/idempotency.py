@@ -133,7 +133,9 @@ class Idempotency:
                 self.metrics.record_idempotency("in_use")
                 raise KeyInUse("a request with this Idempotency-Key is still running; retry shortly", param="Idempotency-Key", retry_after=1)
             self.metrics.record_idempotency("replayed")
-            once.replay = Response(base64.b64decode(stored["body"]), status_code=stored["status"], media_type=stored.get("media_type") or "application/json", headers={**stored["headers"], REPLAYED: "true"})
+            once.replay = Response(
+                base64.b64decode(stored["body"]), status_code=stored["status"], media_type=stored.get("media_type") or "application/json", headers={**stored["headers"], REPLAYED: "true"}
+            )
             yield once
             return
         else:

@@ -70,10 +70,24 @@ _PATTERNS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
 _TRIGGER: Final = re.compile(r"(?i)authoriz|bearer|basic|key|token|sk-|r8_|rf_|://|[?&]|secret|password|credential|[0-9a-f]{8}-")
 
 # Extra fields whose values are never written, whatever they hold.
-_NEVER_LOGGED_FIELDS: Final = frozenset({
-    "prompt", "negative_prompt", "revised_prompt", "authorization", "api_key", "key", "token",
-    "secret", "password", "credential", "credentials", "b64_json", "image", "images",
-})
+_NEVER_LOGGED_FIELDS: Final = frozenset(
+    {
+        "prompt",
+        "negative_prompt",
+        "revised_prompt",
+        "authorization",
+        "api_key",
+        "key",
+        "token",
+        "secret",
+        "password",
+        "credential",
+        "credentials",
+        "b64_json",
+        "image",
+        "images",
+    }
+)
 _MIN_SECRET_LEN: Final = 4  # shorter configured "secrets" would shred ordinary text
 FRAGMENT_LEN: Final = 8  # this many characters of a secret count as the secret
 

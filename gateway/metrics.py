@@ -58,15 +58,44 @@ MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 # backends, queued work up to a minute (docs/design.md#performance-targets), so buckets run
 # from tens of milliseconds to two minutes.
 REQUEST_BUCKETS: Final = (
-    0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5,
-    10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+    120.0,
 )
 # Gateway overhead (total time minus time waiting on backends): the target is
 # p50 <= 2 ms and p99 <= 10 ms (docs/design.md#performance-targets), so buckets start below
 # a millisecond and have edges at both targets.
 OVERHEAD_BUCKETS: Final = (
-    0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01,
-    0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
 )
 
 ANONYMOUS: Final = "anonymous"  # no caller key (the gateway runs open)
@@ -124,8 +153,7 @@ class GatewayMetrics:
         self.multiprocess_dir = multiprocess_dir()
         if self.multiprocess_dir and values.ValueClass is values.MutexValue:
             log.warning(
-                "%s is set but prometheus_client was imported before it was; this process's "
-                "own metrics stay in memory and are not in the shared figures",
+                "%s is set but prometheus_client was imported before it was; this process's own metrics stay in memory and are not in the shared figures",
                 MULTIPROC_ENV,
             )
         owned = registry is None
@@ -139,78 +167,41 @@ class GatewayMetrics:
         r = self.registry
 
         # --- traffic and latency -------------------------------------------
-        self.requests = Counter(
-            "klein_requests", "Requests answered, by route, status class and serving backend ('none' if no backend served).",
-            ["route", "status_class", "backend"], registry=r)
-        self.request_duration = Histogram(
-            "klein_request_duration_seconds", "Whole-request latency as the caller sees it.",
-            ["route"], buckets=REQUEST_BUCKETS, registry=r)
-        self.overhead = Histogram(
-            "klein_gateway_overhead_seconds", "Request time not spent waiting on backends.",
-            ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
-        self.in_flight_requests = Gauge(
-            "klein_in_flight_requests", "Requests being handled now.",
-            registry=r, multiprocess_mode="livesum")
-        self.shutdown_cancelled = Counter(
-            "klein_shutdown_cancelled_requests", "Requests still running when the shutdown grace ended, cancelled with their provider jobs.",
-            registry=r)
+        self.requests = Counter("klein_requests", "Requests answered, by route, status class and serving backend ('none' if no backend served).", ["route", "status_class", "backend"], registry=r)
+        self.request_duration = Histogram("klein_request_duration_seconds", "Whole-request latency as the caller sees it.", ["route"], buckets=REQUEST_BUCKETS, registry=r)
+        self.overhead = Histogram("klein_gateway_overhead_seconds", "Request time not spent waiting on backends.", ["route"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.in_flight_requests = Gauge("klein_in_flight_requests", "Requests being handled now.", registry=r, multiprocess_mode="livesum")
+        self.shutdown_cancelled = Counter("klein_shutdown_cancelled_requests", "Requests still running when the shutdown grace ended, cancelled with their provider jobs.", registry=r)
 
         # --- upstream attempts ---------------------------------------------
-        self.upstream_duration = Histogram(
-            "klein_upstream_duration_seconds", "Latency of one attempt on one backend, by outcome.",
-            ["backend", "outcome"], buckets=REQUEST_BUCKETS, registry=r)
-        self.upstream_attempts = Counter(
-            "klein_upstream_attempts", "Attempts on backends, by outcome ('success' or a failure class).",
-            ["backend", "outcome"], registry=r)
-        self.failovers = Counter(
-            "klein_failovers", "Times dispatch moved on from a backend, by the failure that caused it.",
-            ["from_backend", "reason"], registry=r)
-        self.double_spend = Counter(
-            "klein_possible_double_spend", "Work that may have been billed twice (an unknown outcome followed by another attempt).",
-            ["backend"], registry=r)
+        self.upstream_duration = Histogram("klein_upstream_duration_seconds", "Latency of one attempt on one backend, by outcome.", ["backend", "outcome"], buckets=REQUEST_BUCKETS, registry=r)
+        self.upstream_attempts = Counter("klein_upstream_attempts", "Attempts on backends, by outcome ('success' or a failure class).", ["backend", "outcome"], registry=r)
+        self.failovers = Counter("klein_failovers", "Times dispatch moved on from a backend, by the failure that caused it.", ["from_backend", "reason"], registry=r)
+        self.double_spend = Counter("klein_possible_double_spend", "Work that may have been billed twice (an unknown outcome followed by another attempt).", ["backend"], registry=r)
 
         # --- spend ----------------------------------------------------------
-        self.cost = Counter(
-            "klein_cost_usd", "USD billed, every billed attempt included; sums to the x-klein-cost-usd headers.",
-            ["backend", "caller"], registry=r)
+        self.cost = Counter("klein_cost_usd", "USD billed, every billed attempt included; sums to the x-klein-cost-usd headers.", ["backend", "caller"], registry=r)
         self.possibly_billed = Counter(
-            "klein_possibly_billed_usd", "USD of work whose outcome is unknown and whose cancel was not confirmed "
-            "(it may be billed); sums to the x-klein-possibly-billed-usd headers. Not in klein_cost_usd.",
-            ["backend"], registry=r)
-        self.megapixels = Counter(
-            "klein_megapixels", "Output megapixels billed.", ["backend"], registry=r)
-        self.images = Counter(
-            "klein_images", "Images billed.", ["backend"], registry=r)
-        self.baseline_cost = Counter(
-            "klein_baseline_cost_usd", "What the same requests would have cost on the baseline backend.",
-            ["backend"], registry=r)
-        self.savings = Counter(
-            "klein_savings_usd", "Baseline cost minus actual cost, where positive.", ["backend"], registry=r)
-        self.excess_cost = Counter(
-            "klein_excess_cost_usd", "Actual cost minus baseline cost, where positive (net savings = savings - excess).",
-            ["backend"], registry=r)
+            "klein_possibly_billed_usd",
+            "USD of work whose outcome is unknown and whose cancel was not confirmed (it may be billed); sums to the x-klein-possibly-billed-usd headers. Not in klein_cost_usd.",
+            ["backend"],
+            registry=r,
+        )
+        self.megapixels = Counter("klein_megapixels", "Output megapixels billed.", ["backend"], registry=r)
+        self.images = Counter("klein_images", "Images billed.", ["backend"], registry=r)
+        self.baseline_cost = Counter("klein_baseline_cost_usd", "What the same requests would have cost on the baseline backend.", ["backend"], registry=r)
+        self.savings = Counter("klein_savings_usd", "Baseline cost minus actual cost, where positive.", ["backend"], registry=r)
+        self.excess_cost = Counter("klein_excess_cost_usd", "Actual cost minus baseline cost, where positive (net savings = savings - excess).", ["backend"], registry=r)
         # Reconciliation (gateway/reconcile.py): what providers say they billed, and
         # the gateway's estimate for the same requests, so the two compare like with like.
-        self.billed = Counter(
-            "klein_billed_usd", "USD the provider reported billing, where its answer carries the figure.",
-            ["backend", "source"], registry=r)
-        self.billed_estimate = Counter(
-            "klein_billed_estimate_usd", "The gateway's estimate for the requests counted in klein_billed_usd_total.",
-            ["backend", "source"], registry=r)
+        self.billed = Counter("klein_billed_usd", "USD the provider reported billing, where its answer carries the figure.", ["backend", "source"], registry=r)
+        self.billed_estimate = Counter("klein_billed_estimate_usd", "The gateway's estimate for the requests counted in klein_billed_usd_total.", ["backend", "source"], registry=r)
 
         # --- health and prices ---------------------------------------------
-        self.breaker_state = Gauge(
-            "klein_backend_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.",
-            ["backend"], registry=r, multiprocess_mode="livemax")
-        self.backend_up = Gauge(
-            "klein_backend_up", "1 if the breaker lets traffic through (closed or half-open), else 0.",
-            ["backend"], registry=r, multiprocess_mode="livemin")
-        self.backend_quote = Gauge(
-            "klein_backend_quote_usd", "Price of one 1024x1024 text-to-image on each backend.",
-            ["backend"], registry=r, multiprocess_mode="mostrecent")
-        self.baseline_quote = Gauge(
-            "klein_baseline_quote_usd", "Price of one 1024x1024 text-to-image on the baseline backend.",
-            registry=r, multiprocess_mode="mostrecent")
+        self.breaker_state = Gauge("klein_backend_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", ["backend"], registry=r, multiprocess_mode="livemax")
+        self.backend_up = Gauge("klein_backend_up", "1 if the breaker lets traffic through (closed or half-open), else 0.", ["backend"], registry=r, multiprocess_mode="livemin")
+        self.backend_quote = Gauge("klein_backend_quote_usd", "Price of one 1024x1024 text-to-image on each backend.", ["backend"], registry=r, multiprocess_mode="mostrecent")
+        self.baseline_quote = Gauge("klein_baseline_quote_usd", "Price of one 1024x1024 text-to-image on the baseline backend.", registry=r, multiprocess_mode="mostrecent")
         self._init_job_metrics(r)
 
     # ---- request path ------------------------------------------------------
@@ -349,21 +340,11 @@ class GatewayMetrics:
     # ---- async jobs, webhooks, idempotency ---------------------------------
 
     def _init_job_metrics(self, r: CollectorRegistry) -> None:
-        self.jobs = Counter(
-            "klein_image_jobs", "Async image jobs reaching each status (queued when accepted).",
-            ["status"], registry=r)
-        self.job_queue_depth = Gauge(
-            "klein_image_job_queue_depth", "Async jobs waiting for a worker (shared by replicas when jobs live in Redis).",
-            registry=r, multiprocess_mode="livemax")
-        self.job_oldest_age = Gauge(
-            "klein_image_job_oldest_queued_age_seconds", "Age of the oldest async job still waiting for a worker.",
-            registry=r, multiprocess_mode="livemax")
-        self.webhook_deliveries = Counter(
-            "klein_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retrying (failed, will retry), given_up.",
-            ["outcome"], registry=r)
-        self.idempotency = Counter(
-            "klein_idempotency_requests", "Requests with an Idempotency-Key by outcome: original, replayed, in_use (409), reused (422).",
-            ["outcome"], registry=r)
+        self.jobs = Counter("klein_image_jobs", "Async image jobs reaching each status (queued when accepted).", ["status"], registry=r)
+        self.job_queue_depth = Gauge("klein_image_job_queue_depth", "Async jobs waiting for a worker (shared by replicas when jobs live in Redis).", registry=r, multiprocess_mode="livemax")
+        self.job_oldest_age = Gauge("klein_image_job_oldest_queued_age_seconds", "Age of the oldest async job still waiting for a worker.", registry=r, multiprocess_mode="livemax")
+        self.webhook_deliveries = Counter("klein_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retrying (failed, will retry), given_up.", ["outcome"], registry=r)
+        self.idempotency = Counter("klein_idempotency_requests", "Requests with an Idempotency-Key by outcome: original, replayed, in_use (409), reused (422).", ["outcome"], registry=r)
         for status in ("queued", "running", "succeeded", "failed", "canceled"):
             self.jobs.labels(status)
         for outcome in ("delivered", "retrying", "given_up"):
@@ -410,11 +391,29 @@ class GatewayMetrics:
         }
         names: set[str] = set()
         for collector in (
-            self.requests, self.request_duration, self.overhead, self.in_flight_requests,
-            self.upstream_duration, self.upstream_attempts, self.failovers, self.double_spend,
-            self.cost, self.possibly_billed, self.megapixels, self.images, self.baseline_cost, self.savings,
-            self.excess_cost, self.breaker_state, self.backend_up, self.backend_quote,
-            self.baseline_quote, self.shutdown_cancelled, self.billed, self.billed_estimate, *self._job_collectors(),
+            self.requests,
+            self.request_duration,
+            self.overhead,
+            self.in_flight_requests,
+            self.upstream_duration,
+            self.upstream_attempts,
+            self.failovers,
+            self.double_spend,
+            self.cost,
+            self.possibly_billed,
+            self.megapixels,
+            self.images,
+            self.baseline_cost,
+            self.savings,
+            self.excess_cost,
+            self.breaker_state,
+            self.backend_up,
+            self.backend_quote,
+            self.baseline_quote,
+            self.shutdown_cancelled,
+            self.billed,
+            self.billed_estimate,
+            *self._job_collectors(),
         ):
             for family in collector.describe():
                 names.update(family.name + s for s in suffixes[family.type])

@@ -63,10 +63,7 @@ def parse_port(value: str | int | None) -> int | None:
     return port
 
 
-UNAUTHORIZED_BODY: Final = (
-    b'{"error":{"message":"/metrics needs Authorization: Bearer <KLEIN_METRICS_TOKEN>",'
-    b'"type":"authentication_error","param":null,"code":"invalid_metrics_token"}}'
-)
+UNAUTHORIZED_BODY: Final = b'{"error":{"message":"/metrics needs Authorization: Bearer <KLEIN_METRICS_TOKEN>","type":"authentication_error","param":null,"code":"invalid_metrics_token"}}'
 
 
 def guarded(app: WsgiApp, access: MetricsAccess) -> WsgiApp:

@@ -188,10 +188,7 @@ class GpuTime(_Sheet):
             how = f"${_fmt(self.gpu_usd_per_hour)}/h x {_fmt(self.seconds_per_image)} s"
             if self.mode == "amortized":
                 how += f" / {_fmt(self.utilisation)} utilisation"
-        text = (
-            f"{images} x {how} x ({_fmt(job.megapixels)} MP / {_fmt(self.reference_mp)} MP)"
-            f" x ({job.steps} / {self.reference_steps} steps) [{self.mode}]"
-        )
+        text = f"{images} x {how} x ({_fmt(job.megapixels)} MP / {_fmt(self.reference_mp)} MP) x ({job.steps} / {self.reference_steps} steps) [{self.mode}]"
         return images * base * scale, text
 
 
@@ -209,9 +206,7 @@ def quote(sheet: PriceSheet, job: ImageJob, live_usd_per_image: Decimal | None =
     return Quote(usd(total), sheet.basis, breakdown)
 
 
-def bill(
-    sheet: PriceSheet, job: ImageJob, images_returned: int, live_usd_per_image: Decimal | None = None
-) -> Decimal:
+def bill(sheet: PriceSheet, job: ImageJob, images_returned: int, live_usd_per_image: Decimal | None = None) -> Decimal:
     """What the request really cost when the provider returned `images_returned`
     images; 0 images (a failed, unbilled attempt) costs nothing."""
     if images_returned < 0:

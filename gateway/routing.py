@@ -135,10 +135,7 @@ def _why_skip(job: ImageJob, cand: Candidate) -> Skip | None:
     if wait is not None:
         expected = wait + (health.latency_p50_s or 0.0)
         if expected > job.deadline_s:
-            reason = (
-                f"queue wait {wait:.1f}s exceeds the deadline "
-                f"({expected:.1f}s expected, {job.deadline_s:g}s allowed)"
-            )
+            reason = f"queue wait {wait:.1f}s exceeds the deadline ({expected:.1f}s expected, {job.deadline_s:g}s allowed)"
             return Skip(name, reason, SkipCause.DEADLINE, retry_after_s=wait)
     return None
 
@@ -189,9 +186,7 @@ def refusal(plan: Plan) -> GatewayError:
         by_cause.setdefault(skip.cause, []).append(skip)
 
     if not details:
-        return UpstreamFailed(
-            "No backend is configured for this model.", status=503, code="no_backend_available", retryable=False
-        )
+        return UpstreamFailed("No backend is configured for this model.", status=503, code="no_backend_available", retryable=False)
     transient = by_cause.get(SkipCause.UNAVAILABLE, []) + by_cause.get(SkipCause.DEADLINE, [])
     if transient:
         waits = [s.retry_after_s for s in transient if s.retry_after_s]
@@ -207,10 +202,7 @@ def refusal(plan: Plan) -> GatewayError:
         priced = sorted((s.usd, s.backend, s.max_price) for s in over if s.usd is not None and s.max_price is not None)
         if priced:
             usd, backend, cap = priced[0]
-            message = (
-                f"No backend can serve this request within max_price ${_money(cap)}: "
-                f"the cheapest eligible quote is ${_money(usd)} ({backend})."
-            )
+            message = f"No backend can serve this request within max_price ${_money(cap)}: the cheapest eligible quote is ${_money(usd)} ({backend})."
         else:
             message = f"No backend has a known price within max_price ({_listing(over)})."
         return InvalidRequest(message, param="provider.max_price", code="max_price_exceeded")

@@ -74,8 +74,15 @@ class Gateway:
         """The request's one JSON log line (no prompt text, no secrets)."""
         state = request.state
         self.request_log.log(
-            request_id=getattr(state, "request_id", "-"), route=route, status=status, backend=backend, attempts=attempts,
-            cost_usd=cost or Decimal(0), latency_s=latency_s, overhead_s=overhead_s, caller=getattr(state, "caller", None),
+            request_id=getattr(state, "request_id", "-"),
+            route=route,
+            status=status,
+            backend=backend,
+            attempts=attempts,
+            cost_usd=cost or Decimal(0),
+            latency_s=latency_s,
+            overhead_s=overhead_s,
+            caller=getattr(state, "caller", None),
             prompt=prompt,
         )
 
@@ -107,16 +114,18 @@ class Gateway:
         skipped = dict(p.skipped)
         rows = []
         for c in sorted(cands, key=lambda c: (c.quote.usd if c.quote else Decimal("Infinity"), c.name)):
-            rows.append({
-                "name": c.name,
-                "eligible": c.eligibility.ok,
-                "size": c.served(job).size,
-                "reason": skipped.get(c.name, "") or c.eligibility.reason,
-                "cost_usd": usd_text(c.quote.usd) if c.quote else None,
-                "basis": c.quote.basis if c.quote else None,
-                "breakdown": c.quote.breakdown if c.quote else None,
-                "state": c.health.state.value if c.health.available else (c.health.why_unavailable or c.health.state.value),
-            })
+            rows.append(
+                {
+                    "name": c.name,
+                    "eligible": c.eligibility.ok,
+                    "size": c.served(job).size,
+                    "reason": skipped.get(c.name, "") or c.eligibility.reason,
+                    "cost_usd": usd_text(c.quote.usd) if c.quote else None,
+                    "basis": c.quote.basis if c.quote else None,
+                    "breakdown": c.quote.breakdown if c.quote else None,
+                    "state": c.health.state.value if c.health.available else (c.health.why_unavailable or c.health.state.value),
+                }
+            )
         for name, reason in sorted(self.fleet.disabled.items()):
             rows.append({"name": name, "eligible": False, "reason": reason, "cost_usd": None, "basis": None, "breakdown": None, "state": "disabled"})
         chosen = p.chosen.name if p.chosen else None
@@ -142,4 +151,3 @@ class Gateway:
             await self.jobs.close()
         await self.store.close()
         await self.images_store.close()
-

@@ -77,7 +77,7 @@ def size_for_image_size(value: Any) -> tuple[int, int]:
         w, h = value.get("width"), value.get("height")
         if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and not isinstance(h, bool):
             return w, h
-    raise InvalidRequest("image_size must be a preset name or {\"width\": int, \"height\": int}", param="image_size", code="invalid_size")
+    raise InvalidRequest('image_size must be a preset name or {"width": int, "height": int}', param="image_size", code="invalid_size")
 
 
 def resolve_size(size: str | None, aspect_ratio: str | None, image_size: Any, reference_size: tuple[int, int] | None = None) -> tuple[int, int]:

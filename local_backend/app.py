@@ -62,9 +62,7 @@ JSON = "application/json"
 
 
 def error_response(status: int, message: str, code: str, *, retry_after: float | None = None) -> Response[Any]:
-    kind = {400: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(
-        status, "server_error"
-    )
+    kind = {400: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
     headers = {} if retry_after is None else {"retry-after": str(max(1, math.ceil(retry_after)))}
     return Response(
         {"error": {"message": message, "type": kind, "code": code}},
@@ -205,9 +203,7 @@ def create_app(
     """The service as an ASGI app. `generator` (or `generator_factory`, run in
     the worker thread) replaces loading from settings; `oom_errors` adds
     exception types treated as out-of-memory besides torch.cuda.OutOfMemoryError."""
-    service = Service(
-        settings, generator=generator, generator_factory=generator_factory, checker=checker, oom_errors=oom_errors
-    )
+    service = Service(settings, generator=generator, generator_factory=generator_factory, checker=checker, oom_errors=oom_errors)
     metrics = service.metrics
 
     @post("/v1/images/generations", status_code=200)

@@ -183,9 +183,7 @@ class BatchRunner:
         bucket = self.bucket_of(width, height)
         while pending:
             chunk = pending.popleft()  # positions in `work`
-            call = BatchCall(
-                [work[n][1] for n in chunk], [work[n][2] for n in chunk], width, height, steps, references
-            )
+            call = BatchCall([work[n][1] for n in chunk], [work[n][2] for n in chunk], width, height, steps, references)
             started = time.perf_counter()
             try:
                 images = self.generator.generate(call)
@@ -219,9 +217,7 @@ class BatchRunner:
         self.metrics.images.labels(bucket=bucket).inc(len(work))
         return BatchOutcome(outputs=outputs, calls=calls, busy_s=busy)
 
-    def _finish(
-        self, items: Sequence[WorkItem], work: list[tuple[int, str, int]], produced: list[Image.Image | None]
-    ) -> list[list[OutputImage]]:
+    def _finish(self, items: Sequence[WorkItem], work: list[tuple[int, str, int]], produced: list[Image.Image | None]) -> list[list[OutputImage]]:
         """Safety check (one call for every image that asked for it), then encode."""
         checked = [n for n, (index, _, _) in enumerate(work) if items[index].safety]
         flags: list[bool | None] = [None] * len(work)
@@ -390,9 +386,7 @@ class Batcher:
     # ---- caps and estimates ----------------------------------------------------
 
     def cap_for(self, width: int, height: int) -> int:
-        configured = batch_cap(
-            width, height, max_images=self.settings.max_batch_images, max_pixels=self.settings.max_batch_pixels
-        )
+        configured = batch_cap(width, height, max_images=self.settings.max_batch_images, max_pixels=self.settings.max_batch_pixels)
         return min(configured, self._caps.get((width, height), configured))
 
     def _lower_cap(self, width: int, height: int, cap: int) -> None:
@@ -507,9 +501,7 @@ class Batcher:
                     queue_s=started - item.enqueued_at,
                     inference_s=outcome.busy_s,
                     batch_images=batch_images,
-                    cost_usd=cost.request_cost(
-                        self.settings.gpu_usd_per_hour, outcome.busy_s, item.images, batch_images
-                    ),
+                    cost_usd=cost.request_cost(self.settings.gpu_usd_per_hour, outcome.busy_s, item.images, batch_images),
                 )
             )
 

@@ -43,15 +43,9 @@ class BackendMetrics:
         self.ready = Gauge(PREFIX + "ready", "1 once warm-up finished", registry=r)
         self.queue_depth = Gauge(PREFIX + "queue_depth", "Queued work", ["unit"], registry=r)
         self.estimated_wait = Gauge(PREFIX + "estimated_wait_seconds", "Estimated wait for a new request", registry=r)
-        self.queue_wait = Histogram(
-            PREFIX + "queue_wait_seconds", "Enqueue to batch start", buckets=_SECONDS_BUCKETS, registry=r
-        )
-        self.inference = Histogram(
-            PREFIX + "inference_seconds", "Seconds per pipeline call", ["bucket"], buckets=_SECONDS_BUCKETS, registry=r
-        )
-        self.batch_images = Histogram(
-            PREFIX + "batch_images", "Images per pipeline call", buckets=_BATCH_BUCKETS, registry=r
-        )
+        self.queue_wait = Histogram(PREFIX + "queue_wait_seconds", "Enqueue to batch start", buckets=_SECONDS_BUCKETS, registry=r)
+        self.inference = Histogram(PREFIX + "inference_seconds", "Seconds per pipeline call", ["bucket"], buckets=_SECONDS_BUCKETS, registry=r)
+        self.batch_images = Histogram(PREFIX + "batch_images", "Images per pipeline call", buckets=_BATCH_BUCKETS, registry=r)
         self.forwards = Counter(PREFIX + "forwards", "Pipeline calls", registry=r)
         self.images = Counter(PREFIX + "images", "Images generated for callers", ["bucket"], registry=r)
         self.rejected = Counter(PREFIX + "rejected", "Requests refused or dropped", ["reason"], registry=r)
@@ -59,9 +53,7 @@ class BackendMetrics:
         self.nsfw_flagged = Counter(PREFIX + "nsfw_flagged", "Images blanked by the safety checker", registry=r)
         self.gpu_busy = Counter(PREFIX + "gpu_busy_seconds", "Pipeline busy time for callers", registry=r)
         self.gpu_memory_peak = Gauge(PREFIX + "gpu_memory_peak_bytes", "Peak device memory allocated", registry=r)
-        self.cost_per_image = Gauge(
-            PREFIX + "cost_per_image_usd", "Live cost per 1024x1024 4-step image", ["kind"], registry=r
-        )
+        self.cost_per_image = Gauge(PREFIX + "cost_per_image_usd", "Live cost per 1024x1024 4-step image", ["kind"], registry=r)
 
     def set_queue(self, requests: int, megapixels: float) -> None:
         self.queue_depth.labels(unit="requests").set(requests)

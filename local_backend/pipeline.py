@@ -149,10 +149,7 @@ class PipelineGenerator:
 
 # ---- the tiny random pipeline (docs/local-backend.md#a-tiny-pipeline-built-in-code) ------------------
 
-_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+_CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 
 
 def tiny_tokenizer() -> Any:
@@ -230,9 +227,7 @@ def load_pipeline(settings: Settings) -> Any:
     # `dtype=` is the spelling from diffusers 0.40 on; `torch_dtype=` warns there (docs/local-backend.md#versions).
     major, minor = (int(part) for part in diffusers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (0, 40) else "torch_dtype"
-    pipe = Flux2KleinPipeline.from_pretrained(
-        str(settings.model_path), local_files_only=True, **{dtype_kw: dtype}
-    )
+    pipe = Flux2KleinPipeline.from_pretrained(str(settings.model_path), local_files_only=True, **{dtype_kw: dtype})
     if not pipe.config.get("is_distilled", False):
         raise ValueError("the model folder is not the distilled FLUX.2 [klein] (is_distilled is not true)")
     return prepare(pipe, settings, device)

@@ -92,10 +92,7 @@ class HFClassifierChecker:
 
     def check(self, images: Sequence[Image.Image]) -> list[bool | None]:
         results = self._classify(list(images), top_k=None)
-        return [
-            any(r["label"].lower() in self.flagged_labels and r["score"] >= self.threshold for r in per_image)
-            for per_image in results
-        ]
+        return [any(r["label"].lower() in self.flagged_labels and r["score"] >= self.threshold for r in per_image) for per_image in results]
 
 
 def build_checker(settings: Settings) -> SafetyChecker:

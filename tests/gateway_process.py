@@ -22,10 +22,25 @@ from tests.gateway_support import REPO, free_port
 
 # The environment a gateway must not inherit from whoever runs the tests.
 NOT_INHERITED = (
-    "FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY", "KLEIN_LOCAL_URL",
-    "KLEIN_FAL_BASE_URL", "KLEIN_REPLICATE_BASE_URL", "KLEIN_RUNFLOW_BASE_URL", "KLEIN_EMPIRIOLABS_BASE_URL",
-    "KLEIN_GATEWAY_KEYS", "REDIS_URL", "KLEIN_CONFIG", "KLEIN_PRICING", "PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir",
-    "KLEIN_IMAGE_STORE", "KLEIN_IMAGE_DIR", "KLEIN_URL_SIGNING_KEY", "KLEIN_WORKERS",
+    "FAL_KEY",
+    "REPLICATE_API_TOKEN",
+    "RUNFLOW_API_KEY",
+    "EMPIRIOLABS_API_KEY",
+    "KLEIN_LOCAL_URL",
+    "KLEIN_FAL_BASE_URL",
+    "KLEIN_REPLICATE_BASE_URL",
+    "KLEIN_RUNFLOW_BASE_URL",
+    "KLEIN_EMPIRIOLABS_BASE_URL",
+    "KLEIN_GATEWAY_KEYS",
+    "REDIS_URL",
+    "KLEIN_CONFIG",
+    "KLEIN_PRICING",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "prometheus_multiproc_dir",
+    "KLEIN_IMAGE_STORE",
+    "KLEIN_IMAGE_DIR",
+    "KLEIN_URL_SIGNING_KEY",
+    "KLEIN_WORKERS",
 )
 
 
@@ -68,7 +83,12 @@ class GatewayProcess:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port), "--workers", str(self.workers), "--config", str(self.config), "--pricing", str(REPO / "pricing")],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         self.wait_ready(timeout)
         return self

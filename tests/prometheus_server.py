@@ -115,6 +115,7 @@ class PrometheusServer:
                 raise RuntimeError(f"Prometheus exited: {self.log_tail()}")
             with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
                 return response.status == 200
+
         self.wait_until(ready, timeout=timeout, what="ready")
 
     def scrapes(self) -> int:

@@ -211,7 +211,6 @@ def test_an_unreachable_ledger_database_is_a_configuration_error_without_the_pas
     assert "DATABASE_URL" in str(exc.value) and "hunter2" not in str(exc.value)
 
 
-
 @pytest.mark.parametrize(
     ("day_budget", "local_fails", "served_by", "never_called"),
     [
@@ -229,7 +228,6 @@ async def test_a_tight_budget_still_serves_with_the_fallbacks_it_can_pay_for(tmp
     assert answer.status_code == 200, answer.headers
     assert answer.headers["x-klein-backend"] == served_by
     assert not any(fakes[name].calls for name in never_called)
-
 
 
 async def test_every_authenticated_request_gets_a_ledger_row_even_a_bad_one(tmp_path):

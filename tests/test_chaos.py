@@ -121,6 +121,7 @@ LANES: list[list[tuple[str, str]]] = [
 ]
 LANES[-1] = [row for row in ROWS if not any(row in lane for lane in LANES)]
 
+
 @dataclass
 class RowResult:
     fault: str
@@ -365,4 +366,3 @@ def test_chaos_table(fleets: list[EmulatorFleet], chaos_config: Path, capsys: py
         print("\n" + table)
     bad = [f"{r.fault}/{r.position}: {'; '.join(r.problems)}" for r in rows if r.problems]
     assert not bad, "chaos rows that broke a promise:\n" + "\n".join(bad)
-

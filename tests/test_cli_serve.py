@@ -29,9 +29,20 @@ from tests.gateway_support import REPO, free_port
 GATEWAY_KEY = "gw-banner-test-key-0123"
 START_TIMEOUT_S = 60
 INHERITED_NOT = (
-    "FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY", "KLEIN_LOCAL_URL",
-    "KLEIN_FAL_BASE_URL", "KLEIN_REPLICATE_BASE_URL", "KLEIN_RUNFLOW_BASE_URL", "KLEIN_EMPIRIOLABS_BASE_URL",
-    "KLEIN_GATEWAY_KEYS", "REDIS_URL", "KLEIN_CONFIG", "KLEIN_PRICING", "PROMETHEUS_MULTIPROC_DIR",
+    "FAL_KEY",
+    "REPLICATE_API_TOKEN",
+    "RUNFLOW_API_KEY",
+    "EMPIRIOLABS_API_KEY",
+    "KLEIN_LOCAL_URL",
+    "KLEIN_FAL_BASE_URL",
+    "KLEIN_REPLICATE_BASE_URL",
+    "KLEIN_RUNFLOW_BASE_URL",
+    "KLEIN_EMPIRIOLABS_BASE_URL",
+    "KLEIN_GATEWAY_KEYS",
+    "REDIS_URL",
+    "KLEIN_CONFIG",
+    "KLEIN_PRICING",
+    "PROMETHEUS_MULTIPROC_DIR",
 )
 
 
@@ -97,7 +108,13 @@ def served() -> Iterator[Served]:
     env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", KLEIN_LOCAL_URL=local["local"].base_url, KLEIN_GATEWAY_KEYS=GATEWAY_KEY)
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--emulate", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, start_new_session=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     try:
         assert process.stdout is not None

@@ -28,7 +28,12 @@ def test_backend_without_credential_is_disabled_and_says_which_variable():
 
 @pytest.mark.parametrize(
     "name,var,default",
-    [("fal", "KLEIN_FAL_BASE_URL", "https://queue.fal.run"), ("replicate", "KLEIN_REPLICATE_BASE_URL", "https://api.replicate.com"), ("runflow", "KLEIN_RUNFLOW_BASE_URL", "https://api.runflow.io"), ("empiriolabs", "KLEIN_EMPIRIOLABS_BASE_URL", "https://api.empiriolabs.ai")],
+    [
+        ("fal", "KLEIN_FAL_BASE_URL", "https://queue.fal.run"),
+        ("replicate", "KLEIN_REPLICATE_BASE_URL", "https://api.replicate.com"),
+        ("runflow", "KLEIN_RUNFLOW_BASE_URL", "https://api.runflow.io"),
+        ("empiriolabs", "KLEIN_EMPIRIOLABS_BASE_URL", "https://api.empiriolabs.ai"),
+    ],
 )
 def test_base_url_variables_override_the_documented_defaults(name, var, default):
     by_name = {b.name: b for b in load_config(PROVIDERS_YAML, env=ENV).backends}

@@ -173,10 +173,7 @@ def abandon(url: str, body: dict, *, deadline_ms: int, after_s: float) -> None:
     """Send a generation over a raw socket and close the connection after `after_s`."""
     host, port = url.removeprefix("http://").split(":")
     payload = json.dumps(body).encode()
-    head = (
-        f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n"
-        f"x-klein-deadline-ms: {deadline_ms}\r\ncontent-length: {len(payload)}\r\n\r\n"
-    ).encode()
+    head = (f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\nx-klein-deadline-ms: {deadline_ms}\r\ncontent-length: {len(payload)}\r\n\r\n").encode()
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(head + payload)
         time.sleep(after_s)

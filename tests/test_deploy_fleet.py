@@ -232,7 +232,7 @@ def test_dockerfiles_are_multi_stage_non_root_with_a_health_check(name: str) -> 
     lines = [line.strip() for line in (REPO / name).read_text().splitlines() if line.strip() and not line.startswith("#")]
     stages = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
     assert len(stages) >= 2
-    final = lines[stages[-1]:]
+    final = lines[stages[-1] :]
     users = [line.split()[1] for line in final if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("0", "root")
     assert any(line.startswith("HEALTHCHECK ") for line in final)

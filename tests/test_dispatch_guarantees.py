@@ -325,7 +325,6 @@ async def test_a_healthy_slow_cheapest_backend_is_waited_for_instead_of_abandone
     assert "x-klein-possibly-billed-usd" not in resp.headers
 
 
-
 # ---- the local backend's cost figure ----------------------------------------------
 
 

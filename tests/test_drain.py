@@ -81,8 +81,12 @@ async def test_the_app_counts_cancelled_requests_and_exits_only_after_draining()
 def test_serve_refuses_the_memory_store_with_several_workers() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--port", "1", "--config", str(REPO / "providers.yaml")],
-        cwd=REPO, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "KLEIN_IMAGE_STORE": "memory"},
-        capture_output=True, text=True, timeout=60, check=False,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "KLEIN_IMAGE_STORE": "memory"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert "memory cannot serve 2 workers" in result.stderr

@@ -80,11 +80,27 @@ def haproxy_config(path: Path, port: int, servers: list[int]) -> Path:
     Requests a draining replica refuses (503 before any work) or a closed socket
     are retried on another replica."""
     lines = [
-        "global", "  maxconn 512", "  log stderr format raw local0",
-        "defaults", "  mode http", "  log global", "  option httplog", "  timeout connect 2s", "  timeout client 60s", "  timeout server 60s",
-        "  retries 3", "  option redispatch 1", "  option http-buffer-request", "  retry-on conn-failure empty-response 503",
-        "frontend klein", f"  bind 127.0.0.1:{port}", "  default_backend gateways",
-        "backend gateways", "  balance roundrobin", "  option httpchk GET /readyz", "  http-check expect status 200",
+        "global",
+        "  maxconn 512",
+        "  log stderr format raw local0",
+        "defaults",
+        "  mode http",
+        "  log global",
+        "  option httplog",
+        "  timeout connect 2s",
+        "  timeout client 60s",
+        "  timeout server 60s",
+        "  retries 3",
+        "  option redispatch 1",
+        "  option http-buffer-request",
+        "  retry-on conn-failure empty-response 503",
+        "frontend klein",
+        f"  bind 127.0.0.1:{port}",
+        "  default_backend gateways",
+        "backend gateways",
+        "  balance roundrobin",
+        "  option httpchk GET /readyz",
+        "  http-check expect status 200",
         "  default-server inter 200ms fall 1 rise 2",
         *[f"  server g{i} 127.0.0.1:{p} check" for i, p in enumerate(servers)],
     ]
@@ -159,7 +175,10 @@ def test_a_rolling_restart_behind_haproxy_loses_nothing(tmp_path: Path, emulator
         metrics_dir = tmp_path / f"metrics-{i}"
         metrics_dir.mkdir()
         env = {
-            **emulators.env(), **store_env, "REDIS_URL": redis_server.url, "KLEIN_STATE_NAMESPACE": f"fleet-{os.getpid()}-{time.time_ns()}"[:40],
+            **emulators.env(),
+            **store_env,
+            "REDIS_URL": redis_server.url,
+            "KLEIN_STATE_NAMESPACE": f"fleet-{os.getpid()}-{time.time_ns()}"[:40],
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         }
         replicas.append(GatewayProcess(tmp_path, config, env, name=f"replica-{i}"))

@@ -143,7 +143,7 @@ async def test_too_many_uploaded_images_is_refused(client):
 
 
 async def test_broken_multipart_body_is_refused(client):
-    resp = await client.post("/v1/images/edits", content=b"--xyz\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhi\r\n--xyz", headers={"content-type": "multipart/form-data; boundary=abc"})
+    resp = await client.post("/v1/images/edits", content=b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--xyz', headers={"content-type": "multipart/form-data; boundary=abc"})
     assert 400 <= resp.status_code < 500
     assert "error" in resp.json()
 
@@ -257,8 +257,15 @@ async def test_405_names_the_allowed_methods_and_they_are_allowed(client):
 
 
 EVERY_KIND_OF_ANSWER = [
-    ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/backends"),
-    ("GET", "/v1/models/dall-e-3"), ("GET", "/v1/images/files/x.png?expires=1&sig=0"), ("GET", "/nowhere"), ("PUT", "/v1/models"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/backends"),
+    ("GET", "/v1/models/dall-e-3"),
+    ("GET", "/v1/images/files/x.png?expires=1&sig=0"),
+    ("GET", "/nowhere"),
+    ("PUT", "/v1/models"),
 ]
 
 
@@ -271,6 +278,7 @@ async def test_every_answer_carries_the_callers_request_id_or_a_new_one(client, 
 
 
 # ---- pinning a disabled backend: one answer however it is pinned --------------------
+
 
 async def test_pinning_a_disabled_backend_by_model_or_by_provider_only_gets_the_same_400():
     app = make_app({k: v for k, v in ENV.items() if k != "EMPIRIOLABS_API_KEY"})
@@ -292,6 +300,7 @@ async def test_pinning_a_disabled_backend_by_model_or_by_provider_only_gets_the_
 
 # ---- signed image URLs point where the operator says, never at the caller's Host ---
 
+
 def _served_url(env: dict[str, str], host_header: str) -> tuple[str, str]:
     app = make_app(env)
     install_fakes(app, {n: FakeAdapter(n) for n in NAMES})
@@ -299,7 +308,7 @@ def _served_url(env: dict[str, str], host_header: str) -> tuple[str, str]:
         resp = httpx.post(server.url + "/v1/images/generations", json={"prompt": "x", "size": "512x512"}, headers={"host": host_header}, timeout=20)
         assert resp.status_code == 200, resp.text
         url = resp.json()["data"][0]["url"]
-        fetched = httpx.get(server.url + url[url.index("/v1/images/files/"):], timeout=20)
+        fetched = httpx.get(server.url + url[url.index("/v1/images/files/") :], timeout=20)
         assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
         return url, server.url
 
@@ -328,6 +337,7 @@ def test_signed_image_urls_use_the_configured_public_base_url(tmp_path, via):
 
 
 # ---- reference pixels are decoded on arrival, off the event loop -----------------------
+
 
 @pytest.mark.parametrize("form", ["multipart", "json_data_uri"])
 async def test_reference_pixels_are_decoded_in_a_worker_thread_not_on_the_event_loop(client, monkeypatch, form):

@@ -34,15 +34,11 @@ class FakeClock:
         self.now += seconds
 
 
-def err(
-    failure: FailureClass, status: int | None = None, retry_after: float | None = None, creds: bool = False
-) -> ProviderError:
+def err(failure: FailureClass, status: int | None = None, retry_after: float | None = None, creds: bool = False) -> ProviderError:
     return ProviderError(failure, f"failure {status}", status=status, retry_after=retry_after, credentials_invalid=creds)
 
 
-POLICY = BreakerPolicy(
-    window_s=60, min_requests=4, failure_rate=0.5, consecutive_failures=3, cooldown_s=5, cooldown_multiplier=2, cooldown_max_s=12
-)
+POLICY = BreakerPolicy(window_s=60, min_requests=4, failure_rate=0.5, consecutive_failures=3, cooldown_s=5, cooldown_multiplier=2, cooldown_max_s=12)
 
 
 def tracker_on(store: StateStore, clock: FakeClock, policy: BreakerPolicy = POLICY, kind: str = "fal") -> HealthTracker:

@@ -202,12 +202,40 @@ ROWS: list[Row] = [
     Row("upload_image_as_text_field", "POST", EDIT, 400, "file upload", "invalid_image", "image", data={"prompt": "x", "image": "not a file"}),
     Row("upload_unknown_file_field", "POST", EDIT, 400, "unexpected file field", "invalid_image", "payload", files={"payload": ("a.png", GOOD_PNG, "image/png")}, data={"prompt": "x"}),
     Row("upload_mask", "POST", EDIT, 400, "mask", "unsupported_parameter", "mask", files={"image": ("a.png", GOOD_PNG, "image/png"), "mask": ("m.png", GOOD_PNG, "image/png")}, data={"prompt": "x"}),
-    Row("upload_provider_not_json", "POST", EDIT, 400, "provider is not valid json", "invalid_json", "provider", files={"image": ("a.png", GOOD_PNG, "image/png")}, data={"prompt": "x", "provider": "{fal"}),
-    Row("upload_provider_nested_deep", "POST", EDIT, 400, "nested", "invalid_json", "provider", files={"image": ("a.png", GOOD_PNG, "image/png")}, data={"prompt": "x", "provider": "[" * 5000 + "]" * 5000}),
+    Row(
+        "upload_provider_not_json",
+        "POST",
+        EDIT,
+        400,
+        "provider is not valid json",
+        "invalid_json",
+        "provider",
+        files={"image": ("a.png", GOOD_PNG, "image/png")},
+        data={"prompt": "x", "provider": "{fal"},
+    ),
+    Row(
+        "upload_provider_nested_deep",
+        "POST",
+        EDIT,
+        400,
+        "nested",
+        "invalid_json",
+        "provider",
+        files={"image": ("a.png", GOOD_PNG, "image/png")},
+        data={"prompt": "x", "provider": "[" * 5000 + "]" * 5000},
+    ),
     Row("upload_no_image", "POST", EDIT, 400, "1 to 4 images", "missing_image", "image", data={"prompt": "x"}),
     Row("edit_wrong_content_type", "POST", EDIT, 415, "multipart/form-data", "unsupported_media_type", content=b"x", headers={"content-type": "text/plain"}),
     # ---- errors litestar raises itself -----------------------------------------------
-    Row("multipart_broken_body", "POST", EDIT, 400, "multipart", content=b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--xyz', headers={"content-type": "multipart/form-data; boundary=abc"}),
+    Row(
+        "multipart_broken_body",
+        "POST",
+        EDIT,
+        400,
+        "multipart",
+        content=b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--xyz',
+        headers={"content-type": "multipart/form-data; boundary=abc"},
+    ),
     Row("body_over_limit", "POST", GEN, 413, "too large", "payload_too_large", content=b'{"prompt": "' + b"x" * (64 * 1024 * 1024) + b'"}', headers=JSON),
     Row("content_length_not_a_number", "POST", GEN, 400, "content-length", json=gen(), headers={"content-length": "abc"}),
     Row("method_not_allowed_get_generations", "GET", GEN, 405, "method", "method_not_allowed"),
@@ -317,11 +345,7 @@ def _unescaped(text: str) -> str:
     return re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m.group(1), 16)), text.replace("\\\\", "\\"))
 
 
-ECHOES = [
-    pytest.param(status, way, id=f"{status}-{way}")
-    for status in (400, 500)
-    for way in ("message_at_the_cut", "raw_body_json_escaped", "plain_text")
-]
+ECHOES = [pytest.param(status, way, id=f"{status}-{way}") for status in (400, 500) for way in ("message_at_the_cut", "raw_body_json_escaped", "plain_text")]
 
 
 def _pieces(secret: str, width: int = 12) -> set[str]:

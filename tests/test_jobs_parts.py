@@ -113,9 +113,18 @@ def test_retry_delays_grow_then_give_up(attempts: int, delay: float | None) -> N
 
 def test_an_image_job_survives_the_record_round_trip() -> None:
     job = ImageJob(
-        kind=JobKind.EDIT, prompt="p", width=512, height=768, n=2, seed=7, output_format="webp",
+        kind=JobKind.EDIT,
+        prompt="p",
+        width=512,
+        height=768,
+        n=2,
+        seed=7,
+        output_format="webp",
         references=(ReferenceImage("image/png", data=b"\x89PNG...", width=4, height=4), ReferenceImage("image/jpeg", url="https://x.test/a.jpg")),
-        prefs=ProviderPrefs(order=("fal",), max_price=Decimal("0.012"), allow_fallbacks=False), pinned_backend="fal", caller="key_1", deadline_s=600,
+        prefs=ProviderPrefs(order=("fal",), max_price=Decimal("0.012"), allow_fallbacks=False),
+        pinned_backend="fal",
+        caller="key_1",
+        deadline_s=600,
     )
     record = JobRecord(id=new_job_id(), owner="key_1", route="edits", job=job_to_dict(job), base_url="http://gw", created=time.time(), cost_usd=Decimal("0.0123"), webhook=Webhook("https://h.test"))
     again = JobRecord.from_json(record.to_json())

@@ -155,7 +155,6 @@ def test_a_replica_killed_mid_run_leaves_every_job_succeeded_and_paid_for_once(r
     assert resumed, "no interrupted job had provider work in flight"
 
 
-
 def seed_job(rig: Rig, provider_jobs: dict[str, list[str]]) -> str:
     """Write a running job into Redis as a replica that died mid-run leaves it, and queue it."""
     job = ImageJob(kind=JobKind.GENERATE, prompt="left behind", width=512, height=512, deadline_s=120)
@@ -176,7 +175,11 @@ def seed_job(rig: Rig, provider_jobs: dict[str, list[str]]) -> str:
 def test_a_taken_over_job_follows_the_provider_job_it_finds_instead_of_paying_again(rig: Rig) -> None:
     rig.knobs({"job": {"queue_ms": 800, "run_ms": 0}})
     fal = rig.fleet["fal"]
-    submitted = rig.http.post(f"{fal.base_url}/fal-ai/flux-2/klein/4b", headers={"Authorization": f"Key {fal.key}"}, json={"prompt": "left behind", "image_size": {"width": 512, "height": 512}, "num_images": 1, "output_format": "png"})
+    submitted = rig.http.post(
+        f"{fal.base_url}/fal-ai/flux-2/klein/4b",
+        headers={"Authorization": f"Key {fal.key}"},
+        json={"prompt": "left behind", "image_size": {"width": 512, "height": 512}, "num_images": 1, "output_format": "png"},
+    )
     assert submitted.status_code == 200, submitted.text
     paid = rig.fal()["generations"]
     job_id = seed_job(rig, {"fal": [submitted.json()["request_id"]]})

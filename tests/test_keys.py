@@ -33,7 +33,7 @@ def test_keys_new_prints_a_secret_whose_entry_admits_it(tmp_path, capsys):
     assert main(["keys", "new", "team-a"]) == 0
     out = capsys.readouterr().out
     secret = next(w for w in out.split() if w.startswith("sk-klein-"))
-    entry_text = out[out.index("  - name:"):]
+    entry_text = out[out.index("  - name:") :]
     path = write(tmp_path / "keys.yaml", "keys:\n" + entry_text)
     ring = KeyRing(path=path)
     caller = ring.lookup(secret)
@@ -141,6 +141,7 @@ def test_sighup_reaches_a_serving_process(tmp_path):
                 return False
 
         assert wait_until(up, 30), (tmp_path / "gw.log").read_text()
+
         def models(key: str) -> int:
             return httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=5).status_code
 

@@ -19,9 +19,18 @@ T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 
 def row(i: int, *, key: str = "team-a", backend: str | None = "fal", cost: str = "0.00131072", billed: str | None = None, at: datetime | None = None, status: int = 200) -> UsageRow:
     return UsageRow(
-        at=at or T0 + timedelta(minutes=i), request_id=f"req_{i}", key_name=key, route="generations", backend=backend,
-        attempts=1, images=1, megapixels=Decimal("0.262144"), estimated_usd=Decimal(cost),
-        billed_usd=None if billed is None else Decimal(billed), billed_source=None if billed is None else "run_cost", status=status,
+        at=at or T0 + timedelta(minutes=i),
+        request_id=f"req_{i}",
+        key_name=key,
+        route="generations",
+        backend=backend,
+        attempts=1,
+        images=1,
+        megapixels=Decimal("0.262144"),
+        estimated_usd=Decimal(cost),
+        billed_usd=None if billed is None else Decimal(billed),
+        billed_source=None if billed is None else "run_cost",
+        status=status,
     )
 
 

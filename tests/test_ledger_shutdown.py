@@ -41,7 +41,10 @@ def serve(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes],
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(tmp_path / "providers.yaml"), "--pricing", str(REPO / "pricing"), "--port", str(port), "--log-level", "warning"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
 
@@ -106,7 +109,12 @@ def test_sigterm_under_load_loses_no_row(dialect, tmp_path, request):
         # The CLI prints the same totals from the same ledger.
         out = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "usage", "--config", str(config), "--pricing", str(REPO / "pricing"), "--since", "1d", "--group-by", "key"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert out.returncode == 0, out.stderr
         total = next(line for line in out.stdout.splitlines() if line.startswith("total")).split()

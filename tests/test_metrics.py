@@ -288,11 +288,7 @@ def _worker(name: str, ready, done) -> None:  # runs in a spawned process
 
 
 def _samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for f in text_string_to_metric_families(body.decode())
-        for s in f.samples
-    }
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples}
 
 
 def test_two_worker_processes_sum_into_one_scrape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -431,8 +427,15 @@ def test_one_json_line_per_request_with_the_request_fields(log_stream):
     requests = RequestLogger(log_prompt_length=False)
     for i, status in enumerate([200, 502, 200]):
         requests.log(
-            request_id=f"req-{i}", route=GEN, status=status, backend="fal" if status == 200 else None, attempts=i + 1,
-            cost_usd=Decimal("0.00524288"), latency_s=1.234567891, overhead_s=0.0012345678, caller="team-a",
+            request_id=f"req-{i}",
+            route=GEN,
+            status=status,
+            backend="fal" if status == 200 else None,
+            attempts=i + 1,
+            cost_usd=Decimal("0.00524288"),
+            latency_s=1.234567891,
+            overhead_s=0.0012345678,
+            caller="team-a",
             prompt="a red fox in the snow",
         )
     lines = log_stream.getvalue().splitlines()
@@ -451,8 +454,15 @@ def test_one_json_line_per_request_with_the_request_fields(log_stream):
 
 def test_prompt_length_is_logged_only_on_opt_in_and_never_the_text(log_stream):
     RequestLogger(log_prompt_length=True).log(
-        request_id="r", route=GEN, status=200, backend="fal", attempts=1, cost_usd=Decimal("0.01"),
-        latency_s=1.0, overhead_s=0.001, prompt="a red fox in the snow",
+        request_id="r",
+        route=GEN,
+        status=200,
+        backend="fal",
+        attempts=1,
+        cost_usd=Decimal("0.01"),
+        latency_s=1.0,
+        overhead_s=0.001,
+        prompt="a red fox in the snow",
     )
     entry = json.loads(log_stream.getvalue())
     assert entry["prompt_chars"] == len("a red fox in the snow")
@@ -466,8 +476,15 @@ def test_prompt_length_opt_in_from_the_environment(monkeypatch, env, expected):
     else:
         monkeypatch.setenv("KLEIN_LOG_PROMPT_LENGTH", env)
     entry = RequestLogger().fields(
-        request_id="r", route=GEN, status=200, backend="fal", attempts=1, cost_usd=Decimal("0.01"),
-        latency_s=1.0, overhead_s=0.001, prompt="four",
+        request_id="r",
+        route=GEN,
+        status=200,
+        backend="fal",
+        attempts=1,
+        cost_usd=Decimal("0.01"),
+        latency_s=1.0,
+        overhead_s=0.001,
+        prompt="four",
     )
     assert ("prompt_chars" in entry) is expected
     assert "four" not in json.dumps(entry)

@@ -177,9 +177,21 @@ def test_serve_refuses_a_bad_metrics_port_with_a_clear_message():
 # ---- `serve --metrics-port` with two workers -----------------------------------
 
 INHERITED_NOT = (
-    "FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY", "KLEIN_LOCAL_URL", "REDIS_URL",
-    "KLEIN_FAL_BASE_URL", "KLEIN_REPLICATE_BASE_URL", "KLEIN_RUNFLOW_BASE_URL", "KLEIN_EMPIRIOLABS_BASE_URL",
-    "KLEIN_CONFIG", "KLEIN_PRICING", "PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", LABEL_SECRET_ENV,
+    "FAL_KEY",
+    "REPLICATE_API_TOKEN",
+    "RUNFLOW_API_KEY",
+    "EMPIRIOLABS_API_KEY",
+    "KLEIN_LOCAL_URL",
+    "REDIS_URL",
+    "KLEIN_FAL_BASE_URL",
+    "KLEIN_REPLICATE_BASE_URL",
+    "KLEIN_RUNFLOW_BASE_URL",
+    "KLEIN_EMPIRIOLABS_BASE_URL",
+    "KLEIN_CONFIG",
+    "KLEIN_PRICING",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "prometheus_multiproc_dir",
+    LABEL_SECRET_ENV,
 )
 REQUESTS = 8
 

@@ -88,10 +88,15 @@ def rig(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> Iterator[R
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KLEIN_", "FAL_", "REPLICATE_", "RUNFLOW_", "EMPIRIOLABS_", "REDIS_", "DATABASE_"))}
         env.update(fleet.env())
-        env.update({
-            "REDIS_URL": redis.url, "KLEIN_STATE_NAMESPACE": f"money-{uuid.uuid4().hex[:8]}", "PYTHONUNBUFFERED": "1",
-            "DATABASE_URL": database_url, "KLEIN_KEYS_FILE": str(keys_file),
-        })
+        env.update(
+            {
+                "REDIS_URL": redis.url,
+                "KLEIN_STATE_NAMESPACE": f"money-{uuid.uuid4().hex[:8]}",
+                "PYTHONUNBUFFERED": "1",
+                "DATABASE_URL": database_url,
+                "KLEIN_KEYS_FILE": str(keys_file),
+            }
+        )
         replicas = [start_replica(name, env, work) for name in ("A", "B", "C")]
         for replica in replicas:
             wait_ready(replica)

@@ -73,9 +73,20 @@ USD_QUANTUM = Decimal("0.00000001")  # x-klein-cost-usd has 8 decimal places (pr
 # Environment the gateway must not inherit: the emulators supply backends and
 # keys, state stays in memory, callers need no key.
 INHERITED_NOT = (
-    "FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY", "KLEIN_LOCAL_URL",
-    "KLEIN_FAL_BASE_URL", "KLEIN_REPLICATE_BASE_URL", "KLEIN_RUNFLOW_BASE_URL", "KLEIN_EMPIRIOLABS_BASE_URL",
-    "KLEIN_GATEWAY_KEYS", "REDIS_URL", "KLEIN_CONFIG", "KLEIN_PRICING", "prometheus_multiproc_dir",
+    "FAL_KEY",
+    "REPLICATE_API_TOKEN",
+    "RUNFLOW_API_KEY",
+    "EMPIRIOLABS_API_KEY",
+    "KLEIN_LOCAL_URL",
+    "KLEIN_FAL_BASE_URL",
+    "KLEIN_REPLICATE_BASE_URL",
+    "KLEIN_RUNFLOW_BASE_URL",
+    "KLEIN_EMPIRIOLABS_BASE_URL",
+    "KLEIN_GATEWAY_KEYS",
+    "REDIS_URL",
+    "KLEIN_CONFIG",
+    "KLEIN_PRICING",
+    "prometheus_multiproc_dir",
 )
 
 
@@ -201,7 +212,12 @@ def start_gateway(workdir: Path, port: int) -> Gateway:
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
         process = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--emulate", "--workers", str(WORKERS), "--port", str(port), "--config", str(REPO / "providers.yaml")],
-            cwd=REPO, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     return Gateway(process, port, stdout, stderr, multiproc)
 
@@ -314,9 +330,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         metrics_text = httpx.get(f"{gateway.url}/metrics", timeout=5).text
         per_pid = per_pid_requests(gateway.multiproc_dir)
         yield Run(
-            gateway=gateway, prom=prom, answers=answers, metrics_text=metrics_text, per_pid=per_pid,
-            worker_parents={pid: parent_pid(pid) for pid in per_pid}, config_path=workdir / "prometheus" / "prometheus.yml",
-            started=started, load_s=load_s,
+            gateway=gateway,
+            prom=prom,
+            answers=answers,
+            metrics_text=metrics_text,
+            per_pid=per_pid,
+            worker_parents={pid: parent_pid(pid) for pid in per_pid},
+            config_path=workdir / "prometheus" / "prometheus.yml",
+            started=started,
+            load_s=load_s,
         )
     finally:
         if prom is not None:

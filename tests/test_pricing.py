@@ -122,9 +122,7 @@ def test_edit_input_megapixels_are_charged_once_per_request_not_per_image(sheets
 
 
 def test_quote_breakdown_shows_the_arithmetic(sheets):
-    assert quote(sheets["fal"], job(refs=2)).breakdown == (
-        "(1 x 1.048576 MP output + 2 x 1 MP input) x $0.01/MP"
-    )
+    assert quote(sheets["fal"], job(refs=2)).breakdown == ("(1 x 1.048576 MP output + 2 x 1 MP input) x $0.01/MP")
     assert quote(sheets["empiriolabs"], job(n=3)).breakdown == "3 x $0.0085/image"
 
 
@@ -316,8 +314,7 @@ GOOD = "backend: fal\nbasis: per_megapixel\nsource: test\nusd_per_mp: 0.005\n"
         ("", "(top level)", "got nothing"),
         ("backend: [unclosed\n", "line", "invalid YAML"),
         (
-            "backend: local\nbasis: gpu_time\nsource: s\ngpu_usd_per_hour: 2.5\n"
-            "seconds_per_image: 0.57\nutilisation: 1.5\n",
+            "backend: local\nbasis: gpu_time\nsource: s\ngpu_usd_per_hour: 2.5\nseconds_per_image: 0.57\nutilisation: 1.5\n",
             "utilisation",
             "less than or equal to 1",
         ),

@@ -256,7 +256,6 @@ def test_redis_stopped_and_restarted_mid_stream_loses_no_request(clean: Rig) -> 
     assert wait_until(lambda: rig.backend_state(b, CHEAPEST) == "open", timeout=1.0)
 
 
-
 def open_breaker_through(rig: Rig, replica: Replica, backend: str) -> None:
     for _ in range(10):
         assert rig.generate(replica).status_code == 200

@@ -45,9 +45,7 @@ async def test_set_if_absent_only_first_writer_wins(state_store: StateStore) -> 
         (None, "a", "x", False, None),  # expected a value that is gone
     ],
 )
-async def test_compare_and_set_table(
-    state_store: StateStore, start: str | None, expected: str | None, new: str, wins: bool, after: str | None
-) -> None:
+async def test_compare_and_set_table(state_store: StateStore, start: str | None, expected: str | None, new: str, wins: bool, after: str | None) -> None:
     if start is not None:
         await state_store.set("k", start, ttl_s=60)
     assert await state_store.compare_and_set("k", expected, new, ttl_s=60) is wins

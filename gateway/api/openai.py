@@ -120,7 +120,9 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
                 await gw.billing.settle(tab, status=status, backend=backend, attempts=attempts, images=len(outcome.images) if outcome else 0, cost=cost, billed=gw.billed_figure(outcome))
             total = time.monotonic() - started
             gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
-            gw.log_request(request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream), prompt=job.prompt if job else None)
+            gw.log_request(
+                request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream), prompt=job.prompt if job else None
+            )
 
 
 def note_failure(request: Request[Any, Any, Any], err: GatewayError, tab: Tab | None = None) -> None:

@@ -39,15 +39,25 @@ def _header(name: str) -> dict[str, str]:
 
 
 HEADERS: dict[str, Any] = {
-    "RequestId": {"description": "The request's id: the caller's own `x-request-id` when it is 1-128 of `A-Za-z0-9._:-`, else a new one. Logged with the request.", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
+    "RequestId": {
+        "description": "The request's id: the caller's own `x-request-id` when it is 1-128 of `A-Za-z0-9._:-`, else a new one. Logged with the request.",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    },
     "ShouldRetry": {"description": "Whether retrying the same request can help (as OpenAI's SDKs read it).", "schema": {"type": "string", "enum": ["true", "false"]}},
     "RetryAfter": {"description": "Seconds to wait before retrying.", "schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "Backend": {"description": "The backend that made the images.", "required": True, "schema": {"type": "string"}},
     "CostUsd": {"description": "What the request cost, in US dollars, as a decimal string; the same figure the spend metrics record.", "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}},
     "Attempts": {"description": "How many backends were tried.", "schema": {"type": "string", "pattern": "^[0-9]+$"}},
     "Nsfw": {"description": "Indexes of images the safety checker flagged, comma-separated.", "schema": {"type": "string"}},
-    "BilledUsd": {"description": "What the serving provider itself reported billing, where its answer carries a figure (reconciliation).", "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}},
-    "PossiblyBilledUsd": {"description": "Work whose outcome is unknown and whose cancel was not confirmed: it may be billed; not in x-klein-cost-usd.", "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"}},
+    "BilledUsd": {
+        "description": "What the serving provider itself reported billing, where its answer carries a figure (reconciliation).",
+        "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+    },
+    "PossiblyBilledUsd": {
+        "description": "Work whose outcome is unknown and whose cancel was not confirmed: it may be billed; not in x-klein-cost-usd.",
+        "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+    },
     "RateLimit": {"description": "OpenAI's rate-limit headers for keys with a limit (x-ratelimit-{limit,remaining,reset}-{requests,images}).", "schema": {"type": "string"}},
     "IdempotentReplayed": {"description": "`true` when the answer is the stored one of an earlier request with the same Idempotency-Key.", "schema": {"const": "true"}},
     "Location": {"description": "Where the job can be read.", "required": True, "schema": {"type": "string"}},
@@ -88,7 +98,11 @@ SCHEMAS: dict[str, Any] = {
             "created": {"type": "integer"},
             "data": {"type": "array", "minItems": 1, "items": _schema("Image")},
             "output_format": {"type": "string", "enum": ["png", "jpeg", "webp"]},
-            "size": {"type": "string", "pattern": "^[0-9]+x[0-9]+$", "description": "What was produced: the requested size, or for a request that gave only a shape (aspect_ratio, a preset, auto) the serving backend's native size near it."},
+            "size": {
+                "type": "string",
+                "pattern": "^[0-9]+x[0-9]+$",
+                "description": "What was produced: the requested size, or for a request that gave only a shape (aspect_ratio, a preset, auto) the serving backend's native size near it.",
+            },
         },
     },
     "QuoteRequest": {
@@ -168,7 +182,13 @@ SCHEMAS: dict[str, Any] = {
     "ImageJobList": {
         "type": "object",
         "required": ["object", "data", "first_id", "last_id", "has_more"],
-        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _schema("ImageJob")}, "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}},
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _schema("ImageJob")},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        },
     },
     "Usage": {
         "type": "object",
@@ -283,7 +303,9 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _ok("The quote.", "Quote"), **_errors(400, 401, 404, 413, 415, 422, 500)},
             }
         },
-        "/v1/models": {"get": {"operationId": "listModels", "summary": "The model and its backend pins.", "security": AUTH, "responses": {"200": _ok("The models.", "ModelList"), **_errors(401, 500)}}},
+        "/v1/models": {
+            "get": {"operationId": "listModels", "summary": "The model and its backend pins.", "security": AUTH, "responses": {"200": _ok("The models.", "ModelList"), **_errors(401, 500)}}
+        },
         "/v1/models/{model_id}": {
             "get": {
                 "operationId": "retrieveModel",
@@ -356,7 +378,14 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _ok("The usage.", "Usage"), **_errors(400, 401, 500)},
             }
         },
-        "/v1/backends": {"get": {"operationId": "listBackends", "summary": "Every configured backend, its pricing and health.", "security": AUTH, "responses": {"200": _ok("The backends.", "BackendList"), **_errors(401, 500)}}},
+        "/v1/backends": {
+            "get": {
+                "operationId": "listBackends",
+                "summary": "Every configured backend, its pricing and health.",
+                "security": AUTH,
+                "responses": {"200": _ok("The backends.", "BackendList"), **_errors(401, 500)},
+            }
+        },
         "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics.", "responses": {"200": _ok("Prometheus text exposition.", {"type": "string"}, media="text/plain")}}},
         "/healthz": {"get": {"operationId": "liveness", "summary": "Liveness: the process answers.", "responses": {"200": _ok("Alive.", "Health")}}},
         "/readyz": {
@@ -366,7 +395,9 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _ok("Ready.", "Readiness"), "503": _ok("Not ready.", "Readiness")},
             }
         },
-        "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.", "responses": {"200": _ok("The OpenAPI 3.1 document.", {"type": "object", "required": ["openapi", "info", "paths"]})}}},
+        "/openapi.json": {
+            "get": {"operationId": "openapi", "summary": "This document.", "responses": {"200": _ok("The OpenAPI 3.1 document.", {"type": "object", "required": ["openapi", "info", "paths"]})}}
+        },
     }
 
 

@@ -261,7 +261,7 @@ class EmulatorApp(ABC):
     # ---- /files and /_admin ---------------------------------------------------
 
     def serve_file(self, request: Request) -> Response:
-        name = request.path[len("/files/"):]
+        name = request.path[len("/files/") :]
         image_id, _, ext = name.partition(".")
         image = self.images.get(image_id)
         if request.method != "GET" or image is None or image.ext != ext:
@@ -270,7 +270,7 @@ class EmulatorApp(ABC):
         return Response(200, image.data, EXT_MEDIA_TYPES.get(ext, image.content_type).encode(), {"cache-control": "private, max-age=3600"})
 
     async def admin(self, request: Request) -> Response:
-        what = request.path[len("/_admin/"):].rstrip("/")
+        what = request.path[len("/_admin/") :].rstrip("/")
         method = request.method
         if what == "knobs" and method == "GET":
             return Response.json(200, self.knobs.to_dict())
@@ -352,4 +352,3 @@ async def _lifespan(receive: Any, send: Any) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-

@@ -261,4 +261,3 @@ def _problem(status: int, title: str, detail: str) -> dict[str, Any]:
 
 def _iso(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-

@@ -37,8 +37,7 @@ def store_kind(settings: GatewaySettings, env: Mapping[str, str], workers: int) 
         raise ImageStoreError(f"KLEIN_IMAGE_STORE: {kind!r} is not one of memory, filesystem, s3")
     if kind == "memory" and workers > 1:
         raise ImageStoreError(
-            f"gateway.image_store.kind: memory cannot serve {workers} workers (a URL fetched from another worker answers 404); "
-            "use filesystem (the default with several workers) or s3"
+            f"gateway.image_store.kind: memory cannot serve {workers} workers (a URL fetched from another worker answers 404); use filesystem (the default with several workers) or s3"
         )
     return kind
 

@@ -86,7 +86,7 @@ class S3ImageStore(ImageStore):
         async for batch in obstore.list(self.bucket, self.prefix):
             for meta in batch:
                 path = meta["path"]
-                name = path[len(self.prefix):]
+                name = path[len(self.prefix) :]
                 if not valid_name(name):
                     continue
                 expires = expiry_of(name)

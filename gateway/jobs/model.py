@@ -38,11 +38,16 @@ def job_to_dict(job: ImageJob) -> dict[str, Any]:
     data = asdict(job)
     data["kind"] = job.kind.value
     data["references"] = [
-        {"content_type": r.content_type, "data": base64.b64encode(r.data).decode() if r.data is not None else None, "url": r.url, "width": r.width, "height": r.height}
-        for r in job.references
+        {"content_type": r.content_type, "data": base64.b64encode(r.data).decode() if r.data is not None else None, "url": r.url, "width": r.width, "height": r.height} for r in job.references
     ]
     prefs = job.prefs
-    data["prefs"] = {"order": list(prefs.order), "only": list(prefs.only), "ignore": list(prefs.ignore), "max_price": str(prefs.max_price) if prefs.max_price is not None else None, "allow_fallbacks": prefs.allow_fallbacks}
+    data["prefs"] = {
+        "order": list(prefs.order),
+        "only": list(prefs.only),
+        "ignore": list(prefs.ignore),
+        "max_price": str(prefs.max_price) if prefs.max_price is not None else None,
+        "allow_fallbacks": prefs.allow_fallbacks,
+    }
     return data
 
 
@@ -52,7 +57,13 @@ def job_from_dict(data: dict[str, Any]) -> ImageJob:
         for r in data.get("references", [])
     )
     p = data.get("prefs") or {}
-    prefs = ProviderPrefs(order=tuple(p.get("order", ())), only=tuple(p.get("only", ())), ignore=tuple(p.get("ignore", ())), max_price=Decimal(p["max_price"]) if p.get("max_price") is not None else None, allow_fallbacks=p.get("allow_fallbacks", True))
+    prefs = ProviderPrefs(
+        order=tuple(p.get("order", ())),
+        only=tuple(p.get("only", ())),
+        ignore=tuple(p.get("ignore", ())),
+        max_price=Decimal(p["max_price"]) if p.get("max_price") is not None else None,
+        allow_fallbacks=p.get("allow_fallbacks", True),
+    )
     s = data.get("size_intent") or {}
     intent = SizeIntent(exact=s.get("exact", True), ratio=tuple(s["ratio"]) if s.get("ratio") else None)  # JSON gives a list of two ints
     fields = {k: v for k, v in data.items() if k not in ("kind", "references", "prefs", "size_intent")}
@@ -126,4 +137,3 @@ class JobRecord:
         data["cost_usd"] = Decimal(data["cost_usd"]) if data.get("cost_usd") is not None else None
         data["webhook"] = Webhook(**data["webhook"]) if data.get("webhook") else None
         return cls(**data)
-

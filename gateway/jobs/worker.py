@@ -228,7 +228,11 @@ class JobWorker:
         finally:
             job_id_listener.reset(token)
             images = len(outcome.images) if outcome is not None and status == 200 else 0
-            await asyncio.shield(self.gw.billing.settle(tab, status=status, backend=backend, attempts=extra_attempts + (outcome.tried if outcome else 0), images=images, cost=spent, billed=self.gw.billed_figure(outcome)))
+            await asyncio.shield(
+                self.gw.billing.settle(
+                    tab, status=status, backend=backend, attempts=extra_attempts + (outcome.tried if outcome else 0), images=images, cost=spent, billed=self.gw.billed_figure(outcome)
+                )
+            )
             total = time.time() - record.created
             self.gw.metrics.observe_request(route=f"{record.route}_async", status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
 
@@ -265,9 +269,20 @@ class JobWorker:
                 self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=Decimal(0))
             attempt = Attempt(name, err.failure.value, elapsed, cost, err.status, err.message)
             if err.failure is FailureClass.CONTENT_FILTERED:
-                raise DispatchFailed("the image was flagged by the safety checker", status=400, code="content_policy_violation", attempts=[attempt], cost_usd=cost, upstream_s=elapsed, retryable=False, type_="invalid_request_error") from None
+                raise DispatchFailed(
+                    "the image was flagged by the safety checker",
+                    status=400,
+                    code="content_policy_violation",
+                    attempts=[attempt],
+                    cost_usd=cost,
+                    upstream_s=elapsed,
+                    retryable=False,
+                    type_="invalid_request_error",
+                ) from None
             if time.monotonic() >= deadline:
-                raise DispatchFailed(f"no backend answered within the {job.deadline_s:g}s deadline", status=504, code="deadline_exceeded", attempts=[attempt], cost_usd=cost, upstream_s=elapsed, retryable=True) from None
+                raise DispatchFailed(
+                    f"no backend answered within the {job.deadline_s:g}s deadline", status=504, code="deadline_exceeded", attempts=[attempt], cost_usd=cost, upstream_s=elapsed, retryable=True
+                ) from None
             await self._forget_provider_jobs(record.id)
             return None, cost, 1
         elapsed = time.monotonic() - t0
@@ -284,7 +299,9 @@ class JobWorker:
 
         await self.jobs.store.update(job_id, forget)
 
-    async def _finish(self, job_id: str, status: str, *, backend: str | None = None, cost: Decimal | None = None, attempts: int = 0, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
+    async def _finish(
+        self, job_id: str, status: str, *, backend: str | None = None, cost: Decimal | None = None, attempts: int = 0, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None
+    ) -> None:
         """Record the outcome (a cancel that came first keeps its status, but
         the money spent is still recorded) and schedule the webhook."""
         if self._abandoned:
@@ -292,7 +309,7 @@ class JobWorker:
         changed: list[bool] = []
 
         def end(r: JobRecord) -> bool:
-            r.cost_usd = (cost if cost is not None else r.cost_usd)
+            r.cost_usd = cost if cost is not None else r.cost_usd
             r.attempts += attempts
             if r.terminal:
                 changed.append(False)

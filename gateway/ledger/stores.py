@@ -100,8 +100,21 @@ class SqliteLedger:
         if not rows:
             return
         values = [
-            (r.row_id, r.at.astimezone(UTC).isoformat(timespec="microseconds"), r.request_id, r.key_name, r.route, r.backend, r.attempts, r.images,
-             _text(r.megapixels), _text(r.estimated_usd), None if r.billed_usd is None else _text(r.billed_usd), r.billed_source, r.status)
+            (
+                r.row_id,
+                r.at.astimezone(UTC).isoformat(timespec="microseconds"),
+                r.request_id,
+                r.key_name,
+                r.route,
+                r.backend,
+                r.attempts,
+                r.images,
+                _text(r.megapixels),
+                _text(r.estimated_usd),
+                None if r.billed_usd is None else _text(r.billed_usd),
+                r.billed_source,
+                r.status,
+            )
             for r in rows
         ]
         with self._lock:
@@ -164,10 +177,7 @@ class PostgresLedger:
     def insert(self, rows: Sequence[UsageRow]) -> None:
         if not rows:
             return
-        values = [
-            (r.row_id, r.at, r.request_id, r.key_name, r.route, r.backend, r.attempts, r.images, r.megapixels, r.estimated_usd, r.billed_usd, r.billed_source, r.status)
-            for r in rows
-        ]
+        values = [(r.row_id, r.at, r.request_id, r.key_name, r.route, r.backend, r.attempts, r.images, r.megapixels, r.estimated_usd, r.billed_usd, r.billed_source, r.status) for r in rows]
         with self._lock:
             self._reconnect_if_broken()
             with self._conn.transaction(), self._conn.cursor() as cur:
@@ -192,8 +202,19 @@ class PostgresLedger:
 
 def _row(r: Sequence[Any], at: datetime) -> UsageRow:
     return UsageRow(
-        row_id=r[0], at=at, request_id=r[2], key_name=r[3], route=r[4], backend=r[5], attempts=int(r[6]), images=int(r[7]),
-        megapixels=_dec(r[8]) or Decimal(0), estimated_usd=_dec(r[9]) or Decimal(0), billed_usd=_dec(r[10]), billed_source=r[11], status=int(r[12]),
+        row_id=r[0],
+        at=at,
+        request_id=r[2],
+        key_name=r[3],
+        route=r[4],
+        backend=r[5],
+        attempts=int(r[6]),
+        images=int(r[7]),
+        megapixels=_dec(r[8]) or Decimal(0),
+        estimated_usd=_dec(r[9]) or Decimal(0),
+        billed_usd=_dec(r[10]),
+        billed_source=r[11],
+        status=int(r[12]),
     )
 
 

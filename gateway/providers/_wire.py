@@ -170,4 +170,3 @@ def maybe_json(response: httpx.Response) -> Any:
 def as_outcome_unknown(error: ProviderError, job_id: str) -> ProviderError:
     """A poll error re-cast: the job exists and may still run (and bill), whatever the poll said."""
     return replace(error, failure=FailureClass.UNKNOWN_OUTCOME, job_id=job_id, billed=True)
-

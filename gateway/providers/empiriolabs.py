@@ -106,6 +106,7 @@ CODE_FAILURES: dict[str, FailureClass] = {
 }
 CREDENTIAL_CODES = frozenset({"missing_api_key", "invalid_api_key"})
 
+
 @dataclass(frozen=True, slots=True)
 class EmpirioLabsOptions(AdapterOptions):
     """The adapter's options, validated; see the module docstring for each."""
@@ -249,9 +250,7 @@ class EmpirioLabsAdapter(Adapter):
         if not self.settings.credential:
             raise ProviderError(FailureClass.REFUSED, "no API key configured", credentials_invalid=True)
         body = request_body(job, self.opts)
-        resp = await self.request(
-            "POST", f"{self.base}/v1/images/generations", deadline=deadline, headers=self._auth(), json=body, follow_redirects=False
-        )
+        resp = await self.request("POST", f"{self.base}/v1/images/generations", deadline=deadline, headers=self._auth(), json=body, follow_redirects=False)
         if not resp.is_success:
             raise self._error(resp)
         try:
@@ -296,9 +295,7 @@ class EmpirioLabsAdapter(Adapter):
         started = time.monotonic()
         headers = self._auth() if self.settings.credential else {}
         try:
-            resp = await self.request(
-                "GET", f"{self.base}/v1/models/{self.opts.model}", deadline=started + PROBE_TIMEOUT_S, timeout=PROBE_TIMEOUT_S, headers=headers, follow_redirects=False
-            )
+            resp = await self.request("GET", f"{self.base}/v1/models/{self.opts.model}", deadline=started + PROBE_TIMEOUT_S, timeout=PROBE_TIMEOUT_S, headers=headers, follow_redirects=False)
         except ProviderError as err:
             return ProbeResult(False, err.message, time.monotonic() - started)
         latency = time.monotonic() - started

@@ -110,8 +110,20 @@ CONTENT_ERROR_TYPES = frozenset({"content_policy_violation"})
 # Validation codes fal reports for bad model input (pydantic's codes and fal's
 # own image checks, docs/providers/fal.md#errors-and-their-classes).
 VALIDATION_ERROR_TYPES = frozenset(
-    {"missing", "value_error", "type_error", "literal_error", "enum", "json_invalid", "extra_forbidden",
-     "image_load_error", "file_download_error", "unsupported_image_format", "image_too_large", "image_too_small"}
+    {
+        "missing",
+        "value_error",
+        "type_error",
+        "literal_error",
+        "enum",
+        "json_invalid",
+        "extra_forbidden",
+        "image_load_error",
+        "file_download_error",
+        "unsupported_image_format",
+        "image_too_large",
+        "image_too_small",
+    }
 )
 _VALIDATION_PREFIXES = ("less_than", "greater_than", "too_", "string_", "int_", "float_", "bool_", "list_", "dict_", "url_")
 _VALIDATION_SUFFIXES = ("_type", "_parsing", "_too_large", "_too_small", "_out_of_range", "_invalid")
@@ -344,25 +356,19 @@ class FalAdapter(Adapter):
             if status == "COMPLETED" and isinstance(body, dict):
                 return body
             if status not in _QUEUE_STATUSES_PENDING:
-                raise ProviderError(
-                    FailureClass.FAILED, f"unknown queue status {provider_text(status, self.settings.credential, 40)!r}", status=response.status_code, job_id=request_id, billed=True
-                )
+                raise ProviderError(FailureClass.FAILED, f"unknown queue status {provider_text(status, self.settings.credential, 40)!r}", status=response.status_code, job_id=request_id, billed=True)
             return None
 
         return await follow_job(poll, timeouts=self.settings.timeouts, deadline=deadline, job_id=request_id, wait_first=False)
 
     async def _fetch_result(self, url: str, request_id: str, headers: Mapping[str, str], deadline: float) -> Any:
-        response = await get_patiently(
-            self, url, deadline=deadline, job_id=request_id, headers=headers, max_errors=self._max_poll_errors, transient=_result_transient
-        )
+        response = await get_patiently(self, url, deadline=deadline, job_id=request_id, headers=headers, max_errors=self._max_poll_errors, transient=_result_transient)
         if response.status_code >= 400:
             raise self._error(response, job_id=request_id)
         try:
             return response_json(response)
         except ValueError:
-            raise ProviderError(
-                FailureClass.FAILED, f"HTTP {response.status_code}: result body is not JSON", status=response.status_code, job_id=request_id, billed=True
-            ) from None
+            raise ProviderError(FailureClass.FAILED, f"HTTP {response.status_code}: result body is not JSON", status=response.status_code, job_id=request_id, billed=True) from None
 
     # ---- errors --------------------------------------------------------------
 

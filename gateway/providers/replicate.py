@@ -168,9 +168,7 @@ def problem_message(body: Any, response: httpx.Response) -> str:
         message = str(body.get("detail") or body.get("title") or "")
         fields = body.get("invalid_fields")
         if isinstance(fields, list):
-            described = [
-                f"{f.get('field')}: {f.get('description') or f.get('type')}" for f in fields if isinstance(f, dict) and f.get("field")
-            ]
+            described = [f"{f.get('field')}: {f.get('description') or f.get('type')}" for f in fields if isinstance(f, dict) and f.get("field")]
             message = "; ".join(filter(None, [message, *described]))
         if message:
             return message
@@ -312,9 +310,7 @@ class ReplicateAdapter(Adapter):
         if cancel_after:
             create_headers["Cancel-After"] = cancel_after
         url = f"{self.base}/v1/models/{self.model}/predictions"
-        response = await self.request(
-            "POST", url, deadline=deadline, timeout=wait + 5 if wait else None, headers=create_headers, json={"input": dict(body)}
-        )
+        response = await self.request("POST", url, deadline=deadline, timeout=wait + 5 if wait else None, headers=create_headers, json={"input": dict(body)})
         if response.status_code >= 400:
             raise self._error(response)
         prediction = maybe_json(response)
@@ -472,9 +468,7 @@ class ReplicateAdapter(Adapter):
             return ProbeResult(False, "no API token configured")
         started = time.monotonic()
         try:
-            response = await self.request(
-                "GET", f"{self.base}/v1/models/{self.model}", deadline=started + self.opts.probe_timeout_s, headers=self._auth()
-            )
+            response = await self.request("GET", f"{self.base}/v1/models/{self.model}", deadline=started + self.opts.probe_timeout_s, headers=self._auth())
         except ProviderError as exc:
             return ProbeResult(False, f"unreachable: {exc.message}", time.monotonic() - started)
         latency = time.monotonic() - started

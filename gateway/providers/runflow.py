@@ -133,6 +133,7 @@ CANCELED = frozenset({"canceled", "cancelled"})
 TERMINAL = SUCCEEDED | CANCELED | {FAILED}
 VALIDATION_FAILURE_CODES = frozenset({"INPUT_VALIDATION_FAILED"})
 
+
 @dataclass(frozen=True, slots=True)
 class RunflowOptions(AdapterOptions):
     """The adapter's options, validated; see the module docstring for each."""
@@ -557,8 +558,13 @@ class RunflowAdapter(Adapter):
         url = f"{self.base}/v1/admin/runs/{quote(job_id, safe='')}/cancellation"
         try:
             resp = await self.request(
-                "POST", url, deadline=time.monotonic() + PROBE_TIMEOUT_S, job_id=job_id, headers=self._auth(),
-                json={"reason": "cancelled by the gateway: deadline passed or outcome unknown"}, follow_redirects=False,
+                "POST",
+                url,
+                deadline=time.monotonic() + PROBE_TIMEOUT_S,
+                job_id=job_id,
+                headers=self._auth(),
+                json={"reason": "cancelled by the gateway: deadline passed or outcome unknown"},
+                follow_redirects=False,
             )
         except ProviderError:
             return False

@@ -63,7 +63,7 @@ class StateStore(ABC):
 
     @abstractmethod
     async def status(self) -> StoreStatus:
-        """"ok" when the store holds shared state as configured, else "degraded"."""
+        """ "ok" when the store holds shared state as configured, else "degraded"."""
 
     async def reconnect(self) -> None:  # noqa: B027 - optional hook
         """Called when the store answers again after failing: drop connections

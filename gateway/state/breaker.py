@@ -95,12 +95,8 @@ class BreakerPolicy(BaseModel):
     default_park_s: float = Field(5.0, ge=0, description="parking for a 429/503 without Retry-After")
     out_of_credit_park_s: float = Field(300.0, ge=0, description="parking after a 402")
     credentials_recheck_s: float = Field(3600.0, gt=0, description="a credentials mark lapses after this")
-    probe_failures_to_open: int | None = Field(
-        3, ge=1, description="failed free probes in a row that open a closed breaker; null disables"
-    )
-    probe_ends_cooldown: bool = Field(
-        True, description="a good probe moves an open breaker to half-open once it was open cooldown_s"
-    )
+    probe_failures_to_open: int | None = Field(3, ge=1, description="failed free probes in a row that open a closed breaker; null disables")
+    probe_ends_cooldown: bool = Field(True, description="a good probe moves an open breaker to half-open once it was open cooldown_s")
     latency_samples: int = Field(100, ge=1, le=10_000)
 
     @model_validator(mode="after")
@@ -126,9 +122,7 @@ def opened(record: BreakerRecord, now: float, policy: BreakerPolicy, *, grow: bo
     return record.moved(state=BreakerState.OPEN, since=now, cooldown_s=cooldown)
 
 
-def after_failure(
-    record: BreakerRecord, now: float, policy: BreakerPolicy, window: Window, failures_in_row: int
-) -> BreakerRecord | None:
+def after_failure(record: BreakerRecord, now: float, policy: BreakerPolicy, window: Window, failures_in_row: int) -> BreakerRecord | None:
     """A counted failure: re-opens a half-open breaker (cooldown grown), or
     opens a closed one that crossed a threshold."""
     state = record.effective(now)
@@ -147,9 +141,7 @@ def after_success(record: BreakerRecord, now: float) -> BreakerRecord | None:
     return None
 
 
-def after_probe(
-    record: BreakerRecord, now: float, policy: BreakerPolicy, ok: bool, probe_failures_in_row: int
-) -> BreakerRecord | None:
+def after_probe(record: BreakerRecord, now: float, policy: BreakerPolicy, ok: bool, probe_failures_in_row: int) -> BreakerRecord | None:
     """Probes never close a breaker: a free probe (a model list, a status
     page) can pass while generation fails. A good probe may end an open
     breaker's cooldown early, once it has been open `cooldown_s` (a real

@@ -106,9 +106,7 @@ async def read_window(store: StateStore, name: str, gen: int, now: float, window
     return Window(ok=sum(_int(v) for v in values[0::2]), failed=sum(_int(v) for v in values[1::2]))
 
 
-async def read_snapshots(
-    store: StateStore, names: Sequence[str], now: float, window_s: Mapping[str, float], *, full: bool = True
-) -> dict[str, Snapshot]:
+async def read_snapshots(store: StateStore, names: Sequence[str], now: float, window_s: Mapping[str, float], *, full: bool = True) -> dict[str, Snapshot]:
     """Snapshots in three round trips whatever the number of backends.
     `full=False` skips the window and latency samples (enough for `acquire`)."""
     names = list(names)

@@ -175,9 +175,7 @@ async def test_stuck_job_stays_in_queue(client, fleet):
 
 async def test_request_timeout_header_drops_a_job_no_runner_started(client, fleet):
     await knobs(client, fleet, "fal", {"faults": {"stuck": 1.0}})
-    response = await client.post(
-        fleet["fal"].base_url + SUBMIT, json={"prompt": "a red fox"}, headers=auth(fleet, "fal") | {"X-Fal-Request-Timeout": "1.2"}
-    )
+    response = await client.post(fleet["fal"].base_url + SUBMIT, json={"prompt": "a red fox"}, headers=auth(fleet, "fal") | {"X-Fal-Request-Timeout": "1.2"})
     job = response.json()
     assert (await client.get(job["status_url"], headers=auth(fleet, "fal"))).json()["status"] == "IN_QUEUE"
     await asyncio.sleep(1.25)

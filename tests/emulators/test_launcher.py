@@ -40,8 +40,15 @@ async def test_fleet_in_the_running_loop_serves_and_stops():
 def test_session_fleet_env_names_every_backend_and_key(fleet):
     env = fleet.env()
     assert set(env) == {
-        "KLEIN_FAL_BASE_URL", "KLEIN_REPLICATE_BASE_URL", "KLEIN_RUNFLOW_BASE_URL", "KLEIN_EMPIRIOLABS_BASE_URL", "KLEIN_LOCAL_URL",
-        "FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY",
+        "KLEIN_FAL_BASE_URL",
+        "KLEIN_REPLICATE_BASE_URL",
+        "KLEIN_RUNFLOW_BASE_URL",
+        "KLEIN_EMPIRIOLABS_BASE_URL",
+        "KLEIN_LOCAL_URL",
+        "FAL_KEY",
+        "REPLICATE_API_TOKEN",
+        "RUNFLOW_API_KEY",
+        "EMPIRIOLABS_API_KEY",
     }
     ports = {fleet[name].port for name in fleet.emulators}
     assert len(ports) == 5
@@ -88,7 +95,11 @@ def test_module_entry_point_prints_env_lines_and_serves():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.emulators", "--only", "runflow,local"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         lines = [proc.stdout.readline().strip() for _ in range(3)]

@@ -15,9 +15,7 @@ CREATE = "/v1/models/black-forest-labs/flux-2-klein-4b/predictions"
 
 
 async def create(client, fleet, inputs, **headers):
-    return await client.post(
-        fleet["replicate"].base_url + CREATE, json={"input": inputs}, headers=auth(fleet, "replicate") | headers
-    )
+    return await client.post(fleet["replicate"].base_url + CREATE, json={"input": inputs}, headers=auth(fleet, "replicate") | headers)
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ async def test_not_ready_until_warm_up_finished() -> None:
         assert ready.json()["error"]["code"] == "not_ready"
         refused = await client.post("/v1/images/generations", json=BODY)
         assert refused.status_code == 503 and "retry-after" in refused.headers
-        assert BackendInfo.model_validate(( await client.get("/v1/info")).json()).ready is False
+        assert BackendInfo.model_validate((await client.get("/v1/info")).json()).ready is False
         loaded.set()
         await until(lambda: fake.calls != [])  # warm-up reached the generator
         for _ in range(200):
@@ -200,9 +200,7 @@ async def test_deadline_passed_in_queue_is_504(fake: FakeGenerator) -> None:
 
 async def test_concurrent_requests_are_batched(fake: FakeGenerator) -> None:
     async with serve(fake, batch_delay_ms=100, warmup=False) as client:
-        responses = await asyncio.gather(
-            *(client.post("/v1/images/generations", json={**BODY, "prompt": f"p{n}", "seed": n}) for n in range(6))
-        )
+        responses = await asyncio.gather(*(client.post("/v1/images/generations", json={**BODY, "prompt": f"p{n}", "seed": n}) for n in range(6)))
     assert all(r.status_code == 200 for r in responses)
     assert len(fake.calls) < 6
     assert [r.json()["seed"] for r in responses] == list(range(6))

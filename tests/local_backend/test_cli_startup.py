@@ -77,7 +77,9 @@ def test_a_diffusers_pipeline_folder_passes(tmp_path):
 
 def test_the_process_exits_at_once_without_torch(tmp_path):
     script = "import sys; sys.modules['torch'] = None; from local_backend.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", script, "serve", "--tiny", "--port", "9"], cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "serve", "--tiny", "--port", "9"], cwd=tmp_path, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert "klein-local: cannot serve: torch cannot be imported" in proc.stderr
     assert "Traceback" not in proc.stderr

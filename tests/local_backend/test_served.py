@@ -84,9 +84,7 @@ async def test_concurrent_requests_share_pipeline_calls(service_url: str) -> Non
     count = 8
     async with httpx.AsyncClient(base_url=service_url, timeout=30) as client:
         before = metric((await client.get("/metrics")).text, "local_backend_forwards_total")
-        responses = await asyncio.gather(
-            *(client.post("/v1/images/generations", json={**BODY, "prompt": f"p{n}", "seed": n}) for n in range(count))
-        )
+        responses = await asyncio.gather(*(client.post("/v1/images/generations", json={**BODY, "prompt": f"p{n}", "seed": n}) for n in range(count)))
         after = metric((await client.get("/metrics")).text, "local_backend_forwards_total")
     assert [r.status_code for r in responses] == [200] * count
     assert [r.json()["seed"] for r in responses] == list(range(count))

@@ -101,7 +101,9 @@ async def test_provider_base64_reaches_the_caller_byte_for_byte(
         result = await adapter.generate(job, time.monotonic() + 5)
         [image] = result.images
         assert image.data is None and image.b64 == B64  # kept as sent, never decoded whole
-        [shaped] = await ResultShaper(client, MemoryImageStore(ttl_s=60, max_bytes=1 << 20, signer=UrlSigner())).shape(job, result.images, backend=adapter_type.kind, deadline=time.monotonic() + 5, base_url="http://gw.test")
+        [shaped] = await ResultShaper(client, MemoryImageStore(ttl_s=60, max_bytes=1 << 20, signer=UrlSigner())).shape(
+            job, result.images, backend=adapter_type.kind, deadline=time.monotonic() + 5, base_url="http://gw.test"
+        )
     assert shaped.b64_json is image.b64  # the very string: no re-encode on the way out
     assert base64.b64decode(shaped.as_openai()["b64_json"]) == PNG
 

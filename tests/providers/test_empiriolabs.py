@@ -299,7 +299,14 @@ async def test_there_is_nothing_to_cancel(mock, adapter):
 
 @pytest.mark.parametrize(
     ("options", "name"),
-    [({"sizes": "x"}, "sizes"), ({"size_field": "dims"}, "size_field"), ({"response_format": "png"}, "response_format"), ({"jpeg_format": "jfif"}, "jpeg_format"), ({"data_uri_refs": 1}, "data_uri_refs"), ({"model": "a/b"}, "model")],
+    [
+        ({"sizes": "x"}, "sizes"),
+        ({"size_field": "dims"}, "size_field"),
+        ({"response_format": "png"}, "response_format"),
+        ({"jpeg_format": "jfif"}, "jpeg_format"),
+        ({"data_uri_refs": 1}, "data_uri_refs"),
+        ({"model": "a/b"}, "model"),
+    ],
 )
 def test_bad_options_are_refused_naming_the_option(options, name):
     with pytest.raises(ValueError, match=name):

@@ -230,21 +230,44 @@ def test_failed_error_text_is_in_the_message(replicate):
 CREATE_ERRORS = [
     # (reply, failure, status, retry_after, credentials_invalid)
     pytest.param(
-        httpx.Response(422, json={"title": "Input validation failed", "status": 422, "detail": "- input.seed: Invalid type. Expected: integer",
-                                  "invalid_fields": [{"type": "invalid_type", "field": "input.seed", "description": "Expected integer"}]}),
-        FailureClass.REJECTED, 422, None, False, id="422-problem-details",
+        httpx.Response(
+            422,
+            json={
+                "title": "Input validation failed",
+                "status": 422,
+                "detail": "- input.seed: Invalid type. Expected: integer",
+                "invalid_fields": [{"type": "invalid_type", "field": "input.seed", "description": "Expected integer"}],
+            },
+        ),
+        FailureClass.REJECTED,
+        422,
+        None,
+        False,
+        id="422-problem-details",
     ),
     pytest.param(
         httpx.Response(429, json={"detail": "Request was throttled. Your rate limit resets in ~30s.", "status": 429}, headers={"Retry-After": "12"}),
-        FailureClass.REFUSED, 429, 12.0, False, id="429-retry-after",
+        FailureClass.REFUSED,
+        429,
+        12.0,
+        False,
+        id="429-retry-after",
     ),
     pytest.param(
         httpx.Response(429, json={"detail": "Request was throttled. Your rate limit resets in ~30s.", "status": 429}),
-        FailureClass.REFUSED, 429, 30.0, False, id="429-reset-from-detail",
+        FailureClass.REFUSED,
+        429,
+        30.0,
+        False,
+        id="429-reset-from-detail",
     ),
     pytest.param(
         httpx.Response(401, json={"title": "Unauthenticated", "detail": f"You did not pass a valid authentication token ({TOKEN})", "status": 401}),
-        FailureClass.REFUSED, 401, None, True, id="401-echoing-token",
+        FailureClass.REFUSED,
+        401,
+        None,
+        True,
+        id="401-echoing-token",
     ),
     pytest.param(httpx.Response(402, json={"title": "Insufficient credit", "detail": "Add a payment method", "status": 402}), FailureClass.REFUSED, 402, None, False, id="402"),
     pytest.param(httpx.Response(404, json={"title": "Not found", "detail": "The requested resource could not be found.", "status": 404}), FailureClass.FAILED, 404, None, False, id="404-model"),
@@ -273,7 +296,9 @@ async def test_create_errors_are_classified(replicate, mock, make_job, deadline,
 
 
 async def test_problem_details_message_names_the_invalid_fields(replicate, mock, make_job, deadline):
-    mock.post(CREATE).respond(422, json={"title": "Input validation failed", "status": 422, "invalid_fields": [{"type": "enum", "field": "input.aspect_ratio", "description": "must be one of 1:1, 16:9"}]})
+    mock.post(CREATE).respond(
+        422, json={"title": "Input validation failed", "status": 422, "invalid_fields": [{"type": "enum", "field": "input.aspect_ratio", "description": "must be one of 1:1, 16:9"}]}
+    )
     with pytest.raises(ProviderError) as caught:
         await replicate.generate(make_job(), deadline)
     assert "input.aspect_ratio: must be one of 1:1, 16:9" in caught.value.message
