@@ -130,7 +130,9 @@ def test_sighup_reaches_a_serving_process(tmp_path):
     port = free_port()
     env = {**os.environ, "KLEIN_KEYS_FILE": str(path), "PYTHONPATH": str(REPO)}
     log = (tmp_path / "gw.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--emulate", "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--emulate", "--workers", "1", "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 

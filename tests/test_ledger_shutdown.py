@@ -40,7 +40,22 @@ def serve(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes],
     log_path = tmp_path / "gateway.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(tmp_path / "providers.yaml"), "--pricing", str(REPO / "pricing"), "--port", str(port), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--workers",
+                "1",
+                "--config",
+                str(tmp_path / "providers.yaml"),
+                "--pricing",
+                str(REPO / "pricing"),
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
             cwd=REPO,
             env=env,
             stdout=log,

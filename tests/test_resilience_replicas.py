@@ -101,7 +101,7 @@ def start_replica(name: str, env: dict[str, str], log_dir: Path) -> Replica:
     log_path = log_dir / f"gateway-{name}.log"
     with log_path.open("wb") as log:  # a file, not a pipe: a full pipe would stall the server
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+            [sys.executable, "-m", "gateway.cli", "serve", "--workers", "1", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
             cwd=REPO,
             env=env,
             stdout=log,
