@@ -247,3 +247,36 @@ async def test_an_open_gateway_shows_all_usage(tmp_path):
         assert (await client.post("/v1/images/generations", json=BODY)).status_code == 200
         usage = (await client.get("/v1/usage", params={"group_by": "key,backend"})).json()
     assert usage["data"] == [{"key": "anonymous", "backend": "local", "requests": 1, "images": 1, "megapixels": "1.048576", "cost_usd": "0.00041506", "billed_usd": None}]
+
+
+async def _job_when_done(client, job_id: str, headers: dict[str, str]) -> dict:
+    import asyncio
+
+    for _ in range(200):
+        job = (await client.get(f"/v1/images/jobs/{job_id}", headers=headers)).json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"job {job_id} never finished: {job}")
+
+
+async def test_async_jobs_spend_from_their_owners_budget_and_get_a_ledger_row(tmp_path):
+    # Room for two local images, not three: the third job is refused by the budget, not served.
+    app, fakes = await client_for(tmp_path, team={"budget_usd": {"day": "0.001"}, "backends": {"only": ["local"]}})
+    async with AsyncTestClient(app) as client:
+        jobs = []
+        for _ in range(3):
+            accepted = await client.post("/v1/images/generations", json=BODY, headers={**auth("team"), "Prefer": "respond-async"})
+            assert accepted.status_code == 202, accepted.text
+            jobs.append(await _job_when_done(client, accepted.json()["id"], auth("team")))
+        rows = await ledger_rows(app)
+        from gateway.budgets import windows_at
+
+        (spent,) = await app.state.gateway.billing.budgets.spent("team", windows_at([("day", Decimal("0.001"))], datetime.now(UTC)))
+    assert [j["status"] for j in jobs] == ["succeeded", "succeeded", "failed"]
+    assert jobs[2]["error"]["code"] == "insufficient_quota"
+    assert len(fakes["local"].calls) == 2
+    job_rows = [r for r in rows if r.route.endswith("_async")]
+    assert sorted(r.request_id for r in job_rows) == sorted(j["id"] for j in jobs)
+    assert sum((r.estimated_usd for r in job_rows), Decimal(0)) == sum((Decimal(j["cost_usd"] or "0") for j in jobs), Decimal(0)) == 2 * LOCAL_1MP
+    assert spent == int(2 * LOCAL_1MP / Decimal("0.00000001"))
