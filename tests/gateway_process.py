@@ -18,30 +18,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.gateway_support import REPO, free_port
-
-# The environment a gateway must not inherit from whoever runs the tests.
-NOT_INHERITED = (
-    "FAL_KEY",
-    "REPLICATE_API_TOKEN",
-    "RUNFLOW_API_KEY",
-    "EMPIRIOLABS_API_KEY",
-    "KLEIN_LOCAL_URL",
-    "KLEIN_FAL_BASE_URL",
-    "KLEIN_REPLICATE_BASE_URL",
-    "KLEIN_RUNFLOW_BASE_URL",
-    "KLEIN_EMPIRIOLABS_BASE_URL",
-    "KLEIN_GATEWAY_KEYS",
-    "REDIS_URL",
-    "KLEIN_CONFIG",
-    "KLEIN_PRICING",
-    "PROMETHEUS_MULTIPROC_DIR",
-    "prometheus_multiproc_dir",
-    "KLEIN_IMAGE_STORE",
-    "KLEIN_IMAGE_DIR",
-    "KLEIN_URL_SIGNING_KEY",
-    "KLEIN_WORKERS",
-)
+from tests.gateway_support import REPO, clean_env, free_port
 
 
 def write_config(path: Path, **gateway: Any) -> Path:
@@ -77,8 +54,7 @@ class GatewayProcess:
 
     def start(self, timeout: float = 40.0) -> GatewayProcess:
         self.starts += 1
-        env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
-        env.update(self.env)
+        env = clean_env(**self.env)
         env["PYTHONPATH"] = str(REPO)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

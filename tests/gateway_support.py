@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import socket
 import threading
 import time
@@ -35,6 +36,25 @@ SECRETS = {
 }
 # The usage ledger stays in memory for in-process apps (nothing left on disk).
 ENV: dict[str, str] = {**SECRETS, "KLEIN_LOCAL_URL": "http://local.test:9000", "KLEIN_USAGE_LEDGER": ":memory:"}
+
+
+# What a gateway process started by a test must not inherit from whoever runs
+# the tests: provider keys and addresses, caller keys, shared state, config and
+# metrics directories, image-store and label settings. Each test sets its own.
+NOT_INHERITED = frozenset({
+    "FAL_KEY", "REPLICATE_API_TOKEN", "RUNFLOW_API_KEY", "EMPIRIOLABS_API_KEY",
+    "KLEIN_LOCAL_URL", "KLEIN_FAL_BASE_URL", "KLEIN_REPLICATE_BASE_URL", "KLEIN_RUNFLOW_BASE_URL", "KLEIN_EMPIRIOLABS_BASE_URL",
+    "KLEIN_GATEWAY_KEYS", "REDIS_URL", "KLEIN_CONFIG", "KLEIN_PRICING",
+    "PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir",
+    "KLEIN_IMAGE_STORE", "KLEIN_IMAGE_DIR", "KLEIN_URL_SIGNING_KEY", "KLEIN_WORKERS", "KLEIN_METRICS_KEY_SECRET",
+})  # fmt: skip
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment less NOT_INHERITED, with `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+    env.update(extra)
+    return env
 
 
 def make_app(env: Mapping[str, str] | None = None, *, transport: httpx.AsyncBaseTransport | None = None, config: Path = PROVIDERS_YAML) -> Litestar:

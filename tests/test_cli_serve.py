@@ -24,26 +24,10 @@ import pytest
 
 from gateway.cli import banner
 from gateway.emulators.launcher import EmulatorFleet, explicit_base_urls
-from tests.gateway_support import REPO, free_port
+from tests.gateway_support import REPO, clean_env, free_port
 
 GATEWAY_KEY = "gw-banner-test-key-0123"
 START_TIMEOUT_S = 60
-INHERITED_NOT = (
-    "FAL_KEY",
-    "REPLICATE_API_TOKEN",
-    "RUNFLOW_API_KEY",
-    "EMPIRIOLABS_API_KEY",
-    "KLEIN_LOCAL_URL",
-    "KLEIN_FAL_BASE_URL",
-    "KLEIN_REPLICATE_BASE_URL",
-    "KLEIN_RUNFLOW_BASE_URL",
-    "KLEIN_EMPIRIOLABS_BASE_URL",
-    "KLEIN_GATEWAY_KEYS",
-    "REDIS_URL",
-    "KLEIN_CONFIG",
-    "KLEIN_PRICING",
-    "PROMETHEUS_MULTIPROC_DIR",
-)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +88,7 @@ def _connects(port: int) -> bool:
 def served() -> Iterator[Served]:
     local = EmulatorFleet.start_in_thread(["local"])
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
+    env = clean_env()
     env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", KLEIN_LOCAL_URL=local["local"].base_url, KLEIN_GATEWAY_KEYS=GATEWAY_KEY)
     process = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--emulate", "--port", str(port), "--log-level", "warning"],
@@ -184,7 +168,7 @@ def test_a_taken_port_fails_before_any_banner(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
+        env = clean_env()
         env["PYTHONPATH"] = str(REPO)
         proc = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", str(taken.getsockname()[1])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0

@@ -31,7 +31,7 @@ from gateway.callers import LABEL_SECRET_ENV, Caller, caller_label
 from gateway.config import ConfigError
 from gateway.logs import configure_logging
 from gateway.metrics_access import MetricsAccess, parse_port
-from tests.gateway_support import ENV, REPO, FakeAdapter, free_port, install_fakes, make_app
+from tests.gateway_support import ENV, REPO, FakeAdapter, clean_env, free_port, install_fakes, make_app
 
 CALLER_KEY = "gw-live-key-for-metrics-0123"
 OLD_LABEL = "key_" + hashlib.sha256(CALLER_KEY.encode()).hexdigest()[:10]
@@ -176,23 +176,6 @@ def test_serve_refuses_a_bad_metrics_port_with_a_clear_message():
 
 # ---- `serve --metrics-port` with two workers -----------------------------------
 
-INHERITED_NOT = (
-    "FAL_KEY",
-    "REPLICATE_API_TOKEN",
-    "RUNFLOW_API_KEY",
-    "EMPIRIOLABS_API_KEY",
-    "KLEIN_LOCAL_URL",
-    "REDIS_URL",
-    "KLEIN_FAL_BASE_URL",
-    "KLEIN_REPLICATE_BASE_URL",
-    "KLEIN_RUNFLOW_BASE_URL",
-    "KLEIN_EMPIRIOLABS_BASE_URL",
-    "KLEIN_CONFIG",
-    "KLEIN_PRICING",
-    "PROMETHEUS_MULTIPROC_DIR",
-    "prometheus_multiproc_dir",
-    LABEL_SECRET_ENV,
-)
 REQUESTS = 8
 
 
@@ -214,7 +197,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 def test_serve_with_a_metrics_port_sums_both_workers_there_behind_the_token(tmp_path: Path):
     port, metrics_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
+    env = clean_env()
     env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", KLEIN_METRICS_TOKEN=TOKEN, KLEIN_GATEWAY_KEYS=CALLER_KEY)
     out = tmp_path / "gateway.out"
     with open(out, "wb") as stdout, open(tmp_path / "gateway.err", "wb") as stderr:

@@ -49,6 +49,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import GatewayMetrics
+from tests.gateway_support import clean_env
 from tests.prometheus_server import (
     JOB,
     REPO,
@@ -69,25 +70,6 @@ BUDGET_S = 60.0  # the whole run, start to stop
 START_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 15.0
 USD_QUANTUM = Decimal("0.00000001")  # x-klein-cost-usd has 8 decimal places (pricing.usd)
-
-# Environment the gateway must not inherit: the emulators supply backends and
-# keys, state stays in memory, callers need no key.
-INHERITED_NOT = (
-    "FAL_KEY",
-    "REPLICATE_API_TOKEN",
-    "RUNFLOW_API_KEY",
-    "EMPIRIOLABS_API_KEY",
-    "KLEIN_LOCAL_URL",
-    "KLEIN_FAL_BASE_URL",
-    "KLEIN_REPLICATE_BASE_URL",
-    "KLEIN_RUNFLOW_BASE_URL",
-    "KLEIN_EMPIRIOLABS_BASE_URL",
-    "KLEIN_GATEWAY_KEYS",
-    "REDIS_URL",
-    "KLEIN_CONFIG",
-    "KLEIN_PRICING",
-    "prometheus_multiproc_dir",
-)
 
 
 # ---- the load ------------------------------------------------------------------
@@ -206,7 +188,7 @@ PID_FILE = re.compile(r"^(?P<kind>[a-z_]+)_(?P<pid>\d+)\.db$")
 def start_gateway(workdir: Path, port: int) -> Gateway:
     multiproc = workdir / "metrics"
     multiproc.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k not in INHERITED_NOT}
+    env = clean_env()
     env.update(PROMETHEUS_MULTIPROC_DIR=str(multiproc), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     stdout, stderr = workdir / "gateway.out", workdir / "gateway.err"
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
