@@ -81,8 +81,6 @@ async def accept_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallCont
     metadata = check_metadata(extras.get("metadata"))
     deadline_s = deadline_for(request, settings.async_deadline_s, max(settings.max_deadline_s, settings.async_deadline_s))
     job = dataclasses.replace(job, deadline_s=deadline_s)
-    if job.pinned_backend in gw.fleet.disabled:
-        raise InvalidRequest(f"backend {job.pinned_backend} is disabled: {gw.fleet.disabled[job.pinned_backend]}", param="model", code="backend_disabled")
     plan = await gw.plan(job)
     if not plan.attempts:
         raise refusal(plan)
