@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from gateway.answer import images_body
-from gateway.dispatch import Attempt, DispatchFailed, Outcome
+from gateway.dispatch import Attempt, DispatchFailed, Outcome, tried
 from gateway.errors import GatewayError
 from gateway.job import ImageJob
 from gateway.jobs.model import JobRecord
@@ -202,37 +202,33 @@ class JobWorker:
         tab = self.gw.billing.tab(self.gw.keyring.named(record.owner), record.id, f"{record.route}_async")
         tab.job = job
         outcome: Outcome | None = None
-        spent: Decimal | None = None
+        spent, attempts = Decimal(0), 0
         try:
             outcome, extra_cost, extra_attempts = await self._resume(record, job, started)
             if outcome is None:
                 outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab)
-            spent = outcome.cost_usd + extra_cost
+            spent, attempts = outcome.cost_usd + extra_cost, outcome.tried + extra_attempts
             backend, upstream, status = outcome.backend, outcome.upstream_s, 200
             body = images_body(job, outcome)
             await self._settle(pending)
-            await self._finish(record.id, "succeeded", backend=outcome.backend, cost=outcome.cost_usd + extra_cost, attempts=outcome.tried + extra_attempts, result=body)
+            await self._finish(record.id, "succeeded", backend=outcome.backend, cost=spent, attempts=attempts, result=body)
         except DispatchFailed as err:
             status, upstream = err.status, err.upstream_s
-            spent = err.cost_usd + extra_cost
+            spent, attempts = err.cost_usd + extra_cost, tried(err.attempts) + extra_attempts
             await self._settle(pending)
-            await self._finish(record.id, "failed", cost=err.cost_usd + extra_cost, attempts=sum(1 for a in err.attempts if a.outcome != "skipped") + extra_attempts, error=err.envelope()["error"])
+            await self._finish(record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
         except GatewayError as err:
             status = err.status
-            spent = extra_cost
+            spent, attempts = extra_cost, extra_attempts
             await self._settle(pending)
-            await self._finish(record.id, "failed", cost=extra_cost, attempts=extra_attempts, error=err.envelope()["error"])
+            await self._finish(record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
         except asyncio.CancelledError:
             status = 499  # canceled by its owner (or the process is stopping), not a server error
             raise
         finally:
             job_id_listener.reset(token)
             images = len(outcome.images) if outcome is not None and status == 200 else 0
-            await asyncio.shield(
-                self.gw.billing.settle(
-                    tab, status=status, backend=backend, attempts=extra_attempts + (outcome.tried if outcome else 0), images=images, cost=spent, billed=self.gw.billed_figure(outcome)
-                )
-            )
+            await asyncio.shield(self.gw.billing.settle(tab, status=status, backend=backend, attempts=attempts, images=images, cost=spent, billed=self.gw.billed_figure(outcome)))
             total = time.time() - record.created
             self.gw.metrics.observe_request(route=f"{record.route}_async", status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
 
