@@ -61,6 +61,13 @@ async def half_open(tracker: HealthTracker, clock: Clock) -> None:
     assert (await tracker.views(["b"]))["b"].state is BreakerState.HALF_OPEN
 
 
+async def seen_within(tracker: HealthTracker, state: BreakerState, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await tracker.views(["b"]))["b"].state is not state:
+        assert time.monotonic() < deadline, f"not {state} within {timeout_s} s"
+        await asyncio.sleep(0.01)
+
+
 # Outcomes that say nothing about the backend's health: before trial leases
 # carried a token, each of them freed whichever lease was on top.
 UNCOUNTED = [
@@ -107,9 +114,14 @@ async def test_two_gateway_instances_on_one_redis_run_exactly_one_trial(redis_se
     clock = Clock()
     stores = [ResilientStore(RedisStore.from_url(redis_server.url, namespace=ns)) for _ in range(2)]
     a, b = (HealthTracker(s, {"b": POLICY}, {"b": "fal"}, clock=clock) for s in stores)
+    for t in (a, b):
+        await t.start()  # as in a gateway: local copies, refreshed and fed by pub/sub
     try:
         early = [await t.acquire("b") for t in (a, b) for _ in range(4)]
         await half_open(a, clock)
+        # B admits from its local copy while it still says closed (not trials: the
+        # guarantee is that it learns within a second), so the race starts once it has.
+        await seen_within(b, BreakerState.HALF_OPEN, 1.0)
         first_wave = await asyncio.gather(*(t.acquire("b") for t in (a, b) for _ in range(8)))
         trials = [x for x in first_wave if x is not None]
         assert len(trials) == 1
@@ -120,8 +132,10 @@ async def test_two_gateway_instances_on_one_redis_run_exactly_one_trial(redis_se
         later_wave = await asyncio.gather(*(t.acquire("b") for t in (a, b) for _ in range(8)))
         assert all(x is None for x in later_wave), "a second trial got in while the first still runs"
         await a.record_success("b", 0.5, admission=trials[0])
-        assert (await b.views(["b"]))["b"].state is BreakerState.CLOSED
+        await seen_within(b, BreakerState.CLOSED, 1.0)
     finally:
+        for t in (a, b):
+            await t.close()
         for s in stores:
             await s.close()
 
