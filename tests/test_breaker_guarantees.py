@@ -291,6 +291,31 @@ async def test_an_incr_whose_reply_was_lost_is_not_sent_again_so_it_counts_once(
         await proxy.close()
 
 
+@needs_redis
+async def test_a_batch_whose_reply_was_lost_is_not_sent_again_so_its_counter_counts_once(redis_server) -> None:
+    from gateway.state.base import Op
+
+    ns = f"batch-{uuid.uuid4().hex[:8]}"
+    proxy = ReplyCutter(redis_server.port)
+    port = await proxy.start()
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", namespace=ns)
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    outcome = [Op.incr("n", ttl_s=60), Op.set("consec", "0", ttl_s=60), Op.append("lat", 0.5, keep=10, ttl_s=60)]
+    try:
+        assert (await store.batch(outcome))[0] == 1
+        proxy.armed = True
+        with pytest.raises(Exception):  # noqa: B017 - the connection error's type is the client's
+            await store.batch(outcome)
+        assert proxy.cuts == 1
+        assert await admin.get(f"klein:{ns}:n") == "2"  # it ran once, and only once
+        assert await admin.llen(f"klein:{ns}:lat") == 2
+        assert (await store.batch(outcome))[0] == 3
+    finally:
+        await admin.aclose()
+        await store.close()
+        await proxy.close()
+
+
 # ---- the same through two gateway apps sharing one Redis --------------------------
 
 

@@ -294,6 +294,7 @@ class LocalHealth:
             self._failed(exc)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._refresh_loop()), loop.create_task(self._listen_loop())]
+        await asyncio.sleep(0)  # let the subscription begin (in memory it is in place after this)
 
     async def close(self) -> None:
         tasks, self._tasks = self._tasks, []
