@@ -25,7 +25,10 @@ The load generator is bench/overhead.py's: one asyncio loop in this process,
 speaking HTTP/1.1 on plain asyncio streams, one keep-alive connection per
 worker, reading every body without parsing it (`hey` is not installed here).
 With Redis, `INFO commandstats` before and after a cell gives the commands
-per request. Prints one table and writes it as JSON under bench/results/.
+per request, and the gateway's `klein_state_round_trips_total` the round
+trips (a pipeline of several commands is one; the background refresh of the
+health copy counts too). Prints one table and writes it as JSON under
+bench/results/.
 """
 
 from __future__ import annotations
@@ -298,6 +301,8 @@ class CellResult:
     errors: dict[str, int] = field(default_factory=dict)
     redis_per_request: float | None = None
     redis_commands: dict[str, float] = field(default_factory=dict)
+    trips_per_request: float | None = None
+    trips: dict[str, float] = field(default_factory=dict)
 
     def median(self, key: str) -> float:
         values = [r[key] for r in self.runs if key in r and r[key] == r[key]]
@@ -330,10 +335,25 @@ def check(target: Target, payload: str) -> None:
         raise RuntimeError(f"{target.name}: no url in {str(item)[:200]}")
 
 
+def round_trips(text: str) -> Counter[str]:
+    """klein_state_round_trips_total by op, from a scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == "klein_state_round_trips":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels.get("op", "")] += int(sample.value)
+    return out
+
+
 def measure(
     target: Target, concurrency: int, duration_s: float, max_requests: int, delay_s: float, gateway_url: str | None, redis: Redis | None, proc: Child | None
-) -> tuple[dict[str, float], Counter[str], Counter[str] | None, int]:
-    before = histogram_buckets(scrape(gateway_url), *OVERHEAD) if gateway_url else []
+) -> tuple[dict[str, float], Counter[str], Counter[str] | None, Counter[str] | None, int]:
+    first = scrape(gateway_url) if gateway_url else ""
+    before = histogram_buckets(first, *OVERHEAD) if gateway_url else []
+    trips_before = round_trips(first) if gateway_url and redis else None
     redis_before = redis.commands() if redis else None
     cpu0 = proc.cpu_seconds() if proc else 0.0
     latencies, errors, elapsed = asyncio.run(closed_loop(target, concurrency, duration_s, max_requests, stagger_s=delay_s))
@@ -345,13 +365,17 @@ def measure(
     }
     if proc:
         figures["cpu_ms_per_req"] = (proc.cpu_seconds() - cpu0) * 1000 / max(len(latencies), 1)
+    trips_delta = None
     if gateway_url:
-        after = histogram_buckets(scrape(gateway_url), *OVERHEAD)
+        last = scrape(gateway_url)
+        after = histogram_buckets(last, *OVERHEAD)
+        if trips_before is not None:
+            trips_delta = round_trips(last) - trips_before
         figures["own_p50_ms"] = histogram_quantile(0.5, before, after) * 1000
         figures["own_p99_ms"] = histogram_quantile(0.99, before, after) * 1000
     redis_delta = (redis.commands() - redis_before) if redis and redis_before is not None else None
     # the warm-up requests (one per connection) also reached Redis
-    return figures, errors, redis_delta, len(latencies) + concurrency
+    return figures, errors, redis_delta, trips_delta, len(latencies) + concurrency
 
 
 # ---- thousands in flight --------------------------------------------------------------------------
@@ -445,11 +469,30 @@ def report(cells: list[CellResult], bursts: list[dict[str, Any]], meta: dict[str
                 f"{fmt(c.median('own_p50_ms'), 2)} / {fmt(c.median('own_p99_ms'), 2)}" if c.path.startswith("klein") else "",
                 fmt(c.median("cpu_ms_per_req"), 2),
                 fmt(c.redis_per_request),
+                fmt(c.trips_per_request, 2),
                 str(sum(c.errors.values())),
             ]
         )
     lines.append(
-        table(["payload", "conc", "path", "req/s", "p50 ms", "p99 ms", "added p50/p99 ms", "of direct", "of LiteLLM", "own overhead p50/p99 ms", "server CPU ms/req", "redis cmds/req", "errors"], rows)
+        table(
+            [
+                "payload",
+                "conc",
+                "path",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "added p50/p99 ms",
+                "of direct",
+                "of LiteLLM",
+                "own overhead p50/p99 ms",
+                "server CPU ms/req",
+                "redis cmds/req",
+                "redis trips/req",
+                "errors",
+            ],
+            rows,
+        )
     )
     lines.append("medians of the repeats; added = path minus direct; own overhead = klein_gateway_overhead_seconds; CPU = the server process's user+system time per answered request")
     if bursts:
@@ -474,6 +517,8 @@ def report(cells: list[CellResult], bursts: list[dict[str, Any]], meta: dict[str
             "",
             "Redis commands per request (klein+redis): "
             + "; ".join(f"{c.payload} c={c.concurrency}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(c.redis_commands.items(), key=lambda kv: -kv[1])) for c in redis_cells[:1]),
+            "Redis round trips per request (klein_state_round_trips_total): "
+            + "; ".join(f"{c.payload} c={c.concurrency}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(c.trips.items(), key=lambda kv: -kv[1])) for c in redis_cells),
         ]
     return "\n".join(lines)
 
@@ -558,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                     for path in args.paths:  # interleaved, so drift on a shared machine hits every path alike
                         child, url = servers[path]
                         is_klein = path.startswith("klein")
-                        figures, errors, redis_delta, sent = measure(
+                        figures, errors, redis_delta, trips_delta, sent = measure(
                             target_for(path, url, payload),
                             conc,
                             args.duration,
@@ -575,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                         if redis_delta is not None:
                             cell.redis_commands = {k: v / sent for k, v in redis_delta.items()}
                             cell.redis_per_request = sum(redis_delta.values()) / sent
+                        if trips_delta is not None:
+                            cell.trips = {k: v / sent for k, v in trips_delta.items()}
+                            cell.trips_per_request = sum(trips_delta.values()) / sent
                         print(
                             f"  {payload:4} c={conc:<3} {path:12} {figures['req_s']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms  errors {sum(errors.values())}",
                             flush=True,

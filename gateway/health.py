@@ -192,10 +192,15 @@ class HealthTracker:
         return {n: self._view(n, self.local.snapshot(n, now), now) for n in names}
 
     async def describe(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """Each backend's health as JSON-able data, for GET /v1/backends."""
+        """Each backend's health as JSON-able data, for GET /v1/backends: read
+        from the store, and the local copy refreshed on the way, so what it
+        shows is what this replica routes on next."""
         names = list(dict.fromkeys(names))
         now = self._clock()
         try:
+            for name in names:
+                self.local.entry(name)
+            await self.local.refresh(own=True)
             snaps = await self._snapshots(names, now)
         except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
             self._absorb("describe", exc)

@@ -211,11 +211,18 @@ class LocalHealth:
 
     # ---- refresh -------------------------------------------------------------
 
-    async def refresh(self) -> None:
+    async def refresh(self, *, own: bool = False) -> None:
         """Read every backend's records in one batch (one round trip) and take
-        them; concurrent callers share one read. Raises what the store raised."""
+        them; concurrent callers share one read, unless `own` (a read that
+        begins after this call: one under way may predate what the caller
+        wants seen). Raises what the store raised."""
         if self._refreshing is not None:
-            return await asyncio.shield(self._refreshing)
+            if not own:
+                return await asyncio.shield(self._refreshing)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._refreshing)
+            if self._refreshing is not None:  # another caller began one after it: that one is recent enough
+                return await asyncio.shield(self._refreshing)
         self._refreshing = asyncio.get_running_loop().create_future()
         try:
             await self._refresh()
