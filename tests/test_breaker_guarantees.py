@@ -363,6 +363,9 @@ async def test_an_uncounted_422_during_a_trial_lets_no_second_trial_in_across_tw
                 await asyncio.sleep(0.3)  # admitted while closed; now another replica's breaker opened and cooled down
                 half_open = BreakerRecord(state=BreakerState.OPEN, since=time.time() - 3600, cooldown_s=5.0, version=41)
                 await store.set("health:local:breaker", half_open.encode(), ttl_s=3600)
+                # Written behind the gateways' backs (no pub/sub message): A's local copy would
+                # take it within one refresh; GET /v1/backends makes A take it now.
+                assert (await client.get(f"{a.url}/v1/backends")).status_code == 200
                 trial = asyncio.create_task(post(a, "trial"))
                 await asyncio.sleep(0.3)
                 rejected = await early  # its 422 is recorded while the trial runs

@@ -276,3 +276,68 @@ async def test_two_trackers_on_one_memory_store_share_transitions_at_once() -> N
     finally:
         await a.close()
         await b.close()
+
+
+# ---- the copy's own rules ---------------------------------------------------------------
+
+from gateway.state.breaker import BreakerRecord  # noqa: E402 - beside the tests that use it
+from gateway.state.snapshot import LocalHealth, message  # noqa: E402 - beside the tests that use it
+
+OPEN_V5 = BreakerRecord(state=BreakerState.OPEN, since=1000.0, cooldown_s=5.0, version=5).encode()
+CLOSED_V6 = BreakerRecord(state=BreakerState.CLOSED, since=1010.0, gen=1, version=6, closed_at=1010.0).encode()
+
+
+def local_over(store: StateStore) -> LocalHealth:
+    return LocalHealth(lambda: store, lambda _n: 60.0, lambda _n: 10, names=["x"], refresh_s=60, clock=lambda: 1_700_000_000.0)
+
+
+@pytest.mark.parametrize(
+    ("held", "arrives", "kept"),
+    [
+        pytest.param(None, OPEN_V5, OPEN_V5, id="first-record-taken"),
+        pytest.param(OPEN_V5, CLOSED_V6, CLOSED_V6, id="newer-version-taken"),
+        pytest.param(CLOSED_V6, OPEN_V5, CLOSED_V6, id="older-message-arriving-late-ignored"),
+        pytest.param(OPEN_V5, OPEN_V5, OPEN_V5, id="same-record-no-change"),
+    ],
+)
+def test_a_breaker_message_is_taken_only_when_newer(held: str | None, arrives: str, kept: str) -> None:
+    local = local_over(MemoryStore())
+    if held is not None:
+        local.apply_record("x", held)
+    local.on_message(message("x", "breaker", arrives))
+    local.on_message("not json")  # dropped, harmlessly
+    assert local.entry("x").raw_record == kept
+
+
+class HeldRead(MemoryStore):
+    """A store whose reads wait for `go` once `hold` is set, answering what was there when they began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold, self.go, self.began = False, asyncio.Event(), asyncio.Event()
+
+    async def batch(self, ops):
+        answers = await super().batch(ops)
+        if self.hold:
+            self.began.set()
+            await self.go.wait()
+        return answers
+
+
+async def test_a_refresh_under_way_never_undoes_what_was_learned_meanwhile() -> None:
+    store = HeldRead()
+    await store.set(hr.key("x", "breaker"), OPEN_V5, ttl_s=60)
+    local = local_over(store)
+    await local.refresh()
+    store.hold = True
+    reading = asyncio.create_task(local.refresh())
+    await store.began.wait()  # the read has answered OPEN_V5 and waits
+    local.on_message(message("x", "breaker", CLOSED_V6))  # closed elsewhere meanwhile
+    local.on_message(message("x", "park", "1700000100.0"))
+    store.go.set()
+    await reading
+    e = local.entry("x")
+    assert e.raw_record == CLOSED_V6 and e.parked_until == 1700000100.0
+    store.hold = False
+    await local.refresh()  # nothing learned during this one: the store's word holds again
+    assert local.entry("x").raw_record == OPEN_V5 and local.entry("x").parked_until == 0.0

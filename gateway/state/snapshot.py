@@ -218,22 +218,35 @@ class LocalHealth:
         wants seen). Raises what the store raised."""
         if self._refreshing is not None:
             if not own:
-                return await asyncio.shield(self._refreshing)
+                return await self._join(self._refreshing)
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._refreshing)
+                await self._join(self._refreshing)
             if self._refreshing is not None:  # another caller began one after it: that one is recent enough
-                return await asyncio.shield(self._refreshing)
-        self._refreshing = asyncio.get_running_loop().create_future()
+                return await self._join(self._refreshing)
+        done = self._refreshing = asyncio.get_running_loop().create_future()
         try:
             await self._refresh()
-        except BaseException as exc:
-            self._refreshing.set_exception(exc)
-            self._refreshing.exception()  # retrieved: sharers that never came need not be told
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        except Exception as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved: sharers that never came need not be told
             raise
         else:
-            self._refreshing.set_result(None)
+            done.set_result(None)
         finally:
             self._refreshing = None
+
+    @staticmethod
+    async def _join(refreshing: asyncio.Future[None]) -> None:
+        """Wait for a refresh another caller began; its cancellation (shutdown) is a failure here, not ours."""
+        try:
+            await asyncio.shield(refreshing)
+        except asyncio.CancelledError:
+            if refreshing.cancelled():
+                raise RuntimeError("the health refresh was cancelled") from None
+            raise
 
     async def _refresh(self) -> None:
         names, now, store, since = list(self._entries), self._clock(), self._store(), self._seq
