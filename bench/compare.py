@@ -84,7 +84,8 @@ B64_TARGET_CHARS = 1_100_000
 # `openai/` model refuses it), so the upstream is declared as dall-e-2; the
 # upstream ignores the model name.
 LITELLM_UPSTREAM_MODEL = "openai/dall-e-2"
-PATHS = ("direct", "litellm", "klein", "klein+redis", "klein-base", "klein-granian")
+PATHS = ("direct", "litellm", "klein", "klein+redis", "klein-base", "klein-base+redis", "klein-granian")
+REDIS_PATHS = ("klein+redis", "klein-base+redis")  # each with a redis-server of its own
 
 
 # ---- the upstream (its own process) -------------------------------------------------------------
@@ -263,11 +264,11 @@ def start_litellm(workdir: Path, upstream: str, tag: str) -> tuple[Child, str]:
 class Redis:
     """A redis-server on a free loopback port, no persistence; stopped by its pid."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tag: str = "redis") -> None:
         self.port = free_port()
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         argv = [exe, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(workdir)]
-        self.child = Child("redis", argv, dict(os.environ), workdir, workdir / "redis.log")
+        self.child = Child(tag, argv, dict(os.environ), workdir, workdir / f"{tag}.log")
         import redis
 
         self.client = redis.Redis(host=HOST, port=self.port, socket_timeout=5)
@@ -515,10 +516,13 @@ def report(cells: list[CellResult], bursts: list[dict[str, Any]], meta: dict[str
     if redis_cells:
         lines += [
             "",
-            "Redis commands per request (klein+redis): "
-            + "; ".join(f"{c.payload} c={c.concurrency}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(c.redis_commands.items(), key=lambda kv: -kv[1])) for c in redis_cells[:1]),
-            "Redis round trips per request (klein_state_round_trips_total): "
-            + "; ".join(f"{c.payload} c={c.concurrency}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(c.trips.items(), key=lambda kv: -kv[1])) for c in redis_cells),
+            *(
+                f"Redis commands per request ({path}, {c.payload} c={c.concurrency}): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(c.redis_commands.items(), key=lambda kv: -kv[1]))
+                for path in REDIS_PATHS
+                for c in [c for c in redis_cells if c.path == path][:1]
+            ),
+            "Redis round trips per request (klein_state_round_trips_total, where the gateway counts them): "
+            + "; ".join(f"{c.path} {c.payload} c={c.concurrency}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(c.trips.items(), key=lambda kv: -kv[1])) for c in redis_cells if c.trips),
         ]
     return "\n".join(lines)
 
@@ -535,7 +539,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--delay-ms", type=float, default=50.0, help="the upstream's fixed delay (default 50)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--payloads", nargs="+", default=["url", "b64"], choices=["url", "b64"])
-    p.add_argument("--paths", nargs="+", default=None, choices=list(PATHS), help="default: all but klein-base (which --baseline adds) and klein-granian (granian must be importable)")
+    p.add_argument(
+        "--paths", nargs="+", default=None, choices=list(PATHS), help="default: all but klein-base and klein-base+redis (which --baseline adds) and klein-granian (granian must be importable)"
+    )
     p.add_argument("--baseline", type=Path, default=None, help="another checkout of the gateway, measured in the same run as path klein-base (before/after)")
     p.add_argument("--burst", type=int, nargs=2, default=[4000, 2000], metavar=("REQUESTS", "CONCURRENCY"), help="the in-flight phase (default 4000 2000; 0 0 skips it)")
     p.add_argument("--slow-s", type=float, default=5.0, help="the upstream's delay in the in-flight phase (default 5)")
@@ -545,9 +551,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.paths is None:
-        args.paths = [p for p in PATHS if (p != "klein-base" or args.baseline) and p != "klein-granian"]
-    if "klein-base" in args.paths and not args.baseline:
-        p.error("path klein-base needs --baseline DIR")
+        args.paths = [p for p in PATHS if (not p.startswith("klein-base") or args.baseline) and p != "klein-granian"]
+    if any(p.startswith("klein-base") for p in args.paths) and not args.baseline:
+        p.error("paths klein-base and klein-base+redis need --baseline DIR")
     if args.quick:
         args.repeat, args.duration, args.burst = 1, 3.0, [1000, 500]
     return args
@@ -579,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         upstream, upstream_url = start_upstream(workdir, args.delay_ms, "fast")
         children.append(upstream)
         servers: dict[str, tuple[Child | None, str]] = {"direct": (None, upstream_url)}
-        redis: Redis | None = None
+        redises: dict[str, Redis] = {}
         if "litellm" in args.paths:
             servers["litellm"] = start_litellm(workdir, upstream_url, "cells")
         if "klein" in args.paths:
@@ -588,10 +594,11 @@ def main(argv: list[str] | None = None) -> int:
             servers["klein-base"] = start_klein(args.baseline.resolve(), workdir, upstream_url, "base")
         if "klein-granian" in args.paths:
             servers["klein-granian"] = start_klein_granian(source, workdir, upstream_url, "cells")
-        if "klein+redis" in args.paths:
-            redis = Redis(workdir)
-            children.append(redis.child)
-            servers["klein+redis"] = start_klein(source, workdir, upstream_url, "redis", redis.url)
+        for path in [p for p in REDIS_PATHS if p in args.paths]:
+            redises[path] = Redis(workdir, f"redis-{path.removesuffix('+redis')}")
+            children.append(redises[path].child)
+            checkout = source if path == "klein+redis" else args.baseline.resolve()
+            servers[path] = start_klein(checkout, workdir, upstream_url, path.replace("+", "-"), redises[path].url)
         children += [c for c, _ in servers.values() if c]
         for payload in args.payloads:
             for path in args.paths:
@@ -610,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.max_requests,
                             args.delay_ms / 1000,
                             url if is_klein else None,
-                            redis if path == "klein+redis" else None,
+                            redises.get(path),
                             None if path == "klein-granian" else child or upstream,  # granian serves from a child process: its CPU is not the pid's
                         )
                         cell = results[path]
@@ -620,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
                         if redis_delta is not None:
                             cell.redis_commands = {k: v / sent for k, v in redis_delta.items()}
                             cell.redis_per_request = sum(redis_delta.values()) / sent
-                        if trips_delta is not None:
+                        if trips_delta:  # a gateway that counts its round trips (the baseline may not)
                             cell.trips = {k: v / sent for k, v in trips_delta.items()}
                             cell.trips_per_request = sum(trips_delta.values()) / sent
                         print(
