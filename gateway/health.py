@@ -20,11 +20,13 @@ yes).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.healthview import BreakerState, HealthView
@@ -116,6 +118,14 @@ class Admission:
     lease: Lease | None = None
 
 
+@dataclass(slots=True)
+class _Successes:
+    """One backend's successes waiting to be written."""
+
+    counts: dict[tuple[int, int], int] = field(default_factory=dict)  # (gen, bucket) -> successes
+    latencies: list[float] = field(default_factory=list)  # oldest first
+
+
 StateCallback = Callable[[str, BreakerState], None]
 _CAS_TRIES = 4
 _COST_KEYS = ("live_usd_per_image", "usd_per_image", "marginal_usd_per_image")
@@ -129,6 +139,9 @@ class HealthTracker:
     ignored, so a stalled prober does not leave a stale queue wait behind.
     `refresh_s`: how often the local copy re-reads the store (`start()` runs
     it in the background; without it reads refresh inline when it is stale).
+    `write_delay_s`: once started, successes are written together at most
+    this late (one batch for all of them); a failure's batch carries the
+    successes still waiting, so its open decision counts them.
     """
 
     def __init__(
@@ -141,6 +154,7 @@ class HealthTracker:
         default_policy: BreakerPolicy | None = None,
         live_ttl_s: float = 120.0,
         refresh_s: float = 0.25,
+        write_delay_s: float = 0.02,
     ) -> None:
         self.store = store
         self._policies = dict(policies)
@@ -151,6 +165,9 @@ class HealthTracker:
         self._callbacks: list[StateCallback] = []
         self._seen: dict[str, BreakerState] = {}
         self._trials = TrialLeases(store)
+        self.write_delay_s = write_delay_s
+        self._waiting: dict[str, _Successes] = {}  # successes not yet written (started trackers only)
+        self._writer: asyncio.Task[None] | None = None
         # What this process reads on a request's path: its own copy of every backend's records.
         self.local = LocalHealth(
             lambda: self.store,
@@ -167,6 +184,12 @@ class HealthTracker:
         await self.local.start()
 
     async def close(self) -> None:
+        """Write the successes still waiting, then stop the background."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await writer  # a write under way finishes (it holds successes no longer waiting)
+        await self._write_waiting()
         await self.local.close()
 
     def policy(self, name: str) -> BreakerPolicy:
@@ -200,6 +223,7 @@ class HealthTracker:
         try:
             for name in names:
                 self.local.entry(name)
+            await self._write_waiting()  # what it reads includes this replica's latest successes
             await self.local.refresh(own=True)
             snaps = await self._snapshots(names, now)
         except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
@@ -298,6 +322,25 @@ class HealthTracker:
         e = self.local.entry(name)
         raw, record = e.raw_record, e.record
         bucket = hr.bucket_of(now, policy.window_s)
+        if self.local.running:  # written with other successes, at most write_delay_s later
+            waiting = self._waiting.setdefault(name, _Successes())
+            waiting.counts[(record.gen, bucket)] = waiting.counts.get((record.gen, bucket), 0) + 1
+            waiting.latencies.append(latency_s)
+            self.local.count(name, record.gen, bucket, False, self.local.counted(name, record.gen, bucket, False) + 1)
+            self.local.sample(name, latency_s)
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.get_running_loop().create_task(self._write_later())
+            try:
+                if after_success(record, now) is not None:
+
+                    async def closes(current: BreakerRecord) -> BreakerRecord | None:
+                        return after_success(current, now)
+
+                    await self._transition(name, raw, closes)
+                await self.release(admission)
+            except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail the request: absorbed and logged
+                self._absorb("record_success", exc)
+            return
         try:
             counted, _, _ = await self.store.batch(
                 [
@@ -340,6 +383,8 @@ class HealthTracker:
             ops += [Op.raise_to(hr.key(name, "park"), until, ttl_s=effect.park_s + 60.0), Op.publish(CHANNEL, message(name, "park", repr(until)))]
         if effect.mark_credentials_invalid:
             ops += [Op.set(hr.key(name, "creds"), repr(now), ttl_s=policy.credentials_recheck_s), Op.publish(CHANNEL, message(name, "creds", "1"))]
+        waiting = self._waiting_ops()  # first: successes before this failure reset the run and count in its window
+        ops = waiting + ops
         counts_at = len(ops)
         bucket = hr.bucket_of(now, policy.window_s)
         sampled = latency_s is not None and error.failure is FailureClass.UNKNOWN_OUTCOME
@@ -410,6 +455,32 @@ class HealthTracker:
             self._absorb("record_probe", exc)
 
     # ---- internals ---------------------------------------------------------
+
+    def _waiting_ops(self) -> list[Op]:
+        """The successes waiting to be written, as operations; no longer waiting."""
+        waiting, self._waiting = self._waiting, {}
+        ops: list[Op] = []
+        for name, successes in waiting.items():
+            policy = self.policy(name)
+            for (gen, bucket), n in successes.counts.items():
+                ops.append(Op.incr(hr.window_key(name, gen, bucket, "ok"), n, ttl_s=hr.window_ttl(policy.window_s)))
+            ops.append(Op.set(hr.key(name, "consec"), "0", ttl_s=hr.NOTE_TTL_S))
+            ops.append(Op.append(hr.key(name, "lat"), *successes.latencies, keep=policy.latency_samples, ttl_s=max(policy.window_s * 10, 600.0)))
+        return ops
+
+    async def _write_waiting(self) -> None:
+        ops = self._waiting_ops()
+        if not ops:
+            return
+        try:
+            await self.store.batch(ops)
+        except Exception as exc:  # noqa: BLE001 - a state-store failure must not fail a request: absorbed and logged
+            self._absorb("record_success", exc)
+
+    async def _write_later(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(self.write_delay_s)
+            await self._write_waiting()
 
     @staticmethod
     def _sample_op(name: str, latency_s: float, policy: BreakerPolicy) -> Op:

@@ -279,6 +279,8 @@ async def test_a_batch_answers_each_operation_in_order(state_store: StateStore) 
             Op.append("lat", 2.5, keep=2, ttl_s=60),
             Op.append("lat", 3.5, keep=2, ttl_s=60),
             Op.samples("lat"),
+            Op.append("lat2", 1.0, 2.0, 3.0, keep=2, ttl_s=60),
+            Op.samples("lat2"),
             Op.raise_to("park", 50.0, ttl_s=60),  # a shorter parking never shortens a longer one
             Op.raise_to("park", 150.0, ttl_s=60),
             Op.raise_to("new_park", 10.0, ttl_s=60),
@@ -287,7 +289,7 @@ async def test_a_batch_answers_each_operation_in_order(state_store: StateStore) 
             Op.publish("health", "hello"),
         ]
     )
-    assert answers == [1, 3, None, "x", None, "3", None, None, None, [3.5, 2.5], False, True, True, None, None, None]
+    assert answers == [1, 3, None, "x", None, "3", None, None, None, [3.5, 2.5], None, [3.0, 2.0], False, True, True, None, None, None]
     assert await state_store.get_many(["park", "new_park"]) == ["150.0", "10.0"]
 
 

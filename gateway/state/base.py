@@ -37,6 +37,7 @@ class Op:
     value: str = ""
     amount: int = 0
     number: float = 0.0
+    numbers: tuple[float, ...] = ()  # append: oldest first
     ttl_s: float = 0.0
     keep: int = 0
 
@@ -66,8 +67,9 @@ class Op:
         return cls("incr", key, amount=amount, ttl_s=ttl_s)
 
     @classmethod
-    def append(cls, key: str, number: float, *, keep: int, ttl_s: float) -> Op:
-        return cls("append", key, number=float(number), keep=keep, ttl_s=ttl_s)
+    def append(cls, key: str, *numbers: float, keep: int, ttl_s: float) -> Op:
+        """Push numbers (oldest first) onto a bounded list (`append_sample`, several at once)."""
+        return cls("append", key, numbers=tuple(float(n) for n in numbers), keep=keep, ttl_s=ttl_s)
 
     @classmethod
     def publish(cls, channel: str, message: str) -> Op:
@@ -148,7 +150,9 @@ class StateStore(ABC):
         if op.kind == "incr":
             return await self.incr(op.key, op.amount, ttl_s=op.ttl_s)
         if op.kind == "append":
-            return await self.append_sample(op.key, op.number, keep=op.keep, ttl_s=op.ttl_s)
+            for number in op.numbers:
+                await self.append_sample(op.key, number, keep=op.keep, ttl_s=op.ttl_s)
+            return None
         return await self.publish(op.key, op.value)
 
     async def publish(self, channel: str, message: str) -> None:  # noqa: B027 - optional hook

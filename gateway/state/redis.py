@@ -201,7 +201,7 @@ class RedisStore(StateStore):
                     pipe.pexpire(k, _ms(op.ttl_s))
                     plan.append(("int", 2))
                 elif op.kind == "append":
-                    pipe.lpush(k, repr(op.number))
+                    pipe.lpush(k, *[repr(n) for n in op.numbers])
                     pipe.ltrim(k, 0, op.keep - 1)
                     pipe.pexpire(k, _ms(op.ttl_s))
                     plan.append(("none", 3))

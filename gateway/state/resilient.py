@@ -271,7 +271,8 @@ class ResilientStore(StateStore):
             elif op.kind == "incr":
                 await fallback.set(op.key, str(answer), ttl_s=op.ttl_s)
             elif op.kind == "append":
-                await fallback.append_sample(op.key, op.number, keep=op.keep, ttl_s=op.ttl_s)
+                for number in op.numbers:
+                    await fallback.append_sample(op.key, number, keep=op.keep, ttl_s=op.ttl_s)
             elif op.kind == "delete":
                 await fallback.delete(op.key)
                 self._dirty.discard(op.key)

@@ -175,6 +175,10 @@ class LocalHealth:
         e.live = doc
         self._touch(e)
 
+    def counted(self, name: str, gen: int, bucket: int, failed: bool) -> int:
+        counts = self.entry(name).buckets.get((gen, bucket))
+        return counts[1 if failed else 0] if counts else 0
+
     def count(self, name: str, gen: int, bucket: int, failed: bool, shared: int) -> None:
         """A counted outcome; `shared` is the store's count after it (all replicas')."""
         e = self.entry(name)
