@@ -25,7 +25,10 @@ The load generator is bench/overhead.py's: one asyncio loop in this process,
 speaking HTTP/1.1 on plain asyncio streams, one keep-alive connection per
 worker, reading every body without parsing it (`hey` is not installed here).
 With Redis, `INFO commandstats` before and after a cell gives the commands
-per request. Prints one table and writes it as JSON under bench/results/.
+per request, and the gateway's `klein_state_round_trips_total` the round
+trips (a pipeline of several commands is one; the background refresh of the
+health copy counts too). Prints one table and writes it as JSON under
+bench/results/.
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ B64_TARGET_CHARS = 1_100_000
 # `openai/` model refuses it), so the upstream is declared as dall-e-2; the
 # upstream ignores the model name.
 LITELLM_UPSTREAM_MODEL = "openai/dall-e-2"
-PATHS = ("direct", "litellm", "klein", "klein+redis", "klein-base", "klein-granian")
+PATHS = ("direct", "litellm", "klein", "klein+redis", "klein-base", "klein-base+redis", "klein-granian")
+REDIS_PATHS = ("klein+redis", "klein-base+redis")  # each with a redis-server of its own
 
 
 # ---- the upstream (its own process) -------------------------------------------------------------
@@ -260,11 +264,11 @@ def start_litellm(workdir: Path, upstream: str, tag: str) -> tuple[Child, str]:
 class Redis:
     """A redis-server on a free loopback port, no persistence; stopped by its pid."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tag: str = "redis") -> None:
         self.port = free_port()
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         argv = [exe, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no", "--dir", str(workdir)]
-        self.child = Child("redis", argv, dict(os.environ), workdir, workdir / "redis.log")
+        self.child = Child(tag, argv, dict(os.environ), workdir, workdir / f"{tag}.log")
         import redis
 
         self.client = redis.Redis(host=HOST, port=self.port, socket_timeout=5)
@@ -298,6 +302,8 @@ class CellResult:
     errors: dict[str, int] = field(default_factory=dict)
     redis_per_request: float | None = None
     redis_commands: dict[str, float] = field(default_factory=dict)
+    trips_per_request: float | None = None
+    trips: dict[str, float] = field(default_factory=dict)
 
     def median(self, key: str) -> float:
         values = [r[key] for r in self.runs if key in r and r[key] == r[key]]
@@ -330,10 +336,25 @@ def check(target: Target, payload: str) -> None:
         raise RuntimeError(f"{target.name}: no url in {str(item)[:200]}")
 
 
+def round_trips(text: str) -> Counter[str]:
+    """klein_state_round_trips_total by op, from a scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == "klein_state_round_trips":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels.get("op", "")] += int(sample.value)
+    return out
+
+
 def measure(
     target: Target, concurrency: int, duration_s: float, max_requests: int, delay_s: float, gateway_url: str | None, redis: Redis | None, proc: Child | None
-) -> tuple[dict[str, float], Counter[str], Counter[str] | None, int]:
-    before = histogram_buckets(scrape(gateway_url), *OVERHEAD) if gateway_url else []
+) -> tuple[dict[str, float], Counter[str], Counter[str] | None, Counter[str] | None, int]:
+    first = scrape(gateway_url) if gateway_url else ""
+    before = histogram_buckets(first, *OVERHEAD) if gateway_url else []
+    trips_before = round_trips(first) if gateway_url and redis else None
     redis_before = redis.commands() if redis else None
     cpu0 = proc.cpu_seconds() if proc else 0.0
     latencies, errors, elapsed = asyncio.run(closed_loop(target, concurrency, duration_s, max_requests, stagger_s=delay_s))
@@ -345,13 +366,17 @@ def measure(
     }
     if proc:
         figures["cpu_ms_per_req"] = (proc.cpu_seconds() - cpu0) * 1000 / max(len(latencies), 1)
+    trips_delta = None
     if gateway_url:
-        after = histogram_buckets(scrape(gateway_url), *OVERHEAD)
+        last = scrape(gateway_url)
+        after = histogram_buckets(last, *OVERHEAD)
+        if trips_before is not None:
+            trips_delta = round_trips(last) - trips_before
         figures["own_p50_ms"] = histogram_quantile(0.5, before, after) * 1000
         figures["own_p99_ms"] = histogram_quantile(0.99, before, after) * 1000
     redis_delta = (redis.commands() - redis_before) if redis and redis_before is not None else None
     # the warm-up requests (one per connection) also reached Redis
-    return figures, errors, redis_delta, len(latencies) + concurrency
+    return figures, errors, redis_delta, trips_delta, len(latencies) + concurrency
 
 
 # ---- thousands in flight --------------------------------------------------------------------------
@@ -445,11 +470,30 @@ def report(cells: list[CellResult], bursts: list[dict[str, Any]], meta: dict[str
                 f"{fmt(c.median('own_p50_ms'), 2)} / {fmt(c.median('own_p99_ms'), 2)}" if c.path.startswith("klein") else "",
                 fmt(c.median("cpu_ms_per_req"), 2),
                 fmt(c.redis_per_request),
+                fmt(c.trips_per_request, 2),
                 str(sum(c.errors.values())),
             ]
         )
     lines.append(
-        table(["payload", "conc", "path", "req/s", "p50 ms", "p99 ms", "added p50/p99 ms", "of direct", "of LiteLLM", "own overhead p50/p99 ms", "server CPU ms/req", "redis cmds/req", "errors"], rows)
+        table(
+            [
+                "payload",
+                "conc",
+                "path",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "added p50/p99 ms",
+                "of direct",
+                "of LiteLLM",
+                "own overhead p50/p99 ms",
+                "server CPU ms/req",
+                "redis cmds/req",
+                "redis trips/req",
+                "errors",
+            ],
+            rows,
+        )
     )
     lines.append("medians of the repeats; added = path minus direct; own overhead = klein_gateway_overhead_seconds; CPU = the server process's user+system time per answered request")
     if bursts:
@@ -472,8 +516,13 @@ def report(cells: list[CellResult], bursts: list[dict[str, Any]], meta: dict[str
     if redis_cells:
         lines += [
             "",
-            "Redis commands per request (klein+redis): "
-            + "; ".join(f"{c.payload} c={c.concurrency}: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(c.redis_commands.items(), key=lambda kv: -kv[1])) for c in redis_cells[:1]),
+            *(
+                f"Redis commands per request ({path}, {c.payload} c={c.concurrency}): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(c.redis_commands.items(), key=lambda kv: -kv[1]))
+                for path in REDIS_PATHS
+                for c in [c for c in redis_cells if c.path == path][:1]
+            ),
+            "Redis round trips per request (klein_state_round_trips_total, where the gateway counts them): "
+            + "; ".join(f"{c.path} {c.payload} c={c.concurrency}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(c.trips.items(), key=lambda kv: -kv[1])) for c in redis_cells if c.trips),
         ]
     return "\n".join(lines)
 
@@ -490,7 +539,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--delay-ms", type=float, default=50.0, help="the upstream's fixed delay (default 50)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--payloads", nargs="+", default=["url", "b64"], choices=["url", "b64"])
-    p.add_argument("--paths", nargs="+", default=None, choices=list(PATHS), help="default: all but klein-base (which --baseline adds) and klein-granian (granian must be importable)")
+    p.add_argument(
+        "--paths", nargs="+", default=None, choices=list(PATHS), help="default: all but klein-base and klein-base+redis (which --baseline adds) and klein-granian (granian must be importable)"
+    )
     p.add_argument("--baseline", type=Path, default=None, help="another checkout of the gateway, measured in the same run as path klein-base (before/after)")
     p.add_argument("--burst", type=int, nargs=2, default=[4000, 2000], metavar=("REQUESTS", "CONCURRENCY"), help="the in-flight phase (default 4000 2000; 0 0 skips it)")
     p.add_argument("--slow-s", type=float, default=5.0, help="the upstream's delay in the in-flight phase (default 5)")
@@ -500,9 +551,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.paths is None:
-        args.paths = [p for p in PATHS if (p != "klein-base" or args.baseline) and p != "klein-granian"]
-    if "klein-base" in args.paths and not args.baseline:
-        p.error("path klein-base needs --baseline DIR")
+        args.paths = [p for p in PATHS if (not p.startswith("klein-base") or args.baseline) and p != "klein-granian"]
+    if any(p.startswith("klein-base") for p in args.paths) and not args.baseline:
+        p.error("paths klein-base and klein-base+redis need --baseline DIR")
     if args.quick:
         args.repeat, args.duration, args.burst = 1, 3.0, [1000, 500]
     return args
@@ -534,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         upstream, upstream_url = start_upstream(workdir, args.delay_ms, "fast")
         children.append(upstream)
         servers: dict[str, tuple[Child | None, str]] = {"direct": (None, upstream_url)}
-        redis: Redis | None = None
+        redises: dict[str, Redis] = {}
         if "litellm" in args.paths:
             servers["litellm"] = start_litellm(workdir, upstream_url, "cells")
         if "klein" in args.paths:
@@ -543,10 +594,11 @@ def main(argv: list[str] | None = None) -> int:
             servers["klein-base"] = start_klein(args.baseline.resolve(), workdir, upstream_url, "base")
         if "klein-granian" in args.paths:
             servers["klein-granian"] = start_klein_granian(source, workdir, upstream_url, "cells")
-        if "klein+redis" in args.paths:
-            redis = Redis(workdir)
-            children.append(redis.child)
-            servers["klein+redis"] = start_klein(source, workdir, upstream_url, "redis", redis.url)
+        for path in [p for p in REDIS_PATHS if p in args.paths]:
+            redises[path] = Redis(workdir, f"redis-{path.removesuffix('+redis')}")
+            children.append(redises[path].child)
+            checkout = source if path == "klein+redis" else args.baseline.resolve()
+            servers[path] = start_klein(checkout, workdir, upstream_url, path.replace("+", "-"), redises[path].url)
         children += [c for c, _ in servers.values() if c]
         for payload in args.payloads:
             for path in args.paths:
@@ -558,14 +610,14 @@ def main(argv: list[str] | None = None) -> int:
                     for path in args.paths:  # interleaved, so drift on a shared machine hits every path alike
                         child, url = servers[path]
                         is_klein = path.startswith("klein")
-                        figures, errors, redis_delta, sent = measure(
+                        figures, errors, redis_delta, trips_delta, sent = measure(
                             target_for(path, url, payload),
                             conc,
                             args.duration,
                             args.max_requests,
                             args.delay_ms / 1000,
                             url if is_klein else None,
-                            redis if path == "klein+redis" else None,
+                            redises.get(path),
                             None if path == "klein-granian" else child or upstream,  # granian serves from a child process: its CPU is not the pid's
                         )
                         cell = results[path]
@@ -575,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
                         if redis_delta is not None:
                             cell.redis_commands = {k: v / sent for k, v in redis_delta.items()}
                             cell.redis_per_request = sum(redis_delta.values()) / sent
+                        if trips_delta:  # a gateway that counts its round trips (the baseline may not)
+                            cell.trips = {k: v / sent for k, v in trips_delta.items()}
+                            cell.trips_per_request = sum(trips_delta.values()) / sent
                         print(
                             f"  {payload:4} c={conc:<3} {path:12} {figures['req_s']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms  errors {sum(errors.values())}",
                             flush=True,

@@ -78,8 +78,9 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     store = open_store(env.get("REDIS_URL") or None)
     policies = {b.name: b.config.breaker for b in config.enabled}
     kinds = {b.name: b.config.kind for b in config.enabled}
-    health = HealthTracker(store, policies, kinds)
+    health = HealthTracker(store, policies, kinds, refresh_s=config.settings.health_refresh_ms / 1000)
     metrics = metrics or GatewayMetrics(baseline_backend=config.settings.baseline_backend)
+    store.count_round_trips(metrics.count_state_round_trip)
     health.on_state_change(lambda name, state: metrics.set_breaker_state(name, state.value))
     settings = config.settings
     images_store = open_image_store(settings, env)
@@ -191,6 +192,7 @@ def create_app(
         if prober is not None:
             prober.start()
         await gw.billing.start()
+        await gw.health.start()  # the local health copy: refreshed in the background, fed by pub/sub
         _reload_keys_on_sighup(gw.keyring)
         draining: set[asyncio.Task[None]] = set()  # holds the drain task while it runs
 

@@ -136,6 +136,11 @@ class GatewaySettings(_Strict):
     webhook_retry_delays_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0], max_length=20)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     idempotency_ttl_s: float = Field(default=86400.0, gt=0)
+    # How often each process re-reads every backend's health from the state store
+    # (one batched read); breaker transitions also arrive over pub/sub at once. At
+    # most 1000, so a breaker opened on one replica is honoured by the others
+    # within a second even when a pub/sub message is lost.
+    health_refresh_ms: int = Field(default=250, ge=10, le=1000)
 
 
 class ProvidersFile(_Strict):

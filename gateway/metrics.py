@@ -200,6 +200,7 @@ class GatewayMetrics:
         # --- health and prices ---------------------------------------------
         self.breaker_state = Gauge("klein_backend_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", ["backend"], registry=r, multiprocess_mode="livemax")
         self.backend_up = Gauge("klein_backend_up", "1 if the breaker lets traffic through (closed or half-open), else 0.", ["backend"], registry=r, multiprocess_mode="livemin")
+        self.state_round_trips = Counter("klein_state_round_trips", "Round trips to the shared state store (Redis), by operation; a batch or pipeline is one.", ["op"], registry=r)
         self.backend_quote = Gauge("klein_backend_quote_usd", "Price of one 1024x1024 text-to-image on each backend.", ["backend"], registry=r, multiprocess_mode="mostrecent")
         self.baseline_quote = Gauge("klein_baseline_quote_usd", "Price of one 1024x1024 text-to-image on the baseline backend.", registry=r, multiprocess_mode="mostrecent")
         self._init_job_metrics(r)
@@ -308,6 +309,9 @@ class GatewayMetrics:
         if count:
             self.shutdown_cancelled.inc(count)
 
+    def count_state_round_trip(self, op: str) -> None:
+        self.state_round_trips.labels(op).inc()
+
     def set_breaker_state(self, backend: str, state: str) -> None:
         """The breaker of `backend` is now "closed", "half_open" or "open"."""
         value = BREAKER_STATES.get(str(state))
@@ -413,6 +417,7 @@ class GatewayMetrics:
             self.shutdown_cancelled,
             self.billed,
             self.billed_estimate,
+            self.state_round_trips,
             *self._job_collectors(),
         ):
             for family in collector.describe():

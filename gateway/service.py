@@ -149,5 +149,6 @@ class Gateway:
             await client.aclose()
         if self.jobs is not None:
             await self.jobs.close()
+        await self.health.close()
         await self.store.close()
         await self.images_store.close()

@@ -61,6 +61,13 @@ async def half_open(tracker: HealthTracker, clock: Clock) -> None:
     assert (await tracker.views(["b"]))["b"].state is BreakerState.HALF_OPEN
 
 
+async def seen_within(tracker: HealthTracker, state: BreakerState, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await tracker.views(["b"]))["b"].state is not state:
+        assert time.monotonic() < deadline, f"not {state} within {timeout_s} s"
+        await asyncio.sleep(0.01)
+
+
 # Outcomes that say nothing about the backend's health: before trial leases
 # carried a token, each of them freed whichever lease was on top.
 UNCOUNTED = [
@@ -107,9 +114,14 @@ async def test_two_gateway_instances_on_one_redis_run_exactly_one_trial(redis_se
     clock = Clock()
     stores = [ResilientStore(RedisStore.from_url(redis_server.url, namespace=ns)) for _ in range(2)]
     a, b = (HealthTracker(s, {"b": POLICY}, {"b": "fal"}, clock=clock) for s in stores)
+    for t in (a, b):
+        await t.start()  # as in a gateway: local copies, refreshed and fed by pub/sub
     try:
         early = [await t.acquire("b") for t in (a, b) for _ in range(4)]
         await half_open(a, clock)
+        # B admits from its local copy while it still says closed (not trials: the
+        # guarantee is that it learns within a second), so the race starts once it has.
+        await seen_within(b, BreakerState.HALF_OPEN, 1.0)
         first_wave = await asyncio.gather(*(t.acquire("b") for t in (a, b) for _ in range(8)))
         trials = [x for x in first_wave if x is not None]
         assert len(trials) == 1
@@ -120,8 +132,10 @@ async def test_two_gateway_instances_on_one_redis_run_exactly_one_trial(redis_se
         later_wave = await asyncio.gather(*(t.acquire("b") for t in (a, b) for _ in range(8)))
         assert all(x is None for x in later_wave), "a second trial got in while the first still runs"
         await a.record_success("b", 0.5, admission=trials[0])
-        assert (await b.views(["b"]))["b"].state is BreakerState.CLOSED
+        await seen_within(b, BreakerState.CLOSED, 1.0)
     finally:
+        for t in (a, b):
+            await t.close()
         for s in stores:
             await s.close()
 
@@ -277,6 +291,31 @@ async def test_an_incr_whose_reply_was_lost_is_not_sent_again_so_it_counts_once(
         await proxy.close()
 
 
+@needs_redis
+async def test_a_batch_whose_reply_was_lost_is_not_sent_again_so_its_counter_counts_once(redis_server) -> None:
+    from gateway.state.base import Op
+
+    ns = f"batch-{uuid.uuid4().hex[:8]}"
+    proxy = ReplyCutter(redis_server.port)
+    port = await proxy.start()
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", namespace=ns)
+    admin = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    outcome = [Op.incr("n", ttl_s=60), Op.set("consec", "0", ttl_s=60), Op.append("lat", 0.5, keep=10, ttl_s=60)]
+    try:
+        assert (await store.batch(outcome))[0] == 1
+        proxy.armed = True
+        with pytest.raises(Exception):  # noqa: B017 - the connection error's type is the client's
+            await store.batch(outcome)
+        assert proxy.cuts == 1
+        assert await admin.get(f"klein:{ns}:n") == "2"  # it ran once, and only once
+        assert await admin.llen(f"klein:{ns}:lat") == 2
+        assert (await store.batch(outcome))[0] == 3
+    finally:
+        await admin.aclose()
+        await store.close()
+        await proxy.close()
+
+
 # ---- the same through two gateway apps sharing one Redis --------------------------
 
 
@@ -324,6 +363,9 @@ async def test_an_uncounted_422_during_a_trial_lets_no_second_trial_in_across_tw
                 await asyncio.sleep(0.3)  # admitted while closed; now another replica's breaker opened and cooled down
                 half_open = BreakerRecord(state=BreakerState.OPEN, since=time.time() - 3600, cooldown_s=5.0, version=41)
                 await store.set("health:local:breaker", half_open.encode(), ttl_s=3600)
+                # Written behind the gateways' backs (no pub/sub message): A's local copy would
+                # take it within one refresh; GET /v1/backends makes A take it now.
+                assert (await client.get(f"{a.url}/v1/backends")).status_code == 200
                 trial = asyncio.create_task(post(a, "trial"))
                 await asyncio.sleep(0.3)
                 rejected = await early  # its 422 is recorded while the trial runs

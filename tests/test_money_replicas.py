@@ -115,6 +115,8 @@ def clean(rig: Rig) -> Iterator[Rig]:
     rig.fleet.reset()
     with redis_client.Redis.from_url(rig.redis.url) as r:
         r.flushdb()
+    for replica in rig.replicas:  # GET /v1/backends refreshes the replica's local health copy from the emptied Redis
+        assert rig.client.get(f"{replica.url}/v1/backends", headers=auth("auditor")).status_code == 200
     yield rig
 
 

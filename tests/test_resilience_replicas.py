@@ -92,6 +92,11 @@ class Rig:
     def generate(self, replica: Replica) -> httpx.Response:
         return self.client.post(f"{replica.url}/v1/images/generations", json=BODY)
 
+    def routes_everywhere(self, replica: Replica) -> bool:
+        """The replica's own routing view (its local health copy) finds every enabled backend closed."""
+        rows = self.client.post(f"{replica.url}/v1/images/quote", json={"prompt": "a lighthouse", "size": "1024x1024"}).json()["backends"]
+        return all(r["state"] in ("closed", "disabled") for r in rows)
+
     def store_status(self, replica: Replica) -> str:
         return self.client.get(f"{replica.url}/readyz").json()["state_store"]
 
@@ -151,13 +156,15 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 @pytest.fixture
 def clean(rig: Rig) -> Iterator[Rig]:
-    """Emulators back to healthy and empty; Redis running and empty (the
-    gateways keep nothing between calls, so an empty Redis is a fresh start)."""
+    """Emulators back to healthy and empty; Redis running and empty, and every
+    gateway's local health copy caught up with it (within one refresh), so
+    an empty Redis is a fresh start."""
     rig.fleet.reset()
     if not rig.redis.running:
         rig.redis.start()
     with redis_client.Redis.from_url(rig.redis.url) as r:
         r.flushdb()
+    assert wait_until(lambda: all(rig.routes_everywhere(r) for r in rig.replicas), timeout=3.0), "a replica kept health state Redis no longer holds"
     yield rig
     if not rig.redis.running:  # a test that failed while Redis was down
         rig.redis.start()

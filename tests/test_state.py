@@ -258,3 +258,109 @@ async def test_only_one_call_retries_a_primary_that_was_down() -> None:
     primary.calls = 0
     await asyncio.gather(*(store.get("k") for _ in range(20)))
     assert primary.calls == 1
+
+
+# ---- batches: several operations, one round trip -----------------------------
+
+from gateway.state.base import Op  # noqa: E402 - beside the tests that use it
+
+
+async def test_a_batch_answers_each_operation_in_order(state_store: StateStore) -> None:
+    await state_store.set("park", "100.0", ttl_s=60)
+    answers = await state_store.batch(
+        [
+            Op.incr("n", ttl_s=60),
+            Op.incr("n", 2, ttl_s=60),
+            Op.set("s", "x", ttl_s=60),
+            Op.get("s"),
+            Op.get("missing"),
+            Op.get("n"),
+            Op.append("lat", 1.5, keep=2, ttl_s=60),
+            Op.append("lat", 2.5, keep=2, ttl_s=60),
+            Op.append("lat", 3.5, keep=2, ttl_s=60),
+            Op.samples("lat"),
+            Op.append("lat2", 1.0, 2.0, 3.0, keep=2, ttl_s=60),
+            Op.samples("lat2"),
+            Op.raise_to("park", 50.0, ttl_s=60),  # a shorter parking never shortens a longer one
+            Op.raise_to("park", 150.0, ttl_s=60),
+            Op.raise_to("new_park", 10.0, ttl_s=60),
+            Op.delete("s"),
+            Op.get("s"),
+            Op.publish("health", "hello"),
+        ]
+    )
+    assert answers == [1, 3, None, "x", None, "3", None, None, None, [3.5, 2.5], None, [3.0, 2.0], False, True, True, None, None, None]
+    assert await state_store.get_many(["park", "new_park"]) == ["150.0", "10.0"]
+
+
+@pytest.mark.parametrize(
+    ("ops", "trip"),
+    [
+        pytest.param([Op.get("a"), Op.get("b"), Op.samples("lat")], "batch_read", id="reads"),
+        pytest.param([Op.incr("n", ttl_s=60), Op.set("s", "1", ttl_s=60), Op.append("lat", 1.0, keep=5, ttl_s=60), Op.get("a")], "batch_write", id="writes"),
+    ],
+)
+@needs_redis
+async def test_a_redis_batch_is_one_round_trip(redis_server, ops: list[Op], trip: str) -> None:
+    store = RedisStore.from_url(redis_server.url, namespace=f"batch-{uuid.uuid4().hex[:8]}")
+    trips: list[str] = []
+    store.count_round_trips(trips.append)
+    try:
+        await store.batch(ops)
+        assert trips == [trip]
+    finally:
+        await store.close()
+
+
+@needs_redis
+async def test_a_resilient_batch_mirrors_into_memory_and_carries_on_there_when_redis_is_gone() -> None:
+    with RedisServer() as server:
+        store = ResilientStore(RedisStore.from_url(server.url, namespace="b"), MemoryStore(), retry_interval_s=0.1)
+        try:
+            await store.batch([Op.set("health:x:breaker", "rec", ttl_s=60), Op.incr("w", ttl_s=60), Op.raise_to("health:x:park", 5.0, ttl_s=60)])
+            server.stop()
+            assert await store.batch([Op.get("health:x:breaker"), Op.incr("w", ttl_s=60), Op.get("health:x:park"), Op.publish("health", "m")]) == ["rec", 2, "5.0", None]
+            assert store.degraded
+            await store.batch([Op.set("health:x:breaker", "opened-alone", ttl_s=60)])
+            server.start()
+            deadline = time.monotonic() + 3
+            while await store.status() != "ok":
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await store.resynced()
+            assert await store.primary.get("health:x:breaker") == "opened-alone"  # a set made while down is merged back
+        finally:
+            await store.close()
+
+
+@needs_redis
+async def test_pub_sub_reaches_every_listener_on_the_namespace_and_no_other(redis_server) -> None:
+    ns = f"ps-{uuid.uuid4().hex[:8]}"
+    sender, mine, other = (RedisStore.from_url(redis_server.url, namespace=n) for n in (ns, ns, ns + "-other"))
+    got: dict[str, list[str]] = {"mine": [], "other": []}
+    tasks = [asyncio.create_task(mine.listen("health", got["mine"].append)), asyncio.create_task(other.listen("health", got["other"].append))]
+    try:
+        deadline = time.monotonic() + 2
+        while not got["mine"]:  # until the subscription is in place
+            assert time.monotonic() < deadline
+            await sender.batch([Op.publish("health", "ping")])
+            await asyncio.sleep(0.02)
+        assert set(got["mine"]) == {"ping"} and got["other"] == []
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in (sender, mine, other):
+            await s.close()
+
+
+async def test_memory_pub_sub_delivers_in_process() -> None:
+    store = MemoryStore()
+    got: list[str] = []
+    task = asyncio.create_task(store.listen("health", got.append))
+    await asyncio.sleep(0)
+    await store.batch([Op.publish("health", "m")])
+    await store.publish("elsewhere", "n")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert got == ["m"]

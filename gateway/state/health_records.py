@@ -76,7 +76,7 @@ def window_keys(name: str, gen: int, now: float, window_s: float) -> list[str]:
     return [window_key(name, gen, b, o) for b in range(last - WINDOW_BUCKETS + 1, last + 1) for o in ("ok", "fail")]
 
 
-def _int(raw: str | None) -> int:
+def as_int(raw: str | None) -> int:
     try:
         return int(raw) if raw is not None else 0
     except ValueError:
@@ -90,7 +90,7 @@ def as_float(raw: object) -> float:
         return 0.0
 
 
-def _doc(raw: str | None) -> dict[str, Any] | None:
+def as_doc(raw: str | None) -> dict[str, Any] | None:
     try:
         value = json.loads(raw) if raw else None
     except ValueError:
@@ -103,7 +103,7 @@ _SCALARS = ("breaker", "park", "creds", "consec", "probe_fails", "live", "last_e
 
 async def read_window(store: StateStore, name: str, gen: int, now: float, window_s: float) -> Window:
     values = await store.get_many(window_keys(name, gen, now, window_s))
-    return Window(ok=sum(_int(v) for v in values[0::2]), failed=sum(_int(v) for v in values[1::2]))
+    return Window(ok=sum(as_int(v) for v in values[0::2]), failed=sum(as_int(v) for v in values[1::2]))
 
 
 async def read_snapshots(store: StateStore, names: Sequence[str], now: float, window_s: Mapping[str, float], *, full: bool = True) -> dict[str, Snapshot]:
@@ -119,11 +119,11 @@ async def read_snapshots(store: StateStore, names: Sequence[str], now: float, wi
             record=BreakerRecord.decode(v["breaker"]),
             parked_until=as_float(v["park"]),
             credentials_invalid=v["creds"] is not None,
-            failures_in_row=_int(v["consec"]),
-            probe_failures_in_row=_int(v["probe_fails"]),
-            live=_doc(v["live"]) or {},
-            last_error=_doc(v["last_error"]),
-            last_probe=_doc(v["last_probe"]),
+            failures_in_row=as_int(v["consec"]),
+            probe_failures_in_row=as_int(v["probe_fails"]),
+            live=as_doc(v["live"]) or {},
+            last_error=as_doc(v["last_error"]),
+            last_probe=as_doc(v["last_probe"]),
         )
     if not full or not names:
         return snaps
@@ -133,7 +133,7 @@ async def read_snapshots(store: StateStore, names: Sequence[str], now: float, wi
     per = 2 * WINDOW_BUCKETS
     for i, name in enumerate(names):
         mine = counts[i * per : (i + 1) * per]
-        snaps[name].window = Window(ok=sum(_int(c) for c in mine[0::2]), failed=sum(_int(c) for c in mine[1::2]))
+        snaps[name].window = Window(ok=sum(as_int(c) for c in mine[0::2]), failed=sum(as_int(c) for c in mine[1::2]))
         snaps[name].latencies = latencies[i]
     return snaps
 
@@ -217,5 +217,5 @@ def merge_pushed_back(key: str, mine: str, theirs: str | None) -> str | None:
     if _PARK_KEY.match(key):
         return mine if as_float(mine) > as_float(theirs) else None
     if _NOTE_KEY.match(key):
-        return mine if as_float((_doc(mine) or {}).get("at")) > as_float((_doc(theirs) or {}).get("at")) else None
+        return mine if as_float((as_doc(mine) or {}).get("at")) > as_float((as_doc(theirs) or {}).get("at")) else None
     return None

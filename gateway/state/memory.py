@@ -7,6 +7,7 @@ few hundred writes, so the dict stays bounded by what is live.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Sequence
@@ -21,6 +22,7 @@ class MemoryStore(StateStore):
         self._clock = clock  # for TTLs only: real elapsed time
         self._data: dict[str, tuple[str | deque[float], float]] = {}
         self._writes = 0
+        self._listeners: dict[str, list[Callable[[str], None]]] = {}
 
     # ---- internals -----------------------------------------------------------
 
@@ -130,6 +132,19 @@ class MemoryStore(StateStore):
     async def samples(self, key: str) -> list[float]:
         current = self._live(key)
         return list(current) if isinstance(current, deque) else []
+
+    async def publish(self, channel: str, message: str) -> None:
+        """Delivered at once to this process's listeners (trackers sharing this store)."""
+        for on_message in list(self._listeners.get(channel, ())):
+            on_message(message)
+
+    async def listen(self, channel: str, on_message: Callable[[str], None]) -> None:
+        listeners = self._listeners.setdefault(channel, [])
+        listeners.append(on_message)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            listeners.remove(on_message)
 
     async def status(self) -> StoreStatus:
         return "ok"

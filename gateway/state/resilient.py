@@ -24,6 +24,12 @@ deadline wins, and keys without a rule are only set where absent. The write
 is a compare-and-set against the value the rule saw, re-decided when
 another replica wrote in between. Counters and latency samples from the
 outage stay local: they age out of their windows within a minute anyway.
+
+`batch` is one call to the primary, mirrored as the single operations are
+(sets and counters into memory, reads mirrored, sets made while down marked
+for the merge); `publish` and `listen` go to the primary only: while it is
+down there is no one to tell, and the readers' periodic refresh covers what
+a lost message said.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-from gateway.state.base import StateStore, StoreStatus
+from gateway.state.base import Op, StateStore, StoreStatus
 from gateway.state.health_records import merge_pushed_back
 from gateway.state.memory import MemoryStore
 
@@ -242,6 +248,46 @@ class ResilientStore(StateStore):
     async def samples(self, key: str) -> list[float]:
         values = await self._try(lambda: self.primary.samples(key))
         return await self.fallback.samples(key) if values is _FAILED else values
+
+    async def batch(self, ops: Sequence[Op]) -> list[Any]:
+        answers = await self._try(lambda: self.primary.batch(ops))
+        if answers is _FAILED:
+            answers = await self.fallback.batch([op for op in ops if op.kind != "publish"])
+            if len(answers) != len(ops):  # put a None back where each publish was
+                it = iter(answers)
+                answers = [None if op.kind == "publish" else next(it) for op in ops]
+            for op, answer in zip(ops, answers, strict=True):
+                if op.kind == "set" or (op.kind == "raise_to" and answer):
+                    self._dirtied(op.key)
+                elif op.kind == "delete":
+                    self._dirty.discard(op.key)
+            return answers
+        fallback, mirrored = self.fallback, []
+        for op, answer in zip(ops, answers, strict=True):
+            if op.kind == "get":
+                mirrored.append((op.key, answer))
+            elif op.kind == "set" or (op.kind == "raise_to" and answer):
+                await fallback.set(op.key, op.value, ttl_s=op.ttl_s)
+            elif op.kind == "incr":
+                await fallback.set(op.key, str(answer), ttl_s=op.ttl_s)
+            elif op.kind == "append":
+                for number in op.numbers:
+                    await fallback.append_sample(op.key, number, keep=op.keep, ttl_s=op.ttl_s)
+            elif op.kind == "delete":
+                await fallback.delete(op.key)
+                self._dirty.discard(op.key)
+        if mirrored:
+            fallback.mirror(mirrored, ttl_s=self.mirror_ttl_s, keep=self._dirty)
+        return answers
+
+    async def publish(self, channel: str, message: str) -> None:
+        await self._try(lambda: self.primary.publish(channel, message))
+
+    async def listen(self, channel: str, on_message: Callable[[str], None]) -> None:
+        await self.primary.listen(channel, on_message)
+
+    def count_round_trips(self, hook: Callable[[str], None]) -> None:
+        self.primary.count_round_trips(hook)
 
     async def status(self) -> StoreStatus:
         """Asks the primary (at most once per retry interval while it is down)."""
