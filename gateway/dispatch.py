@@ -307,6 +307,8 @@ class Dispatcher:
     # ---- the three phases of an attempt, each bounded --------------------------
 
     async def _prepare(self, backend: Backend, job: ImageJob, attempt_deadline: float) -> ImageJob:
+        if not job.references:
+            return job  # Backend.prepare has nothing to lend or fetch: spare the timer
         try:
             async with asyncio.timeout_at(_monotonic_to_loop(attempt_deadline)):
                 return await backend.prepare(job, self.uploads, deadline=attempt_deadline)

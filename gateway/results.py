@@ -72,6 +72,8 @@ class ResultShaper:
     async def shape(self, job: ImageJob, images: list[GeneratedImage], *, backend: str, deadline: float, base_url: str) -> list[ShapedImage]:
         if len(images) < job.n:
             raise delivery_failed(f"returned {len(images)} of {job.n} images")
+        if job.n == 1:  # the usual case: no task and gather for one image
+            return [await self._one(job, images[0], deadline, base_url)]
         return list(await asyncio.gather(*(self._one(job, img, deadline, base_url) for img in images[: job.n])))
 
     async def _one(self, job: ImageJob, img: GeneratedImage, deadline: float, base_url: str) -> ShapedImage:
