@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=10)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second (default 250)")
     p.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
     p.add_argument("--source", type=Path, default=REPO)
     p.add_argument("--out", type=Path, default=None, help="keep the collapsed stacks here")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(closed_loop(target, args.concurrency, 2.0, 10_000, stagger_s=0.05))  # warm
         out = args.out or workdir / f"{args.payload}.txt"
         spy = subprocess.Popen(
-            [args.py_spy, "record", "--pid", str(klein.pid), "--format", "raw", "--rate", "250", "--duration", str(int(args.seconds)), "--nonblocking", "-o", str(out)],
+            [args.py_spy, "record", "--pid", str(klein.pid), "--format", "raw", "--rate", str(args.rate), "--duration", str(int(args.seconds)), "--nonblocking", "-o", str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

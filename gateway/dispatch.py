@@ -20,6 +20,12 @@ may be tried, what it does to this backend's health, and what was spent.
   (the `x-klein-possibly-billed-usd` header, klein_possibly_billed_usd_total).
   Another attempt after a possibly billed or an undeliverable billed one is
   counted as possible double spend.
+- The gateway's own overload is not a backend's failure: an attempt that could
+  not reach its backend (UNREACHABLE: nothing was sent, nothing billed) while
+  this process's event loop ran late by a good share of the connect timeout
+  (gateway/looplag.py) is coded `gateway_overloaded`, does not count against
+  the backend's health, and is tried again on the same backend (at most
+  OVERLOAD_RETRIES times, within the deadline), not failed over.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
@@ -39,12 +45,16 @@ from gateway.errors import GatewayError
 from gateway.health import Admission, HealthTracker
 from gateway.healthview import BreakerState, HealthView
 from gateway.job import ImageJob
+from gateway.looplag import LoopLag
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import usd
 from gateway.providers.base import (
+    GATEWAY_OVERLOADED,
+    AdapterSettings,
     FailureClass,
     ProviderError,
     ProviderResult,
+    Timeouts,
     submitted_jobs,
 )
 from gateway.results import ResultShaper, ShapedImage, delivery_failed
@@ -61,6 +71,8 @@ HEALTHY_ERROR_RATE = 0.2  # below this a slow backend is slow, not sick
 BACKSTOP_GRACE_S = 0.25  # the adapter's own deadline handling goes first; the hard bound right after
 CANCEL_TIMEOUT_S = 2.0
 DEADLINE_SLACK_S = 0.05  # timers may fire this early; an attempt cut that close ran into the deadline
+OVERLOAD_LAG_SHARE = 0.2  # a loop this late (times the connect timeout) makes a failed connect the gateway's own doing
+OVERLOAD_RETRIES = 6  # tries again on the same backend after failures that were the gateway's overload
 
 
 def attempt_budget(remaining: float, last: bool, needs_s: float | None = None) -> float:
@@ -168,6 +180,7 @@ class _Run:
     possibly: Decimal = Decimal(0)
     upstream: float = 0.0
     billed_elsewhere: bool = False  # an earlier attempt may have bought an image nobody got
+    retry_same: bool = False  # the last attempt failed for the gateway's overload; try its backend again
 
 
 class _Stop(Exception):
@@ -198,6 +211,7 @@ class Dispatcher:
     shaper: ResultShaper
     metrics: GatewayMetrics
     uploads: UploadLinks | None = None  # lends uploads a URL for backends that take URLs only
+    lag: LoopLag = field(default_factory=LoopLag)  # how late this process's loop runs (gateway/looplag.py)
     _pending_cancels: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str, cover: Callable[[Decimal], Awaitable[None]] | None = None) -> Outcome:
@@ -205,34 +219,40 @@ class Dispatcher:
         before an attempt that follows billed spend, with that spend plus the
         attempt's quote: it may refuse (a GatewayError), which ends the request
         with what was spent (a caller's budget, gateway/billing.py)."""
+        self.lag.watch()
         run = _Run(job, started + job.deadline_s)
         candidates = list(plan.attempts)
         try:
             for index, cand in enumerate(candidates):
-                if run.deadline - time.monotonic() <= DEADLINE_SLACK_S:
-                    break
-                if run.spent and cover is not None:
+                for retry in range(OVERLOAD_RETRIES + 1):
+                    if run.deadline - time.monotonic() <= DEADLINE_SLACK_S:
+                        raise self._exhausted(job, plan, run)
+                    if run.spent and cover is not None:
+                        try:
+                            await cover(run.spent + (cand.quote.usd if cand.quote is not None else Decimal(0)))
+                        except GatewayError as err:
+                            raise self._failed(run, status=err.status, code=err.code or "refused", message=err.message, retryable=err.retryable, type_=err.type) from None
+                    admission = await self.health.acquire(cand.name)
+                    if admission is None:
+                        run.attempts.append(Attempt(cand.name, SKIPPED, 0.0, message="circuit half-open, trial in progress"))
+                        break
                     try:
-                        await cover(run.spent + (cand.quote.usd if cand.quote is not None else Decimal(0)))
-                    except GatewayError as err:
-                        raise self._failed(run, status=err.status, code=err.code or "refused", message=err.message, retryable=err.retryable, type_=err.type) from None
-                admission = await self.health.acquire(cand.name)
-                if admission is None:
-                    run.attempts.append(Attempt(cand.name, SKIPPED, 0.0, message="circuit half-open, trial in progress"))
-                    continue
-                try:
-                    outcome = await self._attempt(run, cand, admission, last=index == len(candidates) - 1, base_url=base_url)
-                finally:
-                    if admission.lease is not None:  # a request cancelled half way never keeps its trial slot
-                        await asyncio.shield(self.health.release(admission))
-                if outcome is not None:
-                    return outcome
+                        outcome = await self._attempt(run, cand, admission, last=index == len(candidates) - 1, base_url=base_url, may_retry=retry < OVERLOAD_RETRIES)
+                    finally:
+                        if admission.lease is not None:  # a request cancelled half way never keeps its trial slot
+                            await asyncio.shield(self.health.release(admission))
+                    if outcome is not None:
+                        return outcome
+                    if not run.retry_same:
+                        break
+                    run.retry_same = False
         except _Stop as stop:
             raise stop.error from None
         raise self._exhausted(job, plan, run)
 
-    async def _attempt(self, run: _Run, cand: Candidate, admission: Admission, *, last: bool, base_url: str) -> Outcome | None:
-        """One attempt: its Outcome, or None after recording its failure."""
+    async def _attempt(self, run: _Run, cand: Candidate, admission: Admission, *, last: bool, base_url: str, may_retry: bool = False) -> Outcome | None:
+        """One attempt: its Outcome, or None after recording its failure
+        (with `run.retry_same` set where `may_retry` and the gateway's overload caused it)."""
         job, backend = cand.served(run.job), self.backends[cand.name]  # at the size this backend produces (gateway.native_sizes)
         t0 = time.monotonic()
         attempt_deadline = t0 + attempt_budget(run.deadline - t0, last, needed_time(cand.health))
@@ -261,7 +281,7 @@ class Dispatcher:
                 elapsed = time.monotonic() - t0
                 if waited is None:
                     run.upstream += elapsed
-                await self._failed_attempt(run, cand, backend, admission, err, elapsed, result, submitted, last=last)
+                await self._failed_attempt(run, cand, backend, admission, self._overload_or(err, backend, t0), elapsed, result, submitted, last=last, may_retry=may_retry)
                 return None
         except asyncio.CancelledError:
             # The caller went away (or the server is stopping): cancel what this
@@ -287,6 +307,8 @@ class Dispatcher:
     # ---- the three phases of an attempt, each bounded --------------------------
 
     async def _prepare(self, backend: Backend, job: ImageJob, attempt_deadline: float) -> ImageJob:
+        if not job.references:
+            return job  # Backend.prepare has nothing to lend or fetch: spare the timer
         try:
             async with asyncio.timeout_at(_monotonic_to_loop(attempt_deadline)):
                 return await backend.prepare(job, self.uploads, deadline=attempt_deadline)
@@ -324,9 +346,22 @@ class Dispatcher:
 
     # ---- failures and money ----------------------------------------------------
 
+    def _overload_or(self, err: ProviderError, backend: Backend, started: float) -> ProviderError:
+        """`err`, coded `gateway_overloaded` when the backend could not be reached
+        while this process's loop ran late by OVERLOAD_LAG_SHARE of the connect
+        timeout or more: a connect needs a few turns of the loop, and when each
+        takes seconds the timer fires before the loop has seen the socket connect."""
+        if err.failure is not FailureClass.UNREACHABLE or err.code == GATEWAY_OVERLOADED:
+            return err
+        settings = getattr(backend.adapter, "settings", None)  # a test's stand-in adapter may have none
+        connect_s = settings.timeouts.connect if isinstance(settings, AdapterSettings) else Timeouts().connect
+        if self.lag.worst_since(started) < OVERLOAD_LAG_SHARE * connect_s:
+            return err
+        return replace(err, code=GATEWAY_OVERLOADED)
+
     async def _failed_attempt(
         self, run: _Run, cand: Candidate, backend: Backend, admission: Admission, err: ProviderError,
-        elapsed: float, result: ProviderResult | None, submitted: list[str], *, last: bool,
+        elapsed: float, result: ProviderResult | None, submitted: list[str], *, last: bool, may_retry: bool = False,
     ) -> None:  # fmt: skip
         job = cand.served(run.job)  # billed at the size it was asked to make
         cost = possibly = Decimal(0)
@@ -354,6 +389,8 @@ class Dispatcher:
         if possibly:
             self.metrics.record_possibly_billed(backend=cand.name, usd=possibly)
         await self.health.record_failure(cand.name, err, elapsed, admission)
+        # Nothing reached the backend and it is not to blame: the same backend again, not the next one.
+        run.retry_same = may_retry and err.failure is FailureClass.UNREACHABLE and err.code == GATEWAY_OVERLOADED
         if err.failure is FailureClass.CONTENT_FILTERED:
             raise _Stop(self._failed(run, status=400, code="content_policy_violation", message="the image was flagged by the safety checker", retryable=False, type_="invalid_request_error"))
         if refused_cancel:
@@ -366,7 +403,7 @@ class Dispatcher:
                     retryable=True,
                 )
             )
-        if not last:
+        if not last and not run.retry_same:
             self.metrics.record_failover(from_backend=cand.name, reason=err.failure.value)
 
     async def _cancel_and_wait(self, backend: Backend, job_ids: list[str], deadline: float) -> bool | None:
@@ -460,5 +497,6 @@ class Dispatcher:
 
     async def drain(self) -> None:
         """Let pending cancels and health writes finish (on shutdown)."""
+        await self.lag.stop()
         if self._pending_cancels:
             await asyncio.gather(*self._pending_cancels, return_exceptions=True)

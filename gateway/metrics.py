@@ -32,7 +32,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -164,6 +164,9 @@ class GatewayMetrics:
         self._callers: set[str] = set()
         self._callers_lock = threading.Lock()
         self._known_backends: set[str] = set()
+        # The request path's labelled children, looked up once: `labels()` validates,
+        # takes a lock and builds a tuple on every call (about ten a request).
+        self._children: dict[tuple[Any, ...], Any] = {}
         r = self.registry
 
         # --- traffic and latency -------------------------------------------
@@ -223,16 +226,17 @@ class GatewayMetrics:
         """One answered request. `route` is the route template (never a raw
         path); `backend` is the one that served it, None when none did;
         `overhead_s` is total time minus time waiting on backends."""
-        self.requests.labels(route, status_class(status), backend or "none").inc()
-        self.request_duration.labels(route).observe(max(0.0, latency_s))
-        self.overhead.labels(route).observe(max(0.0, overhead_s))
+        child = self._child
+        child(self.requests, route, status_class(status), backend or "none").inc()
+        child(self.request_duration, route).observe(max(0.0, latency_s))
+        child(self.overhead, route).observe(max(0.0, overhead_s))
 
     def observe_attempt(self, *, backend: str, outcome: str, latency_s: float) -> None:
         """One attempt on one backend; `outcome` is "success" or a FailureClass value."""
         self._know_backend(backend)
         outcome = str(outcome)
-        self.upstream_attempts.labels(backend, outcome).inc()
-        self.upstream_duration.labels(backend, outcome).observe(max(0.0, latency_s))
+        self._child(self.upstream_attempts, backend, outcome).inc()
+        self._child(self.upstream_duration, backend, outcome).observe(max(0.0, latency_s))
 
     def record_spend(
         self,
@@ -262,19 +266,20 @@ class GatewayMetrics:
         if usd < 0 or megapixels < 0 or images < 0:
             raise ValueError("spend figures cannot be negative")
         self._know_backend(backend)
-        self.cost.labels(backend, self._caller_label(caller)).inc(float(usd))
-        self.megapixels.labels(backend).inc(float(megapixels))
-        self.images.labels(backend).inc(images)
+        child = self._child
+        child(self.cost, backend, self._caller_label(caller)).inc(float(usd))
+        child(self.megapixels, backend).inc(float(megapixels))
+        child(self.images, backend).inc(images)
         if baseline_usd is None:
             return
         if baseline_usd < 0:
             raise ValueError("baseline_usd cannot be negative")
-        self.baseline_cost.labels(backend).inc(float(baseline_usd))
+        child(self.baseline_cost, backend).inc(float(baseline_usd))
         delta = baseline_usd - usd
         if delta >= 0:
-            self.savings.labels(backend).inc(float(delta))
+            child(self.savings, backend).inc(float(delta))
         else:
-            self.excess_cost.labels(backend).inc(float(-delta))
+            child(self.excess_cost, backend).inc(float(-delta))
 
     def record_billed(self, *, backend: str, source: str, billed_usd: Decimal, estimated_usd: Decimal) -> None:
         """A provider's own billed figure for one request, beside the gateway's estimate of it."""
@@ -425,6 +430,14 @@ class GatewayMetrics:
         return frozenset(names)
 
     # ---- internals ---------------------------------------------------------
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered (label values are bounded, see the module docstring)."""
+        key = (metric, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def _caller_label(self, caller: str | None) -> str:
         """Bound the caller label (made by `gateway.callers.caller_label`): the

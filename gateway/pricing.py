@@ -200,10 +200,41 @@ _SHEET = TypeAdapter(PriceSheet)
 BASES = ("per_megapixel", "tiered_megapixel", "per_image", "gpu_time")
 
 
+# Sheets are immutable and a cost depends only on the fields below, so a figure
+# worked out once (Decimal arithmetic and the breakdown's text: about 10 us a
+# backend, for every candidate of every request) is kept. Keyed by the sheet's
+# identity, which the entry holds, so a reloaded sheet never meets an old figure;
+# emptied when full, since sizes are the caller's to choose.
+_COSTS: dict[tuple[Any, ...], tuple[PriceSheet, Any]] = {}
+_COSTS_MAX = 4096
+
+
+def cost_key(job: ImageJob) -> tuple[Any, ...]:
+    """Everything of `job` that any sheet's `cost()` reads (with the image count and live figure beside it)."""
+    return (job.kind, job.width, job.height, len(job.references), job.steps)
+
+
+def _remembered(sheet: PriceSheet, key: tuple[Any, ...]) -> Any:
+    hit = _COSTS.get(key)
+    return hit[1] if hit is not None and hit[0] is sheet else None
+
+
+def _remember(sheet: PriceSheet, key: tuple[Any, ...], value: Any) -> None:
+    if len(_COSTS) >= _COSTS_MAX:
+        _COSTS.clear()
+    _COSTS[key] = (sheet, value)
+
+
 def quote(sheet: PriceSheet, job: ImageJob, live_usd_per_image: Decimal | None = None) -> Quote:
     """What `job` will cost on this backend, for all `job.n` images."""
-    total, breakdown = sheet.cost(job, job.n, _live(sheet, live_usd_per_image))
-    return Quote(usd(total), sheet.basis, breakdown)
+    live = _live(sheet, live_usd_per_image)
+    key = ("quote", id(sheet), cost_key(job), job.n, live)
+    found = _remembered(sheet, key)
+    if found is None:
+        total, breakdown = sheet.cost(job, job.n, live)
+        found = Quote(usd(total), sheet.basis, breakdown)
+        _remember(sheet, key, found)
+    return found  # type: ignore[no-any-return]
 
 
 def bill(sheet: PriceSheet, job: ImageJob, images_returned: int, live_usd_per_image: Decimal | None = None) -> Decimal:
@@ -213,8 +244,14 @@ def bill(sheet: PriceSheet, job: ImageJob, images_returned: int, live_usd_per_im
         raise ValueError("images_returned must be >= 0")
     if images_returned == 0:
         return usd(Decimal(0))
-    total, _ = sheet.cost(job, images_returned, _live(sheet, live_usd_per_image))
-    return usd(total)
+    live = _live(sheet, live_usd_per_image)
+    key = ("bill", id(sheet), cost_key(job), images_returned, live)
+    found = _remembered(sheet, key)
+    if found is None:
+        total, _ = sheet.cost(job, images_returned, live)
+        found = usd(total)
+        _remember(sheet, key, found)
+    return found  # type: ignore[no-any-return]
 
 
 def _live(sheet: PriceSheet, live: Decimal | None) -> Decimal | None:

@@ -11,6 +11,8 @@
   half-open trial lease back.
 - Savings are compared only where the baseline backend could have served.
 - The attempt budget gives a healthy slow backend the time it needs.
+- A connect that failed while the gateway's own loop ran late is retried on
+  the same backend and never counted against it.
 
 Image downloads go through an httpx mock transport (respx) at the wire.
 """
@@ -30,14 +32,16 @@ import respx
 from litestar.testing import AsyncTestClient
 
 from gateway import results
-from gateway.dispatch import attempt_budget, needed_time
+from gateway.dispatch import OVERLOAD_RETRIES, attempt_budget, needed_time
 from gateway.healthview import BreakerState, HealthView
 from gateway.job import ImageJob, JobKind
 from gateway.providers.base import (
+    AdapterSettings,
     FailureClass,
     GeneratedImage,
     ProviderError,
     ProviderResult,
+    Timeouts,
 )
 from gateway.state.breaker import BreakerRecord
 from gateway.state.memory import MemoryStore
@@ -389,3 +393,74 @@ async def test_reference_urls_are_fetched_concurrently_within_the_deadline(delay
     assert elapsed < deadline_ms / 1000 + 0.5, elapsed
     if status == 200:
         assert resp.headers["x-klein-backend"] == "local"
+
+
+# ---- the gateway's own overload ----------------------------------------------
+
+
+class StallingFake(FakeAdapter):
+    """A connect that fails after the event loop was held `stall_s` (other
+    requests' CPU, as in a burst of thousands), then answers."""
+
+    def __init__(self, name: str, failures: int, stall_s: float) -> None:
+        super().__init__(name)
+        self.settings = AdapterSettings(name=name, base_url="http://fake.test", credential=None, timeouts=Timeouts(connect=0.5))  # overload: the loop 0.1 s late
+        self.failures = failures
+        self.stall_s = stall_s
+
+    async def generate(self, job, deadline):
+        if len(self.calls) < self.failures:
+            self.calls.append(job)
+            await asyncio.sleep(0.12)  # lets the loop-lag ticker start
+            time.sleep(self.stall_s)  # holds the loop on purpose, as a burst's other requests do
+            raise ProviderError(FailureClass.UNREACHABLE, "could not connect: ConnectTimeout")
+        return await super().generate(job, deadline)
+
+
+async def test_a_connect_failed_while_the_gateway_was_overloaded_is_retried_on_the_same_backend_and_never_opens_its_breaker() -> None:
+    """Five failed connects in a row, each after the loop ran late, would open
+    the breaker (three in a row do) and fail over; as the gateway's overload they
+    do neither: the cheapest backend is tried again and serves."""
+    app = make_app()
+    fakes = {n: FakeAdapter(n) for n in PRICE_ORDER}
+    fakes["local"] = StallingFake("local", failures=5, stall_s=0.2)
+    install_fakes(app, fakes)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "30000"})
+        views = await app.state.gateway.health.views(["local"])
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-klein-backend"] == "local"
+    assert resp.headers["x-klein-attempts"] == "6"
+    assert not fakes["replicate"].calls
+    assert views["local"].state is BreakerState.CLOSED
+    assert views["local"].error_rate == 0
+    assert sample(app, "klein_upstream_attempts_total", {"backend": "local", "outcome": "unreachable"}) == 5
+    assert sample(app, "klein_failovers_total", {"from_backend": "local", "reason": "unreachable"}) == 0
+
+
+async def test_a_connect_failed_while_the_loop_ran_on_time_counts_against_the_backend_and_fails_over() -> None:
+    app = make_app()
+    fakes = {n: FakeAdapter(n) for n in PRICE_ORDER}
+    fakes["local"] = StallingFake("local", failures=1, stall_s=0.0)
+    install_fakes(app, fakes)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "30000"})
+        views = await app.state.gateway.health.views(["local"])
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-klein-backend"] == "replicate"
+    assert len(fakes["local"].calls) == 1
+    assert views["local"].error_rate == 1
+    assert sample(app, "klein_failovers_total", {"from_backend": "local", "reason": "unreachable"}) == 1
+
+
+async def test_overload_retries_stop_at_their_limit_and_the_request_fails_over() -> None:
+    app = make_app()
+    fakes = {n: FakeAdapter(n) for n in PRICE_ORDER}
+    fakes["local"] = StallingFake("local", failures=OVERLOAD_RETRIES + 5, stall_s=0.2)
+    install_fakes(app, fakes)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "30000"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-klein-backend"] == "replicate"
+    assert len(fakes["local"].calls) == OVERLOAD_RETRIES + 1
+    assert resp.headers["x-klein-attempts"] == str(OVERLOAD_RETRIES + 2)

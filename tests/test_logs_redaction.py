@@ -1,9 +1,14 @@
-"""The credential-field pattern scrubs values, not the gateway's own instructions."""
+"""The credential-field pattern scrubs values, not the gateway's own instructions; the quick checks that skip it decide as the full ones."""
 
 from __future__ import annotations
 
-import pytest
+import logging
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import logs
 from gateway.logs import REDACTED, redact
 
 
@@ -62,3 +67,59 @@ def test_start_up_report_logs_which_variable_to_set():
     messages = [json.loads(line)["msg"] for line in stream.getvalue().splitlines()]
     assert "backend fal: disabled (no credential: set FAL_KEY)" in messages
     assert not any(REDACTED in m for m in messages)
+
+
+# ---- the fast paths decide as the full scan does ------------------------------
+
+_PIECES = [
+    "authoriz",
+    "Bearer ",
+    "BASIC",
+    "key",
+    "KeY",
+    "token",
+    "sk-",
+    "SK-",
+    "r8_",
+    "R8_",
+    "rf_",
+    "://",
+    "?",
+    "&",
+    "secret",
+    "PassWord",
+    "credential",
+    "deadBEEF-",
+    "0123456-",
+    "\\u0041",
+    "%41",
+    "&#65;",
+    "\u017fecret",
+    "\u212aey",
+    "\u00e9",
+    "req_",
+    "-",
+    "_",
+    " ",
+]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=6)), max_size=8).map("".join))
+def test_the_ascii_trigger_check_agrees_with_the_trigger_regex(text):
+    assert logs._triggered(text) == (logs._TRIGGER.search(text) is not None)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=6)), max_size=8).map("".join))
+def test_unescape_skipping_plain_ascii_gives_what_the_full_unescape_gives(text):
+    assert logs.unescape(text) == logs._unescape_all(text)
+
+
+def test_a_request_line_with_a_secret_in_a_field_is_still_scrubbed():
+    logs.register_secrets(["sk-fastpath-0123456789"])
+    record = logging.LogRecord("klein.request", logging.INFO, __file__, 1, "request", None, None)
+    record.__dict__.update(request_id="req_sk-fastpath-0123456789", route="generations", caller="r8_abcdefgh1234")
+    logs.RedactingFilter().filter(record)
+    line = logs.JsonFormatter().format(record)
+    assert "fastpath" not in line and "r8_abcdefgh1234" not in line and REDACTED in line

@@ -266,6 +266,22 @@ def test_two_apps_in_one_process_do_not_collide(monkeypatch):
     assert b.registry.get_sample_value("klein_possible_double_spend_total", {"backend": "fal"}) is None
 
 
+def test_repeated_observations_through_remembered_children_add_up_in_every_series(metrics, registry):
+    for status, backend in ((200, "fal"), (200, "fal"), (502, None), (200, "replicate")):
+        metrics.observe_request(route=GEN, status=status, backend=backend, latency_s=0.5, overhead_s=0.002)
+        metrics.observe_attempt(backend=backend or "fal", outcome="success" if status == 200 else "failed", latency_s=0.4)
+    for _ in range(3):
+        metrics.record_spend(backend="fal", caller="team-a", usd=Decimal("0.01"), megapixels=Decimal("1"), images=1, baseline_usd=Decimal("0.02"))
+    assert value(registry, "klein_requests_total", route=GEN, status_class="2xx", backend="fal") == 2
+    assert value(registry, "klein_requests_total", route=GEN, status_class="5xx", backend="none") == 1
+    assert value(registry, "klein_gateway_overhead_seconds_count", route=GEN) == 4
+    assert value(registry, "klein_upstream_attempts_total", backend="fal", outcome="failed") == 1
+    assert value(registry, "klein_upstream_duration_seconds_count", backend="fal", outcome="success") == 2
+    assert value(registry, "klein_cost_usd_total", backend="fal", caller="team-a") == pytest.approx(0.03)
+    assert value(registry, "klein_savings_usd_total", backend="fal") == pytest.approx(0.03)
+    assert value(registry, "klein_images_total", backend="fal") == 3
+
+
 # ---- several worker processes -------------------------------------------------
 
 WORKER_SPEND = {

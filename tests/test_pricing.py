@@ -6,6 +6,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.job import ImageJob, JobKind, ReferenceImage
 from gateway.pricing import (
@@ -19,6 +21,7 @@ from gateway.pricing import (
     load_sheets,
     parse_sheet,
     quote,
+    usd,
 )
 
 PRICING_DIR = Path(__file__).resolve().parents[1] / "pricing"
@@ -359,3 +362,46 @@ def test_load_sheets_on_a_missing_directory_names_it(tmp_path):
 def test_a_price_change_needs_no_code_change(tmp_path):
     (tmp_path / "fal.yaml").write_text(GOOD.replace("0.005", "0.009"))
     assert quote(load_sheets(tmp_path)["fal"], job()).usd == Decimal("0.00943718")
+
+
+# --- remembered figures --------------------------------------------------------
+
+SHEET_EXTRAS = [
+    {"backend": "gpu-amortized", "source": "test", "basis": "gpu_time", "gpu_usd_per_hour": "2.5", "seconds_per_image": "0.57", "mode": "amortized", "utilisation": "0.6"},
+    {"backend": "tiered-edit", "source": "test", "basis": "tiered_megapixel", "first_mp_usd": "0.014", "extra_mp_usd": "0.001", "rounding": "ceil", "edit_input_mp_per_reference": "1"},
+    {"backend": "mp-edit", "source": "test", "basis": "per_megapixel", "usd_per_mp": "0.003", "edit_usd_per_mp": "0.004", "edit_charges_input": True, "rounding": "ceil", "ceil_step_mp": "0.5"},
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=7),
+    st.sampled_from([256, 512, 768, 1000, 1024, 1344, 2048]),
+    st.sampled_from([256, 768, 1024, 1536]),
+    st.integers(min_value=1, max_value=4),
+    st.integers(min_value=0, max_value=4),
+    st.integers(min_value=1, max_value=8),
+    st.sampled_from([None, Decimal("0"), Decimal("0.0004"), Decimal("0.00040")]),
+    st.integers(min_value=0, max_value=4),
+    st.text(max_size=5),
+)
+def test_remembered_quotes_and_bills_equal_the_sheet_worked_out_afresh(which, w, h, n, refs, steps, live, returned, prompt):
+    """Whatever else differs between two jobs (prompt, seed, format, caller),
+    a remembered figure is the one the sheet gives for this job."""
+    sheets = [*load_sheets(PRICING_DIR).values(), *(parse_sheet(d) for d in SHEET_EXTRAS)]
+    sheet = sheets[which % len(sheets)]
+    one = ImageJob(JobKind.EDIT if refs else JobKind.GENERATE, prompt, w, h, n=n, steps=steps, references=(REF,) * refs, seed=len(prompt), output_format="webp" if prompt else "png")
+    for _ in range(2):  # the second time from memory
+        q = quote(sheet, one, live)
+        total, breakdown = sheet.cost(one, n, live if isinstance(sheet, GpuTime) and live is not None else None)
+        assert (q.usd, q.basis, q.breakdown) == (usd(total), sheet.basis, breakdown)
+        afresh = usd(sheet.cost(one, returned, live if isinstance(sheet, GpuTime) and live is not None else None)[0]) if returned else usd(Decimal(0))
+        assert bill(sheet, one, returned, live) == afresh
+
+
+def test_a_sheet_loaded_again_is_priced_by_its_own_figures_not_a_remembered_one():
+    a = parse_sheet({"backend": "x", "source": "test", "basis": "per_image", "usd_per_image": "0.01"})
+    b = parse_sheet({"backend": "x", "source": "test", "basis": "per_image", "usd_per_image": "0.02"})
+    assert quote(a, job()).usd == Decimal("0.01")
+    assert quote(b, job()).usd == Decimal("0.02")
+    assert bill(b, job(), 1) == Decimal("0.02")

@@ -44,13 +44,14 @@ def gateway_of(request: Request[Any, Any, Any]) -> Gateway:
 
 def begin(request: Request[Any, Any, Any], gw: Gateway) -> CallContext:
     request_id = request_id_for(request)
-    request.state.klein_headers = {"x-request-id": request_id}
+    state = request.state  # litestar builds a new State object on every access
+    state.klein_headers = {"x-request-id": request_id}
     if gw.drain.draining:
-        request.state.klein_headers["connection"] = "close"  # the next request opens a connection elsewhere
+        state.klein_headers["connection"] = "close"  # the next request opens a connection elsewhere
         raise ShuttingDown("the gateway is shutting down; retry, another replica will answer", retry_after=1)
     key = authenticate(request, gw.keyring)
     caller = key.name if key else None
-    request.state.caller = caller
+    state.caller = caller
     settings = gw.config.settings
     return CallContext(request_id, caller, deadline_for(request, settings.default_deadline_s, settings.max_deadline_s), key)
 
@@ -128,9 +129,9 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
 def note_failure(request: Request[Any, Any, Any], err: GatewayError, tab: Tab | None = None) -> None:
     """The x-klein-* figures of a failed request: what was spent and tried,
     what may have been billed, and the caller's rate-limit headers."""
-    if not hasattr(request.state, "klein_headers"):
+    headers = getattr(request.state, "klein_headers", None)
+    if headers is None:
         return
-    headers = request.state.klein_headers
     if isinstance(err, DispatchFailed):
         headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(tried(err.attempts))})
         if err.possibly_billed_usd:

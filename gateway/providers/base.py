@@ -81,6 +81,7 @@ class GeneratedImage:
     nsfw: bool | None = None  # None: not checked
     seed: int | None = None
     b64: str | None = None  # the provider's own base64, passed through to b64_json callers when it fits
+    b64_head: bytes | None = field(default=None, compare=False, repr=False)  # b64's first HEAD_B64_CHARS, decoded and checked (_images.checked_b64)
 
 
 @dataclass(slots=True)

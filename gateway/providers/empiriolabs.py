@@ -192,7 +192,7 @@ def _inline_image(value: str, requested_type: str, width: int | None, height: in
         b64, head = checked_b64(value)
     except ValueError:
         raise ProviderError(FailureClass.FAILED, "returned base64 image data that cannot be decoded", billed=True) from None
-    return GeneratedImage(b64=b64, content_type=sniff(head) or requested_type, width=width, height=height, nsfw=nsfw)
+    return GeneratedImage(b64=b64, content_type=sniff(head) or requested_type, width=width, height=height, nsfw=nsfw, b64_head=head)
 
 
 def _item_image(item: Any, requested_type: str, size: tuple[int | None, int | None]) -> GeneratedImage | None:

@@ -10,6 +10,7 @@ shape (respx) and then through the result shaper, as a request is.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import os
 import time
@@ -21,9 +22,11 @@ import pytest
 import respx
 from PIL import Image
 
+from gateway import results
 from gateway.images.memory import MemoryImageStore
 from gateway.images.signing import UrlSigner
 from gateway.job import ImageJob
+from gateway.providers._images import HEAD_B64_CHARS
 from gateway.providers.base import Adapter, AdapterSettings
 from gateway.providers.empiriolabs import EmpirioLabsAdapter
 from gateway.providers.fal import FalAdapter
@@ -126,3 +129,19 @@ async def test_base64_that_does_not_fit_the_request_takes_the_checked_path(
         [shaped] = await shaper.shape(job, result.images, backend="empiriolabs", deadline=time.monotonic() + 5, base_url="http://gw.test")
     with Image.open(io.BytesIO(base64.b64decode(shaped.b64_json or ""))) as im:
         assert (im.format, im.size) == ("JPEG", (1024, 1024))
+
+
+async def test_the_head_the_adapter_checked_is_the_head_pass_through_would_decode(make_settings: Callable[..., AdapterSettings], make_job: Callable[..., ImageJob], mock: respx.MockRouter) -> None:
+    """EmpirioLabs hands the shaper the head it decoded to check and sniff the
+    base64, so the shaper does not decode those 64 KB again: it must be exactly
+    what the shaper would have decoded, and decide the same."""
+    wire_empiriolabs(mock)
+    job = make_job(response_format="b64_json", output_format="png")
+    async with httpx.AsyncClient() as client:
+        result = await EmpirioLabsAdapter(make_settings("empiriolabs", el.BASE, el.KEY), client).generate(job, time.monotonic() + 5)
+    [image] = result.images
+    assert results.HEAD_B64 == HEAD_B64_CHARS
+    assert image.b64 is not None and image.b64_head == base64.b64decode(image.b64[: results.HEAD_B64], validate=True)
+    assert image == dataclasses.replace(image, b64_head=None)  # the head takes no part in comparing images
+    for other in (job, make_job(response_format="b64_json", output_format="png", width=512, height=512)):
+        assert results.pass_through(image.b64, "image/png", other, image.b64_head) == results.pass_through(image.b64, "image/png", other)
