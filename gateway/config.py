@@ -136,6 +136,10 @@ class GatewaySettings(_Strict):
     webhook_retry_delays_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0], max_length=20)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     idempotency_ttl_s: float = Field(default=86400.0, gt=0)
+    # What carries provider calls and the Range reads of their images: aiohttp's
+    # pool and parser under httpx's client (gateway/aiohttp_transport.py), or
+    # httpx's own sharded httpcore pools (gateway/transport.py). KLEIN_UPSTREAM_CLIENT overrides.
+    upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
 
 
 class ProvidersFile(_Strict):

@@ -22,8 +22,12 @@ import pytest
 from aiohttp import web
 
 from gateway.aiohttp_transport import AiohttpTransport, _httpx_errors
+from gateway.app import build_gateway
+from gateway.config import ConfigError, load_config
 from gateway.providers.base import AdapterSettings, FailureClass, ProviderError, Timeouts
 from gateway.providers.local import LocalAdapter
+from gateway.transport import ShardedTransport
+from tests.gateway_support import ENV, PROVIDERS_YAML
 
 BIG = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # 5 MiB, every byte value
 TEXT = b"the same line, again and again\n" * 2000
@@ -298,3 +302,34 @@ async def test_one_session_per_loop_closed_on_aclose(server: str) -> None:
     assert len(sessions) == 1 and not sessions[0].closed
     await client.aclose()
     assert sessions[0].closed and not transport._sessions
+
+
+@pytest.mark.parametrize(
+    ("configured", "env", "expected"),
+    [
+        ("aiohttp", {}, AiohttpTransport),
+        ("aiohttp", {"KLEIN_UPSTREAM_CLIENT": "httpx"}, ShardedTransport),
+        ("httpx", {}, ShardedTransport),
+        ("httpx", {"KLEIN_UPSTREAM_CLIENT": "aiohttp"}, AiohttpTransport),
+    ],
+)
+async def test_upstream_client_choice(configured: str, env: dict[str, str], expected: type) -> None:
+    full_env = {**ENV, **env}
+    config = load_config(PROVIDERS_YAML, env=full_env)
+    config.settings.upstream_client = configured  # type: ignore[assignment]
+    gw = build_gateway(config, full_env)
+    try:
+        assert type(gw.clients[0]._transport) is expected
+        assert type(gw.clients[1]._transport).__name__ == "PinnedTransport"  # reference downloads stay on httpx
+    finally:
+        await gw.close()
+
+
+def test_shipped_default_is_aiohttp() -> None:
+    assert load_config(PROVIDERS_YAML, env=ENV).settings.upstream_client == "aiohttp"
+
+
+def test_unknown_upstream_client_is_a_config_error() -> None:
+    env = {**ENV, "KLEIN_UPSTREAM_CLIENT": "curl"}
+    with pytest.raises(ConfigError, match="KLEIN_UPSTREAM_CLIENT"):
+        build_gateway(load_config(PROVIDERS_YAML, env=env), env)
