@@ -25,6 +25,7 @@ a free connection, and connecting); aiohttp has no write timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,11 @@ from yarl import URL
 
 # aiohttp adds these unless told not to; httpx's client already sent what it meant to.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+# aiohttp's close waits for every socket to report closed, and a socket with
+# unsent bytes to a peer that stopped reading never does: shutdown waits this
+# long for it, then goes on without.
+CLOSE_TIMEOUT_S = 5.0
 
 
 @contextmanager
@@ -154,7 +160,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             current = None
         for loop, session in sessions.items():
             if loop is current:
-                await session.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await session.close()
             elif not loop.is_closed():
                 asyncio.run_coroutine_threadsafe(session.close(), loop)  # that loop's own session, closed on that loop
 

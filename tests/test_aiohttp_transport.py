@@ -304,6 +304,23 @@ async def test_one_session_per_loop_closed_on_aclose(server: str) -> None:
     assert sessions[0].closed and not transport._sessions
 
 
+async def test_aclose_does_not_wait_forever_for_a_socket_that_will_not_close(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    transport = AiohttpTransport(4)
+    client = httpx.AsyncClient(transport=transport)
+    await client.get(f"{server}/peer")
+    (session,) = transport._sessions.values()
+
+    async def never_closes() -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(session, "close", never_closes)
+    monkeypatch.setattr("gateway.aiohttp_transport.CLOSE_TIMEOUT_S", 0.2)
+    started = time.monotonic()
+    await asyncio.wait_for(client.aclose(), timeout=5)
+    assert time.monotonic() - started < 2
+    await session.connector.close()  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("configured", "env", "expected"),
     [
