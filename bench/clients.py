@@ -28,6 +28,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
 
 from compare import start_upstream  # noqa: E402 - after bench/ is put on sys.path
 
@@ -57,6 +58,8 @@ async def measure(url: str, payload: str, concurrency: int, total: int) -> dict[
     import httpx
     import msgspec
 
+    from gateway.aiohttp_transport import AiohttpTransport
+
     body = json.dumps({"model": "flux-2-klein-4b", "prompt": "a lighthouse", "size": "1024x1024", "response_format": "b64_json" if payload == "b64" else "url"}).encode()
     headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
     decode = msgspec.json.Decoder().decode
@@ -69,6 +72,14 @@ async def measure(url: str, payload: str, concurrency: int, total: int) -> dict[
             return decode(resp.content)
 
         out["httpx"] = await run(via_httpx, concurrency, total)
+
+    async with httpx.AsyncClient(transport=AiohttpTransport(200)) as client:
+
+        async def via_httpx_aiohttp() -> object:
+            resp = await client.post(url, content=body, headers=headers, timeout=30)
+            return decode(resp.content)
+
+        out["httpx over aiohttp"] = await run(via_httpx_aiohttp, concurrency, total)
 
     async with httpcore.AsyncConnectionPool(max_connections=200) as pool:
         hc_headers = [(k.encode(), v.encode()) for k, v in headers.items()]

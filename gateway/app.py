@@ -42,7 +42,7 @@ from gateway.results import ResultShaper
 from gateway.service import Gateway
 from gateway.shutdown import Drain, on_sigterm
 from gateway.state import open_store
-from gateway.transport import ShardedTransport
+from gateway.transport import upstream_client_choice, upstream_transport
 from gateway.upload_links import UploadLinks
 
 log = logging.getLogger("klein.gateway")
@@ -69,7 +69,13 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     keys = parse_keys(env.get("KLEIN_GATEWAY_KEYS"))
     metrics_access = MetricsAccess.from_env(env)
     register_secrets([*(b.credential for b in config.backends), *keys, metrics_access.token])  # never in a log line, label or answer
-    client = httpx.AsyncClient(transport=transport or ShardedTransport(MAX_UPSTREAM_CONNECTIONS), headers={"user-agent": "klein-gateway/0.1"})
+    upstream = transport
+    if upstream is None:
+        try:
+            upstream = upstream_transport(upstream_client_choice(config.settings.upstream_client, env), MAX_UPSTREAM_CONNECTIONS)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    client = httpx.AsyncClient(transport=upstream, headers={"user-agent": "klein-gateway/0.1"})
     # Caller URLs are fetched with a separate client that never carries provider state,
     # connecting only to the public address it checked (PinnedTransport).
     resolver = SystemResolver()

@@ -141,6 +141,10 @@ class GatewaySettings(_Strict):
     # most 1000, so a breaker opened on one replica is honoured by the others
     # within a second even when a pub/sub message is lost.
     health_refresh_ms: int = Field(default=250, ge=10, le=1000)
+    # What carries provider calls and the Range reads of their images: aiohttp's
+    # pool and parser under httpx's client (gateway/aiohttp_transport.py), or
+    # httpx's own sharded httpcore pools (gateway/transport.py). KLEIN_UPSTREAM_CLIENT overrides.
+    upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
 
 
 class ProvidersFile(_Strict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 
 import httpx
 
@@ -33,3 +34,25 @@ class ShardedTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         for pool in self._pools:
             await pool.aclose()
+
+
+UPSTREAM_CLIENT_ENV = "KLEIN_UPSTREAM_CLIENT"
+UPSTREAM_CLIENTS = ("aiohttp", "httpx")
+
+
+def upstream_client_choice(configured: str, env: Mapping[str, str]) -> str:
+    """`KLEIN_UPSTREAM_CLIENT` if set, else providers.yaml `gateway.upstream_client`."""
+    choice = (env.get(UPSTREAM_CLIENT_ENV) or configured).strip().lower()
+    if choice not in UPSTREAM_CLIENTS:
+        raise ValueError(f"{UPSTREAM_CLIENT_ENV}: {choice!r} is not one of {', '.join(UPSTREAM_CLIENTS)}")
+    return choice
+
+
+def upstream_transport(choice: str, max_connections: int, *, keepalive_expiry: float = 30.0) -> httpx.AsyncBaseTransport:
+    """The transport under the provider client: aiohttp's (the default, about half
+    the CPU per call, bench/README.md#upstream-client) or httpx's sharded pools."""
+    if choice == "aiohttp":
+        from gateway.aiohttp_transport import AiohttpTransport
+
+        return AiohttpTransport(max_connections, keepalive_expiry=keepalive_expiry)
+    return ShardedTransport(max_connections, keepalive_expiry=keepalive_expiry)
