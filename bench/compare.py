@@ -105,9 +105,10 @@ def make_png(b64_chars: int) -> bytes:
     return out.getvalue()
 
 
-async def serve_upstream(port: int, delay_s: float) -> None:
-    """POST /v1/images/generations after `delay_s`; GET /files/out.png at once; GET /v1/models* free."""
+async def serve_upstream(port: int, delay_s: float, jitter_s: float = 0.0) -> None:
+    """POST /v1/images/generations after `delay_s` (plus up to `jitter_s`, uniform); GET /files/out.png at once; GET /v1/models* free."""
     import base64
+    import random
 
     png = make_png(B64_TARGET_CHARS)
     file_url = f"http://{HOST}:{port}/files/out.png"
@@ -129,7 +130,7 @@ async def serve_upstream(port: int, delay_s: float) -> None:
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 if method == "POST" and path.rstrip("/").endswith("/images/generations"):
                     wanted = "b64_json" if b'"b64_json"' in body else "url"
-                    await asyncio.sleep(delay_s)
+                    await asyncio.sleep(delay_s + (random.uniform(0.0, jitter_s) if jitter_s else 0.0))
                     writer.write(answer("200 OK", bodies[wanted]))
                 elif method == "GET" and path == "/files/out.png":
                     writer.write(answer("200 OK", png, "image/png"))
@@ -165,10 +166,14 @@ def wait_ready(child: Child, url: str, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"{child.name} did not become ready; see {child.log_path}")
 
 
-def start_upstream(workdir: Path, delay_ms: float, tag: str) -> tuple[Child, str]:
+def start_upstream(workdir: Path, delay_ms: float, tag: str, jitter_ms: float = 0.0) -> tuple[Child, str]:
     port = free_port()
     child = Child(
-        f"upstream-{tag}", [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(port), "--delay-ms", str(delay_ms)], child_env(REPO), REPO, workdir / f"upstream-{tag}.log"
+        f"upstream-{tag}",
+        [sys.executable, str(Path(__file__).resolve()), "--serve-upstream", str(port), "--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms)],
+        child_env(REPO),
+        REPO,
+        workdir / f"upstream-{tag}.log",
     )
     line = child.read_line(60)
     if line != f"ready {port}":
@@ -537,6 +542,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per cell (default 5)")
     p.add_argument("--max-requests", type=int, default=5000, help="cap per cell (default 5000)")
     p.add_argument("--delay-ms", type=float, default=50.0, help="the upstream's fixed delay (default 50)")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="adds a uniform random 0..J ms to each answer of the fast upstream (default 0: fixed delay)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--payloads", nargs="+", default=["url", "b64"], choices=["url", "b64"])
     p.add_argument(
@@ -563,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_upstream is not None:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_upstream(args.serve_upstream, args.delay_ms / 1000))
+            asyncio.run(serve_upstream(args.serve_upstream, args.delay_ms / 1000, args.jitter_ms / 1000))
         return 0
     raise_open_file_limit(65536)
     source = args.source.resolve()
@@ -572,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     children: list[Child] = []
     meta = {
         "machine": f"{os.cpu_count()} CPUs ({platform.machine()}), {platform.system()} {platform.release()}, Python {platform.python_version()}; load generator, server and upstream are separate processes sharing these CPUs",
-        "conditions": f"upstream fixed delay {args.delay_ms:g} ms; {args.repeat} repeats of {args.duration:g} s per cell (at most {args.max_requests} requests); one worker per server; LiteLLM {litellm_version() if 'litellm' in args.paths else '-'}",
+        "conditions": f"upstream fixed delay {args.delay_ms:g} ms"
+        + (f" plus 0-{args.jitter_ms:g} ms uniform" if args.jitter_ms else "")
+        + f"; {args.repeat} repeats of {args.duration:g} s per cell (at most {args.max_requests} requests); one worker per server; LiteLLM {litellm_version() if 'litellm' in args.paths else '-'}",
         "slow_s": args.slow_s,
         "source": str(source),
         "baseline": str(args.baseline) if args.baseline else None,
@@ -582,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     cells: list[CellResult] = []
     bursts: list[dict[str, Any]] = []
     try:
-        upstream, upstream_url = start_upstream(workdir, args.delay_ms, "fast")
+        upstream, upstream_url = start_upstream(workdir, args.delay_ms, "fast", args.jitter_ms)
         children.append(upstream)
         servers: dict[str, tuple[Child | None, str]] = {"direct": (None, upstream_url)}
         redises: dict[str, Redis] = {}
