@@ -59,6 +59,7 @@ async def measure(url: str, payload: str, concurrency: int, total: int) -> dict[
     import msgspec
 
     from gateway.aiohttp_transport import AiohttpTransport
+    from gateway.transport import NoCookies
 
     body = json.dumps({"model": "flux-2-klein-4b", "prompt": "a lighthouse", "size": "1024x1024", "response_format": "b64_json" if payload == "b64" else "url"}).encode()
     headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
@@ -80,6 +81,14 @@ async def measure(url: str, payload: str, concurrency: int, total: int) -> dict[
             return decode(resp.content)
 
         out["httpx over aiohttp"] = await run(via_httpx_aiohttp, concurrency, total)
+
+    async with httpx.AsyncClient(transport=AiohttpTransport(200), cookies=NoCookies()) as client:
+
+        async def via_httpx_aiohttp_no_cookies() -> object:
+            resp = await client.post(url, content=body, headers=headers, timeout=30)
+            return decode(resp.content)
+
+        out["httpx over aiohttp, no cookie jar"] = await run(via_httpx_aiohttp_no_cookies, concurrency, total)
 
     async with httpcore.AsyncConnectionPool(max_connections=200) as pool:
         hc_headers = [(k.encode(), v.encode()) for k, v in headers.items()]

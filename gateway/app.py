@@ -42,7 +42,7 @@ from gateway.results import ResultShaper
 from gateway.service import Gateway
 from gateway.shutdown import Drain, on_sigterm
 from gateway.state import open_store
-from gateway.transport import upstream_client_choice, upstream_transport
+from gateway.transport import NoCookies, upstream_client_choice, upstream_transport
 from gateway.upload_links import UploadLinks
 
 log = logging.getLogger("klein.gateway")
@@ -75,7 +75,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
             upstream = upstream_transport(upstream_client_choice(config.settings.upstream_client, env), MAX_UPSTREAM_CONNECTIONS)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    client = httpx.AsyncClient(transport=upstream, headers={"user-agent": "klein-gateway/0.1"})
+    client = httpx.AsyncClient(transport=upstream, cookies=NoCookies(), headers={"user-agent": "klein-gateway/0.1"})
     # Caller URLs are fetched with a separate client that never carries provider state,
     # connecting only to the public address it checked (PinnedTransport).
     resolver = SystemResolver()

@@ -10,9 +10,11 @@ per request at 500 concurrent falls from about 8 ms to about 1 ms.
 
 from __future__ import annotations
 
+import http.cookiejar
 import itertools
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import httpx
 
@@ -56,3 +58,17 @@ def upstream_transport(choice: str, max_connections: int, *, keepalive_expiry: f
 
         return AiohttpTransport(max_connections, keepalive_expiry=keepalive_expiry)
     return ShardedTransport(max_connections, keepalive_expiry=keepalive_expiry)
+
+
+class NoCookies(http.cookiejar.CookieJar):
+    """The provider client's cookie jar, which never keeps or sends a cookie.
+
+    Provider APIs authenticate with a key, not a session, and a cookie one
+    caller's answer set must not ride along on the calls the gateway makes
+    for other callers. httpx has no switch to turn its jar off."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None

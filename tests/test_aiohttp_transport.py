@@ -350,3 +350,23 @@ def test_unknown_upstream_client_is_a_config_error() -> None:
     env = {**ENV, "KLEIN_UPSTREAM_CLIENT": "curl"}
     with pytest.raises(ConfigError, match="KLEIN_UPSTREAM_CLIENT"):
         build_gateway(load_config(PROVIDERS_YAML, env=env), env)
+
+
+async def test_a_cookie_one_provider_answer_sets_is_never_sent_on_a_later_call() -> None:
+    seen: list[str | None] = []
+
+    def provider(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("cookie"))
+        return httpx.Response(200, headers={"set-cookie": "session=caller-a; Path=/"}, json={"ok": True})
+
+    config = load_config(PROVIDERS_YAML, env=ENV)
+    gw = build_gateway(config, ENV, transport=httpx.MockTransport(provider))
+    try:
+        upstream = gw.clients[0]
+        for _ in range(2):
+            answer = await upstream.post("http://provider.test/v1/run", json={})
+            assert answer.headers["set-cookie"].startswith("session=")
+        assert seen == [None, None]
+        assert not list(upstream.cookies.jar)
+    finally:
+        await gw.close()
