@@ -576,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="klein-compare-"))
     workdir.mkdir(parents=True, exist_ok=True)
     children: list[Child] = []
+    if "litellm" in args.paths:
+        ensure_litellm()  # before its version goes into the run's conditions
     meta = {
         "machine": f"{os.cpu_count()} CPUs ({platform.machine()}), {platform.system()} {platform.release()}, Python {platform.python_version()}; load generator, server and upstream are separate processes sharing these CPUs",
         "conditions": f"upstream fixed delay {args.delay_ms:g} ms"
