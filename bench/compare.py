@@ -106,7 +106,7 @@ def make_png(b64_chars: int) -> bytes:
 
 
 async def serve_upstream(port: int, delay_s: float, jitter_s: float = 0.0) -> None:
-    """POST /v1/images/generations after `delay_s` (plus up to `jitter_s`, uniform); GET /files/out.png at once; GET /v1/models* free."""
+    """POST /v1/images/generations after `delay_s` (plus up to `jitter_s`, uniform); GET /files/out.png at once (Range honoured); GET /v1/models* free."""
     import base64
     import random
 
@@ -119,6 +119,15 @@ async def serve_upstream(port: int, delay_s: float, jitter_s: float = 0.0) -> No
 
     def answer(status: str, body: bytes, media: str = "application/json") -> bytes:
         return f"HTTP/1.1 {status}\r\ncontent-type: {media}\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+
+    def ranged(data: bytes, spec: str | None) -> bytes:
+        """The image, or the part a `Range: bytes=a-b` asks for (206), as an image host serves it."""
+        first, _, last = (spec or "").removeprefix("bytes=").partition("-")
+        if not spec or not spec.startswith("bytes=") or not first.isdigit() or int(first) >= len(data):
+            return answer("200 OK", data, "image/png")
+        start, end = int(first), min(int(last) if last.isdigit() else len(data) - 1, len(data) - 1)
+        part = data[start : end + 1]
+        return answer("206 Partial Content", part, f"image/png\r\ncontent-range: bytes {start}-{end}/{len(data)}")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -133,7 +142,7 @@ async def serve_upstream(port: int, delay_s: float, jitter_s: float = 0.0) -> No
                     await asyncio.sleep(delay_s + (random.uniform(0.0, jitter_s) if jitter_s else 0.0))
                     writer.write(answer("200 OK", bodies[wanted]))
                 elif method == "GET" and path == "/files/out.png":
-                    writer.write(answer("200 OK", png, "image/png"))
+                    writer.write(ranged(png, headers.get("range")))
                 elif method == "GET" and path.startswith("/v1/models"):
                     writer.write(answer("200 OK", json.dumps({"id": MODEL, "object": "model"}).encode()))
                 else:
