@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -370,3 +372,53 @@ async def test_a_cookie_one_provider_answer_sets_is_never_sent_on_a_later_call()
         assert not list(upstream.cookies.jar)
     finally:
         await gw.close()
+
+
+# ---- HTTPS, as every hosted provider is reached ------------------------------
+
+
+def loopback_certificate(directory: Any) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, made with openssl for this test."""
+    cert, key = directory / "loopback.crt", directory / "loopback.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+@pytest.fixture
+async def tls_server(tmp_path: Any) -> AsyncIterator[tuple[str, str]]:
+    cert, key = loopback_certificate(tmp_path)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    app = web.Application()
+    app.router.add_route("*", "/echo", echo)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_side)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"https://127.0.0.1:{port}", cert
+    finally:
+        await runner.cleanup()
+
+
+async def test_https_with_a_trusted_certificate_round_trips(tls_server: tuple[str, str]) -> None:
+    base, cert = tls_server
+    async with httpx.AsyncClient(transport=AiohttpTransport(4, ssl_context=ssl.create_default_context(cafile=cert))) as client:
+        answer = await client.post(f"{base}/echo", content=b"over tls")
+    assert answer.status_code == 201
+    assert answer.json()["body"] == "over tls"
+
+
+async def test_https_with_an_untrusted_certificate_is_unreachable_not_sent(tls_server: tuple[str, str]) -> None:
+    base, _ = tls_server
+    async with httpx.AsyncClient(transport=AiohttpTransport(4)) as client:  # the default trust store does not know it
+        with pytest.raises(httpx.ConnectError):
+            await client.post(f"{base}/echo", content=b"secret prompt")
+        with pytest.raises(ProviderError) as caught:
+            await adapter(client, base).request("POST", f"{base}/echo", deadline=time.monotonic() + 5, content=b"secret prompt")
+    assert caught.value.failure is FailureClass.UNREACHABLE
