@@ -376,3 +376,28 @@ async def test_a_refresh_under_way_never_undoes_what_was_learned_meanwhile() -> 
     store.hold = False
     await local.refresh()  # nothing learned during this one: the store's word holds again
     assert local.entry("x").raw_record == OPEN_V5 and local.entry("x").parked_until == 0.0
+
+
+class SwallowsCancel(MemoryStore):
+    """A store whose subscription, like a client library closing its
+    connection, turns the first cancel into a connection error."""
+
+    async def listen(self, channel: str, on_message: Callable[[str], None]) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            raise ConnectionError("connection closed while unsubscribing") from None
+
+
+async def test_closing_the_health_copy_ends_even_when_its_subscription_swallows_the_cancel() -> None:
+    tracker = HealthTracker(SwallowsCancel(), {"x": NEVER_OPENS}, NAMES, refresh_s=0.05)
+    await tracker.start()
+    tasks = list(tracker.local._tasks)
+    started = time.monotonic()
+    await asyncio.wait_for(tracker.close(), timeout=5)
+    await asyncio.sleep(1.1)  # the listen loop's pause before it would resubscribe
+    assert time.monotonic() - started < 5
+    assert all(t.done() for t in tasks), "a background loop outlived close()"

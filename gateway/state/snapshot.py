@@ -44,6 +44,7 @@ from gateway.state.breaker import BreakerRecord, Window
 log = logging.getLogger(__name__)
 
 CHANNEL = "health"
+CLOSE_TIMEOUT_S = 3.0
 _SCALARS = ("breaker", "park", "creds", "live")
 _MAX_BUCKETS = 4 * hr.WINDOW_BUCKETS
 
@@ -92,6 +93,7 @@ class LocalHealth:
         self._refreshed_at: float | None = None  # time.monotonic() of the last refresh that answered
         self._refreshing: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
         self._failing = False
         self.messages = 0  # applied from the channel (for tests and debugging)
 
@@ -317,19 +319,28 @@ class LocalHealth:
         except Exception as exc:  # noqa: BLE001 - the loop retries; health never fails start-up
             self._failed(exc)
         loop = asyncio.get_running_loop()
+        self._closing = False
         self._tasks = [loop.create_task(self._refresh_loop()), loop.create_task(self._listen_loop())]
         await asyncio.sleep(0)  # let the subscription begin (in memory it is in place after this)
 
     async def close(self) -> None:
+        """Stop the background, in bounded time: a cancel that lands while the
+        store's client is closing a subscription can be swallowed by it, so the
+        loops also stop at their next turn by `_closing`, and close waits at
+        most CLOSE_TIMEOUT_S for them."""
+        self._closing = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if not tasks:
+            return
+        done, _ = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("health background task ended with %s", type(task.exception()).__name__)
 
     async def _refresh_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self.refresh_s)
             try:
                 await self.refresh()
@@ -338,7 +349,7 @@ class LocalHealth:
                 self._failed(exc)
 
     async def _listen_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self._store().listen(CHANNEL, self.on_message)
             except Exception as exc:  # noqa: BLE001 - resubscribe; the refresh covers what was missed
