@@ -89,7 +89,11 @@ class JobWorker:
         self._abandoned = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A cancel that lands inside a Redis call can come back as the client's
+        # own error, which these loops absorb; they also end by `_stopping` at
+        # their next turn, and stop waits for them no longer than the grace.
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace_s)
         for task in list(self._deliveries):
             task.cancel()
         await asyncio.gather(*self._deliveries, return_exceptions=True)
@@ -158,7 +162,7 @@ class JobWorker:
     async def _heartbeat(self) -> None:
         """Keep this replica's claims fresh, and stop jobs their owners canceled."""
         s = self.jobs.settings
-        while True:
+        while not self._stopping:
             await asyncio.sleep(max(0.2, s.job_visibility_timeout_s / 3))
             running = list(self._running.values())
             if not running:
@@ -172,7 +176,7 @@ class JobWorker:
                         r.task.cancel()  # dispatch cancels the provider job where it can
 
     async def _gauges(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(Exception):
                 depth, age = await self.jobs.queue.depth()
                 self.gw.metrics.set_job_queue(depth=depth, oldest_age_s=age)
@@ -324,7 +328,7 @@ class JobWorker:
 
     async def _webhooks(self) -> None:
         s = self.jobs.settings
-        while True:
+        while not self._stopping:
             await asyncio.sleep(0.2)
             with contextlib.suppress(Exception):
                 for job_id in await self.jobs.deliveries.take(lease_s=s.webhook_timeout_s + 5, count=16):
