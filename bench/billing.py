@@ -29,17 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry
 
-from gateway.billing import Billing
-from gateway.budgets import MemoryBudgets, RedisBudgets
-from gateway.capabilities import Eligibility
-from gateway.healthview import HealthView
-from gateway.job import ImageJob, JobKind
-from gateway.keys import Caller, KeyRing, KeySpec
-from gateway.ledger import Ledger, SqliteLedger
-from gateway.metrics import GatewayMetrics
-from gateway.pricing import Quote
-from gateway.ratelimit import RateLimiter
-from gateway.routing import Candidate, Plan
+from gateway.domain.capabilities import Eligibility
+from gateway.domain.job import ImageJob, JobKind
+from gateway.health.view import HealthView
+from gateway.money.budgets import MemoryBudgets, RedisBudgets
+from gateway.money.keys import Caller, KeyRing, KeySpec
+from gateway.money.ledger import Ledger, SqliteLedger
+from gateway.money.ratelimit import RateLimiter
+from gateway.money.tab import Billing
+from gateway.observability.metrics import GatewayMetrics
+from gateway.routing.plan import Candidate, Plan
+from gateway.routing.pricing import Quote
 
 KEYS = {
     "no rules": {},

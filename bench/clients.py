@@ -58,8 +58,8 @@ async def measure(url: str, payload: str, concurrency: int, total: int) -> dict[
     import httpx
     import msgspec
 
-    from gateway.aiohttp_transport import AiohttpTransport
-    from gateway.transport import NoCookies
+    from gateway.net.aiohttp_transport import AiohttpTransport
+    from gateway.net.transport import NoCookies
 
     body = json.dumps({"model": "flux-2-klein-4b", "prompt": "a lighthouse", "size": "1024x1024", "response_format": "b64_json" if payload == "b64" else "url"}).encode()
     headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}

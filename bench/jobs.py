@@ -40,7 +40,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gateway.emulators import EmulatorFleet  # noqa: E402 - after the repository is put on sys.path
+from tests.emulators import EmulatorFleet  # noqa: E402 - after the repository is put on sys.path
 
 BODY = {"prompt": "a lighthouse at dusk", "size": "512x512", "response_format": "url"}
 

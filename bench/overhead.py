@@ -5,7 +5,7 @@
 
 One run, side by side, on 127.0.0.1 only:
 
-1. The local backend's emulator (`python -m gateway.emulators --only local`)
+1. The local backend's emulator (`python -m tests.emulators --only local`)
    and the gateway (`python -m gateway.cli serve`, the production entry
    point: uvicorn, one worker, JSON request logs to a file) start as
    subprocesses. Only `local` is enabled (the gateway gets KLEIN_LOCAL_URL and
@@ -80,7 +80,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gateway.job import ImageJob, JobKind  # noqa: E402 - after the repository is put on sys.path
+from gateway.domain.job import ImageJob, JobKind  # noqa: E402 - after the repository is put on sys.path
 from gateway.providers import credential_env_names  # noqa: E402 - after the repository is put on sys.path
 from gateway.providers.local import request_body  # noqa: E402 - after the repository is put on sys.path
 
@@ -175,7 +175,7 @@ def child_env(source: Path, extra: dict[str, str] | None = None) -> dict[str, st
 
 
 def start_emulator(source: Path, workdir: Path) -> tuple[Child, str]:
-    child = Child("emulator", [sys.executable, "-m", "gateway.emulators", "--only", "local"], child_env(source), source, workdir / "emulator.log")
+    child = Child("emulator", [sys.executable, "-m", "tests.emulators", "--only", "local"], child_env(source), source, workdir / "emulator.log")
     line = child.read_line(30)
     name, _, value = line.removeprefix("export ").partition("=")
     if name != "KLEIN_LOCAL_URL":

@@ -35,7 +35,7 @@ BODY = b'{"model":"flux-2-klein-4b","prompt":"a lighthouse at dusk","size":"1024
 
 
 def build_app() -> Any:
-    from gateway.logs import configure_logging
+    from gateway.observability.logs import configure_logging
     from gateway.providers.base import GeneratedImage, ProviderResult
     from tests.gateway_support import FakeAdapter, install_fakes, make_app
 

@@ -22,7 +22,7 @@ from functools import partial
 
 from PIL import Image
 
-from gateway.references import check_decodes, check_image_bytes
+from gateway.dispatch.references import check_decodes, check_image_bytes
 
 SIZES = {"1 MP": (1024, 1024), "4 MP": (2048, 2048), "16.7 MP": (4096, 4096)}
 FORMATS = ("PNG", "JPEG", "WEBP")

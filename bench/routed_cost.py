@@ -7,8 +7,8 @@ gateway's own request parser (so it carries the same size intent a caller's
 request would) and routed by the real fleet built from the shipped
 providers.yaml and pricing/: the chosen backend's quote is the routed cost.
 
-The oracle is a second implementation, sharing no code with gateway.pricing,
-gateway.capabilities or gateway.native_sizes: its own copy of every backend's
+The oracle is a second implementation, sharing no code with gateway.routing.pricing,
+gateway.domain.capabilities or gateway.domain.native_sizes: its own copy of every backend's
 price rule, limits and native sizes. For each job it finds the cheapest
 backend that can do it. Printed side by side, per health scenario:
 
@@ -44,17 +44,17 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from gateway.api.parse import build_job, parse_body  # noqa: E402
-from gateway.backends import BackendFleet  # noqa: E402
 from gateway.config import load_config  # noqa: E402
-from gateway.health import BreakerState  # noqa: E402
-from gateway.healthview import HealthView  # noqa: E402
+from gateway.dispatch.fleet import BackendFleet  # noqa: E402
+from gateway.dispatch.references import check_image_bytes  # noqa: E402
+from gateway.dispatch.upload_links import UploadLinks  # noqa: E402
+from gateway.domain.job import ImageJob, JobKind, ReferenceImage  # noqa: E402
+from gateway.health.tracker import BreakerState  # noqa: E402
+from gateway.health.view import HealthView  # noqa: E402
+from gateway.http.parse import build_job, parse_body  # noqa: E402
 from gateway.images.memory import MemoryImageStore  # noqa: E402
 from gateway.images.signing import UrlSigner  # noqa: E402
-from gateway.job import ImageJob, JobKind, ReferenceImage  # noqa: E402
-from gateway.references import check_image_bytes  # noqa: E402
-from gateway.routing import plan  # noqa: E402
-from gateway.upload_links import UploadLinks  # noqa: E402
+from gateway.routing.plan import plan  # noqa: E402
 
 HOSTED_ENV = {
     "FAL_KEY": "bench-fal:key",

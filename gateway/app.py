@@ -14,36 +14,38 @@ import httpx
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 
-from gateway.api import extensions, jobs, openai, openapi, usage
-from gateway.api.errors import gateway_error_handler, http_exception_handler, internal_error_handler, stamp_request_id
-from gateway.backends import BackendFleet
-from gateway.billing import Billing
-from gateway.budgets import MemoryBudgets, RedisBudgets
 from gateway.config import ConfigError, GatewayConfig, load_config, shipped_config
-from gateway.dispatch import Dispatcher
-from gateway.errors import GatewayError
-from gateway.health import HealthTracker
-from gateway.idempotency import Idempotency
+from gateway.dispatch.attempts import Dispatcher
+from gateway.dispatch.delivery import ResultShaper
+from gateway.dispatch.fleet import BackendFleet
+from gateway.dispatch.shutdown import Drain, on_sigterm
+from gateway.dispatch.upload_links import UploadLinks
+from gateway.domain.errors import GatewayError
+from gateway.domain.job import ImageJob, JobKind
+from gateway.health.probes import Prober
+from gateway.health.records import merge_pushed_back
+from gateway.health.tracker import HealthTracker
+from gateway.http import extensions, jobs, openai, openapi, usage
+from gateway.http.errors import gateway_error_handler, http_exception_handler, internal_error_handler, stamp_request_id
 from gateway.images import open_image_store
-from gateway.job import ImageJob, JobKind
 from gateway.jobs.service import open_jobs
 from gateway.jobs.worker import JobWorker
-from gateway.keys import KeyRing, KeysFileError
-from gateway.ledger import Ledger
-from gateway.ledger import open_store as open_ledger
-from gateway.logs import RequestLogger, configure_logging, register_secrets
-from gateway.metrics import GatewayMetrics
-from gateway.metrics_access import MetricsAccess
-from gateway.pinned import PinnedTransport, SystemResolver
-from gateway.probes import Prober
-from gateway.ratelimit import RateLimiter
-from gateway.reconcile import SOURCES
-from gateway.results import ResultShaper
+from gateway.money.budgets import MemoryBudgets, RedisBudgets
+from gateway.money.idempotency import Idempotency
+from gateway.money.keys import KeyRing, KeysFileError
+from gateway.money.ledger import Ledger
+from gateway.money.ledger import open_store as open_ledger
+from gateway.money.ratelimit import RateLimiter
+from gateway.money.reconcile import SOURCES
+from gateway.money.tab import Billing
+from gateway.net.pinning import PinnedTransport, SystemResolver
+from gateway.net.transport import NoCookies, upstream_client_choice, upstream_transport
+from gateway.observability.logs import RequestLogger, configure_logging
+from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.metrics_access import MetricsAccess
+from gateway.redaction import register_secrets
 from gateway.service import Gateway
-from gateway.shutdown import Drain, on_sigterm
 from gateway.state import open_store
-from gateway.transport import NoCookies, upstream_client_choice, upstream_transport
-from gateway.upload_links import UploadLinks
 
 log = logging.getLogger("klein.gateway")
 
@@ -81,7 +83,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     resolver = SystemResolver()
     fetch_client = httpx.AsyncClient(transport=transport or PinnedTransport(resolver), follow_redirects=False, trust_env=False, headers={"user-agent": "klein-gateway/0.1"})
     fleet = BackendFleet(config, client, fetch_client)
-    store = open_store(env.get("REDIS_URL") or None)
+    store = open_store(env.get("REDIS_URL") or None, merge=merge_pushed_back)
     policies = {b.name: b.config.breaker for b in config.enabled}
     kinds = {b.name: b.config.kind for b in config.enabled}
     health = HealthTracker(store, policies, kinds, refresh_s=config.settings.health_refresh_ms / 1000)
@@ -182,7 +184,7 @@ def create_app(
     metrics: GatewayMetrics | None = None,
     drain_on_sigterm: bool = False,
 ) -> Litestar:
-    """`drain_on_sigterm`: the first SIGTERM drains this process (gateway.shutdown) before
+    """`drain_on_sigterm`: the first SIGTERM drains this process (gateway.dispatch.shutdown) before
     the server exits; set where the app owns its process (`klein-gateway serve`)."""
     env = os.environ if env is None else env
     config = load_config(config_path, pricing_dir, env)
@@ -226,7 +228,7 @@ def create_app(
         before_send=[stamp_request_id],
         request_max_body_size=config.settings.max_body_bytes,
         openapi_config=None,
-        logging_config=None,  # logs are ours: one JSON line per request (gateway.logs)
+        logging_config=None,  # logs are ours: one JSON line per request (gateway.observability.logs)
         debug=False,
     )
     app.state.gateway = gw

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import secrets
 import shutil
@@ -20,14 +21,51 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.callers import LABEL_SECRET_ENV
 from gateway.config import CONFIG_ENV, CONFIG_NAME, ConfigError, GatewaySettings, find_config, load_config, shipped_config
+from gateway.domain.callers import LABEL_SECRET_ENV
 from gateway.images import open_image_store
 
 if TYPE_CHECKING:
-    from gateway.emulators.launcher import EmulatorFleet
-    from gateway.job import ImageJob
+    from gateway.domain.job import ImageJob
     from gateway.service import Gateway
+    from tests.emulators.launcher import EmulatorFleet
+
+
+def _emulator_launcher() -> Any:
+    """The emulators' launcher. They live beside the tests, outside the installed
+    package, so a source checkout's root is put on the path when it is not there."""
+    ours = ("tests", "tests.emulators", "tests.emulators.launcher")
+    try:
+        return importlib.import_module("tests.emulators.launcher")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ours:
+            raise
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "tests" / "emulators" / "launcher.py").is_file():
+        print("klein-gateway: --emulate needs a source checkout (pip install -e '.[dev]'): the emulators live in its tests/emulators", file=sys.stderr)
+        return None
+    sys.path.insert(0, str(root))
+    return importlib.import_module("tests.emulators.launcher")
+
+
+def _emulator_ports(spec: str | None, emulated: list[str]) -> tuple[int, dict[str, int]]:
+    """`--emulator-ports`: (first of consecutive ports, 0 if none) and name=port pairs."""
+    if not spec:
+        return 0, {}
+    if spec.strip().isdigit():
+        first = int(spec)
+        if not 1 <= first <= 65535 - len(emulated):
+            raise ValueError(f"{first} leaves no room for {len(emulated)} consecutive ports")
+        return first, {}
+    ports: dict[str, int] = {}
+    for pair in spec.split(","):
+        name, sep, port = pair.strip().partition("=")
+        if not sep or not port.strip().isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{pair.strip()!r} is not name=port")
+        if name.strip() not in emulated:
+            raise ValueError(f"{name.strip()!r} is not an emulated backend ({', '.join(emulated) or 'none'})")
+        ports[name.strip()] = int(port)
+    return 0, ports
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=None,
         help="worker processes (default: the CPUs this process may run on; metrics stay correct: PROMETHEUS_MULTIPROC_DIR is set for you)",
     )  # fmt: skip
-    serve.add_argument("--emulate", action="store_true", help="start every provider's emulator on loopback and route to them (no keys needed)")
+    serve.add_argument("--emulate", action="store_true", help="start every provider's emulator on loopback and route to them (no keys needed; a source checkout's tests/emulators)")
+    serve.add_argument(
+        "--emulator-ports", default=None, metavar="SPEC",
+        help="with --emulate: the first of consecutive ports (9100), or name=port pairs (fal=9101,local=9105); default free ports",
+    )  # fmt: skip
     serve.add_argument("--log-level", default="info")
     serve.add_argument(
         "--metrics-port", type=int, default=None,
@@ -107,7 +149,7 @@ def check_config(args: argparse.Namespace) -> int:
         state = "enabled" if b.enabled else f"disabled ({b.disabled_reason})"
         print(f"{b.name:<12} {b.config.kind:<12} {b.sheet.basis:<17} {state}")
     if args.keys_file:
-        from gateway.keys import KeysFileError, load_keys_file
+        from gateway.money.keys import KeysFileError, load_keys_file
 
         try:
             parsed = load_keys_file(args.keys_file, {b.name for b in config.backends})
@@ -147,7 +189,7 @@ def init_config(target: Path, *, force: bool = False) -> int:
 
 
 def new_key_command(args: argparse.Namespace) -> int:
-    from gateway.keys import new_key
+    from gateway.money.keys import new_key
 
     try:
         secret, entry = new_key(args.name)
@@ -172,9 +214,9 @@ def parse_since(text: str, now: datetime) -> datetime:
 
 def print_usage(args: argparse.Namespace) -> int:
     """The same figures as GET /v1/usage, read from the ledger directly."""
-    from gateway.api.usage import parse_group_by, report
-    from gateway.errors import GatewayError
-    from gateway.ledger import open_store
+    from gateway.domain.errors import GatewayError
+    from gateway.http.usage import parse_group_by, report
+    from gateway.money.ledger import open_store
 
     config = load_config(args.config, args.pricing)
     now = datetime.now(UTC)
@@ -213,10 +255,10 @@ def print_usage(args: argparse.Namespace) -> int:
 
 def print_quote(args: argparse.Namespace) -> int:
     """The price table, computed offline from the sheets (no backend is called)."""
-    from gateway.api.parse import build_job, parse_body
     from gateway.app import PUBLIC_BASE_URL_ENV, build_gateway
-    from gateway.errors import GatewayError
-    from gateway.job import JobKind, ReferenceImage
+    from gateway.domain.errors import GatewayError
+    from gateway.domain.job import JobKind, ReferenceImage
+    from gateway.http.parse import build_job, parse_body
 
     env = dict(os.environ)
     env.pop("DATABASE_URL", None)
@@ -270,20 +312,29 @@ def serve_gateway(args: argparse.Namespace) -> int:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    from gateway.logs import configure_logging
+    from gateway.observability.logs import configure_logging
 
     os.environ["KLEIN_LOG_LEVEL"] = args.log_level.upper()
     configure_logging(level=args.log_level.upper())
     path = _config_path(args)
     fleet, kept = None, {}
     images_dir: str | None = None
+    if args.emulator_ports and not args.emulate:
+        print("klein-gateway: --emulator-ports needs --emulate", file=sys.stderr)
+        return 2
     if args.emulate:
-        from gateway.emulators.launcher import PROVIDERS, EmulatorFleet, explicit_base_urls
-
-        kept = explicit_base_urls(os.environ)  # the user's own addresses win over emulators
-        emulated = [name for name in PROVIDERS if name not in kept]
+        launcher = _emulator_launcher()
+        if launcher is None:
+            return 2
+        kept = launcher.explicit_base_urls(os.environ)  # the user's own addresses win over emulators
+        emulated = [name for name in launcher.PROVIDERS if name not in kept]
+        try:
+            first, ports = _emulator_ports(args.emulator_ports, emulated)
+        except ValueError as exc:
+            print(f"klein-gateway: --emulator-ports: {exc}", file=sys.stderr)
+            return 2
         if emulated:
-            fleet = EmulatorFleet.start_in_thread(emulated)
+            fleet = launcher.EmulatorFleet.start_in_thread(emulated, ports={name: first + i for i, name in enumerate(emulated)} if first else ports)
             os.environ.update(fleet.env())
     try:
         if args.workers is None:
@@ -296,7 +347,7 @@ def serve_gateway(args: argparse.Namespace) -> int:
         images_dir = prepare_image_dir(config.settings, args.workers)
         open_image_store(config.settings, os.environ, workers=args.workers)  # the same checks every worker makes, once, before binding
         raise_open_file_limit()
-        # Each worker drains on SIGTERM (gateway.shutdown) before uvicorn stops it;
+        # Each worker drains on SIGTERM (gateway.dispatch.shutdown) before uvicorn stops it;
         # the extra seconds are uvicorn's backstop for connections still open then.
         grace = config.settings.shutdown_grace_s
         server_config = uvicorn.Config(
@@ -313,12 +364,12 @@ def serve_gateway(args: argparse.Namespace) -> int:
         sock = server_config.bind_socket()  # exits non-zero, logging why, if the port is taken
         sock.listen(server_config.backlog)  # connections queue from here on, before the app is up
         metrics_port = resolve_metrics_port(args)
-        # One caller-label secret for every worker, so their series agree (gateway.callers).
+        # One caller-label secret for every worker, so their series agree (gateway.domain.callers).
         os.environ.setdefault(LABEL_SECRET_ENV, secrets.token_hex(32))
         metrics_dir = prepare_metrics_dir(args.workers, shared=metrics_port is not None)
         metrics_server = None
         if metrics_port is not None:
-            from gateway.metrics_access import MetricsAccess, serve_metrics
+            from gateway.observability.metrics_access import MetricsAccess, serve_metrics
 
             metrics_server, _ = serve_metrics(args.metrics_host or args.host, metrics_port, MetricsAccess.from_env(os.environ), os.environ["PROMETHEUS_MULTIPROC_DIR"])
     except BaseException:
@@ -354,7 +405,7 @@ def serve_gateway(args: argparse.Namespace) -> int:
 def resolve_metrics_port(args: argparse.Namespace) -> int | None:
     """--metrics-port, else $KLEIN_METRICS_PORT; written back to the environment so
     every worker knows not to serve /metrics on the API port."""
-    from gateway.metrics_access import PORT_ENV, parse_port
+    from gateway.observability.metrics_access import PORT_ENV, parse_port
 
     port = parse_port(args.metrics_port if args.metrics_port is not None else os.environ.get(PORT_ENV))
     if port is not None:
@@ -427,8 +478,8 @@ def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str
 
     With KLEIN_GATEWAY_KEYS set, each example sends the first key, read from
     the shell's environment when it runs: the banner never prints a key."""
-    from gateway.logs import redact
     from gateway.providers import adapter_class
+    from gateway.redaction import redact
 
     url = f"http://{args.host}:{args.port}/v1"
     lines = [f"Klein Gateway on {url}"]

@@ -24,18 +24,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.health import BreakerPolicy
-from gateway.pricing import PriceSheet, PriceSheetError, load_sheet
-from gateway.probes import ProbeSettings
+from gateway.domain.errors import ConfigError
+from gateway.health.probes import ProbeSettings
+from gateway.health.tracker import BreakerPolicy
 from gateway.providers import adapter_class, capabilities_for
+from gateway.routing.pricing import PriceSheet, PriceSheetError, load_sheet
 
 CONFIG_NAME = "providers.yaml"
 CONFIG_ENV = "KLEIN_CONFIG"
 _ELSEWHERE = f"Point at another with --config PATH or {CONFIG_ENV}=PATH, or write an editable copy of the defaults with `klein-gateway init [DIR]`."
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased as `file: field: problem`."""
 
 
 class _Strict(BaseModel):
@@ -109,7 +106,7 @@ class GatewaySettings(_Strict):
     # Uploaded references lent to URL-only backends expire this soon (and never after image_url_ttl_s).
     reference_url_ttl_s: int = Field(default=300, gt=0, le=3600)
     # A request for a shape (aspect_ratio, preset, auto) may be served at a backend's
-    # native size this close to the resolved one (relative; gateway/native_sizes.py).
+    # native size this close to the resolved one (relative; gateway/domain/native_sizes.py).
     native_size_ratio_tolerance: float = Field(default=0.01, ge=0, le=0.1)
     native_size_pixel_tolerance: float = Field(default=0.10, ge=0, le=0.5)
     baseline_backend: str | None = "fal"  # savings are measured against this backend's price
@@ -142,8 +139,8 @@ class GatewaySettings(_Strict):
     # within a second even when a pub/sub message is lost.
     health_refresh_ms: int = Field(default=250, ge=10, le=1000)
     # What carries provider calls and the Range reads of their images: aiohttp's
-    # pool and parser under httpx's client (gateway/aiohttp_transport.py), or
-    # httpx's own sharded httpcore pools (gateway/transport.py). KLEIN_UPSTREAM_CLIENT overrides.
+    # pool and parser under httpx's client (gateway/net/aiohttp_transport.py), or
+    # httpx's own sharded httpcore pools (gateway/net/transport.py). KLEIN_UPSTREAM_CLIENT overrides.
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
 
 

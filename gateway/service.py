@@ -15,25 +15,25 @@ from typing import Any
 
 import httpx
 
-from gateway.backends import BackendFleet
-from gateway.billing import Billing, Tab
 from gateway.config import GatewayConfig
-from gateway.dispatch import Dispatcher, Outcome
-from gateway.health import HealthTracker
-from gateway.idempotency import Idempotency
+from gateway.dispatch.attempts import Dispatcher, Outcome
+from gateway.dispatch.fleet import BackendFleet
+from gateway.dispatch.references import vet_reference_hosts
+from gateway.dispatch.shutdown import Drain
+from gateway.domain.job import ImageJob
+from gateway.health.tracker import HealthTracker
 from gateway.images import ImageStore
-from gateway.job import ImageJob
 from gateway.jobs.service import Jobs
-from gateway.keys import KeyRing
-from gateway.logs import RequestLogger
-from gateway.metrics import GatewayMetrics
-from gateway.metrics_access import MetricsAccess
-from gateway.pinned import Resolver, SystemResolver
-from gateway.pricing import usd_text
-from gateway.reconcile import billed_source
-from gateway.references import vet_reference_hosts
-from gateway.routing import Plan, plan, refusal
-from gateway.shutdown import Drain
+from gateway.money.idempotency import Idempotency
+from gateway.money.keys import KeyRing
+from gateway.money.reconcile import billed_source
+from gateway.money.tab import Billing, Tab
+from gateway.net.pinning import Resolver, SystemResolver
+from gateway.observability.logs import RequestLogger
+from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.metrics_access import MetricsAccess
+from gateway.routing.plan import Plan, plan, refusal
+from gateway.routing.pricing import usd_text
 
 
 @dataclass

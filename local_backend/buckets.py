@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 # The model's limits (multiples of 16: 8x VAE downsampling then 2x2 patches,
 # docs/local-backend.md#the-model-and-its-pipeline), shared with the gateway's eligibility check.
-from gateway.capabilities import MODEL_MAX_PIXELS, MODEL_MAX_SIDE, MODEL_MIN_SIDE, MODEL_MULTIPLE
+from gateway.domain.capabilities import MODEL_MAX_PIXELS, MODEL_MAX_SIDE, MODEL_MIN_SIDE, MODEL_MULTIPLE
 
 # fal's presets (docs/local-backend.md#batching), as the gateway resolves `image_size`.
-from gateway.sizes import FAL_PRESETS
+from gateway.domain.sizes import FAL_PRESETS
 
 DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = tuple(FAL_PRESETS.values())
 SIZE_MULTIPLE = MODEL_MULTIPLE

@@ -2,7 +2,7 @@
 
 Each process runs in its own session (so its workers share its process group)
 and is stopped through its own pid only. The providers are emulators the test
-runs itself (gateway.emulators.launcher.EmulatorFleet), so several gateway
+runs itself (tests.emulators.launcher.EmulatorFleet), so several gateway
 processes can share them and a test can turn their knobs."""
 
 from __future__ import annotations

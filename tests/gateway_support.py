@@ -20,9 +20,9 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.capabilities import Capabilities
-from gateway.job import ImageJob
-from gateway.metrics import GatewayMetrics
+from gateway.domain.capabilities import Capabilities
+from gateway.domain.job import ImageJob
+from gateway.observability.metrics import GatewayMetrics
 from gateway.providers.base import Adapter, FailureClass, GeneratedImage, ProbeResult, ProviderError, ProviderResult
 
 REPO = Path(__file__).resolve().parent.parent

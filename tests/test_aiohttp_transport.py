@@ -23,12 +23,12 @@ import httpx
 import pytest
 from aiohttp import web
 
-from gateway.aiohttp_transport import AiohttpTransport, _httpx_errors
 from gateway.app import build_gateway
 from gateway.config import ConfigError, load_config
+from gateway.net.aiohttp_transport import AiohttpTransport, _httpx_errors
+from gateway.net.transport import ShardedTransport
 from gateway.providers.base import AdapterSettings, FailureClass, ProviderError, Timeouts
 from gateway.providers.local import LocalAdapter
-from gateway.transport import ShardedTransport
 from tests.gateway_support import ENV, PROVIDERS_YAML
 
 BIG = bytes(range(256)) * (5 * 1024 * 1024 // 256)  # 5 MiB, every byte value
@@ -316,7 +316,7 @@ async def test_aclose_does_not_wait_forever_for_a_socket_that_will_not_close(ser
         await asyncio.Event().wait()
 
     monkeypatch.setattr(session, "close", never_closes)
-    monkeypatch.setattr("gateway.aiohttp_transport.CLOSE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr("gateway.net.aiohttp_transport.CLOSE_TIMEOUT_S", 0.2)
     started = time.monotonic()
     await asyncio.wait_for(client.aclose(), timeout=5)
     assert time.monotonic() - started < 2

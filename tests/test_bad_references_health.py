@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-import gateway.api.openai
+import gateway.http.openai
 from local_backend.app import create_app as create_local_app
 from tests.gateway_support import ENV, FakeAdapter, ServerThread, install_fakes, make_app, wait_until
 from tests.local_backend.conftest import FakeGenerator, make_settings
@@ -86,7 +86,7 @@ def test_a_backend_blaming_the_input_is_not_counted_against_its_health(stack, mo
     (simulated by switching that check off) reach the local service, which
     answers 422 invalid_reference_image; its breaker must stay closed."""
     gw, local_registry, _, fake_gpu = stack
-    monkeypatch.setattr(gateway.api.openai, "check_decodes", lambda data, param: None)
+    monkeypatch.setattr(gateway.http.openai, "check_decodes", lambda data, param: None)
     for _ in range(BAD_UPLOADS):
         _edit(gw, TRUNCATED)  # whatever a hosted backend makes of it; the local one refuses it
     state = _local_state(gw)

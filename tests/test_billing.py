@@ -12,9 +12,9 @@ import pytest
 import yaml
 from litestar.testing import AsyncTestClient
 
-from gateway.callers import Caller as LabelledKey
-from gateway.callers import caller_label
-from gateway.keys import hash_key
+from gateway.domain.callers import Caller as LabelledKey
+from gateway.domain.callers import caller_label
+from gateway.money.keys import hash_key
 from gateway.providers.base import FailureClass, ProviderError, ProviderResult
 from tests.gateway_support import ENV, FakeAdapter, install_fakes, make_app
 from tests.redis_server import free_port
@@ -70,7 +70,7 @@ async def test_a_billed_failure_then_a_success_settles_to_both(tmp_path):
         assert answer.status_code == 200 and answer.headers["x-klein-attempts"] == "2"
         cost = Decimal(answer.headers["x-klein-cost-usd"])
         gw = app.state.gateway
-        from gateway.budgets import windows_at
+        from gateway.money.budgets import windows_at
 
         windows = windows_at([("day", Decimal(1))], datetime.now(UTC))
         (spent,) = await gw.billing.budgets.spent("team", windows)
@@ -190,7 +190,7 @@ async def test_failing_over_after_a_billed_failure_never_overspends(tmp_path, da
     app, fakes = await client_for(tmp_path, {"local": [billed_failure]}, team={"budget_usd": {"day": day_budget}, "backends": {"only": ["local", "fal"]}})
     async with AsyncTestClient(app) as client:
         answer = await client.post("/v1/images/generations", json=BODY, headers=auth("team"))
-        from gateway.budgets import windows_at
+        from gateway.money.budgets import windows_at
 
         (spent,) = await app.state.gateway.billing.budgets.spent("team", windows_at([("day", Decimal(day_budget))], datetime.now(UTC)))
     assert answer.status_code == status, answer.headers
@@ -270,7 +270,7 @@ async def test_async_jobs_spend_from_their_owners_budget_and_get_a_ledger_row(tm
             assert accepted.status_code == 202, accepted.text
             jobs.append(await _job_when_done(client, accepted.json()["id"], auth("team")))
         rows = await ledger_rows(app)
-        from gateway.budgets import windows_at
+        from gateway.money.budgets import windows_at
 
         (spent,) = await app.state.gateway.billing.budgets.spent("team", windows_at([("day", Decimal("0.001"))], datetime.now(UTC)))
     assert [j["status"] for j in jobs] == ["succeeded", "succeeded", "failed"]

@@ -20,13 +20,13 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.health import BreakerPolicy, HealthTracker
-from gateway.healthview import BreakerState
+from gateway.health.breaker import BreakerRecord
+from gateway.health.records import merge_pushed_back
+from gateway.health.tracker import BreakerPolicy, HealthTracker
+from gateway.health.view import BreakerState
 from gateway.providers.base import FailureClass, ProviderError
 from gateway.state import MemoryStore, ResilientStore
 from gateway.state.base import StateStore
-from gateway.state.breaker import BreakerRecord
-from gateway.state.health_records import merge_pushed_back
 from gateway.state.redis import RedisStore
 from tests.gateway_support import (
     ENV,
@@ -112,7 +112,7 @@ async def test_two_gateway_instances_on_one_redis_run_exactly_one_trial(redis_se
     requests admitted before it opened report uncounted outcomes."""
     ns = f"trial-{uuid.uuid4().hex[:8]}"
     clock = Clock()
-    stores = [ResilientStore(RedisStore.from_url(redis_server.url, namespace=ns)) for _ in range(2)]
+    stores = [ResilientStore(RedisStore.from_url(redis_server.url, namespace=ns), merge=merge_pushed_back) for _ in range(2)]
     a, b = (HealthTracker(s, {"b": POLICY}, {"b": "fal"}, clock=clock) for s in stores)
     for t in (a, b):
         await t.start()  # as in a gateway: local copies, refreshed and fed by pub/sub
@@ -180,7 +180,7 @@ async def test_a_breaker_opened_while_redis_was_down_survives_its_return_over_th
     clock = Clock()
     with RedisServer() as server:
         ns = f"resync-{uuid.uuid4().hex[:8]}"
-        store = ResilientStore(RedisStore.from_url(server.url, namespace=ns), MemoryStore(), retry_interval_s=0.1)
+        store = ResilientStore(RedisStore.from_url(server.url, namespace=ns), MemoryStore(), retry_interval_s=0.1, merge=merge_pushed_back)
         other = RedisStore.from_url(server.url, namespace=ns)
         tracker = HealthTracker(store, {"b": POLICY}, {"b": "fal"}, clock=clock)
         reader = HealthTracker(other, {"b": POLICY}, {"b": "fal"}, clock=clock)

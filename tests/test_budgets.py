@@ -10,8 +10,8 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.budgets import BudgetUnavailable, MemoryBudgets, RedisBudgets, from_units, to_units, windows_at
-from gateway.routing import Plan
+from gateway.money.budgets import BudgetUnavailable, MemoryBudgets, RedisBudgets, from_units, to_units, windows_at
+from gateway.routing.plan import Plan
 
 
 @pytest.mark.parametrize(
@@ -92,11 +92,11 @@ async def test_a_dead_redis_is_reported_not_ignored():
 
 
 def test_the_worst_case_is_the_dearest_quote_in_the_plan():
-    from gateway.billing import worst_case
-    from gateway.capabilities import Eligibility
-    from gateway.healthview import HealthView
-    from gateway.pricing import Quote
-    from gateway.routing import Candidate
+    from gateway.domain.capabilities import Eligibility
+    from gateway.health.view import HealthView
+    from gateway.money.tab import worst_case
+    from gateway.routing.plan import Candidate
+    from gateway.routing.pricing import Quote
 
     def cand(name: str, usd: str) -> Candidate:
         return Candidate(name, Eligibility(True), Quote(Decimal(usd), "per_image", ""), HealthView())
@@ -125,11 +125,11 @@ async def test_the_largest_worst_case_that_fits_is_reserved(budgets, spent, take
 
 
 def test_a_tight_budget_keeps_the_backends_it_can_pay_for():
-    from gateway.billing import within, worst_cases
-    from gateway.capabilities import Eligibility
-    from gateway.healthview import HealthView
-    from gateway.pricing import Quote
-    from gateway.routing import Candidate
+    from gateway.domain.capabilities import Eligibility
+    from gateway.health.view import HealthView
+    from gateway.money.tab import within, worst_cases
+    from gateway.routing.plan import Candidate
+    from gateway.routing.pricing import Quote
 
     def cand(name: str, usd: str) -> Candidate:
         return Candidate(name, Eligibility(True), Quote(Decimal(usd), "per_image", ""), HealthView())

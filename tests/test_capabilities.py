@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.capabilities import Capabilities, eligible
-from gateway.job import ImageJob, JobKind, ReferenceImage
+from gateway.domain.capabilities import Capabilities, eligible
+from gateway.domain.job import ImageJob, JobKind, ReferenceImage
 
 UPLOAD = ReferenceImage(content_type="image/png", data=b"\x89PNG", width=1024, height=1024)
 LINKED = ReferenceImage(content_type="image/png", url="https://example.com/ref.png")

@@ -23,7 +23,7 @@ the wave opened. The backends' request timeout is 1 s (a test rig's choice,
 written into the row's providers.yaml) so a held or stuck sync backend costs
 one second, not the shipped 30 to 120; an async job stuck in a queue costs
 what dispatch gives the attempt (at least 5 s while there is time left,
-gateway/dispatch.py MIN_ATTEMPT_S), so the healthy rows use an 8 s deadline
+gateway/dispatch/attempts.py MIN_ATTEMPT_S), so the healthy rows use an 8 s deadline
 and the rows without a healthy backend the 3 s the issue asks for.
 
 Three rows go beyond the fault x position grid, each with the cheapest
@@ -73,7 +73,7 @@ import httpx
 import pytest
 import yaml
 
-from gateway.emulators import EmulatorFleet
+from tests.emulators import EmulatorFleet
 from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app, png_bytes
 from tests.redis_server import RedisServer, redis_available
 
@@ -84,7 +84,7 @@ WAVE = 3  # concurrent requests that all meet the faults
 HEALTHY_DEADLINE_MS = 8000
 NONE_HEALTHY_DEADLINE_MS = 3000
 
-# Emulator knobs per fault kind (gateway/emulators/knobs.py FAULT_KINDS).
+# Emulator knobs per fault kind (tests/emulators/knobs.py FAULT_KINDS).
 FAULTS: dict[str, dict] = {
     "server_error": {"server_error": 1.0, "server_error_status": 500},  # 5xx
     "rate_limited": {"rate_limited": 1.0, "retry_after_s": 1.0},  # 429 with Retry-After

@@ -27,7 +27,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.emulators.launcher import EmulatorFleet
+from tests.emulators.launcher import EmulatorFleet
 from tests.gateway_support import ServerThread, free_port, image_size_of, make_app, png_bytes
 
 HOSTED = ("replicate", "fal", "empiriolabs", "runflow")

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from gateway.cli import banner
-from gateway.emulators.launcher import EmulatorFleet, explicit_base_urls
+from tests.emulators.launcher import EmulatorFleet, explicit_base_urls
 from tests.gateway_support import REPO, clean_env, free_port
 
 GATEWAY_KEY = "gw-banner-test-key-0123"

@@ -32,7 +32,7 @@ import httpx
 import pytest
 import yaml
 
-from gateway.emulators import EmulatorFleet
+from tests.emulators import EmulatorFleet
 from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app, wait_until
 
 # 1024x1024: a size every backend can make exactly (Replicate only makes its 1 MP table).

@@ -31,10 +31,11 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from gateway import results
-from gateway.dispatch import OVERLOAD_RETRIES, attempt_budget, needed_time
-from gateway.healthview import BreakerState, HealthView
-from gateway.job import ImageJob, JobKind
+from gateway.dispatch import delivery as results
+from gateway.dispatch.attempts import OVERLOAD_RETRIES, attempt_budget, needed_time
+from gateway.domain.job import ImageJob, JobKind
+from gateway.health.breaker import BreakerRecord
+from gateway.health.view import BreakerState, HealthView
 from gateway.providers.base import (
     AdapterSettings,
     FailureClass,
@@ -43,7 +44,6 @@ from gateway.providers.base import (
     ProviderResult,
     Timeouts,
 )
-from gateway.state.breaker import BreakerRecord
 from gateway.state.memory import MemoryStore
 from tests.gateway_support import FakeAdapter, install_fakes, make_app, png_bytes
 

@@ -1,4 +1,4 @@
-"""The drain's bookkeeping (gateway.shutdown.Drain) and the app's SIGTERM path,
+"""The drain's bookkeeping (gateway.dispatch.shutdown.Drain) and the app's SIGTERM path,
 in one process: what finishes, what is cancelled and counted, and that the
 server is told to exit only after."""
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from gateway.app import drain_then_exit
-from gateway.shutdown import Drain
+from gateway.dispatch.shutdown import Drain
 from tests.gateway_support import REPO, make_app
 
 

@@ -24,7 +24,7 @@ import openai
 import pytest
 from PIL import Image
 
-from gateway.emulators.launcher import EmulatorFleet
+from tests.emulators.launcher import EmulatorFleet
 from tests.gateway_support import ServerThread, image_size_of, make_app, png_bytes
 
 BACKENDS = ("local", "replicate", "fal", "empiriolabs", "runflow")

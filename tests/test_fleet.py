@@ -43,7 +43,7 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.emulators.launcher import EmulatorFleet
+from tests.emulators.launcher import EmulatorFleet
 from tests.gateway_process import GatewayProcess, write_config
 from tests.gateway_support import free_port
 from tests.redis_server import RedisServer

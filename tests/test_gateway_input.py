@@ -343,8 +343,8 @@ def test_signed_image_urls_use_the_configured_public_base_url(tmp_path, via):
 async def test_reference_pixels_are_decoded_in_a_worker_thread_not_on_the_event_loop(client, monkeypatch, form):
     import asyncio
 
-    import gateway.api.openai as api
-    from gateway.references import check_decodes
+    import gateway.http.openai as api
+    from gateway.dispatch.references import check_decodes
 
     seen: list[tuple[str, bool]] = []
 
@@ -372,9 +372,9 @@ async def test_reference_pixels_are_decoded_in_a_worker_thread_not_on_the_event_
 async def test_an_oversized_upload_is_refused_one_byte_past_the_cap_without_reading_the_rest():
     from litestar.datastructures import UploadFile
 
-    from gateway.api.openai import read_upload
-    from gateway.errors import PayloadTooLarge
-    from gateway.references import MAX_REFERENCE_BYTES
+    from gateway.dispatch.references import MAX_REFERENCE_BYTES
+    from gateway.domain.errors import PayloadTooLarge
+    from gateway.http.openai import read_upload
 
     upload = UploadFile(content_type="image/png", filename="big.png", file_data=PNG + b"\x00" * (MAX_REFERENCE_BYTES + 4 * 1024 * 1024))
     with pytest.raises(PayloadTooLarge) as refused:

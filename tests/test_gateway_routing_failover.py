@@ -201,7 +201,7 @@ async def test_deadline_header_bounds_the_whole_request():
     [(120.0, False, 60.0), (8.0, False, 5.0), (6.0, False, 4.2), (3.0, False, 2.1), (3.0, True, 3.0), (0.5, False, 0.35)],
 )
 def test_attempt_budget_keeps_a_share_of_the_deadline_for_the_next_backend(remaining, last, expected):
-    from gateway.dispatch import attempt_budget
+    from gateway.dispatch.attempts import attempt_budget
 
     assert attempt_budget(remaining, last) == pytest.approx(expected)
 

@@ -10,8 +10,9 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.health import BreakerPolicy, HealthEffect, HealthTracker, health_effect
-from gateway.healthview import HEALTHY, BreakerState
+from gateway.health.records import merge_pushed_back
+from gateway.health.tracker import BreakerPolicy, HealthEffect, HealthTracker, health_effect
+from gateway.health.view import HEALTHY, BreakerState
 from gateway.providers import adapter_class
 from gateway.providers.base import FailureClass, ProbeResult, ProviderError
 from gateway.state import MemoryStore, ResilientStore
@@ -419,8 +420,8 @@ async def test_exactly_one_replica_takes_the_half_open_trial(redis_server) -> No
 @needs_redis
 async def test_replicas_carry_on_through_a_redis_outage_and_share_again_after(redis_server) -> None:
     with RedisServer() as server:
-        a_store = ResilientStore(RedisStore.from_url(server.url, namespace="o"), MemoryStore(), retry_interval_s=0.2)
-        b_store = ResilientStore(RedisStore.from_url(server.url, namespace="o"), MemoryStore(), retry_interval_s=0.2)
+        a_store = ResilientStore(RedisStore.from_url(server.url, namespace="o"), MemoryStore(), retry_interval_s=0.2, merge=merge_pushed_back)
+        b_store = ResilientStore(RedisStore.from_url(server.url, namespace="o"), MemoryStore(), retry_interval_s=0.2, merge=merge_pushed_back)
         a = HealthTracker(a_store, {}, {"x": "fal", "y": "fal"})
         b = HealthTracker(b_store, {}, {"x": "fal", "y": "fal"})
         try:

@@ -1,4 +1,4 @@
-"""Health off the request's path: the local copy (gateway/state/snapshot.py).
+"""Health off the request's path: the local copy (gateway/health/snapshot.py).
 
 - An attempt reads nothing from Redis and writes its outcome in at most one
   round trip (counted with the store's round-trip hook and Redis's own
@@ -23,11 +23,12 @@ from collections.abc import Callable
 import pytest
 from litestar.testing import AsyncTestClient
 
-from gateway.health import BreakerPolicy, HealthTracker
-from gateway.healthview import BreakerState
+from gateway.health import records as hr
+from gateway.health.records import merge_pushed_back
+from gateway.health.tracker import BreakerPolicy, HealthTracker
+from gateway.health.view import BreakerState
 from gateway.providers.base import FailureClass, ProviderError
 from gateway.state import MemoryStore, ResilientStore
-from gateway.state import health_records as hr
 from gateway.state.base import StateStore
 from gateway.state.redis import RedisStore
 from tests.gateway_support import ENV, FakeAdapter, install_fakes, make_app
@@ -76,7 +77,7 @@ async def subscribed(trips: Counter[str]) -> None:
 )
 @needs_redis
 async def test_an_attempt_reads_nothing_and_writes_its_outcome_in_one_round_trip(redis_server, outcome: str, commands_at_most: int) -> None:
-    store = ResilientStore(RedisStore.from_url(redis_server.url, namespace=f"trips-{uuid.uuid4().hex[:8]}"))
+    store = ResilientStore(RedisStore.from_url(redis_server.url, namespace=f"trips-{uuid.uuid4().hex[:8]}"), merge=merge_pushed_back)
     trips: Counter[str] = Counter()
     store.count_round_trips(lambda op: trips.update([op]))
     admin = RedisStore.from_url(redis_server.url)
@@ -191,7 +192,7 @@ async def routes_away_within(tracker: HealthTracker, timeout_s: float) -> float:
 @needs_redis
 async def test_a_breaker_opened_on_one_gateway_keeps_the_other_off_it_within_a_second(redis_server, how: str, store_class: type[ResilientStore], refresh_s: float) -> None:
     ns = f"second-{uuid.uuid4().hex[:8]}"
-    a_store, b_store = ResilientStore(RedisStore.from_url(redis_server.url, namespace=ns)), store_class(RedisStore.from_url(redis_server.url, namespace=ns))
+    a_store, b_store = ResilientStore(RedisStore.from_url(redis_server.url, namespace=ns), merge=merge_pushed_back), store_class(RedisStore.from_url(redis_server.url, namespace=ns))
     trips: Counter[str] = Counter()
     b_store.count_round_trips(lambda op: trips.update([op]))
     a = HealthTracker(a_store, {"x": POLICY}, NAMES)
@@ -220,7 +221,7 @@ async def test_a_breaker_opened_on_one_gateway_keeps_the_other_off_it_within_a_s
 @needs_redis
 async def test_a_parking_and_a_credentials_mark_reach_the_other_gateway_by_pub_sub(redis_server) -> None:
     ns = f"park-{uuid.uuid4().hex[:8]}"
-    a_store, b_store = (ResilientStore(RedisStore.from_url(redis_server.url, namespace=ns)) for _ in range(2))
+    a_store, b_store = (ResilientStore(RedisStore.from_url(redis_server.url, namespace=ns), merge=merge_pushed_back) for _ in range(2))
     trips: Counter[str] = Counter()
     b_store.count_round_trips(lambda op: trips.update([op]))
     a, b = HealthTracker(a_store, {}, NAMES), HealthTracker(b_store, {}, NAMES, refresh_s=30)
@@ -253,7 +254,7 @@ async def test_the_copy_serves_the_last_known_state_while_redis_is_away(wrapped:
         writer = RedisStore.from_url(server.url, namespace="out")
         reader: StateStore = RedisStore.from_url(server.url, namespace="out")
         if wrapped:
-            reader = ResilientStore(reader, MemoryStore(), retry_interval_s=0.2)
+            reader = ResilientStore(reader, MemoryStore(), retry_interval_s=0.2, merge=merge_pushed_back)
         a = HealthTracker(writer, {"x": POLICY}, NAMES)
         b = HealthTracker(reader, {"x": POLICY}, NAMES, refresh_s=0.05)
         await b.start()
@@ -315,8 +316,8 @@ async def test_two_trackers_on_one_memory_store_share_transitions_at_once() -> N
 
 # ---- the copy's own rules ---------------------------------------------------------------
 
-from gateway.state.breaker import BreakerRecord  # noqa: E402 - beside the tests that use it
-from gateway.state.snapshot import LocalHealth, message  # noqa: E402 - beside the tests that use it
+from gateway.health.breaker import BreakerRecord  # noqa: E402 - beside the tests that use it
+from gateway.health.snapshot import LocalHealth, message  # noqa: E402 - beside the tests that use it
 
 OPEN_V5 = BreakerRecord(state=BreakerState.OPEN, since=1000.0, cooldown_s=5.0, version=5).encode()
 CLOSED_V6 = BreakerRecord(state=BreakerState.CLOSED, since=1010.0, gen=1, version=6, closed_at=1010.0).encode()

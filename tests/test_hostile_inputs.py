@@ -26,7 +26,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 from PIL import Image
 
-from gateway.references import MAX_REFERENCE_BYTES
+from gateway.dispatch.references import MAX_REFERENCE_BYTES
 from tests.gateway_support import ENV, SECRETS, FakeAdapter, install_fakes, make_app, png_bytes
 
 CALLER_KEY = "caller-key-5e1f0c2a9b"

@@ -16,8 +16,8 @@ from litestar.testing import AsyncTestClient
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.job import ImageJob
-from gateway.metrics import GatewayMetrics
+from gateway.domain.job import ImageJob
+from gateway.observability.metrics import GatewayMetrics
 from gateway.providers.base import GeneratedImage, ProviderResult
 from tests.gateway_support import ENV, PROVIDERS_YAML, REPO, FakeAdapter, image_size_of, install_fakes, png_bytes
 from tests.s3_server import S3Endpoint

@@ -20,8 +20,8 @@ import standardwebhooks
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.emulators import EmulatorFleet
-from gateway.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics
+from tests.emulators import EmulatorFleet
 from tests.gateway_support import ServerThread, image_size_of, png_bytes
 from tests.jobs_support import (
     PRICING,

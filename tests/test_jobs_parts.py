@@ -14,8 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 import standardwebhooks
 
-from gateway.errors import InvalidRequest
-from gateway.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage
+from gateway.domain.errors import InvalidRequest
+from gateway.domain.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage
 from gateway.jobs.deliveries import MemoryDeliverySchedule, RedisDeliverySchedule
 from gateway.jobs.model import (
     JobRecord,

@@ -25,11 +25,11 @@ import pytest
 import redis as redis_client
 import redis.asyncio as aioredis
 
-from gateway.emulators import EmulatorFleet
-from gateway.job import ImageJob, JobKind
+from gateway.domain.job import ImageJob, JobKind
 from gateway.jobs.model import JobRecord, job_to_dict, new_job_id
 from gateway.jobs.queue import RedisJobQueue
 from gateway.jobs.store import RedisJobStore
+from tests.emulators import EmulatorFleet
 from tests.jobs_support import PRICING, TERMINAL, config_with, wait_job
 from tests.redis_server import RedisServer, redis_available
 from tests.test_resilience_replicas import Replica, start_replica, wait_ready

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway import keys as keys_module
-from gateway.billing import BackendNotAllowed, apply_key_rules
 from gateway.cli import main
-from gateway.job import ImageJob, JobKind, ProviderPrefs
-from gateway.keys import KeyRing, KeysFileError, KeySpec, hash_key, load_keys_file, new_key
+from gateway.domain.job import ImageJob, JobKind, ProviderPrefs
+from gateway.money import keys as keys_module
+from gateway.money.keys import KeyRing, KeysFileError, KeySpec, hash_key, load_keys_file, new_key
+from gateway.money.tab import BackendNotAllowed, apply_key_rules
 
 BACKENDS = {"fal", "replicate", "runflow", "empiriolabs", "local"}
 REPO = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.ledger import Ledger, PostgresLedger, SqliteLedger, UsageRow, summarise
-from gateway.ledger.stores import migrations
+from gateway.money.ledger import Ledger, PostgresLedger, SqliteLedger, UsageRow, summarise
+from gateway.money.ledger.stores import migrations
 
 T0 = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
 

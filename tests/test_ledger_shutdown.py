@@ -22,8 +22,8 @@ import httpx
 import pytest
 import yaml
 
-from gateway.emulators import EmulatorFleet
-from gateway.ledger import open_store
+from gateway.money.ledger import open_store
+from tests.emulators import EmulatorFleet
 from tests.gateway_support import free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent

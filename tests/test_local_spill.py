@@ -13,8 +13,8 @@ import collections
 import httpx
 import pytest
 
-from gateway.emulators.launcher import EmulatorFleet
 from gateway.providers.base import ProbeResult
+from tests.emulators.launcher import EmulatorFleet
 from tests.gateway_support import ServerThread, make_app
 
 BODY = {"prompt": "a harbour at night", "size": "1024x1024", "response_format": "b64_json"}

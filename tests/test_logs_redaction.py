@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import logs
-from gateway.logs import REDACTED, redact
+from gateway import redaction
+from gateway.observability import logs
+from gateway.redaction import REDACTED, redact
 
 
 @pytest.mark.parametrize(
@@ -50,7 +51,7 @@ def test_start_up_report_logs_which_variable_to_set():
     import logging
 
     from gateway.app import startup_report
-    from gateway.logs import configure_logging
+    from gateway.observability.logs import configure_logging
     from tests.gateway_support import ENV, make_app
 
     app = make_app({k: v for k, v in ENV.items() if k != "FAL_KEY"})
@@ -107,17 +108,17 @@ _PIECES = [
 @settings(max_examples=600, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=6)), max_size=8).map("".join))
 def test_the_ascii_trigger_check_agrees_with_the_trigger_regex(text):
-    assert logs._triggered(text) == (logs._TRIGGER.search(text) is not None)
+    assert redaction._triggered(text) == (redaction._TRIGGER.search(text) is not None)
 
 
 @settings(max_examples=600, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=6)), max_size=8).map("".join))
 def test_unescape_skipping_plain_ascii_gives_what_the_full_unescape_gives(text):
-    assert logs.unescape(text) == logs._unescape_all(text)
+    assert redaction.unescape(text) == redaction._unescape_all(text)
 
 
 def test_a_request_line_with_a_secret_in_a_field_is_still_scrubbed():
-    logs.register_secrets(["sk-fastpath-0123456789"])
+    redaction.register_secrets(["sk-fastpath-0123456789"])
     record = logging.LogRecord("klein.request", logging.INFO, __file__, 1, "request", None, None)
     record.__dict__.update(request_id="req_sk-fastpath-0123456789", route="generations", caller="r8_abcdefgh1234")
     logs.RedactingFilter().filter(record)

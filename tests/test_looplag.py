@@ -1,11 +1,11 @@
-"""gateway.looplag: how late the event loop ran, for telling the gateway's overload from a backend's failure."""
+"""gateway.dispatch.overload: how late the event loop ran, for telling the gateway's overload from a backend's failure."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from gateway.looplag import LoopLag
+from gateway.dispatch.overload import LoopLag
 
 
 async def test_a_loop_held_by_blocking_work_reads_as_late_and_a_free_one_does_not() -> None:

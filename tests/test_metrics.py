@@ -15,18 +15,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.logs import (
-    REDACTED,
-    JsonFormatter,
-    RedactingFilter,
-    RequestLogger,
-    configure_logging,
-    looks_like_secret,
-    redact,
-    register_secrets,
-    secrets_from_env,
-)
-from gateway.metrics import OVERHEAD_BUCKETS, REQUEST_BUCKETS, GatewayMetrics, mark_process_dead, status_class
+from gateway.observability.logs import JsonFormatter, RedactingFilter, RequestLogger, configure_logging, secrets_from_env
+from gateway.observability.metrics import OVERHEAD_BUCKETS, REQUEST_BUCKETS, GatewayMetrics, mark_process_dead, status_class
+from gateway.redaction import REDACTED, looks_like_secret, redact, register_secrets
 
 GEN = "/v1/images/generations"
 
@@ -132,7 +123,7 @@ def test_breaker_state_and_up(metrics, registry, state, gauge, up):
 
 
 def test_breaker_state_accepts_the_health_enum_and_rejects_unknown_states(metrics, registry):
-    from gateway.healthview import BreakerState
+    from gateway.health.view import BreakerState
 
     metrics.set_breaker_state("fal", BreakerState.HALF_OPEN)
     assert value(registry, "klein_backend_breaker_state", backend="fal") == 1
@@ -291,7 +282,7 @@ WORKER_SPEND = {
 
 
 def _worker(name: str, ready, done) -> None:  # runs in a spawned process
-    from gateway.metrics import GatewayMetrics
+    from gateway.observability.metrics import GatewayMetrics
 
     metrics = GatewayMetrics()
     for backend, caller, usd in WORKER_SPEND[name]:

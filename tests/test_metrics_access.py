@@ -27,10 +27,10 @@ import pytest
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.callers import LABEL_SECRET_ENV, Caller, caller_label
 from gateway.config import ConfigError
-from gateway.logs import configure_logging
-from gateway.metrics_access import MetricsAccess, parse_port
+from gateway.domain.callers import LABEL_SECRET_ENV, Caller, caller_label
+from gateway.observability.logs import configure_logging
+from gateway.observability.metrics_access import MetricsAccess, parse_port
 from tests.gateway_support import ENV, REPO, FakeAdapter, clean_env, free_port, install_fakes, make_app
 
 CALLER_KEY = "gw-live-key-for-metrics-0123"
@@ -75,7 +75,7 @@ def test_without_a_configured_secret_each_process_draws_its_own(monkeypatch):
     monkeypatch.delenv(LABEL_SECRET_ENV, raising=False)
     here = caller_label(Caller(CALLER_KEY))
     assert here == caller_label(Caller(CALLER_KEY))  # stable within the process
-    code = f"from gateway.callers import Caller, caller_label; print(caller_label(Caller({CALLER_KEY!r})))"
+    code = f"from gateway.domain.callers import Caller, caller_label; print(caller_label(Caller({CALLER_KEY!r})))"
     env = {k: v for k, v in os.environ.items() if k != LABEL_SECRET_ENV} | {"PYTHONPATH": str(REPO)}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=True).stdout.strip()
     assert other.startswith("key_") and other != here

@@ -24,9 +24,9 @@ import pytest
 import redis as redis_client
 import yaml
 
-from gateway.emulators import EmulatorFleet
-from gateway.keys import hash_key
-from gateway.ledger import PostgresLedger
+from gateway.money.keys import hash_key
+from gateway.money.ledger import PostgresLedger
+from tests.emulators import EmulatorFleet
 from tests.gateway_support import wait_until
 from tests.prometheus_server import ALERT_RULES, prometheus_binary, start_prometheus
 from tests.redis_server import RedisServer, redis_available

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.capabilities import Capabilities, eligible
-from gateway.job import EXACT_SIZE, ImageJob, JobKind, SizeIntent
-from gateway.native_sizes import SizeTolerance, as_served, native_size
+from gateway.domain.capabilities import Capabilities, eligible
+from gateway.domain.job import EXACT_SIZE, ImageJob, JobKind, SizeIntent
+from gateway.domain.native_sizes import SizeTolerance, as_served, native_size
+from gateway.domain.sizes import resolve_size, size_intent
 from gateway.providers.replicate import ReplicateAdapter
-from gateway.sizes import resolve_size, size_intent
 
 REPLICATE = ReplicateAdapter.capabilities_for({})
 FREE = Capabilities()  # any size on the 16-pixel grid (fal, EmpirioLabs' shape)

@@ -48,7 +48,7 @@ from PIL import Image
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics
 from tests.gateway_support import clean_env
 from tests.prometheus_server import (
     JOB,

@@ -16,7 +16,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 from openapi_spec_validator import validate
 
-from gateway.api.openapi import document
+from gateway.http.openapi import document
 from tests.gateway_support import FakeAdapter, install_fakes, make_app, png_bytes
 from tests.test_hostile_inputs import ROWS, Row
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.job import ImageJob, JobKind, ReferenceImage
-from gateway.pricing import (
+from gateway.domain.job import ImageJob, JobKind, ReferenceImage
+from gateway.routing.pricing import (
     GpuTime,
     PerImage,
     PerMegapixel,

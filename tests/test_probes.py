@@ -9,10 +9,10 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.health import HealthTracker
-from gateway.healthview import BreakerState
-from gateway.job import ImageJob
-from gateway.probes import Prober, ProbeSettings
+from gateway.domain.job import ImageJob
+from gateway.health.probes import Prober, ProbeSettings
+from gateway.health.tracker import HealthTracker
+from gateway.health.view import BreakerState
 from gateway.providers.base import Adapter, AdapterSettings, FailureClass, ProbeResult, ProviderError, ProviderResult
 from gateway.state import MemoryStore
 

@@ -1,6 +1,6 @@
 """Health probes cost nothing: no probe ever creates paid work on any backend.
 
-The witness is each emulator's own counters (gateway/emulators/core.py
+The witness is each emulator's own counters (tests/emulators/core.py
 Stats): `paid_calls` and `generations` count calls that create billable
 work, `free_calls` every other protocol call. The prober runs against every
 emulator for many intervals with a tiny interval; afterwards the paid counts
@@ -21,14 +21,14 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import build_gateway, create_app
 from gateway.config import load_config
-from gateway.emulators import EmulatorFleet
-from gateway.emulators.launcher import PROVIDERS
-from gateway.health import HealthTracker
-from gateway.healthview import BreakerState
-from gateway.metrics import GatewayMetrics
-from gateway.probes import Prober, ProbeSettings
+from gateway.health.probes import Prober, ProbeSettings
+from gateway.health.tracker import HealthTracker
+from gateway.health.view import BreakerState
+from gateway.observability.metrics import GatewayMetrics
 from gateway.providers.base import ProbeResult
 from gateway.state import MemoryStore
+from tests.emulators import EmulatorFleet
+from tests.emulators.launcher import PROVIDERS
 from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app, wait_until
 
 INTERVAL_S = 0.05
@@ -201,7 +201,7 @@ async def test_stopping_the_prober_ends_a_loop_whose_adapter_swallowed_the_cance
 
 
 async def test_a_probe_refused_for_its_key_marks_the_backend_down_until_a_good_probe():
-    from gateway.health import HealthTracker
+    from gateway.health.tracker import HealthTracker
     from gateway.providers.base import ProbeResult
     from gateway.state import MemoryStore
 

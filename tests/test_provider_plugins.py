@@ -32,13 +32,14 @@ from prometheus_client import CollectorRegistry
 
 import gateway.providers as registry
 from gateway.app import create_app
-from gateway.capabilities import Capabilities
 from gateway.config import ConfigError, load_config
-from gateway.emulators.launcher import PROVIDERS, EmulatorFleet
-from gateway.logs import configure_logging, redact, secrets_from_env
-from gateway.metrics import GatewayMetrics
+from gateway.domain.capabilities import Capabilities
+from gateway.observability.logs import configure_logging, secrets_from_env
+from gateway.observability.metrics import GatewayMetrics
 from gateway.providers import ENTRY_POINT_GROUP, adapter_class, kinds, register, unregister
 from gateway.providers.base import Adapter
+from gateway.redaction import redact
+from tests.emulators.launcher import PROVIDERS, EmulatorFleet
 from tests.gateway_support import ENV, PROVIDERS_YAML, REPO, ServerThread, image_size_of, make_app
 from tests.plugins.acme_adapter import AcmeAdapter
 

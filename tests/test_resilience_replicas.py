@@ -28,8 +28,9 @@ import httpx
 import pytest
 import redis as redis_client
 
-from gateway.emulators import EmulatorFleet
+from gateway.health.records import merge_pushed_back
 from gateway.state import MemoryStore, ResilientStore
+from tests.emulators import EmulatorFleet
 from tests.gateway_support import free_port, wait_until
 from tests.redis_server import RedisServer, redis_available
 
@@ -316,7 +317,7 @@ class FlakyStore(MemoryStore):
 
 def resilient_over(primary: FlakyStore) -> tuple[ResilientStore, list[float]]:
     now = [0.0]
-    return ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0]), now
+    return ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0], merge=merge_pushed_back), now
 
 
 async def test_values_read_from_the_shared_store_are_remembered_for_an_outage() -> None:

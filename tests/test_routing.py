@@ -10,14 +10,14 @@ import httpx
 import pytest
 import yaml
 
-from gateway.backends import BackendFleet
-from gateway.capabilities import ELIGIBLE, Eligibility
 from gateway.config import load_config
-from gateway.errors import InvalidRequest, Unprocessable, UpstreamFailed
-from gateway.healthview import HEALTHY, BreakerState, HealthView
-from gateway.job import ImageJob, JobKind, ProviderPrefs
-from gateway.pricing import Quote
-from gateway.routing import Candidate, Plan, Skip, SkipCause, plan, refusal
+from gateway.dispatch.fleet import BackendFleet
+from gateway.domain.capabilities import ELIGIBLE, Eligibility
+from gateway.domain.errors import InvalidRequest, Unprocessable, UpstreamFailed
+from gateway.domain.job import ImageJob, JobKind, ProviderPrefs
+from gateway.health.view import HEALTHY, BreakerState, HealthView
+from gateway.routing.plan import Candidate, Plan, Skip, SkipCause, plan, refusal
+from gateway.routing.pricing import Quote
 from tests.gateway_support import ENV, PROVIDERS_YAML
 
 

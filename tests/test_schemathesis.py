@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.emulators.launcher import EmulatorFleet
+from tests.emulators.launcher import EmulatorFleet
 from tests.gateway_support import ServerThread, make_app, png_bytes
 
 EXAMPLES = 40  # per operation and generation mode

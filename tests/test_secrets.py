@@ -23,8 +23,9 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from gateway.logs import REDACTED, configure_logging, scrub, secrets_from_env, unescape
+from gateway.observability.logs import configure_logging, secrets_from_env
 from gateway.providers._wire import provider_text
+from gateway.redaction import REDACTED, scrub, unescape
 from tests.gateway_support import make_app
 
 CALLER_KEY = "gw-caller-key-7f3a91c2d4e5"

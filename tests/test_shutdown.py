@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.emulators.launcher import EmulatorFleet
+from tests.emulators.launcher import EmulatorFleet
 from tests.gateway_process import GatewayProcess, write_config
 
 pytestmark = pytest.mark.slow

@@ -23,11 +23,11 @@ import pytest
 import respx
 from litestar.testing import AsyncTestClient
 
-from gateway.addresses import HostRefused, embedded_ipv4, is_public, literal_address, loose_ipv4
-from gateway.errors import InvalidRequest
-from gateway.job import ReferenceImage
-from gateway.pinned import HostUnresolved, PinnedTransport, SystemResolver
-from gateway.references import fetch_reference, parse_reference
+from gateway.dispatch.references import fetch_reference, parse_reference
+from gateway.domain.errors import InvalidRequest
+from gateway.domain.job import ReferenceImage
+from gateway.net.addresses import HostRefused, embedded_ipv4, is_public, literal_address, loose_ipv4
+from gateway.net.pinning import HostUnresolved, PinnedTransport, SystemResolver
 from tests.gateway_support import make_app, png_bytes
 
 FAL = "http://fal.test"

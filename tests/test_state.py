@@ -9,6 +9,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.health.records import merge_pushed_back
 from gateway.state import MemoryStore, ResilientStore, open_store
 from gateway.state.base import StateStore, StoreStatus
 from gateway.state.redis import RedisStore
@@ -170,7 +171,7 @@ class BrokenStore(MemoryStore):
 async def test_resilient_store_falls_back_and_asks_a_dead_primary_once_per_retry_interval() -> None:
     now = [100.0]
     primary = BrokenStore()
-    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0])
+    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0], merge=merge_pushed_back)
     await store.set("k", "before", ttl_s=60)
     primary.broken = True
     primary.calls = 0
@@ -187,7 +188,7 @@ async def test_resilient_store_falls_back_and_asks_a_dead_primary_once_per_retry
 async def test_resilient_store_pushes_keys_learned_alone_back_without_overwriting() -> None:
     now = [0.0]
     primary = BrokenStore()
-    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0])
+    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0], merge=merge_pushed_back)
     primary.broken = True
     await store.set("learned-alone", "open", ttl_s=60)
     await store.set("also-written-elsewhere", "mine", ttl_s=60)
@@ -204,7 +205,7 @@ async def test_resilient_store_pushes_keys_learned_alone_back_without_overwritin
 async def test_a_lease_given_back_while_the_primary_was_down_is_freed_there_when_it_returns() -> None:
     now = [0.0]
     primary = BrokenStore()
-    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0])
+    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0], merge=merge_pushed_back)
     assert await store.set_if_absent("lease", "t1 token", ttl_s=60)
     primary.broken = True
     assert await store.compare_and_delete("lease", "t1 token")  # this replica's copy is gone at once
@@ -220,7 +221,7 @@ async def test_a_lease_given_back_while_the_primary_was_down_is_freed_there_when
 @needs_redis
 async def test_redis_killed_mid_run_degrades_to_memory_and_recovers_when_restarted() -> None:
     with RedisServer() as server:
-        store = ResilientStore(RedisStore.from_url(server.url, namespace="kill"))  # retries once a second
+        store = ResilientStore(RedisStore.from_url(server.url, namespace="kill"), merge=merge_pushed_back)  # retries once a second
         other = RedisStore.from_url(server.url, namespace="kill")  # another replica's view
         try:
             await store.set("before", "1", ttl_s=60)
@@ -251,7 +252,7 @@ async def test_redis_killed_mid_run_degrades_to_memory_and_recovers_when_restart
 async def test_only_one_call_retries_a_primary_that_was_down() -> None:
     now = [0.0]
     primary = BrokenStore()
-    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0])
+    store = ResilientStore(primary, retry_interval_s=1.0, clock=lambda: now[0], merge=merge_pushed_back)
     primary.broken = True
     await store.set("k", "v", ttl_s=60)
     now[0] += 2
@@ -315,7 +316,7 @@ async def test_a_redis_batch_is_one_round_trip(redis_server, ops: list[Op], trip
 @needs_redis
 async def test_a_resilient_batch_mirrors_into_memory_and_carries_on_there_when_redis_is_gone() -> None:
     with RedisServer() as server:
-        store = ResilientStore(RedisStore.from_url(server.url, namespace="b"), MemoryStore(), retry_interval_s=0.1)
+        store = ResilientStore(RedisStore.from_url(server.url, namespace="b"), MemoryStore(), retry_interval_s=0.1, merge=merge_pushed_back)
         try:
             await store.batch([Op.set("health:x:breaker", "rec", ttl_s=60), Op.incr("w", ttl_s=60), Op.raise_to("health:x:park", 5.0, ttl_s=60)])
             server.stop()

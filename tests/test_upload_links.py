@@ -7,10 +7,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from gateway.config import GatewaySettings
+from gateway.dispatch.upload_links import UploadLinks, reference_url_for
+from gateway.domain.job import ImageJob, JobKind, ReferenceImage
 from gateway.images.memory import MemoryImageStore
 from gateway.images.signing import UrlSigner
-from gateway.job import ImageJob, JobKind, ReferenceImage
-from gateway.upload_links import UploadLinks, reference_url_for
 from tests.gateway_support import png_bytes
 
 NOW = 1_800_000_000.0

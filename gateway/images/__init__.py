@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from gateway.config import ConfigError, GatewaySettings
+from gateway.config import GatewaySettings
+from gateway.domain.errors import ConfigError
 from gateway.images.base import FILES_PATH, ImageStore, StoredImage, StoredRef, valid_name
 from gateway.images.signing import UrlSigner
 

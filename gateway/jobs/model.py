@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
-from gateway.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage, SizeIntent
-from gateway.pricing import usd_text
+from gateway.domain.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage, SizeIntent
+from gateway.routing.pricing import usd_text
 
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "failed", "canceled")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import GatewaySettings
-from gateway.errors import GatewayError
+from gateway.domain.errors import GatewayError
 from gateway.jobs.deliveries import (
     DeliverySchedule,
     MemoryDeliverySchedule,
@@ -26,8 +26,8 @@ from gateway.jobs.store import JobStore, MemoryJobStore, RedisJobStore
 from gateway.jobs.webhooks import Allowlist, parse_secret
 
 if TYPE_CHECKING:
-    from gateway.backends import BackendFleet
-    from gateway.metrics import GatewayMetrics
+    from gateway.dispatch.fleet import BackendFleet
+    from gateway.observability.metrics import GatewayMetrics
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from gateway.errors import InvalidRequest
+from gateway.domain.errors import InvalidRequest
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 SECRET_PREFIX = "whsec_"

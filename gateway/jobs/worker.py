@@ -25,19 +25,19 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from gateway.answer import images_body
-from gateway.dispatch import Attempt, DispatchFailed, Outcome, tried
-from gateway.errors import GatewayError
-from gateway.job import ImageJob
+from gateway.dispatch.answer import images_body
+from gateway.dispatch.attempts import Attempt, DispatchFailed, Outcome, tried
+from gateway.domain.errors import GatewayError
+from gateway.domain.job import ImageJob
 from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import Message
 from gateway.jobs.webhooks import next_delay, refusal_at_delivery, signed_headers
-from gateway.pricing import usd
 from gateway.providers.base import FailureClass, ProviderError, job_id_listener
+from gateway.routing.pricing import usd
 
 if TYPE_CHECKING:
+    from gateway.jobs.pipeline import Pipeline
     from gateway.jobs.service import Jobs
-    from gateway.service import Gateway
 
 log = logging.getLogger("klein.gateway.jobs")
 
@@ -59,7 +59,7 @@ class _Running:
 
 @dataclass
 class JobWorker:
-    gw: Gateway
+    gw: Pipeline  # the gateway's parts the worker runs jobs through (gateway.service.Gateway in the app)
     jobs: Jobs
     consumer: str = field(default_factory=consumer_name)
     webhook_client: httpx.AsyncClient | None = None

@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
-from gateway.capabilities import Capabilities
-from gateway.job import JobKind
+from gateway.domain.capabilities import Capabilities
+from gateway.domain.job import JobKind
 from gateway.providers.base import Adapter
 
 __all__ = [

@@ -12,7 +12,7 @@ import binascii
 import mimetypes
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from gateway.job import ReferenceImage
+from gateway.domain.job import ReferenceImage
 from gateway.providers.base import GeneratedImage
 
 

@@ -27,9 +27,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from gateway.logs import mask_fragments, redact, registered_secrets, unescape
 from gateway.providers._json import response_json
 from gateway.providers.base import Adapter, FailureClass, ProviderError, Timeouts, sleep_until_next_poll
+from gateway.redaction import mask_fragments, redact, registered_secrets, unescape
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import httpx
 
-from gateway.capabilities import Capabilities
-from gateway.job import ImageJob, JobKind
+from gateway.domain.capabilities import Capabilities
+from gateway.domain.job import ImageJob, JobKind
 from gateway.providers._json import response_json
 from gateway.providers.options import AdapterOptions
 

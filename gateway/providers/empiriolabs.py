@@ -59,8 +59,9 @@ from typing import Any, ClassVar, Literal
 
 import httpx
 
-from gateway.capabilities import Capabilities
-from gateway.job import MEDIA_TYPES, ImageJob, JobKind
+from gateway.domain.capabilities import Capabilities
+from gateway.domain.job import MEDIA_TYPES, ImageJob, JobKind
+from gateway.domain.media import sniff
 from gateway.providers import register
 from gateway.providers._images import checked_b64, content_type_from_url, data_uri_b64, is_data_uri, parse_data_uri, reference_uri
 from gateway.providers._json import response_json
@@ -76,7 +77,6 @@ from gateway.providers.base import (
     http_error,
 )
 from gateway.providers.options import AdapterOptions
-from gateway.references import sniff
 
 DEFAULT_MODEL = "flux-2-klein-4b"
 PROBE_TIMEOUT_S = 10.0
@@ -237,7 +237,7 @@ class EmpirioLabsAdapter(Adapter):
     default_base_url: ClassVar[str | None] = "https://api.empiriolabs.ai"
     options_type = EmpirioLabsOptions
     default_capabilities: ClassVar[Capabilities] = DEFAULT_CAPABILITIES
-    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.empiriolabs:EmpirioLabsEmulator", key_prefix="sk-empiriolabs-emu")
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("tests.emulators.empiriolabs:EmpirioLabsEmulator", key_prefix="sk-empiriolabs-emu")
     opts: EmpirioLabsOptions
 
     @classmethod

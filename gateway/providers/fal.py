@@ -60,8 +60,8 @@ from urllib.parse import quote
 
 import httpx
 
-from gateway.capabilities import Capabilities
-from gateway.job import ImageJob, JobKind
+from gateway.domain.capabilities import Capabilities
+from gateway.domain.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import output_image, reference_uri
 from gateway.providers._json import response_json
@@ -230,7 +230,7 @@ class FalAdapter(Adapter):
     base_url_env: ClassVar[str] = "KLEIN_FAL_BASE_URL"
     default_base_url: ClassVar[str | None] = "https://queue.fal.run"
     options_type = FalOptions
-    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.fal:FalEmulator", key_prefix="emu-fal-")
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("tests.emulators.fal:FalEmulator", key_prefix="emu-fal-")
     opts: FalOptions
     default_capabilities: ClassVar[Capabilities] = Capabilities(
         min_side=64,

@@ -52,8 +52,8 @@ from typing import Any, ClassVar
 import httpx
 from pydantic import ValidationError
 
-from gateway.capabilities import Capabilities
-from gateway.job import ImageJob
+from gateway.domain.capabilities import Capabilities
+from gateway.domain.job import ImageJob
 from gateway.providers import register
 from gateway.providers._json import response_json
 from gateway.providers._wire import provider_text
@@ -198,7 +198,7 @@ class LocalAdapter(Adapter):
     reports_queue_wait: ClassVar[bool] = True  # /v1/info: estimated_wait_s
     reports_live_price: ClassVar[bool] = True  # /v1/info: marginal and amortized USD per image
     takes_reference_bytes: ClassVar[bool] = True
-    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.local:LocalEmulator")
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("tests.emulators.local:LocalEmulator")
 
     async def generate(self, job: ImageJob, deadline: float) -> ProviderResult:
         remaining = deadline - time.monotonic()

@@ -62,8 +62,8 @@ from urllib.parse import quote
 
 import httpx
 
-from gateway.capabilities import Capabilities
-from gateway.job import ImageJob, JobKind
+from gateway.domain.capabilities import Capabilities
+from gateway.domain.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
 from gateway.providers._wire import as_outcome_unknown, follow_job, get_patiently, maybe_json, provider_text, trusted_url
@@ -206,7 +206,7 @@ class ReplicateAdapter(Adapter):
     base_url_env: ClassVar[str] = "KLEIN_REPLICATE_BASE_URL"
     default_base_url: ClassVar[str | None] = "https://api.replicate.com"
     options_type = ReplicateOptions
-    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.replicate:ReplicateEmulator", key_prefix="r8_emu")
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("tests.emulators.replicate:ReplicateEmulator", key_prefix="r8_emu")
     opts: ReplicateOptions
     default_capabilities: ClassVar[Capabilities] = Capabilities(
         exact_sizes=frozenset(DEFAULT_SIZES),

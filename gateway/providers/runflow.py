@@ -88,8 +88,8 @@ from urllib.parse import quote
 
 import httpx
 
-from gateway.capabilities import Capabilities, eligible
-from gateway.job import ImageJob, JobKind
+from gateway.domain.capabilities import Capabilities, eligible
+from gateway.domain.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
 from gateway.providers._json import response_json
@@ -384,7 +384,7 @@ class RunflowAdapter(Adapter):
     default_base_url: ClassVar[str | None] = "https://api.runflow.io"
     options_type = RunflowOptions
     default_capabilities: ClassVar[Capabilities] = TEXT_TO_IMAGE_CAPABILITIES
-    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("gateway.emulators.runflow:RunflowEmulator", key_prefix="rf_live_emu")
+    emulator: ClassVar[EmulatorHook | None] = EmulatorHook("tests.emulators.runflow:RunflowEmulator", key_prefix="rf_live_emu")
     opts: RunflowOptions
 
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:

@@ -11,18 +11,19 @@ import os
 
 from gateway.state.base import StateStore, StoreStatus
 from gateway.state.memory import MemoryStore
-from gateway.state.resilient import ResilientStore
+from gateway.state.resilient import Merge, ResilientStore, set_if_absent
 
-__all__ = ["MemoryStore", "ResilientStore", "StateStore", "StoreStatus", "open_store"]
+__all__ = ["MemoryStore", "Merge", "ResilientStore", "StateStore", "StoreStatus", "open_store"]
 
 
-def open_store(url: str | None = None, *, namespace: str | None = None) -> StateStore:
+def open_store(url: str | None = None, *, namespace: str | None = None, merge: Merge = set_if_absent) -> StateStore:
     """The configured store. `url` defaults to `REDIS_URL`; the namespace to
-    `KLEIN_STATE_NAMESPACE` or "default" (keys are `klein:<namespace>:...`)."""
+    `KLEIN_STATE_NAMESPACE` or "default" (keys are `klein:<namespace>:...`).
+    `merge` decides what a replica writes back after an outage (see ResilientStore)."""
     url = url if url is not None else os.environ.get("REDIS_URL")
     if not url:
         return MemoryStore()
     from gateway.state.redis import RedisStore  # redis is only imported when used
 
     ns = namespace or os.environ.get("KLEIN_STATE_NAMESPACE") or "default"
-    return ResilientStore(RedisStore.from_url(url, namespace=ns), MemoryStore())
+    return ResilientStore(RedisStore.from_url(url, namespace=ns), MemoryStore(), merge=merge)

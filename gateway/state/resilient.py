@@ -17,8 +17,8 @@ and the string keys this replica wrote while degraded (an opened breaker,
 a parking, a credentials mark) are merged back with their remaining TTL.
 Redis almost always still holds an older value of such a key (breaker
 records live a day), so "set if absent" would throw away what was learned
-alone; instead a merge rule (`merge`, by default
-`health_records.merge_pushed_back`) decides between the replica's value and
+alone; instead a merge rule (`merge`, passed in by whoever owns the keys:
+the app passes `gateway.health.records.merge_pushed_back`) decides between the replica's value and
 Redis's: the breaker record that changed last wins, the later parking
 deadline wins, and keys without a rule are only set where absent. The write
 is a compare-and-set against the value the rule saw, re-decided when
@@ -43,7 +43,6 @@ from functools import partial
 from typing import Any, TypeVar
 
 from gateway.state.base import Op, StateStore, StoreStatus
-from gateway.state.health_records import merge_pushed_back
 from gateway.state.memory import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -57,6 +56,11 @@ _MERGE_TRIES = 4
 Merge = Callable[[str, str, "str | None"], "str | None"]
 
 
+def set_if_absent(key: str, mine: str, theirs: str | None) -> str | None:
+    """The rule for keys nobody gave one: write back only where the primary holds nothing."""
+    return mine if theirs is None else None
+
+
 class ResilientStore(StateStore):
     def __init__(
         self,
@@ -67,7 +71,7 @@ class ResilientStore(StateStore):
         mirror_ttl_s: float = 300.0,
         max_dirty: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
-        merge: Merge = merge_pushed_back,
+        merge: Merge = set_if_absent,
     ) -> None:
         self.primary = primary
         self.merge = merge

@@ -10,7 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from gateway.emulators import EmulatorFleet
+from tests.emulators import EmulatorFleet
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ import random
 import pytest
 from PIL import Image
 
-from gateway.emulators.images import ImageStore
-from gateway.emulators.jobs import JobBook, Spec
-from gateway.emulators.knobs import EmulatorKnobs, JobTiming, Latency
+from tests.emulators.images import ImageStore
+from tests.emulators.jobs import JobBook, Spec
+from tests.emulators.knobs import EmulatorKnobs, JobTiming, Latency
 
 
 def test_merge_is_nested_and_leaves_the_original_alone():

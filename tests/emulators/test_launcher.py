@@ -1,4 +1,4 @@
-"""The fleet: in the caller's loop, in a thread, and as `python -m gateway.emulators`."""
+"""The fleet: in the caller's loop, in a thread, and as `python -m tests.emulators`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.emulators import EmulatorFleet, EmulatorKnobs, JobTiming
+from tests.emulators import EmulatorFleet, EmulatorKnobs, JobTiming
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_thread_fleet_stops_cleanly_and_releases_held_requests():
 def test_module_entry_point_prints_env_lines_and_serves():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.emulators", "--only", "runflow,local"],
+        [sys.executable, "-m", "tests.emulators", "--only", "runflow,local"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from gateway.emulators.replicate import parse_duration, parse_prefer_wait
-from gateway.emulators.sizes import replicate_size
+from tests.emulators.replicate import parse_duration, parse_prefer_wait
+from tests.emulators.sizes import replicate_size
 from tests.emulators.support import auth, decode, knobs, stats
 
 CREATE = "/v1/models/black-forest-labs/flux-2-klein-4b/predictions"

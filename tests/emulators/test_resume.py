@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from gateway.job import ImageJob, JobKind
+from gateway.domain.job import ImageJob, JobKind
 from gateway.providers.base import ProviderError, job_id_listener
 from tests.emulators.support import stats
 from tests.emulators.test_with_adapters import make_adapter

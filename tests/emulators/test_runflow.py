@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from gateway.emulators.jobs import Spec
-from gateway.emulators.runflow import run_cost
+from tests.emulators.jobs import Spec
+from tests.emulators.runflow import run_cost
 from tests.emulators.support import auth, decode, knobs, stats
 
 MODEL = "/v1/models/black-forest-labs/flux-2-klein-4b"

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from gateway.job import ImageJob, JobKind
+from gateway.domain.job import ImageJob, JobKind
 from gateway.providers.base import AdapterSettings, FailureClass, ProviderError, Timeouts
 from tests.emulators.support import ALL, stats
 

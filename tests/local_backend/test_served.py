@@ -24,7 +24,7 @@ pytest.importorskip("diffusers")
 
 import uvicorn
 
-from gateway.job import ImageJob, JobKind, ReferenceImage
+from gateway.domain.job import ImageJob, JobKind, ReferenceImage
 from gateway.providers.base import AdapterSettings
 from gateway.providers.local import LocalAdapter
 from local_backend.app import create_app

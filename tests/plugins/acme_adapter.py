@@ -19,8 +19,8 @@ from typing import ClassVar, Literal
 
 import httpx
 
-from gateway.capabilities import Capabilities
-from gateway.job import MEDIA_TYPES, ImageJob
+from gateway.domain.capabilities import Capabilities
+from gateway.domain.job import MEDIA_TYPES, ImageJob
 from gateway.providers._wire import clip, maybe_json, redact
 from gateway.providers.base import (
     Adapter,

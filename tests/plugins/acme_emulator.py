@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.emulators.asgi import Request, Response, Route, route
-from gateway.emulators.core import EmulatorApp
-from gateway.emulators.jobs import Spec
+from tests.emulators.asgi import Request, Response, Route, route
+from tests.emulators.core import EmulatorApp
+from tests.emulators.jobs import Spec
 
 
 class AcmeEmulator(EmulatorApp):

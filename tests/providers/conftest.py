@@ -14,7 +14,7 @@ import httpx
 import pytest
 import respx
 
-from gateway.job import ImageJob, JobKind, ReferenceImage
+from gateway.domain.job import ImageJob, JobKind, ReferenceImage
 from gateway.providers.base import AdapterSettings, Timeouts
 
 # The smallest valid PNG header is enough: adapters pass bytes through, they never decode them.

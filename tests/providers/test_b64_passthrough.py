@@ -22,10 +22,11 @@ import pytest
 import respx
 from PIL import Image
 
-from gateway import results
+from gateway.dispatch import delivery as results
+from gateway.dispatch.delivery import ResultShaper
+from gateway.domain.job import ImageJob
 from gateway.images.memory import MemoryImageStore
 from gateway.images.signing import UrlSigner
-from gateway.job import ImageJob
 from gateway.providers._images import HEAD_B64_CHARS
 from gateway.providers.base import Adapter, AdapterSettings
 from gateway.providers.empiriolabs import EmpirioLabsAdapter
@@ -33,7 +34,6 @@ from gateway.providers.fal import FalAdapter
 from gateway.providers.local import LocalAdapter
 from gateway.providers.replicate import ReplicateAdapter
 from gateway.providers.runflow import RunflowAdapter
-from gateway.results import ResultShaper
 from tests.providers import test_empiriolabs as el
 from tests.providers import test_fal as fal
 from tests.providers import test_local as local

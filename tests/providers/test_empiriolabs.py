@@ -11,7 +11,7 @@ import httpx
 import pytest
 import respx
 
-from gateway.job import JobKind, ReferenceImage
+from gateway.domain.job import JobKind, ReferenceImage
 from gateway.providers.base import FailureClass, ProviderError
 from gateway.providers.empiriolabs import EmpirioLabsAdapter, EmpirioLabsOptions, extract_images
 

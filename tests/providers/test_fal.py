@@ -10,7 +10,7 @@ import httpx
 import pytest
 import respx
 
-from gateway.job import JobKind, ReferenceImage
+from gateway.domain.job import JobKind, ReferenceImage
 from gateway.providers.base import FailureClass, ProviderError
 from gateway.providers.fal import FalAdapter, error_detail, queue_app
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import respx
 
-from gateway.capabilities import eligible
-from gateway.job import JobKind, ReferenceImage
+from gateway.domain.capabilities import eligible
+from gateway.domain.job import JobKind, ReferenceImage
 from gateway.providers import adapter_class
 from gateway.providers.base import FailureClass, ProviderError
 from gateway.providers.local import LocalAdapter, service_timeout

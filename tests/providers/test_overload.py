@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from gateway.health import NO_EFFECT, health_effect
+from gateway.health.tracker import NO_EFFECT, health_effect
 from gateway.providers.base import GATEWAY_OVERLOADED, AdapterSettings, FailureClass, ProviderError, Timeouts
 from gateway.providers.fal import FalAdapter
 

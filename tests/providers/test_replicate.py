@@ -10,8 +10,8 @@ import httpx
 import pytest
 import respx
 
-from gateway.capabilities import eligible
-from gateway.job import JobKind, ReferenceImage
+from gateway.domain.capabilities import eligible
+from gateway.domain.job import JobKind, ReferenceImage
 from gateway.providers.base import FailureClass, ProviderError
 from gateway.providers.replicate import DEFAULT_SIZES, ReplicateAdapter, SizeSpec, size_table
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import respx
 
-from gateway.job import JobKind, ReferenceImage
+from gateway.domain.job import JobKind, ReferenceImage
 from gateway.providers.base import FailureClass, ProviderError, submitted_jobs
 from gateway.providers.runflow import RunflowAdapter, RunflowOptions, extract_images
 

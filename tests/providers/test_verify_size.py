@@ -16,16 +16,16 @@ import pytest
 import respx
 from PIL import Image
 
+from gateway.dispatch.delivery import HEAD_BYTES, ResultShaper
+from gateway.domain.job import ImageJob
 from gateway.images.memory import MemoryImageStore
 from gateway.images.signing import UrlSigner
-from gateway.job import ImageJob
 from gateway.providers.base import FailureClass, GeneratedImage, ProviderError
 from gateway.providers.empiriolabs import EmpirioLabsAdapter
 from gateway.providers.fal import FalAdapter
 from gateway.providers.options import AdapterOptions
 from gateway.providers.replicate import ReplicateAdapter
 from gateway.providers.runflow import RunflowAdapter
-from gateway.results import HEAD_BYTES, ResultShaper
 from tests.providers import test_empiriolabs as el
 from tests.providers import test_fal as fal
 

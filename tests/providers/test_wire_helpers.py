@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from gateway.job import ReferenceImage
+from gateway.domain.job import ReferenceImage
 from gateway.providers._images import content_type_from_url, output_image, parse_data_uri, reference_uri
 from gateway.providers._wire import provider_text, same_origin, trusted_url
 

@@ -1,0 +1,5 @@
+"""Backend health: the tracker, breakers and their stored records, the per-process copy,
+half-open trials and free probes.
+
+May import providers, state, observability and domain.
+"""

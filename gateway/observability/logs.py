@@ -1,0 +1,194 @@
+"""Structured JSON logs: one line per request, and no secrets or prompts, ever.
+
+`configure_logging()` installs one handler that writes each record as a JSON
+object on its own line and scrubs anything that looks like a credential:
+`Authorization` values, `Bearer ...` and `Key ...` tokens (fal's scheme),
+OpenAI-style `sk-...`, Replicate `r8_...`, Runflow `rf_live_...`, fal's
+`uuid:secret` keys, passwords in URLs, key-like query parameters, and the
+exact values of configured secrets (the provider credentials and gateway keys
+from the environment, see `secrets_from_env`; a backend fleet also registers
+the credential of every configured backend, read from whatever variable
+providers.yaml names). Scrubbing runs on the message,
+its arguments, extra fields and tracebacks, so an exception that quotes a
+header cannot leak it.
+
+`RequestLogger.log()` writes the one line per request. Prompts are never
+logged; with `log_prompt_length=True` the line carries the prompt's length in
+characters, never its text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Final, TextIO
+
+from gateway.providers import credential_env_names
+from gateway.redaction import NEVER_LOGGED_FIELDS, REDACTED, redact, register_secrets, scrub
+
+GATEWAY_KEYS_ENV: Final = "KLEIN_GATEWAY_KEYS"  # comma-separated caller keys
+# The gateway's own secrets: the /metrics token, the caller-label and image-URL signing keys.
+GATEWAY_SECRET_ENV_VARS: Final = ("KLEIN_METRICS_TOKEN", "KLEIN_METRICS_KEY_SECRET", "KLEIN_URL_SIGNING_KEY")
+PROMPT_LENGTH_ENV: Final = "KLEIN_LOG_PROMPT_LENGTH"  # opt-in: log prompt length (never text)
+
+
+def secrets_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The configured secret values: every registered provider's credential
+    variable (`Adapter.credential_env`), the caller keys and the gateway's own secrets."""
+    env = os.environ if environ is None else environ
+    found = [env[name] for name in (*credential_env_names(), *GATEWAY_SECRET_ENV_VARS) if env.get(name)]
+    found += [k.strip() for k in env.get(GATEWAY_KEYS_ENV, "").split(",") if k.strip()]
+    return found
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, Mapping):
+        return {k: REDACTED if str(k).lower() in NEVER_LOGGED_FIELDS else _scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v) for v in value]
+    return value
+
+
+_STANDARD_ATTRS: Final = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "taskName"}
+
+
+class RedactingFilter(logging.Filter):
+    """Scrubs a record before any handler formats it: message and arguments
+    (rendered first), extra fields, traceback text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string, or an argument whose str() raises, must not drop the record
+            message = f"{record.msg!r} {record.args!r}"
+        record.msg, record.args = scrub(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
+        for name, value in list(record.__dict__.items()):
+            if name in _STANDARD_ATTRS:
+                continue
+            record.__dict__[name] = REDACTED if name.lower() in NEVER_LOGGED_FIELDS else _scrub(value)
+        return True
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    return str(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then extra fields.
+    The finished line is scrubbed again, so nothing reaches the stream
+    unredacted even without `RedactingFilter`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name, value in record.__dict__.items():
+            if name in _STANDARD_ATTRS or name in entry:
+                continue
+            entry[name] = REDACTED if name.lower() in NEVER_LOGGED_FIELDS else value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
+        line = json.dumps(entry, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+        return redact(line)
+
+
+_HANDLER_MARK: Final = "_klein_json_handler"
+
+
+def configure_logging(
+    *,
+    level: int | str = "INFO",
+    stream: TextIO | None = None,
+    secrets: Iterable[str] | None = None,
+) -> logging.Handler:
+    """Route every log record to one JSON-lines handler on the root logger.
+
+    `secrets`: exact values to scrub; None reads them from the environment
+    (`secrets_from_env`). Calling again replaces the handler, not adds one."""
+    register_secrets(secrets_from_env() if secrets is None else secrets)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
+
+
+class RequestLogger:
+    """Writes the one log line of each request (logger `klein.request`).
+
+    `log_prompt_length`: opt in to a `prompt_chars` field; None reads
+    `KLEIN_LOG_PROMPT_LENGTH` (1/true/yes). The prompt text is never written
+    either way."""
+
+    def __init__(self, logger: logging.Logger | None = None, *, log_prompt_length: bool | None = None) -> None:
+        self.logger = logger if logger is not None else logging.getLogger("klein.request")
+        if log_prompt_length is None:
+            log_prompt_length = os.environ.get(PROMPT_LENGTH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        self.log_prompt_length = log_prompt_length
+
+    def fields(
+        self,
+        *,
+        request_id: str,
+        route: str,
+        status: int,
+        backend: str | None,
+        attempts: int,
+        cost_usd: Decimal,
+        latency_s: float,
+        overhead_s: float,
+        caller: str | None = None,
+        error_code: str | None = None,
+        prompt: str | None = None,
+    ) -> dict[str, Any]:
+        """The fields of one request line. `caller` is the caller's label
+        (`gateway.domain.callers`), never a key; `prompt` is only measured, and only
+        with `log_prompt_length`."""
+        entry: dict[str, Any] = {
+            "request_id": request_id,
+            "route": route,
+            "status": status,
+            "backend": backend,
+            "attempts": attempts,
+            "cost_usd": str(cost_usd),
+            "latency_s": round(latency_s, 6),
+            "overhead_s": round(overhead_s, 6),
+        }
+        if caller is not None:
+            entry["caller"] = caller
+        if error_code is not None:
+            entry["error_code"] = error_code
+        if self.log_prompt_length and prompt is not None:
+            entry["prompt_chars"] = len(prompt)
+        return entry
+
+    def log(self, **fields: Any) -> None:
+        """Write the request's one line (the arguments of `fields`): level
+        warning for 5xx, info otherwise."""
+        entry = self.fields(**fields)
+        self.logger.log(logging.WARNING if entry["status"] >= 500 else logging.INFO, "request", extra=entry)
