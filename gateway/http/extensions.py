@@ -10,8 +10,9 @@ from litestar import MediaType, Request, Response, get, post
 from gateway.domain.errors import AuthenticationFailed, NotFound
 from gateway.domain.job import JobKind
 from gateway.http.context import json_object
+from gateway.http.entry import begin, gateway_of
 from gateway.http.errors import envelope_response
-from gateway.http.openai import _job_from_raw, begin, gateway_of
+from gateway.http.openai import _job_from_raw
 
 
 @post("/v1/images/quote", status_code=200)

@@ -18,6 +18,7 @@ from litestar import MediaType, Request, Response, get, post
 from gateway.domain.errors import InvalidRequest, NotFound
 from gateway.domain.job import ImageJob
 from gateway.http.context import CallContext, deadline_for
+from gateway.http.entry import begin, gateway_of
 from gateway.jobs.model import STATUSES, JobRecord, Webhook, job_to_dict, new_job_id
 from gateway.jobs.webhooks import check_url
 from gateway.routing.plan import refusal
@@ -92,11 +93,6 @@ async def accept_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallCont
 
 
 def _begin(request: Request[Any, Any, Any]) -> tuple[Gateway, CallContext]:
-    from gateway.http.openai import (  # one authentication path for every route
-        begin,
-        gateway_of,
-    )
-
     gw = gateway_of(request)
     return gw, begin(request, gw)
 

@@ -15,7 +15,7 @@ import msgspec
 from litestar import MediaType, Request, Response, get
 
 from gateway.domain.errors import InvalidRequest
-from gateway.http.openai import begin, gateway_of
+from gateway.http.entry import begin, gateway_of
 from gateway.money.ledger import GROUPS, summarise
 
 DEFAULT_SPAN = timedelta(days=30)
