@@ -26,12 +26,15 @@ import time
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
+import httpcore
+import httpx
+
 from gateway.domain.errors import GatewayError, InvalidRequest
 from gateway.net.addresses import HostRefused, refuse_unless_public_host
 from gateway.net.allowlist import Allowlist
-from gateway.net.pinning import HostUnresolved, Resolver, SystemResolver, public_addresses
+from gateway.net.pinning import HostUnresolved, PinnedTransport, Resolver, SystemResolver, public_addresses
 
-__all__ = ["Allowlist", "WebhookSecretError", "check_url", "next_delay", "parse_secret", "refusal_at_delivery", "sign", "signed_headers", "vet_url"]
+__all__ = ["Allowlist", "WebhookSecretError", "check_url", "delivery_client", "next_delay", "parse_secret", "refusal_at_delivery", "sign", "signed_headers", "vet_url"]
 
 SECRET_PREFIX = "whsec_"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -133,6 +136,14 @@ async def refusal_at_delivery(url: str, allow: Allowlist, resolver: Resolver | N
     except GatewayError as exc:
         return exc.message
     return None
+
+
+def delivery_client(resolver: Resolver, allow: Allowlist, network_backend: httpcore.AsyncNetworkBackend | None = None) -> httpx.AsyncClient:
+    """The client webhooks are posted with: it resolves each receiver once,
+    judges every address (allowlist included) and connects to the judged one;
+    no redirects, no proxy from the environment."""
+    transport = PinnedTransport(resolver, network_backend=network_backend, allow=allow)
+    return httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False, headers={"user-agent": "klein-gateway/0.1 webhooks"})
 
 
 def next_delay(schedule: Sequence[float], attempts: int) -> float | None:

@@ -31,8 +31,8 @@ from gateway.domain.errors import GatewayError
 from gateway.domain.job import ImageJob
 from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import Message
-from gateway.jobs.webhooks import check_url, next_delay, signed_headers
-from gateway.net.pinning import AddressRefused, HostUnresolved, PinnedTransport, Resolver, SystemResolver
+from gateway.jobs.webhooks import check_url, delivery_client, next_delay, signed_headers
+from gateway.net.pinning import AddressRefused, HostUnresolved, Resolver, SystemResolver
 from gateway.providers.base import FailureClass, ProviderError, job_id_listener
 from gateway.routing.pricing import usd
 
@@ -76,9 +76,7 @@ class JobWorker:
 
     def start(self) -> None:
         s = self.jobs.settings
-        self.webhook_client = self.webhook_client or httpx.AsyncClient(
-            transport=PinnedTransport(self.resolver, allow=self.jobs.allowlist), follow_redirects=False, trust_env=False, headers={"user-agent": "klein-gateway/0.1 webhooks"}
-        )
+        self.webhook_client = self.webhook_client or delivery_client(self.resolver, self.jobs.allowlist)
         loops = [self._slot(i) for i in range(s.job_concurrency)] + [self._heartbeat(), self._gauges(), self._webhooks()]
         self._tasks = [asyncio.get_running_loop().create_task(loop) for loop in loops]
 
