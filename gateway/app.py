@@ -208,7 +208,7 @@ def create_app(
             draining.add(asyncio.ensure_future(drain_then_exit(gw, exit_now)))
 
         uninstall, exit_now = on_sigterm(start_drain, gw.drain.hurry) if drain_on_sigterm else (lambda: None, lambda: None)
-        worker = JobWorker(gw, gw.jobs)
+        worker = JobWorker(gw, gw.jobs, resolver=gw.resolver)
         worker.start()
         gw.ready = True
         try:

@@ -190,6 +190,14 @@ def test_cancel_ends_a_running_job_and_cancels_its_provider_job(rig: Rig) -> Non
         ({"webhook_url": "https://user:pw@example.com/hook"}, {}, "webhook_url", "invalid_webhook_url"),
         ({"webhook_url": "ftp://example.com/hook"}, {}, "webhook_url", "invalid_webhook_url"),
         ({"webhook_url": 7}, {}, "webhook_url", "invalid_webhook_url"),
+        ({"webhook_url": "https://[::1"}, {}, "webhook_url", "invalid_webhook_url"),  # unclosed bracket: was a 500
+        ({"webhook_url": "https://example.com:99999/hook"}, {}, "webhook_url", "invalid_webhook_url"),  # was accepted, then never delivered
+        ({"webhook_url": "https://127.1/hook"}, {}, "webhook_url", "invalid_webhook_url"),
+        ({"webhook_url": "https://0x7f000001/hook"}, {}, "webhook_url", "invalid_webhook_url"),
+        ({"webhook_url": "https://[2002:a9fe:a9fe::]/hook"}, {}, "webhook_url", "invalid_webhook_url"),
+        ({"webhook_url": "https://100.100.100.200/hook"}, {}, "webhook_url", "invalid_webhook_url"),
+        ({"webhook_url": "https://192.0.0.8/hook"}, {}, "webhook_url", "invalid_webhook_url"),
+        ({"webhook_url": "https://127.0.0.1./hook"}, {}, "webhook_url", "invalid_webhook_url"),
         ({"metadata": {f"k{i}": "v" for i in range(17)}}, {}, "metadata", "invalid_metadata"),
         ({"metadata": {"count": 1}}, {}, "metadata", "invalid_metadata"),
         ({"metadata": ["a"]}, {}, "metadata", "invalid_metadata"),

@@ -20,7 +20,7 @@ from gateway.domain.job import ImageJob
 from gateway.http.context import CallContext, deadline_for
 from gateway.http.entry import begin, gateway_of
 from gateway.jobs.model import STATUSES, JobRecord, Webhook, job_to_dict, new_job_id
-from gateway.jobs.webhooks import check_url
+from gateway.jobs.webhooks import vet_url
 from gateway.routing.plan import refusal
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ async def accept_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallCont
     if "webhook_url" in extras:
         if gw.jobs.signing_key is None:
             raise InvalidRequest("webhooks are not configured on this gateway (KLEIN_WEBHOOK_SECRET is unset)", param="webhook_url", code="webhooks_disabled")
-        webhook = Webhook(check_url(extras["webhook_url"], gw.jobs.allowlist))
+        webhook = Webhook(await vet_url(extras["webhook_url"], gw.jobs.allowlist, gw.resolver))
     metadata = check_metadata(extras.get("metadata"))
     deadline_s = deadline_for(request, settings.async_deadline_s, max(settings.max_deadline_s, settings.async_deadline_s))
     job = dataclasses.replace(job, deadline_s=deadline_s)

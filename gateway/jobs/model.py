@@ -76,6 +76,7 @@ class Webhook:
     attempts: int = 0
     delivered: bool = False
     last_status: int | None = None  # the receiver's last HTTP status; None: no answer yet
+    refusal: str | None = None  # why the delivery was given up without a try (the address policy refused it)
 
     def public(self) -> dict[str, Any]:
         return {"url": self.url, "attempts": self.attempts, "delivered": self.delivered, "last_status": self.last_status}

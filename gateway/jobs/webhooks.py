@@ -7,30 +7,37 @@ A delivery is retried on any non-2xx answer or none within the timeout, on
 the configured schedule, then given up; the `webhook-id` is the same on
 every try, so a receiver can drop duplicates.
 
-URL rules (against SSRF): https only, unless the host is allowlisted; a host
-that is, or resolves to, a private, loopback, link-local or reserved address
-is refused unless allowlisted (by name, address or CIDR). The name is
-resolved again before each delivery, so DNS cannot be switched under us
-between the check and the call.
+URL rules (against SSRF): https only, unless the host is allowlisted; the
+host must pass the gateway's one address policy (`gateway.net.addresses`,
+the same one reference URLs pass) unless allowlisted by name, address or
+CIDR. At submit the name is resolved and every address judged; at delivery
+the client's `PinnedTransport` resolves once more, judges again and connects
+to the very address it judged, so DNS cannot be switched under us between
+the check and the call.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import hmac
-import ipaddress
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from gateway.domain.errors import InvalidRequest
+import httpcore
+import httpx
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from gateway.domain.errors import GatewayError, InvalidRequest
+from gateway.net.addresses import HostRefused, refuse_unless_public_host
+from gateway.net.allowlist import Allowlist
+from gateway.net.pinning import HostUnresolved, PinnedTransport, Resolver, SystemResolver, public_addresses
+
+__all__ = ["Allowlist", "WebhookSecretError", "check_url", "delivery_client", "next_delay", "parse_secret", "refusal_at_delivery", "sign", "signed_headers", "vet_url"]
+
 SECRET_PREFIX = "whsec_"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class WebhookSecretError(ValueError):
@@ -64,89 +71,79 @@ def signed_headers(key: bytes, msg_id: str, body: bytes, now: float | None = Non
     }
 
 
-@dataclass(frozen=True, slots=True)
-class Allowlist:
-    """Hosts and networks a webhook may reach even when not https or not public."""
-
-    hosts: frozenset[str] = frozenset()
-    networks: tuple[IPNetwork, ...] = ()
-
-    @classmethod
-    def parse(cls, entries: Iterable[str]) -> Allowlist:
-        hosts: set[str] = set()
-        networks: list[IPNetwork] = []
-        for entry in entries:
-            entry = entry.strip().lower()
-            if not entry:
-                continue
-            try:
-                networks.append(ipaddress.ip_network(entry, strict=False))
-            except ValueError:
-                hosts.add(entry.rstrip("."))
-        return cls(frozenset(hosts), tuple(networks))
-
-    def permits_host(self, host: str) -> bool:
-        host = host.lower().rstrip(".")
-        if host in self.hosts:
-            return True
-        address = _address(host)
-        return address is not None and self.permits_address(address)
-
-    def permits_address(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        return any(address in net for net in self.networks if net.version == address.version)
+def _bad(why: str) -> InvalidRequest:
+    return InvalidRequest(f"webhook_url {why}", param="webhook_url", code="invalid_webhook_url")
 
 
-def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def split_url(url: object, allow: Allowlist) -> tuple[str, int]:
+    """The host and port a webhook URL names, if its shape may be called
+    (before any address is judged); else a 400 that says why."""
+    if not isinstance(url, str) or len(url) > 2048:
+        raise _bad("must be a URL of at most 2048 characters")
     try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
-
-
-def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return not (address.is_private or address.is_loopback or address.is_link_local or address.is_reserved or address.is_multicast or address.is_unspecified)
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        reason = "its port must be a number from 1 to 65535" if "port" in str(exc).lower() else "it is malformed"
+        raise _bad(f"is not a valid URL: {reason}") from None
+    host = parts.hostname or ""
+    if parts.scheme not in _DEFAULT_PORTS or not host:
+        raise _bad("must be an https URL")
+    if port == 0:
+        raise _bad("is not a valid URL: its port must be a number from 1 to 65535")
+    if parts.username or parts.password:
+        raise _bad("must not carry credentials")
+    if parts.scheme != "https" and not allow.permits_host(host):
+        raise _bad("must be https (or its host allowlisted)")
+    return host, port or _DEFAULT_PORTS[parts.scheme]
 
 
 def check_url(url: object, allow: Allowlist) -> str:
-    """`url` if a webhook may be sent there, else a 400 that says why."""
-
-    def bad(why: str) -> InvalidRequest:
-        return InvalidRequest(f"webhook_url {why}", param="webhook_url", code="invalid_webhook_url")
-
-    if not isinstance(url, str) or len(url) > 2048:
-        raise bad("must be a URL of at most 2048 characters")
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.scheme not in ("https", "http") or not host:
-        raise bad("must be an https URL")
-    if parts.username or parts.password:
-        raise bad("must not carry credentials")
-    if allow.permits_host(host):
-        return url
-    if parts.scheme != "https":
-        raise bad("must be https (or its host allowlisted)")
-    address = _address(host)
-    if host == "localhost" or host.endswith(".localhost") or (address is not None and not is_public(address)):
-        raise bad("points at a private or loopback address; allowlist it to use it")
+    """`url` if its shape and literal host may be called, else a 400 that says
+    why; a name is judged by what it resolves to (`vet_url`)."""
+    host, _ = split_url(url, allow)
+    try:
+        refuse_unless_public_host(host, allow)
+    except HostRefused as exc:
+        raise _bad(f"must point at a public address ({exc}); allowlist the host to use it") from None
+    assert isinstance(url, str)
     return url
 
 
-async def refusal_at_delivery(url: str, allow: Allowlist) -> str | None:
-    """Why a delivery to `url` must not be made now (its name resolves to a
-    private address that is not allowlisted), or None when it may."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if allow.permits_host(host):
-        return None
+async def vet_url(url: object, allow: Allowlist, resolver: Resolver) -> str:
+    """`url` if a webhook may be sent there now: its shape, and every address
+    its host resolves to, pass the address policy. A name that does not exist
+    is a 400; a resolver that does not answer in time a 503 (retryable)."""
+    host, port = split_url(url, allow)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443)
-    except OSError:
-        return None  # unresolvable: the delivery fails like any unreachable receiver
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not is_public(address) and not allow.permits_address(address):
-            return f"{host} resolves to a non-public address"
+        await public_addresses(host, port, resolver, allow)
+    except HostRefused as exc:
+        raise _bad(f"must point at a public address ({exc}); allowlist the host to use it") from None
+    except HostUnresolved as exc:
+        if exc.permanent:
+            raise _bad(f"host {exc}") from None
+        raise GatewayError(f"webhook_url host {exc}; retry shortly", status=503, code="webhook_dns_unavailable", param="webhook_url", retryable=True, retry_after=1) from None
+    assert isinstance(url, str)
+    return url
+
+
+async def refusal_at_delivery(url: str, allow: Allowlist, resolver: Resolver | None = None) -> str | None:
+    """Why a delivery to `url` must not be made (the policy refuses it, or its
+    name does not resolve), or None when it may. The delivery itself connects
+    through a `PinnedTransport`, which judges the address it connects to."""
+    try:
+        await vet_url(url, allow, resolver or SystemResolver())
+    except GatewayError as exc:
+        return exc.message
     return None
+
+
+def delivery_client(resolver: Resolver, allow: Allowlist, network_backend: httpcore.AsyncNetworkBackend | None = None) -> httpx.AsyncClient:
+    """The client webhooks are posted with: it resolves each receiver once,
+    judges every address (allowlist included) and connects to the judged one;
+    no redirects, no proxy from the environment."""
+    transport = PinnedTransport(resolver, network_backend=network_backend, allow=allow)
+    return httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False, headers={"user-agent": "klein-gateway/0.1 webhooks"})
 
 
 def next_delay(schedule: Sequence[float], attempts: int) -> float | None:

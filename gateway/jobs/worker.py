@@ -31,7 +31,8 @@ from gateway.domain.errors import GatewayError
 from gateway.domain.job import ImageJob
 from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import Message
-from gateway.jobs.webhooks import next_delay, refusal_at_delivery, signed_headers
+from gateway.jobs.webhooks import check_url, delivery_client, next_delay, signed_headers
+from gateway.net.pinning import AddressRefused, HostUnresolved, Resolver, SystemResolver
 from gateway.providers.base import FailureClass, ProviderError, job_id_listener
 from gateway.routing.pricing import usd
 
@@ -62,7 +63,8 @@ class JobWorker:
     gw: Pipeline  # the gateway's parts the worker runs jobs through (gateway.service.Gateway in the app)
     jobs: Jobs
     consumer: str = field(default_factory=consumer_name)
-    webhook_client: httpx.AsyncClient | None = None
+    webhook_client: httpx.AsyncClient | None = None  # must connect through a PinnedTransport (start() builds one)
+    resolver: Resolver = field(default_factory=SystemResolver)  # webhook hosts, judged on the address connected to
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _running: dict[str, _Running] = field(default_factory=dict)
     _deliveries: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -74,7 +76,7 @@ class JobWorker:
 
     def start(self) -> None:
         s = self.jobs.settings
-        self.webhook_client = self.webhook_client or httpx.AsyncClient(follow_redirects=False, headers={"user-agent": "klein-gateway/0.1 webhooks"})
+        self.webhook_client = self.webhook_client or delivery_client(self.resolver, self.jobs.allowlist)
         loops = [self._slot(i) for i in range(s.job_concurrency)] + [self._heartbeat(), self._gauges(), self._webhooks()]
         self._tasks = [asyncio.get_running_loop().create_task(loop) for loop in loops]
 
@@ -334,7 +336,14 @@ class JobWorker:
                 for job_id in await self.jobs.deliveries.take(lease_s=s.webhook_timeout_s + 5, count=16):
                     task = asyncio.get_running_loop().create_task(self._deliver(job_id))
                     self._deliveries.add(task)
-                    task.add_done_callback(self._deliveries.discard)
+                    task.add_done_callback(self._delivery_done)
+
+    def _delivery_done(self, task: asyncio.Task[Any]) -> None:
+        """Forget a finished delivery task, logging what ended it badly (the
+        delivery stays scheduled and its lease lapses, so it is tried again)."""
+        self._deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("webhook delivery task failed: %s", type(task.exception()).__name__)
 
     async def _deliver(self, job_id: str) -> None:
         jobs, s = self.jobs, self.jobs.settings
@@ -347,15 +356,7 @@ class JobWorker:
         record.webhook.attempts = attempt
         payload = {**record.public(), "event": EVENTS[record.status]}
         body = json.dumps(payload, separators=(",", ":")).encode()
-        status: int | None = None
-        refusal = await refusal_at_delivery(record.webhook.url, jobs.allowlist)
-        if refusal is None and jobs.signing_key is not None:
-            try:
-                headers = signed_headers(jobs.signing_key, f"msg_{record.id}", body)
-                response = await self.webhook_client.post(record.webhook.url, content=body, headers=headers, timeout=s.webhook_timeout_s)
-                status = response.status_code
-            except httpx.HTTPError:
-                status = None
+        status, refusal = await self._post_webhook(record.webhook.url, body, record.id)
         delivered = status is not None and 200 <= status < 300
 
         def note(r: JobRecord) -> bool:
@@ -363,6 +364,7 @@ class JobWorker:
                 return False
             r.webhook.attempts, r.webhook.last_status = attempt, status
             r.webhook.delivered = r.webhook.delivered or delivered
+            r.webhook.refusal = refusal
             return True
 
         await jobs.store.update(job_id, note)
@@ -377,3 +379,31 @@ class JobWorker:
         else:
             self.gw.metrics.record_webhook_delivery("retrying")
             await jobs.deliveries.at(job_id, time.time() + delay)
+
+    async def _post_webhook(self, url: str, body: bytes, job_id: str) -> tuple[int | None, str | None]:
+        """One delivery try: the receiver's status (None: no answer), and why
+        the delivery cannot be made at all (None: it can be retried). The URL
+        is judged again (it may predate the policy) and the pinned client
+        judges the address it connects to; anything that stops a try from
+        being made gives the delivery up rather than failing the task."""
+        jobs = self.jobs
+        assert self.webhook_client is not None
+        if jobs.signing_key is None:
+            return None, "webhooks are no longer configured (KLEIN_WEBHOOK_SECRET is unset)"
+        try:
+            check_url(url, jobs.allowlist)
+            headers = signed_headers(jobs.signing_key, f"msg_{job_id}", body)
+            response = await self.webhook_client.post(url, content=body, headers=headers, timeout=jobs.settings.webhook_timeout_s)
+        except GatewayError as exc:
+            return None, exc.message
+        except httpx.HTTPError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, AddressRefused):
+                unresolved = cause.__cause__
+                if isinstance(unresolved, HostUnresolved) and not unresolved.permanent:
+                    return None, None  # the resolver did not answer in time: try again later
+                return None, str(cause)
+            return None, None
+        except Exception as exc:  # noqa: BLE001 - a URL httpx cannot send to (InvalidURL and kin) is given up, never retried forever
+            return None, f"the delivery could not be attempted: {type(exc).__name__}"
+        return response.status_code, None

@@ -13,8 +13,18 @@ reserved) is refused however it is spelt:
   (`::a.b.c.d`), NAT64 (`64:ff9b::/96`; the local-use `64:ff9b:1::/48` is
   refused whole), 6to4 (`2002::/16`) and Teredo (`2001::/32`, server and
   client) are judged by the IPv4 address they carry.
-- Names: `localhost` and `*.localhost` by name; any other name by what it
-  resolves to (`gateway.dispatch.references` resolves it).
+- Names: `localhost` and `*.localhost` by name; a name ending in a dot
+  (`127.0.0.1.`, `example.com.`), which resolvers read outside their search
+  rules; any other name by every address it resolves to, and a name that does
+  not resolve is refused too (`gateway.net.pinning` resolves it).
+
+`is_global` alone is not enough: which IETF ranges it calls global changed
+between Python releases (3.11 calls `192.0.0.8` global), so the special-use
+ranges and the cloud metadata addresses are also refused by name here.
+
+This is the one policy for every URL the gateway calls or fetches for a
+caller (reference images, webhooks); an operator's `Allowlist` is the only
+way past it.
 """
 
 from __future__ import annotations
@@ -24,12 +34,51 @@ import re
 import unicodedata
 from ipaddress import IPv4Address, IPv6Address
 
+from gateway.net.allowlist import NOTHING_ALLOWED, Allowlist
+
 IPAddress = IPv4Address | IPv6Address
+
+# Cloud metadata services: AWS/GCP/Azure/OpenStack, Alibaba, AWS over IPv6.
+METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("169.254.169.254", "100.100.100.200", "fd00:ec2::254"))
+# IANA special-purpose ranges (RFC 6890 and successors) that are never a public host.
+SPECIAL_USE = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # carrier-grade NAT
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",
+        "192.31.196.0/24",
+        "192.52.193.0/24",
+        "192.88.99.0/24",  # 6to4 relay anycast
+        "192.168.0.0/16",
+        "192.175.48.0/24",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+        "::/128",
+        "::1/128",
+        "100::/64",
+        "2001:db8::/32",
+        "fc00::/7",
+        "fe80::/10",
+        "fec0::/10",
+        "ff00::/8",
+    )
+)
 
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _LOCAL_NAMES = ("localhost", "localhost.localdomain")
+# `localhost` may resolve to any loopback address: only allowlisting all of them lets it be resolved and judged.
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _NUMERIC_LABEL = re.compile(r"^(?:0[xX][0-9a-fA-F]*|[0-9]+)$")
 
 
@@ -61,6 +110,8 @@ def is_public(addr: IPAddress) -> bool:
         carried = embedded_ipv4(addr)
         if carried:
             return all(is_public(v4) for v4 in carried) and (addr.teredo is None or addr.is_global)
+    if addr in METADATA_ADDRESSES or any(addr in net for net in SPECIAL_USE if net.version == addr.version):
+        return False
     return addr.is_global and not (addr.is_multicast or addr.is_reserved or addr.is_unspecified)
 
 
@@ -119,29 +170,37 @@ def literal_address(host: str) -> IPAddress | None:
     return v4
 
 
-def refuse_unless_public_host(host: str) -> IPAddress | None:
+def refuse_unless_public_host(host: str, allow: Allowlist = NOTHING_ALLOWED) -> IPAddress | None:
     """Raise HostRefused for a host that is plainly not public (a literal
-    non-public address, a non-standard IPv4 spelling, `localhost`); return
-    the literal address, or None for a name still to be resolved."""
+    non-public address, a non-standard IPv4 spelling, `localhost`, a name
+    ending in a dot) unless `allow` lets it through; return the literal
+    address, or None for a name still to be resolved and judged by
+    `refuse_unless_all_public`."""
     if not host:
         raise HostRefused("the URL has no host")
     host = unicodedata.normalize("NFKC", host)  # fullwidth digits and dots read as ASCII ones to a resolver
+    if host.endswith("."):
+        raise HostRefused(f"{host!r} ends in a dot; write the host without it")
+    if allow.permits_name(host):
+        return None
     addr = literal_address(host)
     if addr is not None:
-        if not is_public(addr):
+        if not (is_public(addr) or allow.permits_address(addr)):
             raise HostRefused(f"{addr} is not a public address")
         return addr
-    name = host.rstrip(".").lower()
-    if name in _LOCAL_NAMES or name.endswith(".localhost"):
+    name = host.lower()
+    if (name in _LOCAL_NAMES or name.endswith(".localhost")) and not all(allow.permits_network(n) for n in _LOOPBACK):
         raise HostRefused(f"{name!r} is this machine")
     return None
 
 
-def refuse_unless_all_public(host: str, addresses: list[IPAddress]) -> None:
-    """A name is public only if every address it resolves to is: the one a
-    connection picks could be any of them."""
+def refuse_unless_all_public(host: str, addresses: list[IPAddress], allow: Allowlist = NOTHING_ALLOWED) -> None:
+    """A name is public only if every address it resolves to is (or is
+    allowlisted): the one a connection picks could be any of them."""
     if not addresses:
         raise HostRefused(f"{host!r} resolves to no address")
-    private = [a for a in addresses if not is_public(a)]
+    if allow.permits_name(host):
+        return
+    private = [a for a in addresses if not (is_public(a) or allow.permits_address(a))]
     if private:
         raise HostRefused(f"{host!r} resolves to {private[0]}, which is not a public address")

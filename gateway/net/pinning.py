@@ -23,6 +23,7 @@ import httpcore
 import httpx
 
 from gateway.net.addresses import HostRefused, IPAddress, refuse_unless_all_public, refuse_unless_public_host
+from gateway.net.allowlist import NOTHING_ALLOWED, Allowlist
 
 RESOLVE_TIMEOUT_S = 2.0
 FETCH_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=32)
@@ -65,15 +66,17 @@ class SystemResolver:
         return list(seen)
 
 
-async def public_addresses(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
-    """The addresses to connect to for `host`: all of them public, or HostRefused.
+async def public_addresses(host: str, port: int, resolver: Resolver, allow: Allowlist = NOTHING_ALLOWED) -> list[IPAddress]:
+    """The addresses to connect to for `host`: all of them public (or
+    allowlisted), or HostRefused.
 
-    Raises HostUnresolved when the name has no answer."""
-    literal = refuse_unless_public_host(host)
+    Raises HostUnresolved when the name has no answer: a caller's URL whose
+    name does not resolve is never treated as allowed."""
+    literal = refuse_unless_public_host(host, allow)
     if literal is not None:
         return [literal]
     addresses = await resolver.resolve(host, port)
-    refuse_unless_all_public(host, addresses)
+    refuse_unless_all_public(host, addresses, allow)
     return addresses
 
 
@@ -84,9 +87,10 @@ class AddressRefused(httpcore.ConnectError):
 class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
     """Opens each TCP connection to an address `public_addresses` returned."""
 
-    def __init__(self, resolver: Resolver, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(self, resolver: Resolver, inner: httpcore.AsyncNetworkBackend | None = None, allow: Allowlist = NOTHING_ALLOWED) -> None:
         self.resolver = resolver
         self.inner = inner or httpcore.AnyIOBackend()
+        self.allow = allow
 
     async def connect_tcp(
         self,
@@ -97,7 +101,7 @@ class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         try:
-            addresses = await public_addresses(host, port, self.resolver)
+            addresses = await public_addresses(host, port, self.resolver, self.allow)
         except (HostRefused, HostUnresolved) as exc:
             raise AddressRefused(str(exc)) from exc
         last: Exception | None = None
@@ -128,10 +132,12 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
         limits: httpx.Limits = FETCH_LIMITS,
         network_backend: httpcore.AsyncNetworkBackend | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        allow: Allowlist = NOTHING_ALLOWED,
     ) -> None:
         """`network_backend`: what finally opens the socket to the checked address
         (httpcore's anyio backend by default); `ssl_context`: the certificates
-        trusted (the certifi bundle by default)."""
+        trusted (the certifi bundle by default); `allow`: the operator's
+        non-public hosts this client may reach (webhook receivers)."""
         super().__init__(trust_env=False, limits=limits)
         self.resolver = resolver or SystemResolver()
         self._pool = httpcore.AsyncConnectionPool(
@@ -139,5 +145,5 @@ class PinnedTransport(httpx.AsyncHTTPTransport):
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
-            network_backend=PinnedNetworkBackend(self.resolver, network_backend),
+            network_backend=PinnedNetworkBackend(self.resolver, network_backend, allow),
         )
