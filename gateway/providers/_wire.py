@@ -13,6 +13,9 @@
 - The polling loop itself (`follow_job`): one backoff schedule, bounded by the
   deadline, shared by every adapter that follows a job (fal, Replicate,
   Runflow); each supplies only what one poll means.
+- What an HTTP error status means (`classify_status`, `http_error`): one
+  table for every adapter, so that a provider's own rule stands out as an
+  explicit override of it rather than hiding in a copy.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from gateway.providers._json import response_json
-from gateway.providers.base import Adapter, FailureClass, ProviderError, Timeouts, sleep_until_next_poll
+from gateway.providers.base import Adapter, FailureClass, ProviderError, Timeouts, parse_retry_after, sleep_until_next_poll
 from gateway.redaction import mask_fragments, redact, registered_secrets, unescape
 
 log = logging.getLogger(__name__)
@@ -170,3 +173,60 @@ def maybe_json(response: httpx.Response) -> Any:
 def as_outcome_unknown(error: ProviderError, job_id: str) -> ProviderError:
     """A poll error re-cast: the job exists and may still run (and bill), whatever the poll said."""
     return replace(error, failure=FailureClass.UNKNOWN_OUTCOME, job_id=job_id, billed=True)
+
+
+# ---- what an HTTP error status means ------------------------------------------
+
+# The shared table (docs/design.md#failure-classes): a status not named is FAILED.
+STATUS_CLASSES: Mapping[int, FailureClass] = {
+    **dict.fromkeys((401, 402, 403, 429, 503), FailureClass.REFUSED),  # refused before any work
+    **dict.fromkeys((400, 404, 409, 413, 415, 422), FailureClass.REJECTED),  # the input's fault
+}
+# Once the provider holds the work, a timeout status says nothing of its end:
+# the job may still run, or have run, and bill.
+SUBMITTED_STATUS_CLASSES: Mapping[int, FailureClass] = {**STATUS_CLASSES, **dict.fromkeys((408, 504), FailureClass.UNKNOWN_OUTCOME)}
+# The key itself was refused: the backend is down until it is fixed.
+CREDENTIAL_STATUSES = frozenset({401, 403})
+
+StatusOverrides = Mapping[int, FailureClass]
+
+
+def classify_status(status: int, *, submitted: bool, overrides: StatusOverrides | None = None) -> FailureClass:
+    """The failure class of an HTTP error status.
+
+    `submitted`: the provider holds work it may run or have run (a job id
+    exists, or the call itself is the work). `overrides`: a provider's own
+    meaning for a status, which wins over the table."""
+    if overrides and status in overrides:
+        return overrides[status]
+    table = SUBMITTED_STATUS_CLASSES if submitted else STATUS_CLASSES
+    return table.get(status, FailureClass.FAILED)
+
+
+def http_error(
+    response: httpx.Response,
+    message: str,
+    *,
+    job_id: str | None = None,
+    submitted: bool | None = None,
+    code: str | None = None,
+    billed: bool | None = None,
+    overrides: StatusOverrides | None = None,
+) -> ProviderError:
+    """A ProviderError from an HTTP error response, with Retry-After honoured.
+
+    `submitted` defaults to whether there is a `job_id`; `billed` to whether
+    the outcome is unknown (the work may have run). A 401/403 marks the
+    credentials invalid."""
+    status = response.status_code
+    failure = classify_status(status, submitted=bool(job_id) if submitted is None else submitted, overrides=overrides)
+    return ProviderError(
+        failure,
+        f"HTTP {status}: {message}"[:500],
+        status=status,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+        job_id=job_id,
+        billed=failure is FailureClass.UNKNOWN_OUTCOME if billed is None else billed,
+        credentials_invalid=status in CREDENTIAL_STATUSES,
+        code=code,
+    )

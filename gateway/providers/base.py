@@ -314,39 +314,6 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def classify_status(status: int, *, job_id: str | None = None) -> FailureClass:
-    """The failure class of an HTTP error status, before a provider's own rules."""
-    if status in (401, 402, 403, 429, 503):
-        return FailureClass.REFUSED
-    if status in (400, 404, 409, 413, 415, 422):
-        return FailureClass.REJECTED
-    if job_id and status in (408, 504):
-        return FailureClass.UNKNOWN_OUTCOME
-    return FailureClass.FAILED
-
-
-def http_error(
-    response: httpx.Response,
-    message: str,
-    *,
-    job_id: str | None = None,
-    code: str | None = None,
-    billed: bool = False,
-) -> ProviderError:
-    """A ProviderError from an HTTP error response, with Retry-After honoured."""
-    status = response.status_code
-    return ProviderError(
-        classify_status(status, job_id=job_id),
-        f"HTTP {status}: {message}"[:500],
-        status=status,
-        retry_after=parse_retry_after(response.headers.get("retry-after")),
-        job_id=job_id,
-        billed=billed,
-        credentials_invalid=status in (401, 403),
-        code=code,
-    )
-
-
 def json_body(response: httpx.Response, *, job_id: str | None = None) -> Any:
     """The JSON body, or a FAILED (garbage body) error."""
     try:

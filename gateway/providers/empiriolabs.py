@@ -65,7 +65,7 @@ from gateway.domain.media import sniff
 from gateway.providers import register
 from gateway.providers._images import checked_b64, content_type_from_url, data_uri_b64, is_data_uri, parse_data_uri, reference_uri
 from gateway.providers._json import response_json
-from gateway.providers._wire import maybe_json, provider_text
+from gateway.providers._wire import CREDENTIAL_STATUSES, http_error, maybe_json, provider_text
 from gateway.providers.base import (
     Adapter,
     EmulatorHook,
@@ -74,7 +74,6 @@ from gateway.providers.base import (
     ProbeResult,
     ProviderError,
     ProviderResult,
-    http_error,
 )
 from gateway.providers.options import AdapterOptions
 
@@ -276,11 +275,11 @@ class EmpirioLabsAdapter(Adapter):
     def _error(self, resp: httpx.Response) -> ProviderError:
         code, message = error_fields(maybe_json(resp))
         text = ": ".join(p for p in (code, message or resp.reason_phrase or "error") if p)
-        err = http_error(resp, self._scrub(text), code=code and self._scrub(code, 64))
-        if code in CODE_FAILURES:
-            err = replace(err, failure=CODE_FAILURES[code], credentials_invalid=err.credentials_invalid or code in CREDENTIAL_CODES)
-        elif resp.status_code in (408, 504):
-            err = replace(err, failure=FailureClass.UNKNOWN_OUTCOME, billed=True)
+        # There is no job: the one call is the work, so a 408 or 504 may hide
+        # an image made and billed, as after a submitted job.
+        err = http_error(resp, self._scrub(text), submitted=True, code=code and self._scrub(code, 64))
+        if code in CODE_FAILURES:  # a documented code names an end where nothing was made: not billed
+            err = replace(err, failure=CODE_FAILURES[code], billed=False, credentials_invalid=err.credentials_invalid or code in CREDENTIAL_CODES)
         return err
 
     def _scrub(self, text: str, limit: int = 300) -> str:
@@ -299,6 +298,6 @@ class EmpirioLabsAdapter(Adapter):
         except ProviderError as err:
             return ProbeResult(False, err.message, time.monotonic() - started)
         latency = time.monotonic() - started
-        if resp.status_code in (401, 403):
+        if resp.status_code in CREDENTIAL_STATUSES:
             return ProbeResult(False, f"HTTP {resp.status_code}: credentials rejected", latency, credentials_invalid=True)
         return ProbeResult(resp.is_success, f"HTTP {resp.status_code}", latency)

@@ -65,7 +65,7 @@ from gateway.domain.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import output_image, reference_uri
 from gateway.providers._json import response_json
-from gateway.providers._wire import as_outcome_unknown, follow_job, get_patiently, maybe_json, provider_text, trusted_url
+from gateway.providers._wire import CREDENTIAL_STATUSES, StatusOverrides, as_outcome_unknown, follow_job, get_patiently, http_error, maybe_json, provider_text, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -75,7 +75,6 @@ from gateway.providers.base import (
     ProbeResult,
     ProviderError,
     ProviderResult,
-    http_error,
     json_body,
     note_job_id,
 )
@@ -106,6 +105,13 @@ INFRA_ERROR_TYPES = frozenset(
 )
 CANCELLED_ERROR_TYPES = frozenset({"client_cancelled", "client_disconnected"})
 CONTENT_ERROR_TYPES = frozenset({"content_policy_violation"})
+
+# Where fal's statuses mean more than the shared table says. At submit, a 404
+# is the endpoint id, not the input: FAILED, so it counts against health.
+SUBMIT_STATUS_OVERRIDES: StatusOverrides = {404: FailureClass.FAILED}
+# Once the job exists, a 5xx is its known end, not a refusal (503) or an
+# unknown outcome (504): fal FAQ, "5xx responses are never charged".
+FOLLOW_STATUS_OVERRIDES: StatusOverrides = {503: FailureClass.FAILED, 504: FailureClass.FAILED}
 
 # Validation codes fal reports for bad model input (pydantic's codes and fal's
 # own image checks, docs/providers/fal.md#errors-and-their-classes).
@@ -380,14 +386,14 @@ class FalAdapter(Adapter):
         status = response.status_code
         if CONTENT_ERROR_TYPES.intersection(types) or code in CONTENT_ERROR_TYPES:
             return ProviderError(FailureClass.CONTENT_FILTERED, f"HTTP {status}: {message}", status=status, job_id=job_id, billed=job_id is not None, code=code)
-        if job_id is None and status == 404:
-            return ProviderError(FailureClass.FAILED, f"HTTP 404: model endpoint not found: {message}", status=status, code=code)
+        submitted = job_id is not None
+        if not submitted and status == 404:
+            message = f"model endpoint not found: {message}"
+        overrides = FOLLOW_STATUS_OVERRIDES if submitted else SUBMIT_STATUS_OVERRIDES
         # fal FAQ: 5xx responses are never charged; a 4xx after the job ran may be.
-        error = http_error(response, message, job_id=job_id, code=code, billed=job_id is not None and status < 500)
+        error = http_error(response, message, job_id=job_id, code=code, billed=submitted and status < 500, overrides=overrides)
         if status == 504 and "x-fal-request-timeout-type" in response.headers:
             return replace(error, failure=FailureClass.FAILED, code=code or "request_timeout", billed=False)
-        if job_id is not None and status >= 500:
-            return replace(error, failure=FailureClass.FAILED)  # the job finished; its outcome is known
         return error
 
     def _completed_error(self, status: Mapping[str, Any], request_id: str) -> ProviderError:
@@ -479,7 +485,7 @@ class FalAdapter(Adapter):
             return ProbeResult(False, f"unreachable: {exc.message}", time.monotonic() - started)
         latency = time.monotonic() - started
         status = response.status_code
-        if status in (401, 403):
+        if status in CREDENTIAL_STATUSES:
             return ProbeResult(False, f"credentials rejected (HTTP {status})", latency, credentials_invalid=True)
         if status == 429 or status >= 500:
             return ProbeResult(False, f"HTTP {status}", latency)

@@ -56,7 +56,7 @@ from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import ImageJob
 from gateway.providers import register
 from gateway.providers._json import response_json
-from gateway.providers._wire import provider_text
+from gateway.providers._wire import http_error, provider_text
 from gateway.providers.base import (
     Adapter,
     EmulatorHook,
@@ -66,7 +66,6 @@ from gateway.providers.base import (
     ProviderError,
     ProviderResult,
     deadline_error,
-    http_error,
 )
 from local_backend.schemas import INVALID_REFERENCE_CODE, BackendInfo, GenerateRequest, GenerateResponse, describe_validation_error
 
@@ -210,7 +209,10 @@ class LocalAdapter(Adapter):
         response = await self.request("POST", f"{self.base}/v1/images/generations", deadline=deadline, json=body)
         if not response.is_success:
             code, message = error_text(response)
-            err = http_error(response, f"{code}: {message}" if code else message, code=code)
+            # Not `submitted`: the service answers an error only for work that
+            # never started (its 504 is a request dropped before its batch), so
+            # no status hides a made, billed image.
+            err = http_error(response, f"{code}: {message}" if code else message, submitted=False, code=code)
             if code == INVALID_REFERENCE_CODE:
                 err.failure = FailureClass.REJECTED  # the caller's image, whatever the status: no health penalty
             raise err

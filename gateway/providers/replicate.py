@@ -66,7 +66,7 @@ from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
-from gateway.providers._wire import as_outcome_unknown, follow_job, get_patiently, maybe_json, provider_text, trusted_url
+from gateway.providers._wire import CREDENTIAL_STATUSES, StatusOverrides, as_outcome_unknown, follow_job, get_patiently, http_error, maybe_json, provider_text, trusted_url
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -76,7 +76,6 @@ from gateway.providers.base import (
     ProbeResult,
     ProviderError,
     ProviderResult,
-    http_error,
     json_body,
     note_job_id,
 )
@@ -113,6 +112,9 @@ DEFAULT_SIZES: Mapping[tuple[int, int], SizeSpec] = {
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 PENDING = frozenset({"starting", "processing"})
 _CONTENT_FILTER_WORDS = re.compile(r"nsfw|safety checker|safety filter|content policy", re.IGNORECASE)
+# At create, a 404 is the model path, not the input: FAILED, so it counts
+# against health (the shared table says REJECTED).
+CREATE_STATUS_OVERRIDES: StatusOverrides = {404: FailureClass.FAILED}
 _THROTTLE_RESET = re.compile(r"resets in ~?(\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
 
 
@@ -404,8 +406,8 @@ class ReplicateAdapter(Adapter):
         message = provider_text(problem_message(maybe_json(response), response), self.settings.credential)
         status = response.status_code
         if job_id is None and status == 404:
-            return ProviderError(FailureClass.FAILED, f"HTTP 404: model not found: {message}", status=status)
-        error = http_error(response, message, job_id=job_id)
+            message = f"model not found: {message}"
+        error = http_error(response, message, job_id=job_id, overrides=CREATE_STATUS_OVERRIDES if job_id is None else None)
         if status == 429 and error.retry_after is None:
             reset = _THROTTLE_RESET.search(message)  # "Your rate limit resets in ~30s."
             if reset:
@@ -473,7 +475,7 @@ class ReplicateAdapter(Adapter):
             return ProbeResult(False, f"unreachable: {exc.message}", time.monotonic() - started)
         latency = time.monotonic() - started
         status = response.status_code
-        if status in (401, 403):
+        if status in CREDENTIAL_STATUSES:
             return ProbeResult(False, f"credentials rejected (HTTP {status})", latency, credentials_invalid=True)
         if status == 404:
             return ProbeResult(False, "model not found (HTTP 404)", latency)

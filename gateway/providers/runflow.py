@@ -93,7 +93,7 @@ from gateway.domain.job import ImageJob, JobKind
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
 from gateway.providers._json import response_json
-from gateway.providers._wire import as_outcome_unknown, follow_job, maybe_json, provider_text
+from gateway.providers._wire import StatusOverrides, as_outcome_unknown, follow_job, http_error, maybe_json, provider_text
 from gateway.providers.base import (
     Adapter,
     AdapterSettings,
@@ -104,7 +104,6 @@ from gateway.providers.base import (
     ProviderError,
     ProviderResult,
     deadline_error,
-    http_error,
     note_job_id,
     parse_retry_after,
 )
@@ -132,6 +131,9 @@ FAILED = "failed"
 CANCELED = frozenset({"canceled", "cancelled"})
 TERMINAL = SUCCEEDED | CANCELED | {FAILED}
 VALIDATION_FAILURE_CODES = frozenset({"INPUT_VALIDATION_FAILED"})
+# A create's 404 means the model path is wrong for this account, not the
+# input: FAILED, so it counts against health (the shared table says REJECTED).
+CREATE_STATUS_OVERRIDES: StatusOverrides = {404: FailureClass.FAILED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,19 +515,16 @@ class RunflowAdapter(Adapter):
     # -- errors --
 
     def _create_error(self, resp: httpx.Response) -> ProviderError:
-        err = self._http_error(resp)
-        if resp.status_code == 404:  # the model path, not the input: count it against health
-            err = replace(err, failure=FailureClass.FAILED)
-        return err
+        return self._http_error(resp, overrides=CREATE_STATUS_OVERRIDES)
 
     def _lost_run(self, resp: httpx.Response, run_id: str) -> ProviderError:
         """An error answer while following a run: the run may still go on (and bill)."""
         return as_outcome_unknown(self._http_error(resp, run_id), run_id)
 
-    def _http_error(self, resp: httpx.Response, run_id: str | None = None) -> ProviderError:
+    def _http_error(self, resp: httpx.Response, run_id: str | None = None, *, overrides: StatusOverrides | None = None) -> ProviderError:
         code, message = error_fields(maybe_json(resp))
         text = ": ".join(p for p in (code, message or resp.reason_phrase or "error") if p)
-        return http_error(resp, self._scrub(text), job_id=run_id, code=code and self._scrub(code, 64))
+        return http_error(resp, self._scrub(text), job_id=run_id, code=code and self._scrub(code, 64), overrides=overrides)
 
     def _scrub(self, text: str, limit: int = 300) -> str:
         return provider_text(text, self.settings.credential, limit)

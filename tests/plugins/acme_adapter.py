@@ -21,7 +21,7 @@ import httpx
 
 from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import MEDIA_TYPES, ImageJob
-from gateway.providers._wire import clip, maybe_json, redact
+from gateway.providers._wire import clip, http_error, maybe_json, redact
 from gateway.providers.base import (
     Adapter,
     EmulatorHook,
@@ -30,7 +30,6 @@ from gateway.providers.base import (
     ProbeResult,
     ProviderError,
     ProviderResult,
-    http_error,
     json_body,
 )
 from gateway.providers.options import AdapterOptions
