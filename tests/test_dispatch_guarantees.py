@@ -464,3 +464,22 @@ async def test_overload_retries_stop_at_their_limit_and_the_request_fails_over()
     assert resp.headers["x-klein-backend"] == "replicate"
     assert len(fakes["local"].calls) == OVERLOAD_RETRIES + 1
     assert resp.headers["x-klein-attempts"] == str(OVERLOAD_RETRIES + 2)
+
+
+async def test_an_outcome_unknown_answer_keeps_its_idempotency_key_so_the_retry_pays_nothing_again() -> None:
+    """A 502 `outcome_unknown` may have been billed: the SDK is told not to retry
+    blindly, and a retry with the same Idempotency-Key replays the 502 instead of
+    submitting to a provider again."""
+    app = make_app()
+    fakes = {n: FakeAdapter(n) for n in PRICE_ORDER}
+    fakes["local"] = CancellingFake("local", [UNKNOWN, UNKNOWN], cancel_answer=False)
+    install_fakes(app, fakes)
+    headers = {"x-klein-deadline-ms": "10000", "Idempotency-Key": "unknown-once"}
+    async with AsyncTestClient(app) as client:
+        first = await client.post("/v1/images/generations", json=BODY, headers=headers)
+        again = await client.post("/v1/images/generations", json=BODY, headers=headers)
+    assert first.status_code == 502 and first.json()["error"]["code"] == "outcome_unknown", first.text
+    assert first.headers["x-should-retry"] == "false"
+    assert again.status_code == 502 and again.headers.get("idempotent-replayed") == "true", again.text
+    assert len(fakes["local"].calls) == 1  # the provider was asked once, whatever the caller retried
+    assert all(not fakes[name].calls for name in PRICE_ORDER if name != "local")

@@ -400,7 +400,7 @@ class Dispatcher:
                     status=502,
                     code="outcome_unknown",
                     message=f"{cand.name} did not confirm cancelling a job whose outcome is unknown; it may still run and be billed, so it was not bought again elsewhere",
-                    retryable=True,
+                    retryable=False,  # a blind retry may pay a second time; the Idempotency-Key replays this answer
                 )
             )
         if not last and not run.retry_same:

@@ -10,7 +10,10 @@ SHA-256 over method, path, the async preference and the canonical body (JSON
 with sorted keys; form fields sorted, files by their digest).
 
 An answer that says "try again" (5xx, 408, 409, 429, 499) is not kept: the
-key is released so a retry runs afresh.
+key is released so a retry runs afresh. The exception is an answer after
+which a provider may still bill (`x-klein-possibly-billed-usd`, such as 502
+`outcome_unknown`): it is kept, so a retry with the same key replays it
+instead of paying a provider a second time.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ MAX_KEY_CHARS = 255
 NOT_KEPT = frozenset({408, 409, 429, 499})
 KEPT_HEADERS = ("location", "preference-applied", "x-should-retry")
 REPLAYED = "idempotent-replayed"
+POSSIBLY_BILLED = "x-klein-possibly-billed-usd"
 
 
 class KeyInUse(GatewayError):
@@ -157,7 +161,8 @@ class Idempotency:
         await self._settle(slot, fp, answer.status_code or 200, body, dict(answer.headers))
 
     async def _settle(self, slot: str, fp: str, status: int, body: bytes, headers: dict[str, str]) -> None:
-        if status >= 500 or status in NOT_KEPT:
+        may_be_billed = headers.get(POSSIBLY_BILLED, "0") not in ("", "0")
+        if (status >= 500 or status in NOT_KEPT) and not may_be_billed:
             await self.store.delete(slot)
             return
         stored = {"fp": fp, "state": "done", "status": status, "body": base64.b64encode(body).decode(), "headers": kept_headers(headers), "media_type": "application/json"}
