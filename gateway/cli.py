@@ -264,11 +264,12 @@ def print_quote(args: argparse.Namespace) -> int:
     env.pop("DATABASE_URL", None)
     env["KLEIN_USAGE_LEDGER"] = ":memory:"  # a quote runs nothing, so it records nothing
     config = load_config(_config_path(args), args.pricing, env)
-    # Price every configured backend, credentials or not: a quote calls nothing.
+    # A quote calls nothing, so a missing credential does not stop a backend being priced;
+    # one disabled in providers.yaml, or with no address to serve from (the local GPU without
+    # KLEIN_LOCAL_URL), could never be routed to and stays out, as the server would keep it.
     for b in config.backends:
-        if b.disabled_reason and b.config.enabled:
+        if b.disabled_reason and b.config.enabled and b.base_url:
             b.disabled_reason = None
-            b.base_url = b.base_url or "http://unused.invalid"
     if env.get(PUBLIC_BASE_URL_ENV):  # as the server does: uploads can then be lent a URL
         config.settings.public_base_url = env[PUBLIC_BASE_URL_ENV]
     gw = build_gateway(config, env)

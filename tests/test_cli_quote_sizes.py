@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
+import yaml
 
 from gateway.cli import main
 from tests.gateway_support import PROVIDERS_YAML, SECRETS
@@ -35,3 +39,36 @@ def test_an_upload_edit_quote_lends_empiriolabs_a_url_only_with_a_public_base_ur
         env.setenv("KLEIN_PUBLIC_BASE_URL", public_url)
     assert main(["quote", "--config", str(PROVIDERS_YAML), "--size", "1024x768", "--edit-images", "2"]) == 0
     assert rows(capsys.readouterr().out)["empiriolabs"][1:5] == ["1024x768", "0.00850000", "per_image", eligible]
+
+
+def config_with_local(tmp_path: Path, *, enabled: bool) -> Path:
+    """The test providers.yaml with the local GPU, the cheapest backend, switched on or off."""
+    raw = yaml.safe_load(PROVIDERS_YAML.read_text())
+    raw["backends"]["local"]["enabled"] = enabled
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    shutil.copytree(PROVIDERS_YAML.parent / "pricing", tmp_path / "pricing")
+    return path
+
+
+@pytest.mark.parametrize(
+    "enabled,local_url,chosen,local_reason",
+    [
+        (True, "http://local.test:9000", "local", ""),
+        (False, "http://local.test:9000", "replicate", "disabled in providers.yaml"),
+        (True, None, "replicate", "no address: set KLEIN_LOCAL_URL"),
+    ],
+)
+def test_a_quote_never_chooses_a_backend_the_server_could_not_route_to(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, enabled: bool, local_url: str | None, chosen: str, local_reason: str
+) -> None:
+    if local_url:
+        env.setenv("KLEIN_LOCAL_URL", local_url)
+    else:
+        env.delenv("KLEIN_LOCAL_URL", raising=False)
+    assert main(["quote", "--config", str(config_with_local(tmp_path, enabled=enabled)), "--size", "1024x1024", "--edit-images", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == f"chosen: {chosen} at 1024x1024"
+    local = rows(out)["local"]
+    assert local[4] == ("yes" if chosen == "local" else "no")
+    assert " ".join(local[5:]) == local_reason

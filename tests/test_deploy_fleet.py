@@ -19,11 +19,14 @@ import yaml
 from gateway.config import read_providers_file
 from tests.gateway_support import REPO
 
-K8S = REPO / "deploy" / "kubernetes"
+K8S = REPO / "deploy" / "kubernetes" / "base"
+GPU = REPO / "deploy" / "kubernetes" / "overlays" / "gpu"
 COMPOSE_DIR = REPO / "deploy" / "compose"
 COMPOSE = COMPOSE_DIR / "compose.yaml"
 K8S_VERSIONS = ["1.29.0", "1.37.0"]  # the oldest supported here and the newest schema shipped
-MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+BASE_MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+GPU_MANIFESTS = [GPU / "klein-local.yaml"]  # the overlay's own objects (its patch is not one)
+MANIFESTS = BASE_MANIFESTS + GPU_MANIFESTS
 
 
 def docs(path: Path) -> list[dict[str, Any]]:
@@ -64,27 +67,78 @@ def test_the_kubernetes_check_rejects_a_broken_deployment(broken: dict[str, Any]
         kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
 
 
+def kustomization(directory: Path) -> dict[str, Any]:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+
+
 def test_kustomization_lists_every_manifest_and_nothing_else() -> None:
-    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
-    assert sorted(listed) == [p.name for p in MANIFESTS]
+    assert sorted(kustomization(K8S)["resources"]) == [p.name for p in BASE_MANIFESTS]
+    assert kustomization(GPU)["resources"] == ["../../base", *(p.name for p in GPU_MANIFESTS)]
 
 
-def test_kustomize_builds_the_manifests_into_one_namespace() -> None:
+def test_the_base_needs_no_gpu_and_points_the_gateway_at_no_local_backend() -> None:
+    for (kind, name), obj in objects().items():
+        if kind == "Deployment" and name != "klein-local":
+            for c in obj["spec"]["template"]["spec"]["containers"]:
+                assert "nvidia.com/gpu" not in c["resources"].get("limits", {}), name
+    assert all(obj["metadata"]["name"] != "klein-local" for p in BASE_MANIFESTS for obj in docs(p))
+    assert "KLEIN_LOCAL_URL" not in objects()[("ConfigMap", "gateway-env")]["data"]
+
+
+def test_the_gateway_env_carries_a_public_base_url_to_set() -> None:
+    text = (K8S / "configmap-env.yaml").read_text()
+    url = objects()[("ConfigMap", "gateway-env")]["data"]["KLEIN_PUBLIC_BASE_URL"]
+    assert url.startswith("https://")
+    assert re.search(r"#.*\bSET THIS\b", text, re.IGNORECASE), "the placeholder must say it is to be set"
+
+
+def manifest_images() -> dict[str, str]:
+    """Each container image the manifests name, and the tag they give it."""
+    found: dict[str, str] = {}
+    for (kind, _), obj in objects().items():
+        if kind == "Deployment":
+            for c in obj["spec"]["template"]["spec"]["containers"]:
+                name, _, tag = c["image"].partition(":")
+                found[name] = tag
+    return found
+
+
+def test_every_image_tag_is_set_in_a_kustomization_and_matches_the_manifest() -> None:
+    images = {i["name"]: i["newTag"] for d in (K8S, GPU) for i in kustomization(d).get("images", [])}
+    assert images == manifest_images()
+    assert all(tag and tag != "latest" for tag in images.values()), images
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (its built-in kustomize builds deploy/kubernetes)")
-    built = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True).stdout
-    out = [d for d in yaml.safe_load_all(built) if d]
-    assert len(out) == sum(len(docs(p)) for p in MANIFESTS)
+    built = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=True).stdout
+    return [d for d in yaml.safe_load_all(built) if d]
+
+
+@pytest.mark.parametrize(("directory", "manifests"), [(K8S, BASE_MANIFESTS), (GPU, MANIFESTS)], ids=["base", "gpu"])
+def test_kustomize_builds_the_manifests_into_one_namespace(directory: Path, manifests: list[Path]) -> None:
+    out = kustomize(directory)
+    assert len(out) == sum(len(docs(p)) for p in manifests)
     assert {d["metadata"].get("namespace") for d in out if d["kind"] != "Namespace"} == {"klein"}
+    assert all(":" in c["image"] and not c["image"].endswith(":latest") for d in out if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"])
+
+
+def test_the_gpu_overlay_points_the_gateway_at_its_local_backend() -> None:
+    env = next(d for d in kustomize(GPU) if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "gateway-env")["data"]
+    service = objects()[("Service", "klein-local")]
+    port = service["spec"]["ports"][0]["port"]
+    assert env["KLEIN_LOCAL_URL"] == f"http://klein-local:{port}"
+    assert env["KLEIN_PUBLIC_BASE_URL"], "the overlay keeps the base's settings"
 
 
 def test_the_config_maps_carry_the_current_providers_yaml_and_pricing() -> None:
-    sys.path.insert(0, str(K8S))
+    sys.path.insert(0, str(K8S.parent))
     try:
         import render_config
     finally:
-        sys.path.remove(str(K8S))
+        sys.path.remove(str(K8S.parent))
     for path, text in render_config.rendered().items():
         assert path.read_text() == text, f"{path.name} is stale: run python deploy/kubernetes/render_config.py"
     pricing = objects()[("ConfigMap", "gateway-pricing")]["data"]
