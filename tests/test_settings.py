@@ -110,6 +110,13 @@ def test_from_env_without_a_mapping_reads_os_environ_when_called(monkeypatch: py
     assert Settings.from_env().usage_ledger == "/tmp/ledger.sqlite"
 
 
+def test_the_same_values_are_validated_once_and_new_values_are_not_missed() -> None:
+    first = Settings.from_env({"KLEIN_S3_BUCKET": "a"})
+    assert Settings.from_env({"KLEIN_S3_BUCKET": "a"}) is first
+    assert Settings.from_env({"KLEIN_S3_BUCKET": "b"}).s3_bucket == "b"
+    assert Settings.from_env({}).s3_bucket is None
+
+
 def test_names_are_matched_exactly() -> None:
     assert Settings.from_env({"redis_url": "redis://lowercase", "Klein_Config": "x.yaml"}).redis_url is None
     lower = Settings.from_env({"prometheus_multiproc_dir": "/tmp/m"})
