@@ -45,6 +45,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_access import MetricsAccess
 from gateway.redaction import register_secrets
 from gateway.service import Gateway
+from gateway.settings import Settings
 from gateway.state import open_store
 
 log = logging.getLogger("klein.gateway")
@@ -68,7 +69,7 @@ def parse_keys(value: str | None) -> frozenset[str]:
 
 def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: httpx.AsyncBaseTransport | None = None, metrics: GatewayMetrics | None = None) -> Gateway:
     """Every part of the gateway, wired; `transport` lets tests mock all upstream HTTP."""
-    keys = parse_keys(env.get("KLEIN_GATEWAY_KEYS"))
+    keys = parse_keys(Settings.from_env(env).gateway_keys)
     metrics_access = MetricsAccess.from_env(env)
     register_secrets([*(b.credential for b in config.backends), *keys, metrics_access.token])  # never in a log line, label or answer
     upstream = transport
@@ -127,10 +128,11 @@ def build_billing(config: GatewayConfig, env: Mapping[str, str], metrics: Gatewa
         keyring = KeyRing.from_env(env, {b.name for b in config.backends})
     except KeysFileError as exc:
         raise ConfigError(str(exc)) from None
-    redis_url = env.get("REDIS_URL") or None
-    namespace = env.get("KLEIN_STATE_NAMESPACE") or "default"
+    environment = Settings.from_env(env)
+    redis_url = environment.redis_url or None
+    namespace = environment.state_namespace or "default"
     budgets = RedisBudgets(redis_url, namespace=namespace) if redis_url else MemoryBudgets()
-    ledger_path = env.get("KLEIN_USAGE_LEDGER") or config.settings.usage_ledger
+    ledger_path = environment.usage_ledger or config.settings.usage_ledger
     if ledger_path and ledger_path != ":memory:" and not Path(ledger_path).is_absolute():
         # Beside providers.yaml, unless that is the copy shipped inside an installed
         # package: a ledger is never written into site-packages, so it goes in the
@@ -139,9 +141,9 @@ def build_billing(config: GatewayConfig, env: Mapping[str, str], metrics: Gatewa
         packaged = config.path.resolve() == shipped.resolve() and shipped.parent.name == "defaults"
         ledger_path = str((Path.cwd() if packaged else config.path.parent) / ledger_path)
     try:
-        store = open_ledger(env.get("DATABASE_URL") or None, ledger_path)
+        store = open_ledger(environment.database_url or None, ledger_path)
     except Exception as exc:  # noqa: BLE001 - a driver's connect or file error; the URL (and any password) stays out
-        where = "DATABASE_URL (PostgreSQL)" if env.get("DATABASE_URL") else f"gateway.usage_ledger ({ledger_path})"
+        where = "DATABASE_URL (PostgreSQL)" if environment.database_url else f"gateway.usage_ledger ({ledger_path})"
         raise ConfigError(f"usage ledger: cannot open {where}: {type(exc).__name__}") from None
     ledger = Ledger(store)
     return keyring, Billing(keyring, RateLimiter(redis_url, namespace=namespace), budgets, ledger, metrics)
@@ -188,8 +190,9 @@ def create_app(
     the server exits; set where the app owns its process (`klein-gateway serve`)."""
     env = os.environ if env is None else env
     config = load_config(config_path, pricing_dir, env)
-    if env.get(PUBLIC_BASE_URL_ENV):
-        config.settings.public_base_url = env[PUBLIC_BASE_URL_ENV]
+    public_base_url = Settings.from_env(env).public_base_url
+    if public_base_url:
+        config.settings.public_base_url = public_base_url
     gw = build_gateway(config, env, transport=transport, metrics=metrics)
 
     @asynccontextmanager
@@ -253,6 +256,7 @@ def app_from_env() -> Litestar:
     """Factory for `uvicorn --factory gateway.app:app_from_env` (several workers).
 
     Each worker is a fresh process, so it sets up its own JSON, secret-scrubbing logs."""
-    configure_logging(level=os.environ.get("KLEIN_LOG_LEVEL", "INFO").upper())
+    environment = Settings.from_env()
+    configure_logging(level=environment.log_level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is ours; no per-call noise
-    return create_app(os.environ.get("KLEIN_CONFIG") or None, os.environ.get("KLEIN_PRICING") or None, drain_on_sigterm=True)
+    return create_app(environment.config or None, environment.pricing or None, drain_on_sigterm=True)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.config import CONFIG_ENV, CONFIG_NAME, ConfigError, GatewaySettings, find_config, load_config, shipped_config
 from gateway.domain.callers import LABEL_SECRET_ENV
 from gateway.images import open_image_store
+from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.domain.job import ImageJob
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     check = sub.add_parser("check-config", help="validate providers.yaml, pricing/ and the keys file")
     _config_args(check)
-    check.add_argument("--keys-file", default=os.environ.get("KLEIN_KEYS_FILE"), help="the keys file to validate (default: KLEIN_KEYS_FILE)")
+    check.add_argument("--keys-file", default=Settings.from_env().keys_file, help="the keys file to validate (default: KLEIN_KEYS_FILE)")
 
     keys = sub.add_parser("keys", help="caller keys for KLEIN_KEYS_FILE")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PATH", help=f"providers.yaml to use (default: ${CONFIG_ENV}, else ./{CONFIG_NAME}, else the defaults shipped with the package)")
-    p.add_argument("--pricing", default=os.environ.get("KLEIN_PRICING"), help="price sheet directory (default: pricing/ beside the config)")
+    p.add_argument("--pricing", default=Settings.from_env().pricing, help="price sheet directory (default: pricing/ beside the config)")
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -227,13 +228,14 @@ def print_usage(args: argparse.Namespace) -> int:
     except (ValueError, GatewayError) as exc:
         print(f"error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
-    path = os.environ.get("KLEIN_USAGE_LEDGER") or config.settings.usage_ledger
-    if not os.environ.get("DATABASE_URL") and not path:
+    environment = Settings.from_env()
+    path = environment.usage_ledger or config.settings.usage_ledger
+    if not environment.database_url and not path:
         print("error: no ledger to read: set DATABASE_URL or gateway.usage_ledger in providers.yaml", file=sys.stderr)
         return 2
     if path and not Path(path).is_absolute():
         path = str(config.path.parent / path)
-    store = open_store(os.environ.get("DATABASE_URL") or None, path)
+    store = open_store(environment.database_url or None, path)
     try:
         rows = store.fetch(since, until, args.key)
     finally:
@@ -255,7 +257,7 @@ def print_usage(args: argparse.Namespace) -> int:
 
 def print_quote(args: argparse.Namespace) -> int:
     """The price table, computed offline from the sheets (no backend is called)."""
-    from gateway.app import PUBLIC_BASE_URL_ENV, build_gateway
+    from gateway.app import build_gateway
     from gateway.domain.errors import GatewayError
     from gateway.domain.job import JobKind, ReferenceImage
     from gateway.http.parse import build_job, parse_body
@@ -270,8 +272,9 @@ def print_quote(args: argparse.Namespace) -> int:
     for b in config.backends:
         if b.disabled_reason and b.config.enabled and b.base_url:
             b.disabled_reason = None
-    if env.get(PUBLIC_BASE_URL_ENV):  # as the server does: uploads can then be lent a URL
-        config.settings.public_base_url = env[PUBLIC_BASE_URL_ENV]
+    public_base_url = Settings.from_env(env).public_base_url
+    if public_base_url:  # as the server does: uploads can then be lent a URL
+        config.settings.public_base_url = public_base_url
     gw = build_gateway(config, env)
     refs = [ReferenceImage(content_type="image/png", data=b"", width=1024, height=1024)] * args.edit_images
     try:
@@ -372,7 +375,9 @@ def serve_gateway(args: argparse.Namespace) -> int:
         if metrics_port is not None:
             from gateway.observability.metrics_access import MetricsAccess, serve_metrics
 
-            metrics_server, _ = serve_metrics(args.metrics_host or args.host, metrics_port, MetricsAccess.from_env(os.environ), os.environ["PROMETHEUS_MULTIPROC_DIR"])
+            shared_dir = Settings.from_env().prometheus_multiproc_dir
+            assert shared_dir is not None  # prepare_metrics_dir named or made one (shared=True)
+            metrics_server, _ = serve_metrics(args.metrics_host or args.host, metrics_port, MetricsAccess.from_env(os.environ), shared_dir)
     except BaseException:
         if fleet is not None:
             fleet.stop_thread()
@@ -408,7 +413,7 @@ def resolve_metrics_port(args: argparse.Namespace) -> int | None:
     every worker knows not to serve /metrics on the API port."""
     from gateway.observability.metrics_access import PORT_ENV, parse_port
 
-    port = parse_port(args.metrics_port if args.metrics_port is not None else os.environ.get(PORT_ENV))
+    port = parse_port(args.metrics_port if args.metrics_port is not None else Settings.from_env().metrics_port)
     if port is not None:
         if port == args.port:
             raise ConfigError(f"--metrics-port {port} is the API port; pick another")
@@ -426,8 +431,9 @@ def prepare_image_dir(settings: GatewaySettings, workers: int) -> str | None:
 
     Images then survive neither a restart nor another replica: name a
     directory (gateway.image_store.path, KLEIN_IMAGE_DIR) or use s3 for that."""
-    kind = os.environ.get("KLEIN_IMAGE_STORE") or settings.image_store.kind
-    if workers <= 1 or kind not in ("auto", "filesystem") or os.environ.get("KLEIN_IMAGE_DIR") or settings.image_store.path:
+    environment = Settings.from_env()
+    kind = environment.image_store or settings.image_store.kind
+    if workers <= 1 or kind not in ("auto", "filesystem") or environment.image_dir or settings.image_store.path:
         return None
     made = tempfile.mkdtemp(prefix="klein-images-")
     os.environ["KLEIN_IMAGE_DIR"] = made
@@ -462,7 +468,7 @@ def prepare_metrics_dir(workers: int, *, shared: bool = False) -> str | None:
     A directory the user named is emptied of the previous run's files (they
     would be summed in); otherwise one is made, and returned so it is removed
     at exit."""
-    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    given = Settings.from_env().prometheus_multiproc_dir
     if given:
         for stale in Path(given).glob("*.db"):
             stale.unlink(missing_ok=True)
@@ -490,10 +496,11 @@ def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str
             lines.append(f"  {name:<12} {running.base_url}")
     for name, address in sorted((kept or {}).items()):
         lines.append(f"Not emulated: {name} at {redact(address)} ({adapter_class(name).base_url_env} is set)")
-    if os.environ.get("KLEIN_GATEWAY_KEYS"):
+    environment = Settings.from_env()
+    if environment.gateway_keys:
         auth = ' -H "authorization: Bearer ${KLEIN_GATEWAY_KEYS%%,*}"'
         api_key = "__import__('os').environ['KLEIN_GATEWAY_KEYS'].split(',')[0]"
-    elif os.environ.get("KLEIN_KEYS_FILE"):  # keys from the file: put one of yours in $KLEIN_KEY to run the examples
+    elif environment.keys_file:  # keys from the file: put one of yours in $KLEIN_KEY to run the examples
         auth = ' -H "authorization: Bearer $KLEIN_KEY"'
         api_key = "__import__('os').environ['KLEIN_KEY']"
     else:
@@ -512,9 +519,10 @@ def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str
 
 
 def metrics_url(args: argparse.Namespace) -> str:
-    port = os.environ.get("KLEIN_METRICS_PORT")
+    environment = Settings.from_env()
+    port = environment.metrics_port
     url = f"http://{getattr(args, 'metrics_host', None) or args.host}:{port}/metrics" if port else f"http://{args.host}:{args.port}/metrics"
-    return url + (" (Authorization: Bearer $KLEIN_METRICS_TOKEN)" if os.environ.get("KLEIN_METRICS_TOKEN") else "")
+    return url + (" (Authorization: Bearer $KLEIN_METRICS_TOKEN)" if environment.metrics_token else "")
 
 
 if __name__ == "__main__":

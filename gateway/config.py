@@ -29,6 +29,7 @@ from gateway.health.probes import ProbeSettings
 from gateway.health.tracker import BreakerPolicy
 from gateway.providers import adapter_class, capabilities_for
 from gateway.routing.pricing import PriceSheet, PriceSheetError, load_sheet
+from gateway.settings import Settings
 
 CONFIG_NAME = "providers.yaml"
 CONFIG_ENV = "KLEIN_CONFIG"
@@ -215,7 +216,7 @@ def find_config(explicit: str | Path | None = None, env: Mapping[str, str] | Non
     A file that was named but is missing is an error (never silently replaced
     by the defaults); the error names every path tried and how to point elsewhere."""
     env = os.environ if env is None else env
-    for given, source in ((explicit, "--config"), (env.get(CONFIG_ENV), CONFIG_ENV)):
+    for given, source in ((explicit, "--config"), (Settings.from_env(env).config, CONFIG_ENV)):
         if given:
             path = Path(given)
             if path.is_file():

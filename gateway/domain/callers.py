@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Final
+
+from gateway.settings import Settings
 
 LABEL_SECRET_ENV: Final = "KLEIN_METRICS_KEY_SECRET"
 _PROCESS_SECRET: Final = secrets.token_bytes(32)
@@ -37,7 +38,7 @@ class Caller:
 
 def label_secret() -> bytes:
     """The HMAC key for caller labels: `KLEIN_METRICS_KEY_SECRET`, else this process's random one."""
-    configured = os.environ.get(LABEL_SECRET_ENV)
+    configured = Settings.from_env().metrics_key_secret
     return configured.encode() if configured else _PROCESS_SECRET
 
 

@@ -22,6 +22,7 @@ from gateway.config import GatewaySettings
 from gateway.domain.errors import ConfigError
 from gateway.images.base import FILES_PATH, ImageStore, StoredImage, StoredRef, valid_name
 from gateway.images.signing import UrlSigner
+from gateway.settings import Settings
 
 __all__ = ["FILES_PATH", "ImageStore", "ImageStoreError", "StoredImage", "StoredRef", "UrlSigner", "open_image_store", "store_kind", "valid_name"]
 
@@ -31,7 +32,7 @@ class ImageStoreError(ConfigError):
 
 
 def store_kind(settings: GatewaySettings, env: Mapping[str, str], workers: int) -> str:
-    kind = env.get("KLEIN_IMAGE_STORE") or settings.image_store.kind
+    kind = Settings.from_env(env).image_store or settings.image_store.kind
     if kind == "auto":
         kind = "filesystem" if workers > 1 else "memory"
     if kind not in ("memory", "filesystem", "s3"):
@@ -45,15 +46,16 @@ def store_kind(settings: GatewaySettings, env: Mapping[str, str], workers: int) 
 
 def open_image_store(settings: GatewaySettings, env: Mapping[str, str] | None = None, *, workers: int | None = None) -> ImageStore:
     env = os.environ if env is None else env
-    workers = workers if workers is not None else int(env.get("KLEIN_WORKERS") or 1)
+    environment = Settings.from_env(env)
+    workers = workers if workers is not None else int(environment.workers or 1)
     cfg = settings.image_store
     kind = store_kind(settings, env, workers)
-    url_mode = env.get("KLEIN_IMAGE_URL_MODE") or cfg.url_mode
+    url_mode = environment.image_url_mode or cfg.url_mode
     if url_mode not in ("gateway", "presigned"):
         raise ImageStoreError(f"KLEIN_IMAGE_URL_MODE: {url_mode!r} is not one of gateway, presigned")
     if url_mode == "presigned" and kind != "s3":
         raise ImageStoreError(f"gateway.image_store.url_mode: presigned needs the s3 store, not {kind}")
-    key = (env.get("KLEIN_URL_SIGNING_KEY") or "").encode() or None
+    key = (environment.url_signing_key or "").encode() or None
     common = {"ttl_s": settings.image_url_ttl_s, "max_bytes": settings.image_store_bytes}
     if kind == "memory":
         from gateway.images.memory import MemoryImageStore
@@ -62,7 +64,7 @@ def open_image_store(settings: GatewaySettings, env: Mapping[str, str] | None = 
     if kind == "filesystem":
         from gateway.images.filesystem import FilesystemImageStore, shared_signing_key
 
-        root = env.get("KLEIN_IMAGE_DIR") or cfg.path
+        root = environment.image_dir or cfg.path
         if not root:
             raise ImageStoreError("gateway.image_store.path: the filesystem store needs a directory (or set KLEIN_IMAGE_DIR)")
         try:
@@ -72,11 +74,11 @@ def open_image_store(settings: GatewaySettings, env: Mapping[str, str] | None = 
         return FilesystemImageStore(root, signer=signer, sweep_every_s=cfg.sweep_every_s, **common)
     from gateway.images.s3 import S3ImageStore, open_bucket
 
-    bucket = env.get("KLEIN_S3_BUCKET") or cfg.s3.bucket
+    bucket = environment.s3_bucket or cfg.s3.bucket
     if not bucket:
         raise ImageStoreError("gateway.image_store.s3.bucket: the s3 store needs a bucket (or set KLEIN_S3_BUCKET)")
     if url_mode == "gateway" and key is None:
         raise ImageStoreError("KLEIN_URL_SIGNING_KEY: the s3 store with url_mode gateway needs a signing key shared by every replica")
-    store = open_bucket(bucket, endpoint_url=env.get("KLEIN_S3_ENDPOINT") or cfg.s3.endpoint_url, region=env.get("KLEIN_S3_REGION") or cfg.s3.region, env=env)
-    prefix = env.get("KLEIN_S3_PREFIX") or cfg.s3.prefix
+    store = open_bucket(bucket, endpoint_url=environment.s3_endpoint or cfg.s3.endpoint_url, region=environment.s3_region or cfg.s3.region, env=env)
+    prefix = environment.s3_prefix or cfg.s3.prefix
     return S3ImageStore(store, prefix=prefix, url_mode=url_mode, sweep_every_s=cfg.sweep_every_s, signer=UrlSigner(key), **common)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ import obstore
 from obstore.store import S3Store
 
 from gateway.images.base import ImageStore, StoredImage, StoredRef, expiry_of, media_type_of, new_name, valid_name
+from gateway.settings import Settings
 
 UrlMode = Literal["gateway", "presigned"]
 
@@ -35,10 +36,11 @@ def open_bucket(bucket: str, *, endpoint_url: str | None, region: str | None, en
     if endpoint_url:
         options["endpoint"] = endpoint_url
         options["virtual_hosted_style_request"] = False  # MinIO, moto and most S3-compatibles want path style
-    for key, var in (("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", "AWS_SECRET_ACCESS_KEY"), ("session_token", "AWS_SESSION_TOKEN")):
-        if env.get(var):
-            options[key] = env[var]
-    options["region"] = region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    aws = Settings.from_env(env)
+    for key, value in (("access_key_id", aws.aws_access_key_id), ("secret_access_key", aws.aws_secret_access_key), ("session_token", aws.aws_session_token)):
+        if value:
+            options[key] = value
+    options["region"] = region or aws.aws_region or aws.aws_default_region or "us-east-1"
     client_options: Any = {"allow_http": True} if endpoint_url and endpoint_url.startswith("http://") else None
     return S3Store(bucket, client_options=client_options, **options)
 

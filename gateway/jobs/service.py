@@ -24,6 +24,7 @@ from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import JobQueue, MemoryJobQueue, RedisJobQueue
 from gateway.jobs.store import JobStore, MemoryJobStore, RedisJobStore
 from gateway.jobs.webhooks import Allowlist, parse_secret
+from gateway.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.dispatch.fleet import BackendFleet
@@ -110,15 +111,16 @@ class Jobs:
 
 def open_jobs(settings: GatewaySettings, env: Mapping[str, str]) -> Jobs:
     """Jobs in Redis when `REDIS_URL` is set, else in this process."""
-    allow = Allowlist.parse([*settings.webhook_allow, *(env.get("KLEIN_WEBHOOK_ALLOW") or "").split(",")])
-    secret = env.get("KLEIN_WEBHOOK_SECRET")
+    environment = Settings.from_env(env)
+    allow = Allowlist.parse([*settings.webhook_allow, *(environment.webhook_allow or "").split(",")])
+    secret = environment.webhook_secret
     key = parse_secret(secret) if secret else None
-    url = env.get("REDIS_URL")
+    url = environment.redis_url
     if not url:
         return Jobs(MemoryJobStore(settings.job_retention_s), MemoryJobQueue(), MemoryDeliverySchedule(), settings, allow, key, shared=False)
     import redis.asyncio as aioredis
 
-    namespace = env.get("KLEIN_STATE_NAMESPACE") or "default"
+    namespace = environment.state_namespace or "default"
     # Longer timeouts than the health store's: XREADGROUP blocks for a second.
     client = aioredis.from_url(url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=2.0, health_check_interval=30)
     return Jobs(

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gateway.domain.callers import Caller as LabelledKey
 from gateway.domain.callers import caller_label
+from gateway.settings import Settings
 
 log = logging.getLogger("klein.keys")
 
@@ -200,8 +201,9 @@ class KeyRing:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | Any, known_backends: set[str] | None = None) -> KeyRing:
-        simple = frozenset(k.strip() for k in (env.get("KLEIN_GATEWAY_KEYS") or "").split(",") if k.strip())
-        return cls(simple, env.get("KLEIN_KEYS_FILE") or None, known_backends)
+        settings = Settings.from_env(env)
+        simple = frozenset(k.strip() for k in (settings.gateway_keys or "").split(",") if k.strip())
+        return cls(simple, settings.keys_file or None, known_backends)
 
     @property
     def open(self) -> bool:

@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from gateway.settings import Settings
+
 SHARD_SIZE = 32
 
 
@@ -44,7 +46,7 @@ UPSTREAM_CLIENTS = ("aiohttp", "httpx")
 
 def upstream_client_choice(configured: str, env: Mapping[str, str]) -> str:
     """`KLEIN_UPSTREAM_CLIENT` if set, else providers.yaml `gateway.upstream_client`."""
-    choice = (env.get(UPSTREAM_CLIENT_ENV) or configured).strip().lower()
+    choice = (Settings.from_env(env).upstream_client or configured).strip().lower()
     if choice not in UPSTREAM_CLIENTS:
         raise ValueError(f"{UPSTREAM_CLIENT_ENV}: {choice!r} is not one of {', '.join(UPSTREAM_CLIENTS)}")
     return choice

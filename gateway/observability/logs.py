@@ -30,8 +30,8 @@ from typing import Any, Final, TextIO
 
 from gateway.providers import credential_env_names
 from gateway.redaction import NEVER_LOGGED_FIELDS, REDACTED, redact, register_secrets, scrub
+from gateway.settings import Settings, variables
 
-GATEWAY_KEYS_ENV: Final = "KLEIN_GATEWAY_KEYS"  # comma-separated caller keys
 # The gateway's own secrets: the /metrics token, the caller-label and image-URL signing keys.
 GATEWAY_SECRET_ENV_VARS: Final = ("KLEIN_METRICS_TOKEN", "KLEIN_METRICS_KEY_SECRET", "KLEIN_URL_SIGNING_KEY")
 PROMPT_LENGTH_ENV: Final = "KLEIN_LOG_PROMPT_LENGTH"  # opt-in: log prompt length (never text)
@@ -41,8 +41,10 @@ def secrets_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
     """The configured secret values: every registered provider's credential
     variable (`Adapter.credential_env`), the caller keys and the gateway's own secrets."""
     env = os.environ if environ is None else environ
-    found = [env[name] for name in (*credential_env_names(), *GATEWAY_SECRET_ENV_VARS) if env.get(name)]
-    found += [k.strip() for k in env.get(GATEWAY_KEYS_ENV, "").split(",") if k.strip()]
+    settings, fields = Settings.from_env(env), variables()
+    found = [env[name] for name in credential_env_names() if env.get(name)]  # declared by the adapters, not by Settings
+    found += [value for value in (getattr(settings, fields[name]) for name in GATEWAY_SECRET_ENV_VARS) if value]
+    found += [k.strip() for k in (settings.gateway_keys or "").split(",") if k.strip()]
     return found
 
 
@@ -148,7 +150,7 @@ class RequestLogger:
     def __init__(self, logger: logging.Logger | None = None, *, log_prompt_length: bool | None = None) -> None:
         self.logger = logger if logger is not None else logging.getLogger("klein.request")
         if log_prompt_length is None:
-            log_prompt_length = os.environ.get(PROMPT_LENGTH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+            log_prompt_length = Settings.from_env().log_prompt_length
         self.log_prompt_length = log_prompt_length
 
     def fields(

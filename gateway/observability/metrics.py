@@ -27,7 +27,6 @@ called (a gunicorn `child_exit` hook); without it they behave as max/min/sum.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -49,6 +48,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from gateway.providers.base import FailureClass
 from gateway.redaction import looks_like_secret
+from gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ ONE_MP_AT_1024: Final = Decimal(1024 * 1024) / Decimal(1_000_000)
 
 def multiprocess_dir() -> str | None:
     """The shared metrics directory, or None in single-process mode."""
-    return os.environ.get(MULTIPROC_ENV) or os.environ.get(MULTIPROC_ENV.lower()) or None
+    env = Settings.from_env()
+    return env.prometheus_multiproc_dir or env.prometheus_multiproc_dir_lowercase or None
 
 
 def mark_process_dead(pid: int) -> None:

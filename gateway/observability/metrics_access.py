@@ -25,6 +25,7 @@ from typing import Any, Final
 from wsgiref.simple_server import WSGIServer, make_server
 
 from gateway.domain.errors import ConfigError
+from gateway.settings import Settings
 
 TOKEN_ENV: Final = "KLEIN_METRICS_TOKEN"
 PORT_ENV: Final = "KLEIN_METRICS_PORT"
@@ -41,7 +42,8 @@ class MetricsAccess:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> MetricsAccess:
         """From `KLEIN_METRICS_TOKEN` and `KLEIN_METRICS_PORT`; a port that is not 1-65535 is a ConfigError."""
-        return cls(token=env.get(TOKEN_ENV) or None, port=parse_port(env.get(PORT_ENV)))
+        settings = Settings.from_env(env)
+        return cls(token=settings.metrics_token or None, port=parse_port(settings.metrics_port))
 
     def allows(self, authorization: str | None) -> bool:
         """True when no token is configured or the header carries it (compared in constant time)."""

@@ -7,8 +7,7 @@ degrades the gateway (status "degraded") instead of failing requests.
 
 from __future__ import annotations
 
-import os
-
+from gateway.settings import Settings
 from gateway.state.base import StateStore, StoreStatus
 from gateway.state.memory import MemoryStore
 from gateway.state.resilient import Merge, ResilientStore, set_if_absent
@@ -20,10 +19,11 @@ def open_store(url: str | None = None, *, namespace: str | None = None, merge: M
     """The configured store. `url` defaults to `REDIS_URL`; the namespace to
     `KLEIN_STATE_NAMESPACE` or "default" (keys are `klein:<namespace>:...`).
     `merge` decides what a replica writes back after an outage (see ResilientStore)."""
-    url = url if url is not None else os.environ.get("REDIS_URL")
+    env = Settings.from_env()
+    url = url if url is not None else env.redis_url
     if not url:
         return MemoryStore()
     from gateway.state.redis import RedisStore  # redis is only imported when used
 
-    ns = namespace or os.environ.get("KLEIN_STATE_NAMESPACE") or "default"
+    ns = namespace or env.state_namespace or "default"
     return ResilientStore(RedisStore.from_url(url, namespace=ns), MemoryStore(), merge=merge)
