@@ -248,3 +248,9 @@ async def test_a_due_delivery_is_leased_to_one_taker_and_comes_back_when_the_lea
     await schedule.done("imgjob_c")
     await asyncio.sleep(0.35)
     assert await schedule.take(lease_s=0.3, count=10) == []
+
+
+def test_job_ids_made_in_the_same_millisecond_sort_in_the_order_they_were_made() -> None:
+    now = 1_750_000_000.123
+    ids = [new_job_id(now) for _ in range(200)]
+    assert sorted(ids) == ids and len(set(ids)) == len(ids)

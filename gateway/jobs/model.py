@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -25,12 +26,27 @@ ID_PREFIX = "imgjob_"
 
 
 def new_job_id(now: float | None = None) -> str:
-    """`imgjob_` + 12 hex digits of milliseconds + 16 random hex digits.
+    """`imgjob_` + 12 hex digits of milliseconds + 16 hex digits: a 4-digit
+    sequence and 12 random ones.
 
     Ids sort by creation time, so an owner's listing is a range over ids and
-    the `after` cursor is simply the last id seen."""
+    the `after` cursor is simply the last id seen. Jobs made in the same
+    millisecond by this process sort in the order they were made (the
+    sequence), not by chance; the random part keeps replicas' ids apart."""
+    global _last_id_ms, _id_seq
     ms = int((time.time() if now is None else now) * 1000)
-    return f"{ID_PREFIX}{ms:012x}{secrets.token_hex(8)}"
+    with _id_lock:
+        if ms == _last_id_ms:
+            _id_seq = (_id_seq + 1) & 0xFFFF
+        else:
+            _last_id_ms, _id_seq = ms, 0
+        seq = _id_seq
+    return f"{ID_PREFIX}{ms:012x}{seq:04x}{secrets.token_hex(6)}"
+
+
+_id_lock = threading.Lock()
+_last_id_ms = -1
+_id_seq = 0
 
 
 def job_to_dict(job: ImageJob) -> dict[str, Any]:
