@@ -1,7 +1,10 @@
 """Finished log lines written by a thread of their own, never on the event loop.
 
 A request's line is handed over with `submit()` (a deque append, no lock, no
-I/O); the thread writes whatever has gathered in one `write` and flushes. When
+I/O; the first line of a batch also sets an event). The thread then lingers
+`LINGER_S` so the lines of requests close together gather, and writes them in
+one `write` and one flush: one wake-up and one system call per batch, not per
+request, since both cost the worker's CPU as much as the encoding does. When
 the stream stops taking writes (stderr into a full pipe, a stalled log
 collector), the queue fills to `max_lines` and further lines are dropped and
 counted in `dropped`, not waited for: blocking even briefly would put the stuck
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from typing import Final, TextIO
 
 MAX_LINES: Final = 10_000  # about 3 MB of request lines; seconds of traffic at full load
+LINGER_S: Final = 0.02  # a line waits at most this long for others to share its write
 JOIN_TIMEOUT_S: Final = 5.0  # a stuck stream must not hold shutdown forever
 
 
@@ -54,7 +59,7 @@ class LineWriter:
         self._lines.append(line)
         if self._thread is None:
             self._start()
-        if not self._wake.is_set():
+        if not self._wake.is_set():  # set once per batch; the thread lingers before it drains
             self._wake.set()
 
     def flush(self, timeout: float = JOIN_TIMEOUT_S) -> bool:
@@ -96,6 +101,8 @@ class LineWriter:
     def _run(self) -> None:
         while True:
             self._wake.wait()
+            if not self._stop:
+                time.sleep(LINGER_S)  # let the lines of requests close together share one write
             self._wake.clear()  # before draining: a line appended after this wakes us again
             self._drain()
             if self._stop:
