@@ -162,7 +162,8 @@ async def test_a_stuck_stream_does_not_stall_the_event_loop_and_drops_are_counte
         handler.close()
     lines = super(StuckStream, stream).getvalue().splitlines()
     assert len(lines) == 1 + 50 + 1  # the stuck line, the queue, and the count of the dropped
-    assert "3950 request line(s) dropped" in lines[-1]
+    report = json.loads(lines[-1])
+    assert "3950 request line(s) dropped" in report["msg"] and report["level"] == "warning" and report["ts"].endswith("Z")
 
 
 class SlowStream(io.StringIO):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Final, TextIO
 
 MAX_LINES: Final = 10_000  # about 3 MB of request lines; seconds of traffic at full load
@@ -131,7 +132,8 @@ class LineWriter:
             try:
                 if self.dropped != self._reported:
                     lost, self._reported = self.dropped - self._reported, self.dropped
-                    text += f'{{"level":"warning","logger":"klein.request","msg":"log stream was stuck: {lost} request line(s) dropped"}}\n'
+                    ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                    text += f'{{"ts":"{ts}","level":"warning","logger":"klein.request","msg":"log stream was stuck: {lost} request line(s) dropped"}}\n'
                 self.stream.write(text)
                 self.stream.flush()
             except (OSError, ValueError):  # a closed or broken stream: the lines are lost, the gateway goes on
