@@ -258,17 +258,19 @@ CALLER_SHAPED_FIELDS: Final = ("request_id", "caller", "error_code")
 _FLOAT_FIELDS: Final = ("latency_s", "overhead_s")
 _LEVEL_NAMES: Final = {logging.INFO: "info", logging.WARNING: "warning"}
 _encode = msgspec.json.Encoder().encode
-_second: list[Any] = [None, ""]  # the last whole second and its ISO text
+_second: tuple[int, str] = (-1, "")  # the last whole second and its ISO text, swapped as one
 
 
 def log_timestamp(now: float) -> str:
     """`JsonFormatter`'s `ts` (ISO 8601, milliseconds, Z), its second's text worked out once per second."""
     micros = round(now * 1_000_000)  # as datetime.fromtimestamp rounds
     second, fraction = divmod(micros, 1_000_000)
-    if second != _second[0]:
-        _second[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _second[0] = second
-    return f"{_second[1]}.{fraction // 1000:03d}Z"
+    global _second
+    known, text = _second
+    if second != known:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (second, text)
+    return f"{text}.{fraction // 1000:03d}Z"
 
 
 def request_line(logger_name: str, level: int, fields: Mapping[str, Any], now: float | None = None) -> str:
