@@ -223,6 +223,7 @@ def create_app(
             if prober is not None:
                 await prober.stop()
             await gw.close()
+            await asyncio.to_thread(gw.request_log.close)  # every request line is on the stream before the process goes
 
     app = Litestar(
         route_handlers=[*openai.ROUTES, *jobs.ROUTES, *extensions.ROUTES, *usage.ROUTES, *openapi.ROUTES],

@@ -355,11 +355,24 @@ SECRETS = {
 }
 
 
+class FlushedLogStream(io.StringIO):
+    """A log stream whose `getvalue` first waits for the request lines queued
+    for the writer thread (`gateway.observability.linewriter`)."""
+
+    handler: logging.Handler | None = None
+
+    def getvalue(self) -> str:
+        if self.handler is not None:
+            self.handler.flush()
+        return super().getvalue()
+
+
 @pytest.fixture
 def log_stream() -> io.StringIO:
-    stream = io.StringIO()
+    stream = FlushedLogStream()
     level = logging.getLogger().level
     handler = configure_logging(stream=stream, secrets=["configured-secret-value-42"])
+    stream.handler = handler
     yield stream
     logging.getLogger().removeHandler(handler)
     logging.getLogger().setLevel(level)

@@ -14,20 +14,31 @@ header cannot leak it.
 
 `RequestLogger.log()` writes the one line per request. Prompts are never
 logged; with `log_prompt_length=True` the line carries the prompt's length in
-characters, never its text.
+characters, never its text. That line skips the stdlib record: it is built
+once from the gateway's own fields, encoded with msgspec in the same shape as
+`JsonFormatter`'s, and written by the handler's writer thread
+(`gateway.observability.linewriter`), so a slow stream never stalls the loop.
+Only the fields a caller can shape (the request id, from `x-request-id`; the
+caller's label; an error code) are scrubbed; the rest are numbers, the route
+and the configured backend's name.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final, TextIO
 
+import msgspec
+
+from gateway.observability.linewriter import LineWriter
 from gateway.providers import credential_env_names
 from gateway.redaction import NEVER_LOGGED_FIELDS, REDACTED, redact, register_secrets, scrub
 from gateway.settings import Settings, variables
@@ -117,6 +128,34 @@ class JsonFormatter(logging.Formatter):
 _HANDLER_MARK: Final = "_klein_json_handler"
 
 
+class JsonLinesHandler(logging.StreamHandler):
+    """The stdlib handler for ordinary records, plus `lines`: the writer
+    thread that request lines go through, sharing the stream and its lock."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        assert self.lock is not None  # createLock() ran in Handler.__init__
+        self.lines = LineWriter(stream, self.lock)
+
+    def flush(self) -> None:
+        """Write the queued request lines, then flush the stream."""
+        self.lines.flush()
+        super().flush()
+
+    def close(self) -> None:
+        self.lines.shutdown()
+        super().close()
+
+
+def json_handler(stream: TextIO) -> JsonLinesHandler:
+    """The JSON-lines handler on `stream`: redacting filter, JSON formatter, request-line writer."""
+    handler = JsonLinesHandler(stream)
+    setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(RedactingFilter())
+    handler.setFormatter(JsonFormatter())
+    return handler
+
+
 def configure_logging(
     *,
     level: int | str = "INFO",
@@ -131,10 +170,9 @@ def configure_logging(
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
         root.removeHandler(old)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    setattr(handler, _HANDLER_MARK, True)
-    handler.addFilter(RedactingFilter())
-    handler.setFormatter(JsonFormatter())
+        if isinstance(old, JsonLinesHandler):
+            old.lines.close()  # its queued lines still reach its stream
+    handler = json_handler(stream if stream is not None else sys.stderr)
     root.addHandler(handler)
     root.setLevel(level)
     return handler
@@ -191,6 +229,94 @@ class RequestLogger:
 
     def log(self, **fields: Any) -> None:
         """Write the request's one line (the arguments of `fields`): level
-        warning for 5xx, info otherwise."""
+        warning for 5xx, info otherwise.
+
+        Where `configure_logging`'s handler is the only one that would see the
+        record, the line goes straight to its writer thread; any other set-up
+        (a test's capture handler, a filter, an extra handler) gets the stdlib
+        record as before."""
         entry = self.fields(**fields)
-        self.logger.log(logging.WARNING if entry["status"] >= 500 else logging.INFO, "request", extra=entry)
+        level = logging.WARNING if entry["status"] >= 500 else logging.INFO
+        logger = self.logger
+        if not logger.isEnabledFor(level):
+            return
+        handler = _sole_json_handler(logger, level)
+        if handler is None:
+            logger.log(level, "request", extra=entry)
+            return
+        handler.lines.submit(request_line(logger.name, level, entry))
+
+    def close(self) -> None:
+        """Write every queued request line and join the writer thread (the app's shutdown)."""
+        handler = _sole_json_handler(self.logger, logging.INFO)
+        if handler is not None:
+            handler.lines.close()
+
+
+# Fields a caller can shape: `x-request-id` (any sane token), the caller's
+# label (a key's configured name) and an error code. Everything else in a
+# request line is a number, the route or a configured backend's name.
+CALLER_SHAPED_FIELDS: Final = ("request_id", "caller", "error_code")
+_FLOAT_FIELDS: Final = ("latency_s", "overhead_s")
+_LEVEL_NAMES: Final = {logging.INFO: "info", logging.WARNING: "warning"}
+_encode = msgspec.json.Encoder().encode
+_second: tuple[int, str] = (-1, "")  # the last whole second and its ISO text, swapped as one
+
+
+def log_timestamp(now: float) -> str:
+    """`JsonFormatter`'s `ts` (ISO 8601, milliseconds, Z), its second's text worked out once per second."""
+    micros = round(now * 1_000_000)  # as datetime.fromtimestamp rounds
+    second, fraction = divmod(micros, 1_000_000)
+    global _second
+    known, text = _second
+    if second != known:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (second, text)
+    return f"{text}.{fraction // 1000:03d}Z"
+
+
+def request_line(logger_name: str, level: int, fields: Mapping[str, Any], now: float | None = None) -> str:
+    """The JSON line `JsonFormatter` would write for these fields (and its newline).
+
+    Each caller-shaped field is scrubbed on its own (`scrub`, so escaped spellings
+    count too). The finished line needs no second pass: every key is a fixed
+    name none of the redaction patterns can start on, so no pattern can match
+    across fields, and the other values are the gateway's own."""
+    entry: dict[str, Any] = {
+        "ts": log_timestamp(time.time() if now is None else now),
+        "level": _LEVEL_NAMES.get(level) or logging.getLevelName(level).lower(),
+        "logger": logger_name,
+        "msg": "request",
+    }
+    entry.update(fields)
+    for name in CALLER_SHAPED_FIELDS:
+        value = entry.get(name)
+        if isinstance(value, str):
+            entry[name] = scrub(value)
+    for name in _FLOAT_FIELDS:
+        value = entry.get(name)
+        if isinstance(value, float) and math.isfinite(value):
+            entry[name] = msgspec.Raw(repr(value).encode())  # json.dumps' spelling (1e-06, not 1e-6)
+    return _encode(entry).decode() + "\n"
+
+
+def _only_redacting(handler: logging.Handler) -> bool:
+    return len(handler.filters) == 1 and isinstance(handler.filters[0], RedactingFilter)
+
+
+def _sole_json_handler(logger: logging.Logger, level: int) -> JsonLinesHandler | None:
+    """The JSON handler, when it is the only handler a record of `logger` at
+    `level` reaches and no logger on the way filters; else None."""
+    found: JsonLinesHandler | None = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for h in current.handlers:
+            if found is not None or not isinstance(h, JsonLinesHandler) or h.level > level or not _only_redacting(h):
+                return None
+            found = h
+        if not current.propagate:
+            break
+        current = current.parent
+    return found
