@@ -42,6 +42,7 @@ from typing import Any
 from gateway.dispatch.delivery import ResultShaper, ShapedImage, delivery_failed
 from gateway.dispatch.fleet import Backend
 from gateway.dispatch.overload import LoopLag
+from gateway.dispatch.produced import bill_produced, produced_megapixels, produced_size
 from gateway.dispatch.upload_links import UploadLinks
 from gateway.domain.capabilities import eligible
 from gateway.domain.errors import GatewayError
@@ -133,6 +134,7 @@ class Outcome:
     seed: int | None = None
     possibly_billed_usd: Decimal = Decimal(0)
     size: str | None = None  # what was produced ("WxH"); a flexible request may get a backend's native size
+    megapixels: Decimal | None = None  # output megapixels of all the images, at the sizes produced
 
     @property
     def tried(self) -> int:
@@ -295,14 +297,15 @@ class Dispatcher:
         # The gateway's figure is always the price sheet's; a provider's own
         # figure, where it is a sane amount, travels beside it for
         # reconciliation (gateway/money/reconcile.py).
-        cost = backend.bill(job, len(images), cand.health)
+        cost = bill_produced(backend, job, images, cand.health)  # at the sizes made, which a shape request may vary
         billed = self._reported_cost(result)
         run.spent += cost
         run.attempts.append(Attempt(cand.name, "success", elapsed, cost, billed_usd=billed))
         await self.health.record_success(cand.name, elapsed, admission)
         self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
-        self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=self._baseline_usd(run.job, backend))
-        return Outcome(cand.name, images, run.attempts, run.spent, run.upstream, result.seed, run.possibly, size=job.size)
+        megapixels = produced_megapixels(job, images)
+        self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=megapixels, images=len(images), baseline_usd=self._baseline_usd(run.job, backend))
+        return Outcome(cand.name, images, run.attempts, run.spent, run.upstream, result.seed, run.possibly, size=produced_size(job, images), megapixels=megapixels)
 
     # ---- the three phases of an attempt, each bounded --------------------------
 

@@ -118,7 +118,16 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
         finally:
             request.scope.setdefault("state", {})["klein_observed"] = True
             if tab is not None:
-                await gw.billing.settle(tab, status=status, backend=backend, attempts=attempts, images=len(outcome.images) if outcome else 0, cost=cost, billed=gw.billed_figure(outcome))
+                await gw.billing.settle(
+                    tab,
+                    status=status,
+                    backend=backend,
+                    attempts=attempts,
+                    images=len(outcome.images) if outcome else 0,
+                    cost=cost,
+                    billed=gw.billed_figure(outcome),
+                    megapixels=outcome.megapixels if outcome else None,
+                )
             total = time.monotonic() - started
             gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
             gw.log_request(
