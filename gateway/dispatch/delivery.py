@@ -77,14 +77,16 @@ class ResultShaper:
         # is copied into the store and the caller gets the gateway's URL.
         self.rehost = rehost
 
-    async def shape(self, job: ImageJob, images: list[GeneratedImage], *, backend: str, deadline: float, base_url: str) -> list[ShapedImage]:
+    async def shape(self, job: ImageJob, images: list[GeneratedImage], *, backend: str, deadline: float, base_url: str, keep_s: int | None = None) -> list[ShapedImage]:
+        """`keep_s`: how long images the gateway stores must live, where a
+        record that outlives the store's TTL (a job, an idempotent answer) will refer to them."""
         if len(images) < job.n:
             raise delivery_failed(f"returned {len(images)} of {job.n} images")
         if job.n == 1:  # the usual case: no task and gather for one image
-            return [await self._one(job, images[0], deadline, base_url)]
-        return list(await asyncio.gather(*(self._one(job, img, deadline, base_url) for img in images[: job.n])))
+            return [await self._one(job, images[0], deadline, base_url, keep_s)]
+        return list(await asyncio.gather(*(self._one(job, img, deadline, base_url, keep_s) for img in images[: job.n])))
 
-    async def _one(self, job: ImageJob, img: GeneratedImage, deadline: float, base_url: str) -> ShapedImage:
+    async def _one(self, job: ImageJob, img: GeneratedImage, deadline: float, base_url: str, keep_s: int | None = None) -> ShapedImage:
         wanted = MEDIA_TYPES[job.output_format]
         fits = SizeCheck(job, self.tolerance)
         if img.data is None and img.b64 is None and job.response_format == "url" and not self.rehost and img.url and not img.url.startswith("data:") and img.content_type == wanted:
@@ -110,7 +112,7 @@ class ResultShaper:
             size = check_size(data, fits)
         if job.response_format == "b64_json":
             return ShapedImage(b64_json=base64.b64encode(data).decode("ascii"), nsfw=img.nsfw, seed=img.seed, size=size)
-        ref = await self.store.put(data, wanted)
+        ref = await self.store.put(data, wanted, keep_s=keep_s)
         return ShapedImage(url=await self.store.url(ref, base_url), nsfw=img.nsfw, seed=img.seed, size=size)
 
     async def _bytes(self, img: GeneratedImage, deadline: float) -> bytes:

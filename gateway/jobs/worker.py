@@ -211,7 +211,7 @@ class JobWorker:
         try:
             outcome, extra_cost, extra_attempts = await self._resume(record, job, started)
             if outcome is None:
-                outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab)
+                outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab, keep_images_s=self._keep_images_s)
             spent, attempts = outcome.cost_usd + extra_cost, outcome.tried + extra_attempts
             backend, upstream, status = outcome.backend, outcome.upstream_s, 200
             body = images_body(job, outcome)
@@ -248,6 +248,12 @@ class JobWorker:
             total = time.time() - record.created
             self.gw.metrics.observe_request(route=f"{record.route}_async", status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
 
+    @property
+    def _keep_images_s(self) -> int:
+        """A job's stored images live as long as its record (docs: README, Async jobs)."""
+        settings = self.jobs.settings
+        return settings.images_kept_s(settings.job_retention_s)
+
     @staticmethod
     async def _settle(pending: list[asyncio.Task[Any]]) -> None:
         if pending:
@@ -272,7 +278,7 @@ class JobWorker:
         t0 = time.monotonic()
         try:
             result = await backend.adapter.resume(job, ids, deadline)
-            images = await self.gw.dispatcher.shaper.shape(job, result.images, backend=name, deadline=deadline, base_url=record.base_url)
+            images = await self.gw.dispatcher.shaper.shape(job, result.images, backend=name, deadline=deadline, base_url=record.base_url, keep_s=self._keep_images_s)
         except ProviderError as err:
             elapsed = time.monotonic() - t0
             cost = backend.bill(job, job.n) if err.billed else Decimal(0)
