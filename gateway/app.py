@@ -94,7 +94,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     settings = config.settings
     images_store = open_image_store(settings, env)
     fleet.uploads = UploadLinks(images_store, settings)
-    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store, rehost=settings.image_store.rehost), metrics, uploads=fleet.uploads)
+    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store, rehost=settings.image_store.rehost, tolerance=fleet.tolerance), metrics, uploads=fleet.uploads)
     for name, backend in fleet.backends.items():
         metrics.set_backend_quote(name, backend.quote(REFERENCE_JOB).usd)
         if backend.kind in SOURCES:

@@ -16,6 +16,7 @@ command works from any directory after a plain install.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ from gateway.settings import Settings
 
 CONFIG_NAME = "providers.yaml"
 CONFIG_ENV = "KLEIN_CONFIG"
+IMAGE_KEEP_SLACK_S = 60  # how long an image outlives the record that refers to it (GatewaySettings.images_kept_s)
 _ELSEWHERE = f"Point at another with --config PATH or {CONFIG_ENV}=PATH, or write an editable copy of the defaults with `klein-gateway init [DIR]`."
 
 
@@ -134,6 +136,15 @@ class GatewaySettings(_Strict):
     webhook_retry_delays_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0], max_length=20)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     idempotency_ttl_s: float = Field(default=86400.0, gt=0)
+
+    def images_kept_s(self, record_ttl_s: float) -> int:
+        """How long an image the gateway stores must live when a record kept
+        `record_ttl_s` refers to it (a job's result, an idempotent answer): never
+        less than `image_url_ttl_s`, and a minute past the record, which covers
+        the store's whole-second expiry and the moment between storing the image
+        and writing the record. So a URL in a readable record always serves."""
+        return max(self.image_url_ttl_s, math.ceil(record_ttl_s) + IMAGE_KEEP_SLACK_S)
+
     # How often each process re-reads every backend's health from the state store
     # (one batched read); breaker transitions also arrive over pub/sub at once. At
     # most 1000, so a breaker opened on one replica is honoured by the others

@@ -97,14 +97,16 @@ class Gateway:
         backend = self.fleet.backends.get(outcome.backend)
         return outcome.billed_usd, billed_source(backend.kind if backend else "")
 
-    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None) -> Outcome:
+    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None, keep_images_s: int | None = None) -> Outcome:
+        """Plan, reserve and dispatch. `keep_images_s`: the lifetime of the record
+        that will refer to the images (GatewaySettings.images_kept_s)."""
         await vet_reference_hosts(job.references, self.resolver)  # before any provider is handed a URL
         p = await self.plan(job)
         if not p.attempts:
             raise refusal(p)
         if tab is not None:
             p = await tab.reserve(p)  # the budget, before any provider is called
-        return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None)
+        return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None, keep_images_s=keep_images_s)
 
     async def quote_table(self, job: ImageJob) -> dict[str, Any]:
         """Every backend's price and eligibility for this job, and the one that would be chosen."""

@@ -24,6 +24,7 @@ import base64
 import dataclasses
 import json
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import httpx
@@ -45,7 +46,7 @@ from gateway.providers.base import (
     Timeouts,
 )
 from gateway.state.memory import MemoryStore
-from tests.gateway_support import FakeAdapter, install_fakes, make_app, png_bytes
+from tests.gateway_support import FakeAdapter, image_size_of, install_fakes, make_app, png_bytes
 
 PRICE_ORDER = ["local", "replicate", "fal", "empiriolabs", "runflow"]  # at 1024x1024
 BODY = {"prompt": "a lighthouse at dusk", "size": "1024x1024", "response_format": "b64_json"}
@@ -483,3 +484,69 @@ async def test_an_outcome_unknown_answer_keeps_its_idempotency_key_so_the_retry_
     assert again.status_code == 502 and again.headers.get("idempotent-replayed") == "true", again.text
     assert len(fakes["local"].calls) == 1  # the provider was asked once, whatever the caller retried
     assert all(not fakes[name].calls for name in PRICE_ORDER if name != "local")
+
+
+# ---- a shape request is served at the size the provider produced ------------------
+
+REPLICATE_CREATE = "https://api.replicate.com/v1/models/black-forest-labs/flux-2-klein-4b/predictions"
+REPLICATE_OUT = "https://replicate.delivery/xezq/abc/out-0.png"
+REPLICATE_USD_PER_MP = Decimal("0.001")  # pricing/replicate.yaml: exact output MP
+
+
+def replicate_router(produced: tuple[int, int]) -> tuple[respx.Router, list[httpx.Request]]:
+    """Replicate at the wire, answering one prediction whose image is `produced`;
+    every request to any other host is kept in the list (and answered 500)."""
+    router = respx.Router(assert_all_called=False)
+    prediction = {"id": "p1", "status": "succeeded", "output": [REPLICATE_OUT], "error": None, "metrics": {"predict_time": 0.5}, "urls": {"get": "https://api.replicate.com/v1/predictions/p1"}}
+    router.post(REPLICATE_CREATE).respond(201, json=prediction)
+    router.get(REPLICATE_OUT).respond(200, content=png_bytes(*produced), headers={"content-type": "image/png"})
+    elsewhere: list[httpx.Request] = []
+
+    def other(request: httpx.Request) -> httpx.Response:
+        elsewhere.append(request)
+        return httpx.Response(500)
+
+    router.route().mock(side_effect=other)
+    return router, elsewhere
+
+
+SHAPE_CASES = [
+    # (id, request's size fields, what Replicate made, served?)
+    pytest.param({"aspect_ratio": "16:9"}, (1360, 768), True, id="16:9-made-1360x768-on-the-16-grid"),
+    pytest.param({"aspect_ratio": "16:9"}, (1365, 768), True, id="16:9-made-the-predicted-1365x768"),
+    pytest.param({"aspect_ratio": "16:9"}, (1024, 1024), False, id="16:9-made-a-square-is-wrong"),
+    pytest.param({"aspect_ratio": "16:9"}, (640, 360), False, id="16:9-made-a-quarter-of-the-pixels-is-wrong"),
+    pytest.param({"size": "1024x1024"}, (1008, 1008), False, id="exact-size-stays-strict"),
+]
+
+
+@pytest.mark.parametrize(("size_fields", "produced", "served"), SHAPE_CASES)
+async def test_a_shape_request_is_served_once_at_the_size_produced_and_billed_for_it(size_fields, produced, served) -> None:
+    router, elsewhere = replicate_router(produced)
+    app = make_app(transport=httpx.MockTransport(router.async_handler))
+    body = {"prompt": "a harbour at dawn", "response_format": "b64_json", "provider": {"ignore": ["local"]}, **size_fields}  # Replicate first, fal next
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=body)
+        rows = await ledger_rows(app)
+    assert len(router.routes[0].calls) == 1  # one prediction bought
+    if not served:  # a wrong size is a delivery failure, bought again elsewhere
+        assert sample(app, "klein_upstream_attempts_total", {"backend": "replicate", "outcome": "delivery_failed"}) == 1
+        assert elsewhere, "a wrong size should fail over"
+        return
+    assert elsewhere == []  # no other provider was called
+    assert resp.status_code == 200, resp.text
+    w, h = produced
+    assert resp.headers["x-klein-backend"] == "replicate" and resp.headers["x-klein-attempts"] == "1"
+    assert Decimal(resp.headers["x-klein-cost-usd"]) == REPLICATE_USD_PER_MP * Decimal(w * h) / Decimal(1_000_000)
+    answer = resp.json()
+    assert answer["size"] == f"{w}x{h}" and [d["size"] for d in answer["data"]] == [f"{w}x{h}"]
+    assert image_size_of(base64.b64decode(answer["data"][0]["b64_json"])) == produced
+    assert sample(app, "klein_possible_double_spend_total", {"backend": "fal"}) == 0
+    [row] = rows
+    assert row.megapixels == Decimal(w * h) / Decimal(1_000_000)
+    assert row.estimated_usd == Decimal(resp.headers["x-klein-cost-usd"])
+
+
+async def ledger_rows(app) -> list:
+    now = datetime.now(UTC)
+    return await app.state.gateway.billing.ledger.query(now - timedelta(hours=1), now + timedelta(hours=1))

@@ -292,3 +292,23 @@ async def test_a_failing_sweep_does_not_fail_the_put(tmp_path: Path, caplog: pyt
     await store.idle()
     assert await store.get(ref.name) is not None
     assert "image store sweep failed: OSError" in caplog.text
+
+
+KEEP_CASES = [
+    # (keep_s, lives for): an image kept for a record lives as long, never less than the TTL
+    (None, TTL_S),
+    (TTL_S * 24, TTL_S * 24),
+    (TTL_S // 2, TTL_S),
+]
+
+
+@pytest.mark.parametrize(("keep_s", "lives_s"), KEEP_CASES)
+async def test_an_image_kept_for_a_record_lives_as_long_and_never_less_than_the_ttl(make_store: StoreFactory, keep_s: int | None, lives_s: int) -> None:
+    clock = Clock()
+    store = make_store(clock, 10_000_000)
+    ref = await store.put(png_bytes(32, 32), "image/png", keep_s=keep_s)
+    assert ref.expires_at == int(NOW) + lives_s
+    clock.now += lives_s - 1
+    assert await store.get(ref.name) is not None
+    clock.now += 2
+    assert await store.get(ref.name) is None

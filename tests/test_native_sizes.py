@@ -6,7 +6,7 @@ import pytest
 
 from gateway.domain.capabilities import Capabilities, eligible
 from gateway.domain.job import EXACT_SIZE, ImageJob, JobKind, SizeIntent
-from gateway.domain.native_sizes import SizeTolerance, as_served, native_size
+from gateway.domain.native_sizes import SizeTolerance, acceptable, as_served, native_size
 from gateway.domain.sizes import resolve_size, size_intent
 from gateway.providers.replicate import ReplicateAdapter
 
@@ -96,3 +96,23 @@ def test_a_backend_with_no_size_near_the_request_says_so(request_fields: dict, r
 )
 def test_the_tolerance_bounds_both_ratio_and_pixels(tolerance: SizeTolerance, produced: tuple[int, int]) -> None:
     assert native_size(job_for(aspect_ratio="4:3"), REPLICATE, tolerance) == produced
+
+
+PRODUCED = [
+    # (size, aspect_ratio, produced, tolerance, accepted)
+    (None, "16:9", (1360, 768), SizeTolerance(), True),  # the resolved size itself
+    (None, "16:9", (1365, 768), SizeTolerance(), True),  # Replicate's native size
+    (None, "16:9", (1376, 768), SizeTolerance(), True),  # 0.8% off in ratio, 1.2% in pixels
+    (None, "16:9", (1344, 768), SizeTolerance(), False),  # 1.6% off in ratio: past 1%
+    (None, "16:9", (1024, 768), SizeTolerance(), False),  # 4:3 is another shape
+    (None, "16:9", (1920, 1080), SizeTolerance(), False),  # twice the pixels
+    (None, "16:9", (1365, 768), SizeTolerance(ratio=0, pixels=0), False),  # no tolerance: exact only
+    (None, None, (1008, 1008), SizeTolerance(), True),  # no size at all: a square near 1 MP
+    ("1024x1024", None, (1008, 1008), SizeTolerance(), False),  # exact pixels stay exact
+    ("1024x1024", None, (1024, 1024), SizeTolerance(), True),
+]
+
+
+@pytest.mark.parametrize(("size", "aspect_ratio", "produced", "tolerance", "accepted"), PRODUCED)
+def test_a_produced_size_is_accepted_only_within_tolerance_of_a_shape(size, aspect_ratio, produced, tolerance, accepted) -> None:
+    assert acceptable(produced, job_for(size, aspect_ratio), tolerance) is accepted

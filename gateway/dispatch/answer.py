@@ -19,7 +19,7 @@ def images_body(job: ImageJob, outcome: Outcome, created: float | None = None) -
     produced = outcome.size or job.size
     return {
         "created": int(time.time() if created is None else created),
-        "data": [img.as_openai() | {"size": produced} for img in outcome.images],
+        "data": [img.as_openai() | {"size": f"{img.size[0]}x{img.size[1]}" if img.size else produced} for img in outcome.images],
         "output_format": job.output_format,
         "size": produced,
     }

@@ -42,6 +42,7 @@ from typing import Any
 from gateway.dispatch.delivery import ResultShaper, ShapedImage, delivery_failed
 from gateway.dispatch.fleet import Backend
 from gateway.dispatch.overload import LoopLag
+from gateway.dispatch.produced import bill_produced, produced_megapixels, produced_size
 from gateway.dispatch.upload_links import UploadLinks
 from gateway.domain.capabilities import eligible
 from gateway.domain.errors import GatewayError
@@ -133,6 +134,7 @@ class Outcome:
     seed: int | None = None
     possibly_billed_usd: Decimal = Decimal(0)
     size: str | None = None  # what was produced ("WxH"); a flexible request may get a backend's native size
+    megapixels: Decimal | None = None  # output megapixels of all the images, at the sizes produced
 
     @property
     def tried(self) -> int:
@@ -181,6 +183,7 @@ class _Run:
     upstream: float = 0.0
     billed_elsewhere: bool = False  # an earlier attempt may have bought an image nobody got
     retry_same: bool = False  # the last attempt failed for the gateway's overload; try its backend again
+    keep_images_s: int | None = None  # stored images outlive the store's TTL (a job's or an idempotent answer's record)
 
 
 class _Stop(Exception):
@@ -214,13 +217,14 @@ class Dispatcher:
     lag: LoopLag = field(default_factory=LoopLag)  # how late this process's loop runs (gateway/dispatch/overload.py)
     _pending_cancels: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str, cover: Callable[[Decimal], Awaitable[None]] | None = None) -> Outcome:
+    async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str, cover: Callable[[Decimal], Awaitable[None]] | None = None, keep_images_s: int | None = None) -> Outcome:
         """Try the plan's backends in order. `cover(total)`, when given, is awaited
         before an attempt that follows billed spend, with that spend plus the
         attempt's quote: it may refuse (a GatewayError), which ends the request
-        with what was spent (a caller's budget, gateway/money/tab.py)."""
+        with what was spent (a caller's budget, gateway/money/tab.py).
+        `keep_images_s`: how long stored images must live (ResultShaper.shape)."""
         self.lag.watch()
-        run = _Run(job, started + job.deadline_s)
+        run = _Run(job, started + job.deadline_s, keep_images_s=keep_images_s)
         candidates = list(plan.attempts)
         try:
             for index, cand in enumerate(candidates):
@@ -276,7 +280,7 @@ class Dispatcher:
                 result = await self._generate(backend, job_for, attempt_deadline, run.deadline, submitted)
                 waited = time.monotonic() - t0
                 run.upstream += waited
-                images = await self._deliver(job, result, cand.name, run.deadline, base_url)
+                images = await self._deliver(job, result, cand.name, run.deadline, base_url, run.keep_images_s)
             except ProviderError as err:
                 elapsed = time.monotonic() - t0
                 if waited is None:
@@ -295,14 +299,15 @@ class Dispatcher:
         # The gateway's figure is always the price sheet's; a provider's own
         # figure, where it is a sane amount, travels beside it for
         # reconciliation (gateway/money/reconcile.py).
-        cost = backend.bill(job, len(images), cand.health)
+        cost = bill_produced(backend, job, images, cand.health)  # at the sizes made, which a shape request may vary
         billed = self._reported_cost(result)
         run.spent += cost
         run.attempts.append(Attempt(cand.name, "success", elapsed, cost, billed_usd=billed))
         await self.health.record_success(cand.name, elapsed, admission)
         self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
-        self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=self._baseline_usd(run.job, backend))
-        return Outcome(cand.name, images, run.attempts, run.spent, run.upstream, result.seed, run.possibly, size=job.size)
+        megapixels = produced_megapixels(job, images)
+        self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=megapixels, images=len(images), baseline_usd=self._baseline_usd(run.job, backend))
+        return Outcome(cand.name, images, run.attempts, run.spent, run.upstream, result.seed, run.possibly, size=produced_size(job, images), megapixels=megapixels)
 
     # ---- the three phases of an attempt, each bounded --------------------------
 
@@ -332,10 +337,10 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - never let one adapter end the request
             raise _unexpected(exc, backend.name, submitted) from None
 
-    async def _deliver(self, job: ImageJob, result: ProviderResult, backend: str, deadline: float, base_url: str) -> list[ShapedImage]:
+    async def _deliver(self, job: ImageJob, result: ProviderResult, backend: str, deadline: float, base_url: str, keep_s: int | None = None) -> list[ShapedImage]:
         try:
             async with asyncio.timeout_at(_monotonic_to_loop(deadline)):
-                return await self.shaper.shape(job, result.images, backend=backend, deadline=deadline, base_url=base_url)
+                return await self.shaper.shape(job, result.images, backend=backend, deadline=deadline, base_url=base_url, keep_s=keep_s)
         except ProviderError:
             raise
         except TimeoutError:

@@ -48,6 +48,17 @@ def near(size: tuple[int, int], job: ImageJob, tolerance: SizeTolerance) -> bool
     return abs(w / h - ratio) / ratio <= tolerance.ratio and abs(w * h - job.pixels) / job.pixels <= tolerance.pixels
 
 
+def acceptable(size: tuple[int, int], job: ImageJob, tolerance: SizeTolerance = DEFAULT_TOLERANCE) -> bool:
+    """May an image of `size` be handed over for `job`? An exact job wants its
+    pixels and nothing else; a job that asked for a shape takes any size
+    within tolerance of it. Providers round to their own grids (one made
+    1360x768 where 1365x768 was predicted for 16:9): that is still the shape
+    asked for, and buying it again elsewhere would bill the caller twice."""
+    if size == (job.width, job.height):
+        return True
+    return not job.size_intent.exact and size[0] > 0 and size[1] > 0 and near(size, job, tolerance)
+
+
 def native_size(job: ImageJob, caps: Capabilities, tolerance: SizeTolerance = DEFAULT_TOLERANCE) -> tuple[int, int]:
     """The (width, height) this backend would produce for `job`.
 

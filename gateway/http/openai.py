@@ -62,7 +62,9 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
                     if respond_async:
                         status = 202
                         return once.keep(await accept_job(request, gw, ctx, job, route=route, base_url=base_url_of(request, gw)))
-                    outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab))
+                    # An answer kept for replay keeps its stored images as long (docs: README, Idempotency keys).
+                    keep = gw.config.settings.images_kept_s(gw.idempotency.ttl_s) if once.claimed else None
+                    outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab, keep_images_s=keep))
                 except GatewayError as err:
                     note_failure(request, err, tab)  # before the idempotency guard keeps the answer
                     raise
@@ -82,7 +84,16 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
         finally:
             request.scope.setdefault("state", {})["klein_observed"] = True
             if tab is not None:
-                await gw.billing.settle(tab, status=status, backend=backend, attempts=attempts, images=len(outcome.images) if outcome else 0, cost=cost, billed=gw.billed_figure(outcome))
+                await gw.billing.settle(
+                    tab,
+                    status=status,
+                    backend=backend,
+                    attempts=attempts,
+                    images=len(outcome.images) if outcome else 0,
+                    cost=cost,
+                    billed=gw.billed_figure(outcome),
+                    megapixels=outcome.megapixels if outcome else None,
+                )
             total = time.monotonic() - started
             gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
             gw.log_request(

@@ -85,8 +85,14 @@ class ImageStore(ABC):
         self._sweep_again = False
 
     @abstractmethod
-    async def put(self, data: bytes, content_type: str) -> StoredRef:
-        """Store the image until now + ttl_s; may evict the oldest to stay under max_bytes."""
+    async def put(self, data: bytes, content_type: str, *, keep_s: int | None = None) -> StoredRef:
+        """Store the image until now + ttl_s, or now + keep_s where that is longer
+        (an image a job or an idempotent answer refers to lives as long as that
+        record); may evict the oldest to stay under max_bytes."""
+
+    def expiry(self, keep_s: int | None = None) -> int:
+        """When an image put now expires (unix seconds): never sooner than ttl_s."""
+        return int(self.clock()) + max(self.ttl_s, keep_s or 0)
 
     @abstractmethod
     async def get(self, name: str) -> StoredImage | None:

@@ -36,8 +36,8 @@ class FilesystemImageStore(ImageStore):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    async def put(self, data: bytes, content_type: str) -> StoredRef:
-        expires = int(self.clock()) + self.ttl_s
+    async def put(self, data: bytes, content_type: str, *, keep_s: int | None = None) -> StoredRef:
+        expires = self.expiry(keep_s)
         name = new_name(content_type, expires)
         await asyncio.to_thread(self._write, name, data)
         self._wrote(len(data))

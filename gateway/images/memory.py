@@ -21,9 +21,9 @@ class MemoryImageStore(ImageStore):
         self._items: OrderedDict[str, StoredImage] = OrderedDict()
         self._bytes = 0
 
-    async def put(self, data: bytes, content_type: str) -> StoredRef:
+    async def put(self, data: bytes, content_type: str, *, keep_s: int | None = None) -> StoredRef:
         self._evict_expired()
-        expires = int(self.clock()) + self.ttl_s
+        expires = self.expiry(keep_s)
         name = new_name(content_type, expires)
         self._items[name] = StoredImage(data, content_type, expires)
         self._bytes += len(data)
@@ -42,6 +42,9 @@ class MemoryImageStore(ImageStore):
         self._bytes -= len(item.data)
 
     def _evict_expired(self) -> None:
+        # Oldest first, stopping at the first live one: an image kept longer
+        # (keep_s) can shield shorter-lived ones behind it, which `get` still
+        # refuses and the byte cap still evicts.
         while self._items:
             first = next(iter(self._items.values()))
             if not self.expired(first.expires_at):

@@ -57,10 +57,10 @@ class S3ImageStore(ImageStore):
     def _key(self, name: str) -> str:
         return self.prefix + name
 
-    async def put(self, data: bytes, content_type: str) -> StoredRef:
-        expires = int(self.clock()) + self.ttl_s
+    async def put(self, data: bytes, content_type: str, *, keep_s: int | None = None) -> StoredRef:
+        expires = self.expiry(keep_s)
         name = new_name(content_type, expires)
-        attributes = {"Content-Type": content_type, "Cache-Control": f"private, max-age={self.ttl_s}"}
+        attributes = {"Content-Type": content_type, "Cache-Control": f"private, max-age={expires - int(self.clock())}"}
         await obstore.put_async(self.bucket, self._key(name), data, attributes=attributes)
         self._wrote(len(data))
         return StoredRef(name, expires)

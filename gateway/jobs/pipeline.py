@@ -39,6 +39,7 @@ class Pipeline(Protocol):
         """The serving provider's own billed figure and its source, where it gave one."""
         ...
 
-    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None) -> Outcome:
-        """Plan, dispatch and deliver `job`; raises DispatchFailed when every attempt failed."""
+    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None, keep_images_s: int | None = None) -> Outcome:
+        """Plan, dispatch and deliver `job`; raises DispatchFailed when every attempt failed.
+        `keep_images_s`: how long the images the gateway stores must live."""
         ...

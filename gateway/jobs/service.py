@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,16 @@ from gateway.settings import Settings
 if TYPE_CHECKING:
     from gateway.dispatch.fleet import BackendFleet
     from gateway.observability.metrics import GatewayMetrics
+
+log = logging.getLogger("gateway.jobs")
+
+
+class JobNotQueued(GatewayError):
+    """The record was stored but the queue write failed: the gateway's fault, retryable."""
+
+    status = 503
+    type = "server_error"
+    code = "job_not_queued"
 
 
 @contextlib.contextmanager
@@ -58,10 +69,38 @@ class Jobs:
     client: Any = None  # the Redis client, closed with the jobs
 
     async def submit(self, record: JobRecord, metrics: GatewayMetrics) -> None:
+        """Store the record, then queue it. The record comes first so that a
+        worker never claims a job it cannot read (it would drop the message);
+        a queue write that fails then marks the record failed
+        (`job_not_queued`) and answers 503, so no job is listed as `queued`
+        with nothing in the queue to run it."""
         with store_reachable():
             await self.store.create(record)
+        try:
             await self.queue.enqueue(record.id)
+        except Exception as exc:  # any failure to queue leaves the record unrunnable; it re-raises as a 503
+            err = JobNotQueued("the job could not be queued; retry shortly", retryable=True, retry_after=1)
+            await self._not_queued(record.id, err, type(exc).__name__)
+            metrics.record_job_status("failed")
+            raise err from exc
         metrics.record_job_status("queued")
+
+    async def _not_queued(self, job_id: str, err: GatewayError, cause: str) -> None:
+        """Mark a job that never reached the queue failed, with the caller's error."""
+        error = err.envelope()["error"]
+
+        def fail(r: JobRecord) -> bool:
+            if r.terminal:
+                return False
+            r.status, r.completed, r.error = "failed", time.time(), error
+            return True
+
+        try:
+            await self.store.update(job_id, fail)
+        except Exception as exc:  # noqa: BLE001 - the store failed too: nothing more can be written now
+            log.error("job %s could not be queued (%s) nor marked failed (%s); it is left to expire with the retention", job_id, cause, type(exc).__name__)
+        else:
+            log.warning("job %s could not be queued (%s); marked failed", job_id, cause)
 
     async def owned(self, owner: str | None, job_id: str) -> JobRecord | None:
         """The job if `owner` made it; None otherwise, the same as when it does not exist."""

@@ -73,29 +73,30 @@ def _owner_key(owner: str | None) -> str:
 class MemoryJobStore(JobStore):
     """Jobs in this process only: lost on restart, invisible to other replicas."""
 
-    def __init__(self, retention_s: float) -> None:
+    def __init__(self, retention_s: float, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(retention_s)
+        self.clock = clock  # unix seconds; a test's clock shows a record's last readable moment
         self._records: dict[str, tuple[float, str]] = {}  # id -> (expires at, JSON)
         self._owners: dict[str, list[str]] = {}
         self._lock = asyncio.Lock()
 
     def _expire(self) -> None:
-        now = time.time()
+        now = self.clock()
         for job_id in [k for k, (exp, _) in self._records.items() if exp <= now]:
             del self._records[job_id]
-        oldest = cutoff_id(self.retention_s)
+        oldest = cutoff_id(self.retention_s, now)
         for owner, ids in self._owners.items():
             self._owners[owner] = [i for i in ids if i >= oldest]
 
     async def create(self, record: JobRecord) -> None:
         async with self._lock:
             self._expire()
-            self._records[record.id] = (time.time() + self.retention_s, json.dumps(record.to_json()))
+            self._records[record.id] = (self.clock() + self.retention_s, json.dumps(record.to_json()))
             self._owners.setdefault(_owner_key(record.owner), []).append(record.id)
 
     async def get(self, job_id: str) -> JobRecord | None:
         entry = self._records.get(job_id)
-        if entry is None or entry[0] <= time.time():
+        if entry is None or entry[0] <= self.clock():
             return None
         return JobRecord.from_json(json.loads(entry[1]))
 

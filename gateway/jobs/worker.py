@@ -27,6 +27,7 @@ import httpx
 
 from gateway.dispatch.answer import images_body
 from gateway.dispatch.attempts import Attempt, DispatchFailed, Outcome, tried
+from gateway.dispatch.produced import bill_produced, produced_megapixels, produced_size
 from gateway.domain.errors import GatewayError
 from gateway.domain.job import ImageJob
 from gateway.jobs.model import JobRecord
@@ -212,7 +213,7 @@ class JobWorker:
         try:
             outcome, extra_cost, extra_attempts = await self._resume(record, job, started)
             if outcome is None:
-                outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab)
+                outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab, keep_images_s=self._keep_images_s)
             spent, attempts = outcome.cost_usd + extra_cost, outcome.tried + extra_attempts
             backend, upstream, status = outcome.backend, outcome.upstream_s, 200
             body = images_body(job, outcome)
@@ -234,9 +235,26 @@ class JobWorker:
         finally:
             job_id_listener.reset(token)
             images = len(outcome.images) if outcome is not None and status == 200 else 0
-            await asyncio.shield(self.gw.billing.settle(tab, status=status, backend=backend, attempts=attempts, images=images, cost=spent, billed=self.gw.billed_figure(outcome)))
+            await asyncio.shield(
+                self.gw.billing.settle(
+                    tab,
+                    status=status,
+                    backend=backend,
+                    attempts=attempts,
+                    images=images,
+                    cost=spent,
+                    billed=self.gw.billed_figure(outcome),
+                    megapixels=outcome.megapixels if outcome is not None and status == 200 else None,
+                )
+            )
             total = time.time() - record.created
             self.gw.metrics.observe_request(route=f"{record.route}_async", status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
+
+    @property
+    def _keep_images_s(self) -> int:
+        """A job's stored images live as long as its record (docs: README, Async jobs)."""
+        settings = self.jobs.settings
+        return settings.images_kept_s(settings.job_retention_s)
 
     @staticmethod
     async def _settle(pending: list[asyncio.Task[Any]]) -> None:
@@ -262,7 +280,7 @@ class JobWorker:
         t0 = time.monotonic()
         try:
             result = await backend.adapter.resume(job, ids, deadline)
-            images = await self.gw.dispatcher.shaper.shape(job, result.images, backend=name, deadline=deadline, base_url=record.base_url)
+            images = await self.gw.dispatcher.shaper.shape(job, result.images, backend=name, deadline=deadline, base_url=record.base_url, keep_s=self._keep_images_s)
         except ProviderError as err:
             elapsed = time.monotonic() - t0
             cost = backend.bill(job, job.n) if err.billed else Decimal(0)
@@ -288,11 +306,13 @@ class JobWorker:
             await self._forget_provider_jobs(record.id)
             return None, cost, 1
         elapsed = time.monotonic() - t0
-        cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images))
+        cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else bill_produced(backend, job, images)
+        megapixels = produced_megapixels(job, images)
         self.gw.metrics.observe_attempt(backend=name, outcome="success", latency_s=elapsed)
-        self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))
+        self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=megapixels, images=len(images), baseline_usd=backend.baseline_quote(job))
         log.info("job %s: followed its %s job to the end after taking it over", record.id, name)
-        return Outcome(name, images, [Attempt(name, "success", elapsed, cost)], cost, elapsed, result.seed), Decimal(0), 0
+        outcome = Outcome(name, images, [Attempt(name, "success", elapsed, cost)], cost, elapsed, result.seed, size=produced_size(job, images), megapixels=megapixels)
+        return outcome, Decimal(0), 0
 
     async def _forget_provider_jobs(self, job_id: str) -> None:
         def forget(r: JobRecord) -> bool:

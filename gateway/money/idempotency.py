@@ -96,6 +96,7 @@ class Once:
 
     replay: Response[bytes] | None = None
     answer: Response[bytes] | None = None
+    claimed: bool = False  # this request owns a key: its answer is kept for the key's TTL
 
     def keep(self, response: Response[bytes]) -> Response[bytes]:
         self.answer = response
@@ -145,6 +146,7 @@ class Idempotency:
         else:
             raise KeyInUse("a request with this Idempotency-Key is still running; retry shortly", param="Idempotency-Key", retry_after=1)
         self.metrics.record_idempotency("original")
+        once.claimed = True
         try:
             yield once
         except GatewayError as err:

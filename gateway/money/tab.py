@@ -204,9 +204,13 @@ class Billing:
     def tab(self, caller: Caller | None, request_id: str, route: str) -> Tab:
         return Tab(self, caller, request_id, route)
 
-    async def settle(self, tab: Tab, *, status: int, backend: str | None, attempts: int, images: int, cost: Decimal | None, billed: tuple[Decimal, str] | None = None) -> None:
+    async def settle(
+        self, tab: Tab, *, status: int, backend: str | None, attempts: int, images: int, cost: Decimal | None, billed: tuple[Decimal, str] | None = None, megapixels: Decimal | None = None
+    ) -> None:
         """Settle the reservation to `cost` and write the request's ledger row.
-        `billed` is the provider's own figure and where it came from."""
+        `billed` is the provider's own figure and where it came from;
+        `megapixels` what was produced, where known (a shape request may be
+        served at a size other than the one it resolved to)."""
         cost = cost or Decimal(0)
         if tab.windows:
             delta = to_units(cost) - tab.reserved_units
@@ -217,7 +221,8 @@ class Billing:
         if billed is not None and backend is not None:
             self.metrics.record_billed(backend=backend, source=billed[1], billed_usd=billed[0], estimated_usd=cost)
         job = tab.job
-        megapixels = job.megapixels * images if job is not None else Decimal(0)
+        if megapixels is None:
+            megapixels = job.megapixels * images if job is not None else Decimal(0)
         self.ledger.record(
             UsageRow(
                 at=datetime.now(UTC),

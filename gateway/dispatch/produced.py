@@ -1,0 +1,43 @@
+"""What a backend produced, by the images' own sizes.
+
+A request for a shape may be served at any size within tolerance
+(gateway.domain.native_sizes.acceptable), so the size predicted before the
+attempt is not always the size made. The bill, the ledger's megapixels and
+the answer's `size` follow the images as shaped, never the prediction.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from decimal import Decimal
+
+from gateway.dispatch.delivery import ShapedImage
+from gateway.dispatch.fleet import Backend
+from gateway.domain.job import ImageJob
+from gateway.health.view import HealthView
+
+
+def by_size(job: ImageJob, images: list[ShapedImage]) -> list[tuple[ImageJob, int]]:
+    """(the job at one produced size, how many images have it), in first-seen order."""
+    counts = Counter(img.size or (job.width, job.height) for img in images)
+    return [(job if size == (job.width, job.height) else replace(job, width=size[0], height=size[1]), n) for size, n in counts.items()]
+
+
+def bill_produced(backend: Backend, job: ImageJob, images: list[ShapedImage], view: HealthView | None = None) -> Decimal:
+    """What the images cost at the sizes they were made (the sheet's rule per size)."""
+    groups = by_size(job, images)
+    if not groups:
+        return backend.bill(job, 0, view)
+    return sum((backend.bill(sized, n, view) for sized, n in groups), Decimal(0))
+
+
+def produced_megapixels(job: ImageJob, images: list[ShapedImage]) -> Decimal:
+    """Output megapixels of all the images, exact."""
+    return sum((sized.megapixels * n for sized, n in by_size(job, images)), Decimal(0))
+
+
+def produced_size(job: ImageJob, images: list[ShapedImage]) -> str:
+    """The answer's top-level `size`: the first image's ("WxH")."""
+    groups = by_size(job, images)
+    return groups[0][0].size if groups else job.size
