@@ -37,5 +37,6 @@ EXPOSE 8080
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+# No --workers: one worker unless REDIS_URL is set, then one per CPU the container may use
+# (several workers without Redis would each keep their own idempotency keys, limits and budgets).
 ENTRYPOINT ["klein-gateway", "serve", "--host", "0.0.0.0", "--port", "8080"]
-CMD ["--workers", "2"]

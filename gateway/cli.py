@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument(
         "--workers", type=int, default=None,
-        help="worker processes (default: the CPUs this process may run on; metrics stay correct: PROMETHEUS_MULTIPROC_DIR is set for you)",
+        help="worker processes (default: one without REDIS_URL, else the CPUs this process may run on; metrics stay correct: PROMETHEUS_MULTIPROC_DIR is set for you)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--allow-unshared-state", action="store_true",
+        help="let --workers N run without REDIS_URL: each worker then keeps its own idempotency keys, rate limits, budgets, breakers and jobs, so those guarantees no longer hold",
     )  # fmt: skip
     serve.add_argument("--emulate", action="store_true", help="start every provider's emulator on loopback and route to them (no keys needed; a source checkout's tests/emulators)")
     serve.add_argument(
@@ -136,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         return serve_gateway(args)
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except UnsharedStateError as exc:
+        print(f"klein-gateway: {exc}", file=sys.stderr)
         return 2
 
 
@@ -341,8 +348,7 @@ def serve_gateway(args: argparse.Namespace) -> int:
             fleet = launcher.EmulatorFleet.start_in_thread(emulated, ports={name: first + i for i, name in enumerate(emulated)} if first else ports)
             os.environ.update(fleet.env())
     try:
-        if args.workers is None:
-            args.workers = default_workers()
+        args.workers = choose_workers(args.workers, shared=bool(os.environ.get("REDIS_URL")), allow_unshared=args.allow_unshared_state)
         config = load_config(path, args.pricing)  # fail fast, with the field named, before binding a port
         os.environ[CONFIG_ENV] = str(config.path.resolve())  # every worker reads the same file
         if args.pricing:
@@ -452,6 +458,32 @@ def raise_open_file_limit() -> None:
         pass
 
 
+ONE_WORKER_NOTE = "one worker: state is in this process's memory; set REDIS_URL to run several"
+
+
+class UnsharedStateError(ValueError):
+    """Several workers asked for with nothing to share their state through."""
+
+
+def choose_workers(requested: int | None, *, shared: bool, allow_unshared: bool = False) -> int:
+    """How many workers `serve` runs.
+
+    Idempotency keys, rate limits, budgets, breakers and jobs live in Redis
+    when it is set, else in each process's memory; several processes would
+    each keep their own copy and every promise would be kept per worker only.
+    So without Redis the default is one worker, and more are refused unless
+    the operator accepts that (`--allow-unshared-state`)."""
+    if requested is None:
+        return default_workers() if shared else 1
+    if requested > 1 and not shared and not allow_unshared:
+        raise UnsharedStateError(
+            f"--workers {requested} without REDIS_URL would give each worker its own idempotency keys, rate limits, budgets, "
+            "breakers and jobs, so none of them would hold across workers: set REDIS_URL, run one worker, "
+            "or pass --allow-unshared-state to accept that"
+        )
+    return requested
+
+
 def default_workers() -> int:
     """One worker per CPU this process may use: its affinity mask (a container's
     cpuset, `taskset`), not the machine's count, which can be far larger."""
@@ -490,6 +522,8 @@ def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str
 
     url = f"http://{args.host}:{args.port}/v1"
     lines = [f"Klein Gateway on {url}"]
+    if getattr(args, "workers", None) == 1 and not os.environ.get("REDIS_URL"):
+        lines.append(ONE_WORKER_NOTE)
     if fleet is not None:
         lines.append("Emulated backends on loopback, no keys needed (knobs: POST <emulator>/_admin/knobs):")
         for name, running in sorted(fleet.emulators.items()):

@@ -56,9 +56,11 @@ class GatewayProcess:
         self.starts += 1
         env = clean_env(**self.env)
         env["PYTHONPATH"] = str(REPO)
+        # Several workers without Redis keep state per worker: these tests check other things, so say so.
+        unshared = ["--allow-unshared-state"] if self.workers > 1 and not env.get("REDIS_URL") else []
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port), "--workers", str(self.workers), "--config", str(self.config), "--pricing", str(REPO / "pricing")],
+                [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port), "--workers", str(self.workers), *unshared, "--config", str(self.config), "--pricing", str(REPO / "pricing")],
                 cwd=REPO,
                 env=env,
                 stdout=log,

@@ -80,7 +80,7 @@ async def test_the_app_counts_cancelled_requests_and_exits_only_after_draining()
 
 def test_serve_refuses_the_memory_store_with_several_workers() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--port", "1", "--config", str(REPO / "providers.yaml")],
+        [sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--allow-unshared-state", "--port", "1", "--config", str(REPO / "providers.yaml")],
         cwd=REPO,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "KLEIN_IMAGE_STORE": "memory"},
         capture_output=True,

@@ -251,9 +251,10 @@ def test_a_rolling_restart_behind_haproxy_loses_nothing(tmp_path: Path, emulator
     assert ledger.cost_usd > 0
 
 
-def test_four_workers_serve_every_url_answer_whichever_worker_is_asked(tmp_path: Path, emulators: EmulatorFleet) -> None:
+def test_four_workers_serve_every_url_answer_whichever_worker_is_asked(tmp_path: Path, emulators: EmulatorFleet, redis_server: RedisServer) -> None:
     emulators.reset()
-    gw = GatewayProcess(tmp_path, write_config(tmp_path / "providers.yaml"), emulators.env(), workers=4)
+    shared = {"REDIS_URL": redis_server.url, "KLEIN_STATE_NAMESPACE": f"fleet-{os.getpid()}-{time.monotonic_ns()}"}  # workers share state, as served
+    gw = GatewayProcess(tmp_path, write_config(tmp_path / "providers.yaml"), {**emulators.env(), **shared}, workers=4)
     gw.start(timeout=60)
     body = {"prompt": "a lighthouse", "size": "256x256", "response_format": "url", "model": "local/flux-2-klein-4b"}
     try:

@@ -32,6 +32,7 @@ from gateway.domain.callers import LABEL_SECRET_ENV, Caller, caller_label
 from gateway.observability.logs import configure_logging
 from gateway.observability.metrics_access import MetricsAccess, parse_port
 from tests.gateway_support import ENV, REPO, FakeAdapter, clean_env, free_port, install_fakes, make_app
+from tests.redis_server import RedisServer
 
 CALLER_KEY = "gw-live-key-for-metrics-0123"
 OLD_LABEL = "key_" + hashlib.sha256(CALLER_KEY.encode()).hexdigest()[:10]
@@ -195,10 +196,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     process.wait(timeout=5)
 
 
-def test_serve_with_a_metrics_port_sums_both_workers_there_behind_the_token(tmp_path: Path):
+def test_serve_with_a_metrics_port_sums_both_workers_there_behind_the_token(tmp_path: Path, redis_server: RedisServer):
     port, metrics_port = free_port(), free_port()
     env = clean_env()
     env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", KLEIN_METRICS_TOKEN=TOKEN, KLEIN_GATEWAY_KEYS=CALLER_KEY)
+    env.update(REDIS_URL=redis_server.url, KLEIN_STATE_NAMESPACE=f"metrics-access-{tmp_path.name}")  # the workers share their state, as `serve` requires
     out = tmp_path / "gateway.out"
     with open(out, "wb") as stdout, open(tmp_path / "gateway.err", "wb") as stderr:
         process = subprocess.Popen(

@@ -62,6 +62,7 @@ from tests.prometheus_server import (
     start_prometheus,
     substitute_grafana_variables,
 )
+from tests.redis_server import RedisServer
 
 NO_PROMETHEUS = "prometheus is not installed (Debian/Ubuntu: apt-get install prometheus; .ci/run installs it)"
 
@@ -185,11 +186,12 @@ BANNER_EMULATOR = re.compile(r"^\s+(\w+)\s+(http://127\.0\.0\.1:\d+)\s*$", re.MU
 PID_FILE = re.compile(r"^(?P<kind>[a-z_]+)_(?P<pid>\d+)\.db$")
 
 
-def start_gateway(workdir: Path, port: int) -> Gateway:
+def start_gateway(workdir: Path, port: int, redis_url: str) -> Gateway:
     multiproc = workdir / "metrics"
     multiproc.mkdir(parents=True)
     env = clean_env()
     env.update(PROMETHEUS_MULTIPROC_DIR=str(multiproc), PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.update(REDIS_URL=redis_url, KLEIN_STATE_NAMESPACE=f"observability-{workdir.name}")  # the workers share their state, as `serve` requires
     stdout, stderr = workdir / "gateway.out", workdir / "gateway.err"
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
         process = subprocess.Popen(
@@ -276,14 +278,14 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+def run(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Run]:
     if prometheus_binary() is None:
         pytest.skip(NO_PROMETHEUS)
     started = time.monotonic()
     deadline = started + START_TIMEOUT_S
     workdir = tmp_path_factory.mktemp("observability")
     port = free_port()
-    gateway = start_gateway(workdir, port)
+    gateway = start_gateway(workdir, port, redis_server.url)
     prom: PrometheusServer | None = None
     try:
         # Prometheus starts while the gateway boots: it applies its scrape

@@ -56,9 +56,12 @@ def readiness_once_signalled(url: str, within_s: float = 1.5) -> httpx.Response:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_refuses_new_work_finishes_what_is_in_flight_and_exits_0(tmp_path: Path, emulators: EmulatorFleet, workers: int) -> None:
+def test_sigterm_refuses_new_work_finishes_what_is_in_flight_and_exits_0(tmp_path: Path, emulators: EmulatorFleet, workers: int, request: pytest.FixtureRequest) -> None:
     emulators["local"].set_knobs({"latency": {"ms": 2500}})
-    gw = GatewayProcess(tmp_path, write_config(tmp_path / "providers.yaml", shutdown_grace_s=20), emulators.env(), workers=workers)
+    env = emulators.env()
+    if workers > 1:  # several workers share their state through Redis, as `serve` requires
+        env.update(REDIS_URL=request.getfixturevalue("redis_server").url, KLEIN_STATE_NAMESPACE=f"shutdown-{tmp_path.name}")
+    gw = GatewayProcess(tmp_path, write_config(tmp_path / "providers.yaml", shutdown_grace_s=20), env, workers=workers)
     gw.start()
     try:
         with ThreadPoolExecutor(4) as pool:
