@@ -348,7 +348,7 @@ def serve_gateway(args: argparse.Namespace) -> int:
             fleet = launcher.EmulatorFleet.start_in_thread(emulated, ports={name: first + i for i, name in enumerate(emulated)} if first else ports)
             os.environ.update(fleet.env())
     try:
-        args.workers = choose_workers(args.workers, shared=bool(os.environ.get("REDIS_URL")), allow_unshared=args.allow_unshared_state)
+        args.workers = choose_workers(args.workers, shared=bool(Settings.from_env().redis_url), allow_unshared=args.allow_unshared_state)
         config = load_config(path, args.pricing)  # fail fast, with the field named, before binding a port
         os.environ[CONFIG_ENV] = str(config.path.resolve())  # every worker reads the same file
         if args.pricing:
@@ -522,7 +522,7 @@ def banner(args: argparse.Namespace, fleet: EmulatorFleet | None, kept: dict[str
 
     url = f"http://{args.host}:{args.port}/v1"
     lines = [f"Klein Gateway on {url}"]
-    if getattr(args, "workers", None) == 1 and not os.environ.get("REDIS_URL"):
+    if getattr(args, "workers", None) == 1 and not Settings.from_env().redis_url:
         lines.append(ONE_WORKER_NOTE)
     if fleet is not None:
         lines.append("Emulated backends on loopback, no keys needed (knobs: POST <emulator>/_admin/knobs):")

@@ -40,6 +40,7 @@ ADDRESS = re.compile(r"\b(?:localhost|127\.0\.0\.1|0\.0\.0\.0):(\d+)")
 # Addresses of servers other than the gateway's API port, each for its reason.
 OTHER_SERVERS = {
     "9464": "serve --metrics-port 9464, the metrics-only port",
+    "6379": "redis-server, the shared state of several workers",
     "9090": "Prometheus",
     "3000": "Grafana",
     "8090": "klein-local, the local GPU service",
