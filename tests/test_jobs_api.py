@@ -274,7 +274,9 @@ def test_the_same_key_and_body_replays_the_answer_with_no_new_spend(rig: Rig) ->
     assert first.status_code == second.status_code == 200
     assert "idempotent-replayed" not in first.headers and second.headers["idempotent-replayed"] == "true"
     assert second.content == first.content
-    assert {k: v for k, v in second.headers.items() if k.startswith("x-klein-")} == {k: v for k, v in first.headers.items() if k.startswith("x-klein-")}
+    spent_now = {k: v for k, v in second.headers.items() if k.startswith("x-klein-") and not k.startswith("x-klein-original-")}
+    assert spent_now == {**{k: v for k, v in first.headers.items() if k.startswith("x-klein-")}, "x-klein-cost-usd": "0"}
+    assert second.headers["x-klein-original-cost-usd"] == first.headers["x-klein-cost-usd"]
     assert rig.fal()["generations"] == before + 1
 
 

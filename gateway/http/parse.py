@@ -6,6 +6,7 @@ checked here, before any backend is called, with an error naming the limit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from decimal import Decimal
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from gateway.domain.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage
 from gateway.domain.models import MAX_MODEL_CHARS, echo, resolve_model
 from gateway.domain.sizes import resolve_size, size_intent
 
+_DIGITS = re.compile(r"[0-9]{1,6}")  # a form's n as text; longer runs are refused unread
 MAX_SEED = 2**32 - 1  # the narrowest documented seed range among backends (uint32)
 
 
@@ -66,7 +68,9 @@ class ImageBody(BaseModel):
         """A JSON `n` is a JSON integer: not true, not "2", not 2.0. Form fields
         are text by nature, so there "2" is read as 2."""
         from_form = bool(info.context and info.context.get("form"))
-        if isinstance(value, bool) or not (isinstance(value, int) or (from_form and isinstance(value, str))):
+        if from_form and isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"must be an integer from 1 to {MODEL_MAX_N}")
         return value
 
