@@ -31,7 +31,7 @@ from gateway.config import ConfigError
 from gateway.domain.callers import LABEL_SECRET_ENV, Caller, caller_label
 from gateway.observability.logs import configure_logging
 from gateway.observability.metrics_access import MetricsAccess, parse_port
-from tests.gateway_support import ENV, REPO, FakeAdapter, clean_env, free_port, install_fakes, make_app
+from tests.gateway_support import ENV, NO_LEDGER, REPO, FakeAdapter, clean_env, free_port, install_fakes, make_app
 
 CALLER_KEY = "gw-live-key-for-metrics-0123"
 OLD_LABEL = "key_" + hashlib.sha256(CALLER_KEY.encode()).hexdigest()[:10]
@@ -195,7 +195,7 @@ def test_a_bad_metrics_port_is_refused(value):
 def test_serve_refuses_a_bad_metrics_port_with_a_clear_message():
     proc = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "serve", "--metrics-port", "70000", "--config", str(REPO / "providers.yaml")],
-        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **NO_LEDGER}, check=False,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "KLEIN_METRICS_PORT must be from 1 to 65535" in proc.stderr
