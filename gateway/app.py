@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -100,6 +101,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         if backend.kind in SOURCES:
             metrics.know_billed_source(name, SOURCES[backend.kind])
     keyring, billing = build_billing(config, env, metrics)
+    metrics_access = dataclasses.replace(metrics_access, keys_required=not keyring.open)
     gw = Gateway(
         config=config,
         fleet=fleet,
@@ -160,6 +162,8 @@ def startup_report(gw: Gateway) -> list[str]:
         lines.append(f"no public base URL: signed image URLs point at this server's bound address; set gateway.public_base_url or {PUBLIC_BASE_URL_ENV}")
     if gw.keyring.open:
         lines.append("KLEIN_GATEWAY_KEYS is not set: the gateway is open to anyone who can reach it")
+    if gw.metrics_access.closed:
+        lines.append("caller keys are required and neither KLEIN_METRICS_TOKEN nor KLEIN_METRICS_PORT is set: /metrics answers 401 on this port")
     if gw.keyring.path is not None:
         lines.append(f"keys file {gw.keyring.path}: re-read on SIGHUP and when it changes")
     lines.append(f"usage ledger: {gw.billing.ledger.store.dialect}")

@@ -51,3 +51,28 @@ def postgres_server():
     server = _PostgresServer().start()
     yield server
     server.close()
+
+
+# ---- the repository's own usage ledger stays untouched ----
+
+from pathlib import Path as _Path  # noqa: E402 - beside the fixture it serves
+
+_REPO_ROOT = _Path(__file__).resolve().parent.parent
+
+
+def _ledger_files() -> dict[str, tuple[int, int]]:
+    """Each usage.sqlite3* at the repository root (the ledger and its -wal/-journal), by mtime and size."""
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in _REPO_ROOT.glob("usage.sqlite3*")}
+
+
+@_pytest.fixture(scope="session", autouse=True)
+def repository_ledger_untouched():
+    """Fails the run when a test wrote the repository's usage.sqlite3: every
+    gateway a test builds or starts must use a ledger of its own
+    (tests.gateway_support.NO_LEDGER, or a path under tmp_path)."""
+    before = _ledger_files()
+    yield
+    after = _ledger_files()
+    written = sorted(name for name, seen in after.items() if before.get(name) != seen)
+    if written:
+        _pytest.fail(f"tests wrote the repository's own ledger: {', '.join(written)} at {_REPO_ROOT}; give each gateway a temporary ledger (KLEIN_USAGE_LEDGER)")

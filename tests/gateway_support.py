@@ -35,6 +35,10 @@ SECRETS = {
     "EMPIRIOLABS_API_KEY": "sk-empiriolabs-secret-0000",
 }
 # The usage ledger stays in memory for in-process apps (nothing left on disk).
+# A gateway a test builds or starts never writes the repository's own
+# usage.sqlite3 (providers.yaml names it beside itself): where a test sets no
+# ledger, make_app and clean_env give it this one (tests/conftest.py checks).
+NO_LEDGER = {"KLEIN_USAGE_LEDGER": ":memory:"}
 ENV: dict[str, str] = {**SECRETS, "KLEIN_LOCAL_URL": "http://local.test:9000", "KLEIN_USAGE_LEDGER": ":memory:"}
 
 
@@ -47,19 +51,21 @@ NOT_INHERITED = frozenset({
     "KLEIN_GATEWAY_KEYS", "REDIS_URL", "KLEIN_CONFIG", "KLEIN_PRICING",
     "PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir",
     "KLEIN_IMAGE_STORE", "KLEIN_IMAGE_DIR", "KLEIN_URL_SIGNING_KEY", "KLEIN_WORKERS", "KLEIN_METRICS_KEY_SECRET",
+    "KLEIN_USAGE_LEDGER", "DATABASE_URL",
 })  # fmt: skip
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment less NOT_INHERITED, with `extra` on top."""
+    """This process's environment less NOT_INHERITED, an in-memory ledger unless `extra` names one, and `extra` on top."""
     env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+    env.update(NO_LEDGER)
     env.update(extra)
     return env
 
 
 def make_app(env: Mapping[str, str] | None = None, *, transport: httpx.AsyncBaseTransport | None = None, config: Path = PROVIDERS_YAML) -> Litestar:
     """The real app from the shipped providers.yaml and pricing/, probes off, a private metrics registry."""
-    return create_app(config, env=dict(ENV if env is None else env), transport=transport, probes=False, metrics=GatewayMetrics(registry=CollectorRegistry()))
+    return create_app(config, env={**NO_LEDGER, **(ENV if env is None else env)}, transport=transport, probes=False, metrics=GatewayMetrics(registry=CollectorRegistry()))
 
 
 def png_bytes(width: int, height: int, fmt: str = "PNG", color: tuple[int, int, int] = (200, 80, 40)) -> bytes:

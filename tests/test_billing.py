@@ -30,12 +30,16 @@ def keys_file(tmp_path: Path, **keys: dict) -> Path:
     return path
 
 
+METRICS_TOKEN = "billing-scrape-token-1f2e"  # caller keys are required, so /metrics needs a token
+SCRAPE = {"authorization": f"Bearer {METRICS_TOKEN}"}
+
+
 def auth(name: str) -> dict[str, str]:
     return {"authorization": f"Bearer secret-{name}"}
 
 
 async def client_for(tmp_path: Path, scripts: dict[str, list] | None = None, env: dict[str, str] | None = None, **keys: dict):
-    app = make_app({**ENV, "KLEIN_KEYS_FILE": str(keys_file(tmp_path, **keys)), **(env or {})})
+    app = make_app({**ENV, "KLEIN_KEYS_FILE": str(keys_file(tmp_path, **keys)), "KLEIN_METRICS_TOKEN": METRICS_TOKEN, **(env or {})})
     fakes = {name: FakeAdapter(name, (scripts or {}).get(name, ["ok"])) for name in BACKENDS}
     install_fakes(app, fakes)
     return app, fakes
@@ -144,7 +148,7 @@ async def test_the_providers_billed_figure_travels_beside_the_gateways(tmp_path)
     install_fakes(app, {"runflow": ReportingAdapter("runflow")})
     async with AsyncTestClient(app) as client:
         answer = await client.post("/v1/images/generations", json=BODY, headers=auth("team"))
-        metrics = (await client.get("/metrics")).text
+        metrics = (await client.get("/metrics", headers=SCRAPE)).text
         rows = await ledger_rows(app)
     assert answer.headers["x-klein-cost-usd"] == "0.01404858"  # the sheet's, as before
     assert answer.headers["x-klein-billed-usd"] == "0.0155"

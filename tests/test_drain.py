@@ -12,7 +12,7 @@ import pytest
 
 from gateway.app import drain_then_exit
 from gateway.dispatch.shutdown import Drain
-from tests.gateway_support import REPO, make_app
+from tests.gateway_support import NO_LEDGER, REPO, make_app
 
 
 async def tracked(drain: Drain, seconds: float, counter: list[int]) -> asyncio.Task[None]:
@@ -82,7 +82,7 @@ def test_serve_refuses_the_memory_store_with_several_workers() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "serve", "--workers", "2", "--allow-unshared-state", "--port", "1", "--config", str(REPO / "providers.yaml")],
         cwd=REPO,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "KLEIN_IMAGE_STORE": "memory"},
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "KLEIN_IMAGE_STORE": "memory", **NO_LEDGER},
         capture_output=True,
         text=True,
         timeout=60,

@@ -32,8 +32,9 @@ from tests.gateway_support import ENV, SECRETS, FakeAdapter, install_fakes, make
 CALLER_KEY = "caller-key-5e1f0c2a9b"
 AUTH = {"authorization": f"Bearer {CALLER_KEY}"}
 ENABLED = ["local", "replicate", "fal", "runflow"]  # empiriolabs is disabled: no key
-HOSTILE_ENV = {**{k: v for k, v in ENV.items() if k != "EMPIRIOLABS_API_KEY"}, "KLEIN_GATEWAY_KEYS": CALLER_KEY}
-ALL_SECRETS = [*SECRETS.values(), CALLER_KEY]
+METRICS_TOKEN = "metrics-token-8c2d41e7"  # caller keys are required, so /metrics is read with a token
+HOSTILE_ENV = {**{k: v for k, v in ENV.items() if k != "EMPIRIOLABS_API_KEY"}, "KLEIN_GATEWAY_KEYS": CALLER_KEY, "KLEIN_METRICS_TOKEN": METRICS_TOKEN}
+ALL_SECRETS = [*SECRETS.values(), CALLER_KEY, METRICS_TOKEN]
 GEN = "/v1/images/generations"
 EDIT = "/v1/images/edits"
 
@@ -251,6 +252,81 @@ ROWS: list[Row] = [
     Row("file_expires_not_int", "GET", "/v1/images/files/abc.png?expires=soon&sig=00", 400, "expires"),
     Row("file_expires_huge", "GET", "/v1/images/files/abc.png?expires=" + "9" * 400 + "&sig=00", 404, "not found", "image_not_found"),
     Row("file_expires_5000_digits", "GET", "/v1/images/files/abc.png?expires=" + "9" * 5000 + "&sig=00", 400, "expires", param="expires"),
+    # ---- /v1/usage at the calendar's ends -------------------------------------------
+    Row("usage_end_first_day", "GET", "/v1/usage?end=0001-01-01", 400, "start must be before end", "invalid_value", "start"),
+    Row("usage_start_first_day_plus_14", "GET", "/v1/usage?start=0001-01-01T00:00:00%2B14:00", 400, "outside", "invalid_value", "start"),
+    Row("usage_end_last_day_minus_14", "GET", "/v1/usage?end=9999-12-31T23:59:59-14:00", 400, "outside", "invalid_value", "end"),
+    Row("usage_start_last_day_minus_14", "GET", "/v1/usage?start=9999-12-31T23:59:59-14:00", 400, "outside", "invalid_value", "start"),
+    Row("usage_end_first_day_plus_14", "GET", "/v1/usage?end=0001-01-01T00:00:00%2B14:00", 400, "outside", "invalid_value", "end"),
+    # ---- multipart text that is not UTF-8, and async metadata past its bounds ----------
+    Row(
+        "multipart_prompt_not_utf8",
+        "POST",
+        EDIT,
+        400,
+        "utf-8",
+        "invalid_encoding",
+        content=b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n\xff\xfe\xc3\r\n--b--\r\n',
+        headers={"content-type": "multipart/form-data; boundary=b"},
+    ),
+    Row(
+        "multipart_prompt_not_utf8_with_idempotency_key",
+        "POST",
+        EDIT,
+        400,
+        "utf-8",
+        "invalid_encoding",
+        content=b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n\xff\xfe\xc3\r\n--b--\r\n',
+        headers={"content-type": "multipart/form-data; boundary=b", "idempotency-key": "k-utf8"},
+    ),
+    Row(
+        "async_metadata_nested_3000_deep",
+        "POST",
+        EDIT,
+        400,
+        "nested at most 32",
+        "invalid_metadata",
+        "metadata",
+        files={"image": ("ref.png", GOOD_PNG, "image/png")},
+        data={"prompt": "x", "size": "512x512", "metadata": "[" * 3000 + "]" * 3000},
+        headers={"prefer": "respond-async"},
+    ),
+    Row(
+        "async_metadata_nested_33_deep",
+        "POST",
+        EDIT,
+        400,
+        "nested at most 32",
+        "invalid_metadata",
+        "metadata",
+        files={"image": ("ref.png", GOOD_PNG, "image/png")},
+        data={"prompt": "x", "size": "512x512", "metadata": '{"a": ' + "[" * 33 + "]" * 33 + "}"},
+        headers={"prefer": "respond-async"},
+    ),
+    Row(
+        "async_metadata_over_64k",
+        "POST",
+        EDIT,
+        400,
+        "characters",
+        "invalid_metadata",
+        "metadata",
+        files={"image": ("ref.png", GOOD_PNG, "image/png")},
+        data={"prompt": "x", "size": "512x512", "metadata": '{"a": "' + "x" * 70_000 + '"}'},
+        headers={"prefer": "respond-async"},
+    ),
+    # ---- n is a JSON integer in a JSON body -----------------------------------------------
+    Row("n_true", "POST", GEN, 400, "integer", "invalid_value", "n", json=gen(size="512x512", n=True)),
+    Row("n_false", "POST", GEN, 400, "integer", "invalid_value", "n", json=gen(size="512x512", n=False)),
+    Row("n_string", "POST", GEN, 400, "integer", "invalid_value", "n", json=gen(size="512x512", n="2")),
+    Row("n_float", "POST", GEN, 400, "integer", "invalid_value", "n", json=gen(size="512x512", n=2.0)),
+    Row("n_string_on_json_edit", "POST", EDIT, 400, "integer", "invalid_value", "n", json=gen(size="512x512", n="2", images=[data_uri(GOOD_PNG)])),
+    # ---- a deadline too short to honour -----------------------------------------------
+    Row("deadline_one_ms", "POST", GEN, 400, "at least 100", "invalid_deadline", "x-klein-deadline-ms", json=gen(size="512x512"), headers={"x-klein-deadline-ms": "1"}),
+    Row("deadline_99_ms", "POST", GEN, 400, "at least 100", "invalid_deadline", "x-klein-deadline-ms", json=gen(size="512x512"), headers={"x-klein-deadline-ms": "99"}),
+    Row(
+        "deadline_one_ms_async", "POST", GEN, 400, "at least 100", "invalid_deadline", "x-klein-deadline-ms", json=gen(size="512x512"), headers={"x-klein-deadline-ms": "1", "prefer": "respond-async"}
+    ),
     Row("file_name_non_ascii", "GET", "/v1/images/files/%C3%A9%F0%9F%94%91.png?expires=1&sig=00", 404, "not found", "image_not_found"),
 ]
 
@@ -373,6 +449,8 @@ async def test_metrics_never_carry_a_guessable_digest_of_a_callers_key(hostile):
 
     resp = await hostile.post(GEN, json=gen(size="512x512", response_format="b64_json"), headers=AUTH)
     assert resp.status_code == 200, resp.text
-    scraped = (await hostile.get("/metrics")).text
+    scrape = await hostile.get("/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"})
+    scraped = scrape.text
+    assert scrape.status_code == 200 and "klein_cost_usd_total" in scraped
     assert CALLER_KEY not in scraped
     assert hashlib.sha256(CALLER_KEY.encode()).hexdigest()[:10] not in scraped, "an offline guess of the key can be confirmed against this label"

@@ -60,12 +60,16 @@ class Rig:
         return self.http.post(f"{self.url}/v1/images/generations", json=body or BODY, headers={**ASYNC, **auth(key), **(headers or {})})
 
 
+METRICS_TOKEN = "jobs-scrape-token-77a1"  # caller keys are required, so /metrics needs a token
+SCRAPE = {"authorization": f"Bearer {METRICS_TOKEN}"}
+
+
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     fleet = EmulatorFleet.start_in_thread(["fal"])
     secret = new_webhook_secret()
     config = config_with(tmp_path_factory.mktemp("jobs"), webhook_allow=["127.0.0.1"], webhook_retry_delays_s=[0.05, 0.1, 0.2], job_concurrency=4)
-    env = {**fleet.env(), "KLEIN_GATEWAY_KEYS": ",".join(KEYS), "KLEIN_WEBHOOK_SECRET": secret}
+    env = {**fleet.env(), "KLEIN_GATEWAY_KEYS": ",".join(KEYS), "KLEIN_WEBHOOK_SECRET": secret, "KLEIN_METRICS_TOKEN": METRICS_TOKEN}
     metrics = GatewayMetrics(registry=CollectorRegistry())
     app = create_app(config, PRICING, env=env, probes=False, metrics=metrics)
     try:
@@ -282,7 +286,9 @@ def test_the_same_key_and_body_replays_the_answer_with_no_new_spend(rig: Rig) ->
     assert first.status_code == second.status_code == 200
     assert "idempotent-replayed" not in first.headers and second.headers["idempotent-replayed"] == "true"
     assert second.content == first.content
-    assert {k: v for k, v in second.headers.items() if k.startswith("x-klein-")} == {k: v for k, v in first.headers.items() if k.startswith("x-klein-")}
+    spent_now = {k: v for k, v in second.headers.items() if k.startswith("x-klein-") and not k.startswith("x-klein-original-")}
+    assert spent_now == {**{k: v for k, v in first.headers.items() if k.startswith("x-klein-")}, "x-klein-cost-usd": "0"}
+    assert second.headers["x-klein-original-cost-usd"] == first.headers["x-klein-cost-usd"]
     assert rig.fal()["generations"] == before + 1
 
 
@@ -337,7 +343,7 @@ def test_an_error_answer_is_replayed_too(rig: Rig) -> None:
 
 
 def test_job_metrics_are_exported(rig: Rig) -> None:
-    text = rig.http.get(f"{rig.url}/metrics").text
+    text = rig.http.get(f"{rig.url}/metrics", headers=SCRAPE).text
     for name in ("klein_image_jobs_total", "klein_image_job_queue_depth", "klein_image_job_oldest_queued_age_seconds", "klein_webhook_deliveries_total", "klein_idempotency_requests_total"):
         assert name in text
     assert 'klein_image_jobs_total{status="succeeded"}' in text
@@ -370,7 +376,7 @@ def test_a_replica_runs_at_most_job_concurrency_jobs_and_exports_the_queue_depth
     assert sorted(statuses) == ["queued"] * 3 + ["running"] * 4
 
     def gauges() -> tuple[float, float]:
-        lines = rig.http.get(f"{rig.url}/metrics").text.splitlines()
+        lines = rig.http.get(f"{rig.url}/metrics", headers=SCRAPE).text.splitlines()
         depth = next(line for line in lines if line.startswith("klein_image_job_queue_depth "))
         age = next(line for line in lines if line.startswith("klein_image_job_oldest_queued_age_seconds "))
         return float(depth.split()[1]), float(age.split()[1])

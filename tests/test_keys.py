@@ -124,11 +124,11 @@ def test_sighup_reaches_a_serving_process(tmp_path):
 
     import httpx
 
-    from tests.gateway_support import free_port, wait_until
+    from tests.gateway_support import NO_LEDGER, free_port, wait_until
 
     path = write(tmp_path / "keys.yaml", "keys:\n" + entry("team-a", "s1"))
     port = free_port()
-    env = {**os.environ, "KLEIN_KEYS_FILE": str(path), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "KLEIN_KEYS_FILE": str(path), "PYTHONPATH": str(REPO), **NO_LEDGER}
     log = (tmp_path / "gw.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--emulate", "--workers", "1", "--port", str(port), "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT

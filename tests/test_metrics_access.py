@@ -31,7 +31,7 @@ from gateway.config import ConfigError
 from gateway.domain.callers import LABEL_SECRET_ENV, Caller, caller_label
 from gateway.observability.logs import configure_logging
 from gateway.observability.metrics_access import MetricsAccess, parse_port
-from tests.gateway_support import ENV, REPO, FakeAdapter, clean_env, free_port, install_fakes, make_app
+from tests.gateway_support import ENV, NO_LEDGER, REPO, FakeAdapter, clean_env, free_port, install_fakes, make_app
 from tests.redis_server import RedisServer
 
 CALLER_KEY = "gw-live-key-for-metrics-0123"
@@ -94,14 +94,17 @@ def log_output() -> Iterator[io.StringIO]:
     root.setLevel(level)
 
 
+TOKEN = "scrape-token-5d1c9a"
+
+
 async def test_metrics_and_request_logs_carry_the_keyed_label_never_the_old_hash(monkeypatch, log_output):
     monkeypatch.setenv(LABEL_SECRET_ENV, SERVER_SECRET)
-    app = make_app({**ENV, "KLEIN_GATEWAY_KEYS": CALLER_KEY})
+    app = make_app({**ENV, "KLEIN_GATEWAY_KEYS": CALLER_KEY, "KLEIN_METRICS_TOKEN": TOKEN})
     install_fakes(app, {name: FakeAdapter(name) for name in app.state.gateway.fleet.backends})
     async with AsyncTestClient(app) as client:
         ok = await client.post("/v1/images/generations", json={"prompt": "a lighthouse", "size": "512x512"}, headers={"authorization": f"Bearer {CALLER_KEY}"})
         assert ok.status_code == 200
-        exposition = (await client.get("/metrics")).text
+        exposition = (await client.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"})).text
     spend = [s for f in text_string_to_metric_families(exposition) for s in f.samples if s.name == "klein_cost_usd_total" and s.value > 0]
     assert [s.labels["caller"] for s in spend] == [hmac_label(CALLER_KEY, SERVER_SECRET)]
     request_lines = [json.loads(line) for line in log_output.getvalue().splitlines() if '"request_id"' in line]
@@ -111,8 +114,6 @@ async def test_metrics_and_request_logs_carry_the_keyed_label_never_the_old_hash
 
 
 # ---- who may read /metrics -----------------------------------------------------
-
-TOKEN = "scrape-token-5d1c9a"
 
 
 @pytest.mark.parametrize(
@@ -146,6 +147,32 @@ async def test_metrics_requires_the_bearer_token_when_one_is_configured(configur
         assert "klein_requests_total" in answer.text
 
 
+@pytest.mark.parametrize(
+    ("guard", "authorization", "status", "code"),
+    [
+        ({}, None, 401, "metrics_closed"),  # keys required, nothing guarding /metrics: closed
+        ({}, f"Bearer {CALLER_KEY}", 401, "metrics_closed"),  # a caller's key does not open it
+        ({"KLEIN_METRICS_TOKEN": TOKEN}, None, 401, "invalid_metrics_token"),
+        ({"KLEIN_METRICS_TOKEN": TOKEN}, f"Bearer {TOKEN}", 200, None),
+        ({"KLEIN_METRICS_PORT": "9464"}, None, 404, "not_found"),  # served on its own port instead
+    ],
+    ids=["keys-only", "keys-caller-key", "token-missing", "token-given", "own-port"],
+)
+async def test_metrics_are_not_open_on_the_api_port_when_caller_keys_are_required(guard, authorization, status, code, caplog):
+    caplog.set_level(logging.INFO)
+    app = make_app({**ENV, "KLEIN_GATEWAY_KEYS": CALLER_KEY, **guard})
+    async with AsyncTestClient(app) as client:
+        answer = await client.get("/metrics", headers={"authorization": authorization} if authorization else {})
+    assert answer.status_code == status, answer.text
+    if code is not None:
+        assert answer.json()["error"]["code"] == code
+        assert "klein_requests_total" not in answer.text and CALLER_KEY not in answer.text
+    else:
+        assert "klein_requests_total" in answer.text
+    said = "/metrics answers 401 on this port" in caplog.text
+    assert said == (code == "metrics_closed"), "the start-up log says /metrics is closed exactly when it is"
+
+
 async def test_the_api_port_does_not_serve_metrics_when_they_have_their_own():
     app = make_app({**ENV, "KLEIN_METRICS_PORT": "9464"})
     async with AsyncTestClient(app) as client:
@@ -169,7 +196,7 @@ def test_a_bad_metrics_port_is_refused(value):
 def test_serve_refuses_a_bad_metrics_port_with_a_clear_message():
     proc = subprocess.run(
         [sys.executable, "-m", "gateway.cli", "serve", "--metrics-port", "70000", "--config", str(REPO / "providers.yaml")],
-        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False,
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **NO_LEDGER}, check=False,
     )  # fmt: skip
     assert proc.returncode == 2
     assert "KLEIN_METRICS_PORT must be from 1 to 65535" in proc.stderr

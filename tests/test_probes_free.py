@@ -29,7 +29,7 @@ from gateway.providers.base import ProbeResult
 from gateway.state import MemoryStore
 from tests.emulators import EmulatorFleet
 from tests.emulators.launcher import PROVIDERS
-from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app, wait_until
+from tests.gateway_support import NO_LEDGER, PROVIDERS_YAML, ServerThread, make_app, wait_until
 
 INTERVAL_S = 0.05
 ROUNDS = 5  # probes per backend, at least, before the counters are read
@@ -74,7 +74,7 @@ async def probe_for_rounds(prober: Prober, fleet: EmulatorFleet, rounds: int, ti
 
 
 async def test_probing_every_backend_for_many_intervals_makes_no_paid_generation(fleet: EmulatorFleet) -> None:
-    env = fleet.env()
+    env = {**fleet.env(), **NO_LEDGER}
     gw = build_gateway(load_config(PROVIDERS_YAML, env=env), env)
     try:
         assert sorted(gw.fleet.backends) == sorted(PROVIDERS)
@@ -97,7 +97,7 @@ async def test_probes_of_failing_backends_open_breakers_without_a_paid_call(flee
     nothing paid is created."""
     for running in fleet.emulators.values():
         running.set_knobs({"faults": {"server_error": 1.0, "server_error_status": 503, "scope": "all"}})
-    env = fleet.env()
+    env = {**fleet.env(), **NO_LEDGER}
     gw = build_gateway(load_config(PROVIDERS_YAML, env=env), env)
     try:
         prober = Prober({n: b.adapter for n, b in gw.fleet.backends.items()}, gw.health, FAST)

@@ -31,7 +31,7 @@ import redis as redis_client
 from gateway.health.records import merge_pushed_back
 from gateway.state import MemoryStore, ResilientStore
 from tests.emulators import EmulatorFleet
-from tests.gateway_support import free_port, wait_until
+from tests.gateway_support import NO_LEDGER, free_port, wait_until
 from tests.redis_server import RedisServer, redis_available
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,6 +141,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KLEIN_", "FAL_", "REPLICATE_", "RUNFLOW_", "EMPIRIOLABS_", "REDIS_"))}
         env.update(fleet.env())
+        env.update(NO_LEDGER)
         env.update({"REDIS_URL": redis.url, "KLEIN_STATE_NAMESPACE": f"replicas-{uuid.uuid4().hex[:8]}", "PYTHONUNBUFFERED": "1"})
         replicas = [start_replica(name, env, log_dir) for name in ("A", "B", "C")]
         for replica in replicas:

@@ -18,6 +18,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # longer header is refused before it is parsed (int() of a huge string costs
 # time and its float overflows).
 MAX_DEADLINE_DIGITS = 10
+# The shortest deadline accepted: less than this cannot cover even planning and
+# one upstream round trip, so it could only end in a 504 after spend; refused first.
+MIN_DEADLINE_MS = 100
 _INTEGER = re.compile(r"^-?[0-9]+$")
 # JSON nested deeper than this is refused: no field of the API nests past 3,
 # and the decoder recurses, so a deep enough body would exhaust the stack.
@@ -75,7 +78,17 @@ def deadline_for(request: Request[Any, Any, Any], default_s: float, max_s: float
     ms = int(raw)
     if ms <= 0:
         raise InvalidRequest("x-klein-deadline-ms must be positive", param="x-klein-deadline-ms", code="invalid_deadline")
+    if ms < MIN_DEADLINE_MS:
+        raise InvalidRequest(f"x-klein-deadline-ms must be at least {MIN_DEADLINE_MS}; no backend can answer sooner", param="x-klein-deadline-ms", code="invalid_deadline")
     return min(ms / 1000, max_s)
+
+
+async def form_of(request: Request[Any, Any, Any]) -> Any:
+    """The request's multipart or urlencoded form; text fields that are not UTF-8 are the caller's 400."""
+    try:
+        return await request.form()
+    except UnicodeDecodeError:
+        raise InvalidRequest("form fields must be UTF-8 text", code="invalid_encoding") from None
 
 
 async def json_object(request: Request[Any, Any, Any]) -> dict[str, Any]:

@@ -66,6 +66,9 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     gw = gateway_of(request)
     if gw.metrics_access.port is not None:
         raise NotFound("metrics are served on a separate port, not on this one", code="not_found")
+    if gw.metrics_access.closed:
+        err = AuthenticationFailed("/metrics is closed: caller keys are required, so set KLEIN_METRICS_TOKEN (then scrape with Authorization: Bearer) or KLEIN_METRICS_PORT", code="metrics_closed")
+        return envelope_response(err, {"www-authenticate": 'Bearer realm="metrics"'})
     if not gw.metrics_access.allows(request.headers.get("authorization")):
         err = AuthenticationFailed("/metrics needs Authorization: Bearer <KLEIN_METRICS_TOKEN>", code="invalid_metrics_token")
         return envelope_response(err, {"www-authenticate": 'Bearer realm="metrics"'})

@@ -17,7 +17,7 @@ from litestar import MediaType, Request, Response, get, post
 
 from gateway.domain.errors import InvalidRequest, NotFound
 from gateway.domain.job import ImageJob
-from gateway.http.context import CallContext, deadline_for
+from gateway.http.context import MAX_JSON_DEPTH, CallContext, deadline_for, decode_json, form_of
 from gateway.http.entry import begin, gateway_of
 from gateway.jobs.model import STATUSES, JobRecord, Webhook, job_to_dict, new_job_id
 from gateway.jobs.webhooks import vet_url
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_CHARS = 512
+# The largest multipart `metadata` text read: 16 pairs of 64 + 512 characters,
+# each escaped as \uXXXX, fit with room; anything longer is refused unread.
+MAX_METADATA_JSON_CHARS = 64 * 1024
 MAX_LIST = 100
 _PREFER = re.compile(r"(?:^|[,;\s])respond-async(?:$|[,;\s=])", re.IGNORECASE)
 
@@ -45,18 +48,27 @@ async def _extras(request: Request[Any, Any, Any]) -> dict[str, Any]:
     """`webhook_url` and `metadata` from the body the job was built from."""
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.form()
+        form = await form_of(request)
         extras: dict[str, Any] = {}
         if "webhook_url" in form:
             extras["webhook_url"] = form.get("webhook_url")
         if "metadata" in form:
-            try:
-                extras["metadata"] = msgspec.json.decode(str(form.get("metadata")))
-            except (msgspec.DecodeError, TypeError):
-                raise InvalidRequest("metadata must be a JSON object of strings", param="metadata", code="invalid_metadata") from None
+            extras["metadata"] = _form_metadata(form.get("metadata"))
         return extras
     raw = msgspec.json.decode(await request.body())
     return {k: raw[k] for k in ("webhook_url", "metadata") if k in raw and raw[k] is not None}
+
+
+def _form_metadata(value: Any) -> Any:
+    """A multipart `metadata` field decoded, bounded in size and depth before any decoding recursion."""
+    if not isinstance(value, str):
+        raise InvalidRequest("metadata must be a JSON object of strings", param="metadata", code="invalid_metadata")
+    if len(value) > MAX_METADATA_JSON_CHARS:
+        raise InvalidRequest(f"metadata is over {MAX_METADATA_JSON_CHARS:,} characters", param="metadata", code="invalid_metadata")
+    try:
+        return decode_json(value, what="metadata", param="metadata")
+    except InvalidRequest:
+        raise InvalidRequest(f"metadata must be a JSON object of strings, nested at most {MAX_JSON_DEPTH} levels", param="metadata", code="invalid_metadata") from None
 
 
 def check_metadata(value: Any) -> dict[str, str] | None:

@@ -25,7 +25,7 @@ from gateway.dispatch.shutdown import ShuttingDown
 from gateway.domain.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from gateway.domain.job import ImageJob, JobKind, ReferenceImage
 from gateway.domain.models import ALIASES, MODEL_ID, echo, model_object, resolve_model
-from gateway.http.context import CallContext, decode_json, json_object
+from gateway.http.context import CallContext, decode_json, form_of, json_object
 from gateway.http.entry import base_url_of, begin, gateway_of
 from gateway.http.jobs import accept_job, prefers_async
 from gateway.http.parse import build_job, parse_body
@@ -169,8 +169,8 @@ async def _pixels_checked(job: ImageJob, uploads: int = 0) -> ImageJob:
     return job
 
 
-def _job_from_raw(raw: dict[str, Any], gw: Gateway, ctx: CallContext, kind: JobKind, uploads: list[ReferenceImage] | None = None) -> ImageJob:
-    body = parse_body(raw)
+def _job_from_raw(raw: dict[str, Any], gw: Gateway, ctx: CallContext, kind: JobKind, uploads: list[ReferenceImage] | None = None, *, form: bool = False) -> ImageJob:
+    body = parse_body(raw, form=form)
     refs = list(uploads or [])
     for i, value in enumerate(body.images or []):
         refs.append(parse_reference(value, f"images[{i}]"))
@@ -198,7 +198,7 @@ async def _edit_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallConte
         return await _pixels_checked(_job_from_raw(raw, gw, ctx, JobKind.EDIT))
     if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise UnsupportedMediaType("send multipart/form-data with `image` files, or JSON with `images`")
-    form = await request.form()
+    form = await form_of(request)
     fields: dict[str, Any] = {}
     uploads: list[ReferenceImage] = []
     for key, value in form.multi_items():
@@ -218,7 +218,7 @@ async def _edit_job(request: Request[Any, Any, Any], gw: Gateway, ctx: CallConte
             fields[key] = value
     if not uploads and not fields.get("images"):
         raise InvalidRequest("an edit needs 1 to 4 images: send them as image, image[] or image[0..3]", param="image", code="missing_image")
-    return await _pixels_checked(_job_from_raw(fields, gw, ctx, JobKind.EDIT, uploads), len(uploads))
+    return await _pixels_checked(_job_from_raw(fields, gw, ctx, JobKind.EDIT, uploads, form=True), len(uploads))
 
 
 UPLOAD_CHUNK_BYTES = 1024 * 1024

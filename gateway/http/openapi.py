@@ -59,6 +59,14 @@ HEADERS: dict[str, Any] = {
         "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
     },
     "RateLimit": {"description": "OpenAI's rate-limit headers for keys with a limit (x-ratelimit-{limit,remaining,reset}-{requests,images}).", "schema": {"type": "string"}},
+    "OriginalCostUsd": {
+        "description": "On a replay (x-klein-cost-usd is then 0: nothing was spent now), what the original request cost.",
+        "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+    },
+    "OriginalPossiblyBilledUsd": {
+        "description": "On a replay, the original request's x-klein-possibly-billed-usd.",
+        "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+    },
     "IdempotentReplayed": {"description": "`true` when the answer is the stored one of an earlier request with the same Idempotency-Key.", "schema": {"const": "true"}},
     "Location": {"description": "Where the job can be read.", "required": True, "schema": {"type": "string"}},
     "PreferenceApplied": {"description": "`respond-async` (RFC 7240).", "required": True, "schema": {"const": "respond-async"}},
@@ -253,7 +261,7 @@ DEADLINE = {
     "name": "x-klein-deadline-ms",
     "in": "header",
     "required": False,
-    "description": "The request's time budget in milliseconds (at most the configured max_deadline_s); default default_deadline_s.",
+    "description": "The request's time budget in milliseconds, at least 100 (at most the configured max_deadline_s); default default_deadline_s.",
     "schema": {"type": "string", "pattern": f"^[0-9]{{1,{MAX_DEADLINE_DIGITS}}}$"},
 }
 PREFER = {"name": "Prefer", "in": "header", "required": False, "description": "`respond-async` (RFC 7240): answer 202 with a job instead of waiting.", "schema": {"type": "string"}}
@@ -267,6 +275,7 @@ RATE_LIMIT_HEADERS = {f"x-ratelimit-{part}-{what}": _header("RateLimit") for par
 IMAGE_HEADERS = {
     "x-klein-backend": _header("Backend"), "x-klein-cost-usd": _header("CostUsd"), "x-klein-attempts": _header("Attempts"), "x-klein-nsfw": _header("Nsfw"),
     "x-klein-billed-usd": _header("BilledUsd"), "x-klein-possibly-billed-usd": _header("PossiblyBilledUsd"), "idempotent-replayed": _header("IdempotentReplayed"),
+    "x-klein-original-cost-usd": _header("OriginalCostUsd"), "x-klein-original-possibly-billed-usd": _header("OriginalPossiblyBilledUsd"),
     **RATE_LIMIT_HEADERS,
 }  # fmt: skip
 JOB_STATUSES = (400, 401, 404, 500, 503)
@@ -386,7 +395,9 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _ok("The backends.", "BackendList"), **_errors(401, 500)},
             }
         },
-        "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics.", "responses": {"200": _ok("Prometheus text exposition.", {"type": "string"}, media="text/plain")}}},
+        "/metrics": {
+            "get": {"operationId": "metrics", "summary": "Prometheus metrics.", "responses": {"200": _ok("Prometheus text exposition.", {"type": "string"}, media="text/plain"), **_errors(401, 404)}}
+        },
         "/healthz": {"get": {"operationId": "liveness", "summary": "Liveness: the process answers.", "responses": {"200": _ok("Alive.", "Health")}}},
         "/readyz": {
             "get": {

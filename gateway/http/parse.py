@@ -6,11 +6,12 @@ checked here, before any backend is called, with an error naming the limit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from gateway.domain.capabilities import MODEL_MAX_N, MODEL_MAX_PIXELS, MODEL_MAX_REFERENCES, MODEL_MAX_SIDE, MODEL_MAX_STEPS, MODEL_MIN_SIDE, MODEL_MULTIPLE
 from gateway.domain.errors import InvalidRequest, NotFound
@@ -18,6 +19,7 @@ from gateway.domain.job import ImageJob, JobKind, ProviderPrefs, ReferenceImage
 from gateway.domain.models import MAX_MODEL_CHARS, echo, resolve_model
 from gateway.domain.sizes import resolve_size, size_intent
 
+_DIGITS = re.compile(r"[0-9]{1,6}")  # a form's n as text; longer runs are refused unread
 MAX_SEED = 2**32 - 1  # the narrowest documented seed range among backends (uint32)
 
 
@@ -60,6 +62,18 @@ class ImageBody(BaseModel):
     provider: ProviderPrefsBody | None = None
     images: list[Any] | None = None  # JSON edit form: URLs or data URIs
 
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n(cls, value: Any, info: ValidationInfo) -> Any:
+        """A JSON `n` is a JSON integer: not true, not "2", not 2.0. Form fields
+        are text by nature, so there "2" is read as 2."""
+        from_form = bool(info.context and info.context.get("form"))
+        if from_form and isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer from 1 to {MODEL_MAX_N}")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str) -> str:
@@ -76,12 +90,15 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
         what = "is required"
     elif err["type"] == "extra_forbidden":
         what = "is not a known field"
+    elif err["type"] == "value_error" and "error" in err.get("ctx", {}):
+        what = str(err["ctx"]["error"])
     return InvalidRequest(f"{param}: {what}" if param else what, param=param, code="invalid_value")
 
 
-def parse_body(raw: dict[str, Any]) -> ImageBody:
+def parse_body(raw: dict[str, Any], *, form: bool = False) -> ImageBody:
+    """`raw` validated; `form` when its fields came as multipart text rather than JSON values."""
     try:
-        return ImageBody.model_validate(raw)
+        return ImageBody.model_validate(raw, context={"form": form})
     except ValidationError as exc:
         raise _validation_error(exc) from None
 

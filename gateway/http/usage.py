@@ -30,7 +30,18 @@ def parse_time(value: str, param: str) -> datetime:
         parsed = datetime.fromisoformat(text)
     except (ValueError, OverflowError, OSError):
         raise InvalidRequest(f"{param} must be an ISO-8601 date or time, or Unix seconds", param=param, code="invalid_value") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)  # an offset at the calendar's ends can fall outside it in UTC
+    except OverflowError:
+        raise InvalidRequest(f"{param} is outside 0001-01-01 to 9999-12-31 once moved to UTC", param=param, code="invalid_value") from None
+
+
+def span_before(until: datetime) -> datetime:
+    """The default start, DEFAULT_SPAN before `until`, or the calendar's first day when that is nearer."""
+    earliest = datetime.min.replace(tzinfo=UTC)
+    return until - DEFAULT_SPAN if until - earliest > DEFAULT_SPAN else earliest
 
 
 def parse_group_by(value: str | None) -> list[str]:
@@ -60,7 +71,7 @@ async def usage(request: Request[Any, Any, Any], start: str | None = None, end: 
     ctx = begin(request, gw)
     now = datetime.now(UTC)
     until = parse_time(end, "end") if end else now
-    since = parse_time(start, "start") if start else until - DEFAULT_SPAN
+    since = parse_time(start, "start") if start else span_before(until)
     if since >= until:
         raise InvalidRequest("start must be before end", param="start", code="invalid_value")
     groups = parse_group_by(group_by)

@@ -40,6 +40,11 @@ NOT_KEPT = frozenset({408, 409, 429, 499})
 KEPT_HEADERS = ("location", "preference-applied", "x-should-retry")
 REPLAYED = "idempotent-replayed"
 POSSIBLY_BILLED = "x-klein-possibly-billed-usd"
+# Spend figures of the original answer: a replay spends nothing, so it says 0
+# under these names and carries the original figure under ORIGINAL + name,
+# so summing the headers of every answer still equals what was spent.
+SPEND_HEADERS = ("x-klein-cost-usd", "x-klein-possibly-billed-usd")
+ORIGINAL = "x-klein-original-"
 
 
 class KeyInUse(GatewayError):
@@ -69,7 +74,11 @@ async def fingerprint(request: Request[Any, Any, Any], *, respond_async: bool) -
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         items = []
-        for name, value in (await request.form()).multi_items():
+        try:
+            form = await request.form()
+        except UnicodeDecodeError:
+            raise InvalidRequest("form fields must be UTF-8 text", code="invalid_encoding") from None
+        for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 items.append((name, "file:" + hashlib.sha256(await value.read()).hexdigest()))
                 await value.seek(0)
@@ -87,6 +96,17 @@ async def fingerprint(request: Request[Any, Any, Any], *, respond_async: bool) -
 
 def kept_headers(headers: Any) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower().startswith("x-klein-") or k.lower() in KEPT_HEADERS}
+
+
+def replay_headers(stored: dict[str, str]) -> dict[str, str]:
+    """The stored answer's headers as a replay sends them: nothing spent now, the original spend beside it."""
+    headers = {k: v for k, v in stored.items() if k.lower() not in SPEND_HEADERS}
+    for name, value in stored.items():
+        if name.lower() in SPEND_HEADERS:
+            headers[ORIGINAL + name.lower().removeprefix("x-klein-")] = value
+    headers["x-klein-cost-usd"] = "0"
+    headers[REPLAYED] = "true"
+    return headers
 
 
 @dataclass
@@ -138,9 +158,7 @@ class Idempotency:
                 self.metrics.record_idempotency("in_use")
                 raise KeyInUse("a request with this Idempotency-Key is still running; retry shortly", param="Idempotency-Key", retry_after=1)
             self.metrics.record_idempotency("replayed")
-            once.replay = Response(
-                base64.b64decode(stored["body"]), status_code=stored["status"], media_type=stored.get("media_type") or "application/json", headers={**stored["headers"], REPLAYED: "true"}
-            )
+            once.replay = Response(base64.b64decode(stored["body"]), status_code=stored["status"], media_type=stored.get("media_type") or "application/json", headers=replay_headers(stored["headers"]))
             yield once
             return
         else:

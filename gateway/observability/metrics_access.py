@@ -12,7 +12,10 @@ two ways, alone or together:
   port answers 404 for it. Bind it to an internal interface with
   `--metrics-host`.
 
-Neither set: /metrics is open on the API port, as before.
+Neither set: /metrics is open on the API port, unless caller keys are
+required (`KLEIN_GATEWAY_KEYS` or a keys file): then the API port answers 401
+for it, since an open /metrics would show key names and per-caller spend to
+anyone who can reach a gateway that otherwise asks for a key.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 class MetricsAccess:
     token: str | None = field(default=None, repr=False)
     port: int | None = None  # served on its own port: the API port does not serve it
+    keys_required: bool = False  # callers need a key: an unguarded /metrics on the API port is closed
+
+    @property
+    def closed(self) -> bool:
+        """True when the API port must refuse /metrics outright: keys are required, and neither a token nor a port guards it."""
+        return self.keys_required and self.token is None and self.port is None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> MetricsAccess:
