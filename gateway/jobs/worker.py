@@ -32,6 +32,8 @@ from gateway.domain.job import ImageJob
 from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import Message
 from gateway.jobs.webhooks import check_url, delivery_client, next_delay, signed_headers
+from gateway.money.keys import Caller
+from gateway.money.tab import BudgetExceeded, BudgetExhausted, OwnerKeyRevoked, Tab
 from gateway.net.pinning import AddressRefused, HostUnresolved, Resolver, SystemResolver
 from gateway.providers.base import FailureClass, ProviderError, job_id_listener
 from gateway.routing.pricing import usd
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("klein.gateway.jobs")
 
+MAX_BILLED_OVER_QUOTE = 100  # a provider's figure above this many quotes is a fault, not a price
 MAX_RUNS = 5  # a job whose worker died this many times is failed, not retried forever
 EVENTS = {"succeeded": "image.job.succeeded", "failed": "image.job.failed", "canceled": "image.job.canceled"}
 
@@ -49,6 +52,16 @@ EVENTS = {"succeeded": "image.job.succeeded", "failed": "image.job.failed", "can
 def consumer_name() -> str:
     """This process's name in the consumer group: unique per process start."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def trusted_billed(reported: Decimal | None, quoted: Decimal) -> Decimal | None:
+    """A provider's own figure where it is a plausible price, else None (unknown):
+    negative, not finite, or more than MAX_BILLED_OVER_QUOTE quotes is a fault."""
+    if reported is None or not reported.is_finite() or reported < 0:
+        return None
+    if reported > quoted * MAX_BILLED_OVER_QUOTE:
+        return None
+    return usd(reported)
 
 
 @dataclass
@@ -205,12 +218,16 @@ class JobWorker:
         extra_cost, extra_attempts = Decimal(0), 0
         status, backend, upstream = 500, None, 0.0
         # The owner's budget is reserved and settled, and the job gets its ledger row, as for a synchronous request.
-        tab = self.gw.billing.tab(self.gw.keyring.named(record.owner), record.id, f"{record.route}_async")
+        # A revoked owner keeps its name on the ledger row of the refusal, never "anonymous".
+        caller = self.gw.keyring.named(record.owner)
+        tab = self.gw.billing.tab(caller or (Caller(record.owner) if record.owner is not None else None), record.id, f"{record.route}_async")
         tab.job = job
         outcome: Outcome | None = None
         spent, attempts = Decimal(0), 0
         try:
-            outcome, extra_cost, extra_attempts = await self._resume(record, job, started)
+            if record.owner is not None and caller is None:
+                raise OwnerKeyRevoked(f"the key that submitted this job ({record.owner}) is no longer in force, so the job was not run")
+            outcome, extra_cost, extra_attempts = await self._resume(record, job, started, tab)
             if outcome is None:
                 outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab)
             spent, attempts = outcome.cost_usd + extra_cost, outcome.tried + extra_attempts
@@ -226,8 +243,11 @@ class JobWorker:
         except GatewayError as err:
             status = err.status
             spent, attempts = extra_cost, extra_attempts
+            error = err.envelope()["error"]
+            if isinstance(err, BudgetExceeded):
+                error["code"] = BudgetExhausted.code  # an async job's own word for it: the owner had no budget left for the job
             await self._settle(pending)
-            await self._finish(record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
+            await self._finish(record.id, "failed", cost=spent, attempts=attempts, error=error)
         except asyncio.CancelledError:
             status = 499  # canceled by its owner (or the process is stopping), not a server error
             raise
@@ -243,14 +263,17 @@ class JobWorker:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _resume(self, record: JobRecord, job: ImageJob, started: float) -> tuple[Outcome | None, Decimal, int]:
+    async def _resume(self, record: JobRecord, job: ImageJob, started: float, tab: Tab) -> tuple[Outcome | None, Decimal, int]:
         """Follow the provider job an earlier run left in flight; (outcome or None, spent, attempts).
 
         Dispatch tries backends one after another, so only the last backend
         noted can still be running: earlier ones ended (or were cancelled)
         before it began. None means nothing is left to follow, so the job is
         dispatched afresh; the stale ids are dropped first, so a later
-        takeover does not follow them again."""
+        takeover does not follow them again.
+
+        The followed job's quote is reserved in the owner's budget first, as a
+        fresh run reserves its worst case; the run settles it to the cost."""
         if not record.provider_jobs:
             return None, Decimal(0), 0
         name, ids = list(record.provider_jobs.items())[-1]
@@ -258,6 +281,7 @@ class JobWorker:
         if backend is None or not backend.adapter.resumable or not ids:
             await self._forget_provider_jobs(record.id)
             return None, Decimal(0), 0
+        await tab.reserve_amount(backend.bill(job, job.n))  # before the provider is asked anything
         deadline = started + job.deadline_s
         t0 = time.monotonic()
         try:
@@ -288,11 +312,15 @@ class JobWorker:
             await self._forget_provider_jobs(record.id)
             return None, cost, 1
         elapsed = time.monotonic() - t0
-        cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else backend.bill(job, len(images))
+        quoted = backend.bill(job, len(images))
+        billed = trusted_billed(result.reported_cost_usd, quoted)
+        if billed is None and result.reported_cost_usd is not None:
+            log.warning("job %s: %s reported a cost of %s USD for the taken-over job; counted at the quote instead", record.id, name, result.reported_cost_usd)
+        cost = billed if billed is not None else quoted
         self.gw.metrics.observe_attempt(backend=name, outcome="success", latency_s=elapsed)
         self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=job.megapixels * len(images), images=len(images), baseline_usd=backend.baseline_quote(job))
         log.info("job %s: followed its %s job to the end after taking it over", record.id, name)
-        return Outcome(name, images, [Attempt(name, "success", elapsed, cost)], cost, elapsed, result.seed), Decimal(0), 0
+        return Outcome(name, images, [Attempt(name, "success", elapsed, cost, billed_usd=billed)], cost, elapsed, result.seed), Decimal(0), 0
 
     async def _forget_provider_jobs(self, job_id: str) -> None:
         def forget(r: JobRecord) -> bool:

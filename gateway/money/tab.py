@@ -50,6 +50,25 @@ class BudgetExceeded(GatewayError):
     retryable_default = False
 
 
+class BudgetExhausted(BudgetExceeded):
+    """An async job whose owner has no budget left for it: failed before any provider is called."""
+
+    code = "budget_exhausted"
+
+
+class OwnerKeyRevoked(GatewayError):
+    """An async job whose owner's key is no longer in force: nobody may pay for it, so it never runs."""
+
+    status = 403
+    type = "permission_error"
+    code = "owner_key_revoked"
+    retryable_default = False
+
+
+def budget_unavailable() -> GatewayError:
+    return GatewayError("the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1)
+
+
 class BackendNotAllowed(GatewayError):
     status = 403
     type = "permission_error"
@@ -155,9 +174,7 @@ class Tab:
         try:
             taken, refused = await self.billing.budgets.reserve_largest(spec.name, windows, [to_units(o) for o in options])
         except BudgetUnavailable:
-            raise GatewayError(
-                "the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1
-            ) from None
+            raise budget_unavailable() from None
         if taken is None or refused is not None:
             refused = refused or windows[0]
             resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -166,8 +183,28 @@ class Tab:
                 f"of ${usd_text(refused.limit_usd)}; the {refused.name} budget resets at {resets}",
                 details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
             )
-        self.windows, self.reserved_units = windows, taken
+        self.windows, self.reserved_units = windows, self.reserved_units + taken  # added to what a resumed run reserved
         return within(plan, from_units(taken))
+
+    async def reserve_amount(self, amount: Decimal) -> None:
+        """Reserve `amount` in every budget window, or refuse (429): for work
+        whose price is already known (a provider job taken over from a dead
+        replica), so it is paid from the budget like a fresh run."""
+        spec = self.spec
+        if spec is None or not spec.budget_usd.windows():
+            return
+        windows = windows_at(spec.budget_usd.windows(), datetime.now(UTC))
+        try:
+            refused = await self.billing.budgets.reserve(spec.name, windows, to_units(amount))
+        except BudgetUnavailable:
+            raise budget_unavailable() from None
+        if refused is not None:
+            resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            raise BudgetExceeded(
+                f"this job costs ${usd_text(amount)}, which would take key {spec.name} over its {refused.name} budget of ${usd_text(refused.limit_usd)}; the {refused.name} budget resets at {resets}",
+                details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
+            )
+        self.windows, self.reserved_units = windows, self.reserved_units + to_units(amount)
 
     async def cover(self, total: Decimal) -> None:
         """Before failing over after a billed failure: grow the reservation to
@@ -180,9 +217,7 @@ class Tab:
         try:
             refused = await self.billing.budgets.reserve(spec.name, self.windows, extra)
         except BudgetUnavailable:
-            raise GatewayError(
-                "the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1
-            ) from None
+            raise budget_unavailable() from None
         if refused is not None:
             resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
             raise BudgetExceeded(
