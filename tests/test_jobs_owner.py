@@ -21,7 +21,7 @@ import pytest
 from gateway.domain.job import ImageJob, JobKind
 from gateway.jobs.model import JobRecord, job_to_dict, new_job_id
 from gateway.jobs.worker import JobWorker, trusted_billed
-from gateway.money.budgets import to_units, windows_at
+from gateway.money.budgets import to_units, windows_at, windows_to_json
 from gateway.money.keys import hash_key
 from gateway.money.ledger import UsageRow
 from gateway.providers.base import GeneratedImage, ProviderResult
@@ -66,10 +66,19 @@ class Rig:
         windows = windows_at([("day", BUDGET)], datetime.now(UTC))
         assert await self.gw.billing.budgets.reserve(key, windows, to_units(BUDGET)) is None
 
-    async def run(self, owner: str | None, provider_jobs: dict[str, list[str]] | None = None) -> JobRecord:
+    async def run(self, owner: str | None, provider_jobs: dict[str, list[str]] | None = None, reservation: dict[str, Any] | None = None) -> JobRecord:
         job = ImageJob(kind=JobKind.GENERATE, prompt="a red fox", width=1024, height=1024, n=1)
         record = JobRecord(
-            id=new_job_id(), owner=owner, route="generations", job=job_to_dict(job), base_url="http://127.0.0.1", created=time.time(), status="running", runs=1, provider_jobs=provider_jobs or {}
+            id=new_job_id(),
+            owner=owner,
+            route="generations",
+            job=job_to_dict(job),
+            base_url="http://127.0.0.1",
+            created=time.time(),
+            status="running",
+            runs=1,
+            provider_jobs=provider_jobs or {},
+            reservation=reservation,
         )
         await self.gw.jobs.store.create(record)
         await self.worker._run(record)
@@ -140,6 +149,34 @@ async def test_a_taken_over_job_is_refused_before_the_provider_when_the_budget_i
     assert done.status == "failed" and done.error is not None and done.error["code"] == "budget_exhausted"
     assert rig.fakes["fal"].resumed == []
     assert await rig.spent("team-a") == BUDGET  # nothing more reserved, nothing leaked
+
+
+async def test_a_taken_over_job_settles_the_reservation_its_dead_run_left(rig: Rig) -> None:
+    await rig.fill_budget("team-a")  # what the dead replica reserved, and never settled
+    left = {"units": to_units(BUDGET), "windows": windows_to_json(windows_at([("day", BUDGET)], datetime.now(UTC)))}
+    done = await rig.run("team-a", provider_jobs={"fal": ["fal-req-1"]}, reservation=left)
+    assert done.status == "succeeded", done.error
+    assert rig.fakes["fal"].resumed == [["fal-req-1"]]
+    assert done.cost_usd is not None and await rig.spent("team-a") == done.cost_usd  # the dead run's hold became the cost
+    assert done.reservation is None  # settled: a later takeover cannot release it again
+
+
+async def test_a_run_notes_its_reservation_in_the_record_while_it_runs(rig: Rig) -> None:
+    seen: list[dict[str, Any] | None] = []
+    fal = rig.fakes["fal"]
+    original = fal.generate
+
+    async def generate(job: ImageJob, deadline: float) -> ProviderResult:
+        (record,) = [r for r in [await rig.gw.jobs.store.get(i) for i in await rig.gw.jobs.store.ids("team-a", before=None, limit=5)] if r is not None]
+        seen.append(record.reservation)
+        return await original(job, deadline)
+
+    for fake in rig.fakes.values():
+        fake.generate = generate  # type: ignore[method-assign]
+    done = await rig.run("team-a")
+    assert done.status == "succeeded", done.error
+    assert seen and seen[0] is not None and seen[0]["units"] > 0  # a replica taking over would find it
+    assert done.reservation is None
 
 
 @pytest.mark.parametrize("reported", [Decimal(-3), Decimal("NaN"), Decimal("Infinity"), Decimal(1000)])

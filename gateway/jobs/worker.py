@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -32,8 +34,9 @@ from gateway.domain.job import ImageJob
 from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import Message
 from gateway.jobs.webhooks import check_url, delivery_client, next_delay, signed_headers
+from gateway.money.budgets import Window, from_units, to_units, windows_from_json, windows_to_json
 from gateway.money.keys import Caller
-from gateway.money.tab import BudgetExceeded, BudgetExhausted, OwnerKeyRevoked, Tab
+from gateway.money.tab import OwnerKeyRevoked, Tab
 from gateway.net.pinning import AddressRefused, HostUnresolved, Resolver, SystemResolver
 from gateway.providers.base import FailureClass, ProviderError, job_id_listener
 from gateway.routing.pricing import usd
@@ -52,6 +55,10 @@ EVENTS = {"succeeded": "image.job.succeeded", "failed": "image.job.failed", "can
 def consumer_name() -> str:
     """This process's name in the consumer group: unique per process start."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def _nothing() -> None:
+    return None
 
 
 def trusted_billed(reported: Decimal | None, quoted: Decimal) -> Decimal | None:
@@ -222,11 +229,14 @@ class JobWorker:
         caller = self.gw.keyring.named(record.owner)
         tab = self.gw.billing.tab(caller or (Caller(record.owner) if record.owner is not None else None), record.id, f"{record.route}_async")
         tab.job = job
+        self._carry_reservation(record, tab)
         outcome: Outcome | None = None
         spent, attempts = Decimal(0), 0
+        finish: Callable[[], Awaitable[None]] = _nothing
         try:
             if record.owner is not None and caller is None:
                 raise OwnerKeyRevoked(f"the key that submitted this job ({record.owner}) is no longer in force, so the job was not run")
+            await tab.ensure_budget_left()
             outcome, extra_cost, extra_attempts = await self._resume(record, job, started, tab)
             if outcome is None:
                 outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab)
@@ -234,29 +244,62 @@ class JobWorker:
             backend, upstream, status = outcome.backend, outcome.upstream_s, 200
             body = images_body(job, outcome)
             await self._settle(pending)
-            await self._finish(record.id, "succeeded", backend=outcome.backend, cost=spent, attempts=attempts, result=body)
+            finish = functools.partial(self._finish, record.id, "succeeded", backend=outcome.backend, cost=spent, attempts=attempts, result=body)
         except DispatchFailed as err:
             status, upstream = err.status, err.upstream_s
             spent, attempts = err.cost_usd + extra_cost, tried(err.attempts) + extra_attempts
             await self._settle(pending)
-            await self._finish(record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
+            finish = functools.partial(self._finish, record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
         except GatewayError as err:
             status = err.status
             spent, attempts = extra_cost, extra_attempts
-            error = err.envelope()["error"]
-            if isinstance(err, BudgetExceeded):
-                error["code"] = BudgetExhausted.code  # an async job's own word for it: the owner had no budget left for the job
             await self._settle(pending)
-            await self._finish(record.id, "failed", cost=spent, attempts=attempts, error=error)
+            finish = functools.partial(self._finish, record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
         except asyncio.CancelledError:
             status = 499  # canceled by its owner (or the process is stopping), not a server error
             raise
         finally:
             job_id_listener.reset(token)
             images = len(outcome.images) if outcome is not None and status == 200 else 0
-            await asyncio.shield(self.gw.billing.settle(tab, status=status, backend=backend, attempts=attempts, images=images, cost=spent, billed=self.gw.billed_figure(outcome)))
+            await asyncio.shield(self._settle_tab(record.id, tab, status=status, backend=backend, attempts=attempts, images=images, cost=spent, billed=self.gw.billed_figure(outcome)))
             total = time.time() - record.created
             self.gw.metrics.observe_request(route=f"{record.route}_async", status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
+        # Terminal only once settled: whoever sees the job end finds its ledger row and its budget settled.
+        await finish()
+
+    def _carry_reservation(self, record: JobRecord, tab: Tab) -> None:
+        """Adopt the reservation a dead run left in the record, and note every
+        change to this run's, so whoever ends the job settles what was held."""
+        held = record.reservation
+        if held and held.get("units"):
+            tab.adopt(windows_from_json(held["windows"]), int(held["units"]))
+
+        async def note(windows: list[Window], units: int) -> None:
+            def keep(r: JobRecord) -> bool:
+                r.reservation = {"units": units, "windows": windows_to_json(windows)}
+                return True
+
+            try:
+                await self.jobs.store.update(record.id, keep)
+            except Exception as exc:  # noqa: BLE001 - the run goes on; a takeover then reserves afresh
+                log.warning("job %s: budget reservation not noted in the record (%s)", record.id, type(exc).__name__)
+
+        tab.on_reserved = note
+
+    async def _settle_tab(self, job_id: str, tab: Tab, **outcome: Any) -> None:
+        """Settle the owner's budget and ledger, then drop the reservation from the record (it is settled)."""
+        await self.gw.billing.settle(tab, **outcome)
+        if not tab.windows:
+            return
+
+        def drop(r: JobRecord) -> bool:
+            r.reservation = None
+            return True
+
+        try:
+            await self.jobs.store.update(job_id, drop)
+        except Exception as exc:  # noqa: BLE001 - logged: a takeover would release it a second time
+            log.warning("job %s: settled reservation not cleared from the record (%s)", job_id, type(exc).__name__)
 
     @staticmethod
     async def _settle(pending: list[asyncio.Task[Any]]) -> None:
@@ -281,7 +324,9 @@ class JobWorker:
         if backend is None or not backend.adapter.resumable or not ids:
             await self._forget_provider_jobs(record.id)
             return None, Decimal(0), 0
-        await tab.reserve_amount(backend.bill(job, job.n))  # before the provider is asked anything
+        quote = to_units(backend.bill(job, job.n))
+        if quote > tab.reserved_units:  # what the dead run held may already cover it
+            await tab.reserve_amount(from_units(quote - tab.reserved_units))  # before the provider is asked anything
         deadline = started + job.deadline_s
         t0 = time.monotonic()
         try:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -138,6 +139,17 @@ class Tab:
     job: ImageJob | None = None
     windows: list[Window] = field(default_factory=list)
     reserved_units: int = 0
+    # Told of every change to the reservation, so an async job's record can
+    # hand it to the replica that takes the job over (gateway/jobs/worker.py).
+    on_reserved: Callable[[list[Window], int], Awaitable[None]] | None = None
+
+    def adopt(self, windows: list[Window], units: int) -> None:
+        """Take over a reservation an earlier run made and never settled: settling this tab settles it."""
+        self.windows, self.reserved_units = windows, units
+
+    async def _reserved(self) -> None:
+        if self.on_reserved is not None:
+            await self.on_reserved(self.windows, self.reserved_units)
 
     @property
     def key_name(self) -> str:
@@ -184,7 +196,29 @@ class Tab:
                 details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
             )
         self.windows, self.reserved_units = windows, self.reserved_units + taken  # added to what a resumed run reserved
+        await self._reserved()
         return within(plan, from_units(taken))
+
+    async def ensure_budget_left(self) -> None:
+        """Refuse (429 `budget_exhausted`) when a budget window has nothing left,
+        what this tab already holds aside: for an async job, which should not
+        run (not even on a free backend) once its owner's budget is spent."""
+        spec = self.spec
+        if spec is None or not spec.budget_usd.windows():
+            return
+        windows = windows_at(spec.budget_usd.windows(), datetime.now(UTC))
+        try:
+            spent = await self.billing.budgets.spent(spec.name, windows)
+        except BudgetUnavailable:
+            raise budget_unavailable() from None
+        held = {w.period: self.reserved_units for w in self.windows}
+        for window, units in zip(windows, spent, strict=True):
+            if units - held.get(window.period, 0) >= window.limit_units:
+                resets = window.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+                raise BudgetExhausted(
+                    f"key {spec.name} has spent its {window.name} budget of ${usd_text(window.limit_usd)}, so the job was not run; the {window.name} budget resets at {resets}",
+                    details={"budget": window.name, "limit_usd": usd_text(window.limit_usd), "resets_at": resets},
+                )
 
     async def reserve_amount(self, amount: Decimal) -> None:
         """Reserve `amount` in every budget window, or refuse (429): for work
@@ -205,6 +239,7 @@ class Tab:
                 details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
             )
         self.windows, self.reserved_units = windows, self.reserved_units + to_units(amount)
+        await self._reserved()
 
     async def cover(self, total: Decimal) -> None:
         """Before failing over after a billed failure: grow the reservation to
@@ -226,6 +261,7 @@ class Tab:
                 details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
             )
         self.reserved_units += extra
+        await self._reserved()
 
 
 @dataclass
