@@ -117,6 +117,7 @@ class JobRecord:
     webhook: Webhook | None = None
     provider_jobs: dict[str, list[str]] = field(default_factory=dict)  # backend -> job ids submitted and not yet settled
     runs: int = 0  # times a worker has started the job (more than one after a crash)
+    reservation: dict[str, Any] | None = None  # the owner's budget held for the run in progress: {"units", "windows"}; settled by whoever ends it
 
     @property
     def terminal(self) -> bool:

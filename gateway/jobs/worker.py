@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,9 @@ from gateway.domain.job import ImageJob
 from gateway.jobs.model import JobRecord
 from gateway.jobs.queue import Message
 from gateway.jobs.webhooks import check_url, delivery_client, next_delay, signed_headers
+from gateway.money.budgets import Window, from_units, to_units, windows_from_json, windows_to_json
+from gateway.money.keys import Caller
+from gateway.money.tab import OwnerKeyRevoked, Tab
 from gateway.net.pinning import AddressRefused, HostUnresolved, Resolver, SystemResolver
 from gateway.providers.base import FailureClass, ProviderError, job_id_listener
 from gateway.routing.pricing import usd
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("klein.gateway.jobs")
 
+MAX_BILLED_OVER_QUOTE = 100  # a provider's figure above this many quotes is a fault, not a price
 MAX_RUNS = 5  # a job whose worker died this many times is failed, not retried forever
 EVENTS = {"succeeded": "image.job.succeeded", "failed": "image.job.failed", "canceled": "image.job.canceled"}
 
@@ -50,6 +56,20 @@ EVENTS = {"succeeded": "image.job.succeeded", "failed": "image.job.failed", "can
 def consumer_name() -> str:
     """This process's name in the consumer group: unique per process start."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+async def _nothing() -> None:
+    return None
+
+
+def trusted_billed(reported: Decimal | None, quoted: Decimal) -> Decimal | None:
+    """A provider's own figure where it is a plausible price, else None (unknown):
+    negative, not finite, or more than MAX_BILLED_OVER_QUOTE quotes is a fault."""
+    if reported is None or not reported.is_finite() or reported < 0:
+        return None
+    if reported > quoted * MAX_BILLED_OVER_QUOTE:
+        return None
+    return usd(reported)
 
 
 @dataclass
@@ -206,29 +226,36 @@ class JobWorker:
         extra_cost, extra_attempts = Decimal(0), 0
         status, backend, upstream = 500, None, 0.0
         # The owner's budget is reserved and settled, and the job gets its ledger row, as for a synchronous request.
-        tab = self.gw.billing.tab(self.gw.keyring.named(record.owner), record.id, f"{record.route}_async")
+        # A revoked owner keeps its name on the ledger row of the refusal, never "anonymous".
+        caller = self.gw.keyring.named(record.owner)
+        tab = self.gw.billing.tab(caller or (Caller(record.owner) if record.owner is not None else None), record.id, f"{record.route}_async")
         tab.job = job
+        self._carry_reservation(record, tab)
         outcome: Outcome | None = None
         spent, attempts = Decimal(0), 0
+        finish: Callable[[], Awaitable[None]] = _nothing
         try:
-            outcome, extra_cost, extra_attempts = await self._resume(record, job, started)
+            if record.owner is not None and caller is None:
+                raise OwnerKeyRevoked(f"the key that submitted this job ({record.owner}) is no longer in force, so the job was not run")
+            await tab.ensure_budget_left()
+            outcome, extra_cost, extra_attempts = await self._resume(record, job, started, tab)
             if outcome is None:
                 outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab, keep_images_s=self._keep_images_s)
             spent, attempts = outcome.cost_usd + extra_cost, outcome.tried + extra_attempts
             backend, upstream, status = outcome.backend, outcome.upstream_s, 200
             body = images_body(job, outcome)
             await self._settle(pending)
-            await self._finish(record.id, "succeeded", backend=outcome.backend, cost=spent, attempts=attempts, result=body)
+            finish = functools.partial(self._finish, record.id, "succeeded", backend=outcome.backend, cost=spent, attempts=attempts, result=body)
         except DispatchFailed as err:
             status, upstream = err.status, err.upstream_s
             spent, attempts = err.cost_usd + extra_cost, tried(err.attempts) + extra_attempts
             await self._settle(pending)
-            await self._finish(record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
+            finish = functools.partial(self._finish, record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
         except GatewayError as err:
             status = err.status
             spent, attempts = extra_cost, extra_attempts
             await self._settle(pending)
-            await self._finish(record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
+            finish = functools.partial(self._finish, record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
         except asyncio.CancelledError:
             status = 499  # canceled by its owner (or the process is stopping), not a server error
             raise
@@ -236,7 +263,8 @@ class JobWorker:
             job_id_listener.reset(token)
             images = len(outcome.images) if outcome is not None and status == 200 else 0
             await asyncio.shield(
-                self.gw.billing.settle(
+                self._settle_tab(
+                    record.id,
                     tab,
                     status=status,
                     backend=backend,
@@ -249,6 +277,42 @@ class JobWorker:
             )
             total = time.time() - record.created
             self.gw.metrics.observe_request(route=f"{record.route}_async", status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
+        # Terminal only once settled: whoever sees the job end finds its ledger row and its budget settled.
+        await finish()
+
+    def _carry_reservation(self, record: JobRecord, tab: Tab) -> None:
+        """Adopt the reservation a dead run left in the record, and note every
+        change to this run's, so whoever ends the job settles what was held."""
+        held = record.reservation
+        if held and held.get("units"):
+            tab.adopt(windows_from_json(held["windows"]), int(held["units"]))
+
+        async def note(windows: list[Window], units: int) -> None:
+            def keep(r: JobRecord) -> bool:
+                r.reservation = {"units": units, "windows": windows_to_json(windows)}
+                return True
+
+            try:
+                await self.jobs.store.update(record.id, keep)
+            except Exception as exc:  # noqa: BLE001 - the run goes on; a takeover then reserves afresh
+                log.warning("job %s: budget reservation not noted in the record (%s)", record.id, type(exc).__name__)
+
+        tab.on_reserved = note
+
+    async def _settle_tab(self, job_id: str, tab: Tab, **outcome: Any) -> None:
+        """Settle the owner's budget and ledger, then drop the reservation from the record (it is settled)."""
+        await self.gw.billing.settle(tab, **outcome)
+        if not tab.windows:
+            return
+
+        def drop(r: JobRecord) -> bool:
+            r.reservation = None
+            return True
+
+        try:
+            await self.jobs.store.update(job_id, drop)
+        except Exception as exc:  # noqa: BLE001 - logged: a takeover would release it a second time
+            log.warning("job %s: settled reservation not cleared from the record (%s)", job_id, type(exc).__name__)
 
     @property
     def _keep_images_s(self) -> int:
@@ -261,14 +325,17 @@ class JobWorker:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _resume(self, record: JobRecord, job: ImageJob, started: float) -> tuple[Outcome | None, Decimal, int]:
+    async def _resume(self, record: JobRecord, job: ImageJob, started: float, tab: Tab) -> tuple[Outcome | None, Decimal, int]:
         """Follow the provider job an earlier run left in flight; (outcome or None, spent, attempts).
 
         Dispatch tries backends one after another, so only the last backend
         noted can still be running: earlier ones ended (or were cancelled)
         before it began. None means nothing is left to follow, so the job is
         dispatched afresh; the stale ids are dropped first, so a later
-        takeover does not follow them again."""
+        takeover does not follow them again.
+
+        The followed job's quote is reserved in the owner's budget first, as a
+        fresh run reserves its worst case; the run settles it to the cost."""
         if not record.provider_jobs:
             return None, Decimal(0), 0
         name, ids = list(record.provider_jobs.items())[-1]
@@ -276,6 +343,9 @@ class JobWorker:
         if backend is None or not backend.adapter.resumable or not ids:
             await self._forget_provider_jobs(record.id)
             return None, Decimal(0), 0
+        quote = to_units(backend.bill(job, job.n))
+        if quote > tab.reserved_units:  # what the dead run held may already cover it
+            await tab.reserve_amount(from_units(quote - tab.reserved_units))  # before the provider is asked anything
         deadline = started + job.deadline_s
         t0 = time.monotonic()
         try:
@@ -306,12 +376,16 @@ class JobWorker:
             await self._forget_provider_jobs(record.id)
             return None, cost, 1
         elapsed = time.monotonic() - t0
-        cost = usd(result.reported_cost_usd) if result.reported_cost_usd is not None else bill_produced(backend, job, images)
+        quoted = bill_produced(backend, job, images)
+        billed = trusted_billed(result.reported_cost_usd, quoted)
+        if billed is None and result.reported_cost_usd is not None:
+            log.warning("job %s: %s reported a cost of %s USD for the taken-over job; counted at the quote instead", record.id, name, result.reported_cost_usd)
+        cost = billed if billed is not None else quoted
         megapixels = produced_megapixels(job, images)
         self.gw.metrics.observe_attempt(backend=name, outcome="success", latency_s=elapsed)
         self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=megapixels, images=len(images), baseline_usd=backend.baseline_quote(job))
         log.info("job %s: followed its %s job to the end after taking it over", record.id, name)
-        outcome = Outcome(name, images, [Attempt(name, "success", elapsed, cost)], cost, elapsed, result.seed, size=produced_size(job, images), megapixels=megapixels)
+        outcome = Outcome(name, images, [Attempt(name, "success", elapsed, cost, billed_usd=billed)], cost, elapsed, result.seed, size=produced_size(job, images), megapixels=megapixels)
         return outcome, Decimal(0), 0
 
     async def _forget_provider_jobs(self, job_id: str) -> None:

@@ -59,6 +59,15 @@ class Window:
         return 86400 + 1
 
 
+def windows_to_json(windows: list[Window]) -> list[list[str | int]]:
+    """Windows as JSON-safe data, for a reservation another process settles (an async job's record)."""
+    return [[w.name, w.period, w.limit_units, w.resets_at.isoformat()] for w in windows]
+
+
+def windows_from_json(data: list[list[str | int]]) -> list[Window]:
+    return [Window(str(name), str(period), int(limit), datetime.fromisoformat(str(resets))) for name, period, limit, resets in data]
+
+
 def windows_at(limits: list[tuple[str, Decimal]], now: datetime) -> list[Window]:
     """The windows in force at `now` (UTC) for a key's `(name, limit)` pairs."""
     now = now.astimezone(UTC)
@@ -232,7 +241,12 @@ class RedisBudgets:
             raise BudgetUnavailable(type(exc).__name__) from None
 
     async def spent(self, key: str, windows: list[Window]) -> list[int]:
-        values = await self._client.mget(self._keys(key, windows)) if windows else []
+        import redis
+
+        try:
+            values = await self._client.mget(self._keys(key, windows)) if windows else []
+        except (redis.RedisError, OSError) as exc:
+            raise BudgetUnavailable(type(exc).__name__) from None
         return [int(v or 0) for v in values]
 
     async def close(self) -> None:

@@ -14,6 +14,12 @@ key is released so a retry runs afresh. The exception is an answer after
 which a provider may still bill (`x-klein-possibly-billed-usd`, such as 502
 `outcome_unknown`): it is kept, so a retry with the same key replays it
 instead of paying a provider a second time.
+
+The claim and its read go to the shared store only: while it is away (a
+Redis outage that the rest of the gateway rides out in memory) a request
+with a key is a retryable 503 `idempotency_unavailable`, as a budgeted
+key's is (gateway/money/budgets.py), because each replica's memory would
+claim the key for itself and both would pay. Requests without a key run.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, Response
@@ -32,7 +38,7 @@ from litestar.datastructures import UploadFile
 
 from gateway.domain.errors import GatewayError, InvalidRequest
 from gateway.observability.metrics import GatewayMetrics
-from gateway.state.base import StateStore
+from gateway.state.base import StateStore, StoreUnavailable
 
 HEADER = "idempotency-key"
 MAX_KEY_CHARS = 255
@@ -45,11 +51,22 @@ POSSIBLY_BILLED = "x-klein-possibly-billed-usd"
 # so summing the headers of every answer still equals what was spent.
 SPEND_HEADERS = ("x-klein-cost-usd", "x-klein-possibly-billed-usd")
 ORIGINAL = "x-klein-original-"
+T = TypeVar("T")
 
 
 class KeyInUse(GatewayError):
     status = 409
     code = "idempotency_key_in_use"
+    retryable_default = True
+
+
+class IdempotencyUnavailable(GatewayError):
+    """The shared store is away: a claim in this replica's memory would let
+    another replica run the same key too, so the request is refused instead."""
+
+    status = 503
+    type = "server_error"
+    code = "idempotency_unavailable"
     retryable_default = True
 
 
@@ -145,9 +162,9 @@ class Idempotency:
         fp = await fingerprint(request, respond_async=respond_async)
         claim = json.dumps({"fp": fp, "state": "running"})
         for _ in range(3):
-            if await self.store.set_if_absent(slot, claim, ttl_s=running_ttl_s):
+            if await self._shared(self.store.set_if_absent_shared(slot, claim, ttl_s=running_ttl_s)):
                 break
-            raw = await self.store.get(slot)
+            raw = await self._shared(self.store.get_shared(slot))
             if raw is None:
                 continue  # it expired between the two calls: claim again
             stored = json.loads(raw)
@@ -179,6 +196,13 @@ class Idempotency:
             return
         body = answer.content if isinstance(answer.content, bytes) else str(answer.content).encode()
         await self._settle(slot, fp, answer.status_code or 200, body, dict(answer.headers))
+
+    async def _shared(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except StoreUnavailable:
+            self.metrics.record_idempotency("unavailable")
+            raise IdempotencyUnavailable("the shared idempotency store is unreachable, so this Idempotency-Key cannot be honoured; retry shortly", param="Idempotency-Key", retry_after=1) from None
 
     async def _settle(self, slot: str, fp: str, status: int, body: bytes, headers: dict[str, str]) -> None:
         may_be_billed = headers.get(POSSIBLY_BILLED, "0") not in ("", "0")

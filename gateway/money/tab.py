@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -48,6 +49,25 @@ class BudgetExceeded(GatewayError):
     type = "insufficient_quota"
     code = "insufficient_quota"
     retryable_default = False
+
+
+class BudgetExhausted(BudgetExceeded):
+    """An async job whose owner has no budget left for it: failed before any provider is called."""
+
+    code = "budget_exhausted"
+
+
+class OwnerKeyRevoked(GatewayError):
+    """An async job whose owner's key is no longer in force: nobody may pay for it, so it never runs."""
+
+    status = 403
+    type = "permission_error"
+    code = "owner_key_revoked"
+    retryable_default = False
+
+
+def budget_unavailable() -> GatewayError:
+    return GatewayError("the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1)
 
 
 class BackendNotAllowed(GatewayError):
@@ -119,6 +139,17 @@ class Tab:
     job: ImageJob | None = None
     windows: list[Window] = field(default_factory=list)
     reserved_units: int = 0
+    # Told of every change to the reservation, so an async job's record can
+    # hand it to the replica that takes the job over (gateway/jobs/worker.py).
+    on_reserved: Callable[[list[Window], int], Awaitable[None]] | None = None
+
+    def adopt(self, windows: list[Window], units: int) -> None:
+        """Take over a reservation an earlier run made and never settled: settling this tab settles it."""
+        self.windows, self.reserved_units = windows, units
+
+    async def _reserved(self) -> None:
+        if self.on_reserved is not None:
+            await self.on_reserved(self.windows, self.reserved_units)
 
     @property
     def key_name(self) -> str:
@@ -155,9 +186,7 @@ class Tab:
         try:
             taken, refused = await self.billing.budgets.reserve_largest(spec.name, windows, [to_units(o) for o in options])
         except BudgetUnavailable:
-            raise GatewayError(
-                "the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1
-            ) from None
+            raise budget_unavailable() from None
         if taken is None or refused is not None:
             refused = refused or windows[0]
             resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -166,8 +195,51 @@ class Tab:
                 f"of ${usd_text(refused.limit_usd)}; the {refused.name} budget resets at {resets}",
                 details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
             )
-        self.windows, self.reserved_units = windows, taken
+        self.windows, self.reserved_units = windows, self.reserved_units + taken  # added to what a resumed run reserved
+        await self._reserved()
         return within(plan, from_units(taken))
+
+    async def ensure_budget_left(self) -> None:
+        """Refuse (429 `budget_exhausted`) when a budget window has nothing left,
+        what this tab already holds aside: for an async job, which should not
+        run (not even on a free backend) once its owner's budget is spent."""
+        spec = self.spec
+        if spec is None or not spec.budget_usd.windows():
+            return
+        windows = windows_at(spec.budget_usd.windows(), datetime.now(UTC))
+        try:
+            spent = await self.billing.budgets.spent(spec.name, windows)
+        except BudgetUnavailable:
+            raise budget_unavailable() from None
+        held = {w.period: self.reserved_units for w in self.windows}
+        for window, units in zip(windows, spent, strict=True):
+            if units - held.get(window.period, 0) >= window.limit_units:
+                resets = window.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+                raise BudgetExhausted(
+                    f"key {spec.name} has spent its {window.name} budget of ${usd_text(window.limit_usd)}, so the job was not run; the {window.name} budget resets at {resets}",
+                    details={"budget": window.name, "limit_usd": usd_text(window.limit_usd), "resets_at": resets},
+                )
+
+    async def reserve_amount(self, amount: Decimal) -> None:
+        """Reserve `amount` in every budget window, or refuse (429): for work
+        whose price is already known (a provider job taken over from a dead
+        replica), so it is paid from the budget like a fresh run."""
+        spec = self.spec
+        if spec is None or not spec.budget_usd.windows():
+            return
+        windows = windows_at(spec.budget_usd.windows(), datetime.now(UTC))
+        try:
+            refused = await self.billing.budgets.reserve(spec.name, windows, to_units(amount))
+        except BudgetUnavailable:
+            raise budget_unavailable() from None
+        if refused is not None:
+            resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            raise BudgetExceeded(
+                f"this job costs ${usd_text(amount)}, which would take key {spec.name} over its {refused.name} budget of ${usd_text(refused.limit_usd)}; the {refused.name} budget resets at {resets}",
+                details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
+            )
+        self.windows, self.reserved_units = windows, self.reserved_units + to_units(amount)
+        await self._reserved()
 
     async def cover(self, total: Decimal) -> None:
         """Before failing over after a billed failure: grow the reservation to
@@ -180,9 +252,7 @@ class Tab:
         try:
             refused = await self.billing.budgets.reserve(spec.name, self.windows, extra)
         except BudgetUnavailable:
-            raise GatewayError(
-                "the budget store cannot be reached, so this key's budget cannot be checked; retry shortly", status=503, code="budget_unavailable", retryable=True, retry_after=1
-            ) from None
+            raise budget_unavailable() from None
         if refused is not None:
             resets = refused.resets_at.strftime("%Y-%m-%dT%H:%M:%SZ")
             raise BudgetExceeded(
@@ -191,6 +261,7 @@ class Tab:
                 details={"budget": refused.name, "limit_usd": usd_text(refused.limit_usd), "resets_at": resets},
             )
         self.reserved_units += extra
+        await self._reserved()
 
 
 @dataclass

@@ -354,12 +354,17 @@ class GatewayMetrics:
         self.job_queue_depth = Gauge("klein_image_job_queue_depth", "Async jobs waiting for a worker (shared by replicas when jobs live in Redis).", registry=r, multiprocess_mode="livemax")
         self.job_oldest_age = Gauge("klein_image_job_oldest_queued_age_seconds", "Age of the oldest async job still waiting for a worker.", registry=r, multiprocess_mode="livemax")
         self.webhook_deliveries = Counter("klein_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retrying (failed, will retry), given_up.", ["outcome"], registry=r)
-        self.idempotency = Counter("klein_idempotency_requests", "Requests with an Idempotency-Key by outcome: original, replayed, in_use (409), reused (422).", ["outcome"], registry=r)
+        self.idempotency = Counter(
+            "klein_idempotency_requests",
+            "Requests with an Idempotency-Key by outcome: original, replayed, in_use (409), reused (422), unavailable (503, the shared store is away).",
+            ["outcome"],
+            registry=r,
+        )
         for status in ("queued", "running", "succeeded", "failed", "canceled"):
             self.jobs.labels(status)
         for outcome in ("delivered", "retrying", "given_up"):
             self.webhook_deliveries.labels(outcome)
-        for outcome in ("original", "replayed", "in_use", "reused"):
+        for outcome in ("original", "replayed", "in_use", "reused", "unavailable"):
             self.idempotency.labels(outcome)
 
     def _job_collectors(self) -> tuple[Counter | Gauge, ...]:

@@ -24,6 +24,11 @@ OpKind = Literal["get", "samples", "set", "raise_to", "delete", "incr", "append"
 READS: frozenset[str] = frozenset({"get", "samples"})
 
 
+class StoreUnavailable(Exception):
+    """The store every replica shares cannot be reached: a `*_shared` call
+    did nothing rather than answer from this replica's memory."""
+
+
 @dataclass(frozen=True, slots=True)
 class Op:
     """One operation of a batch (`StateStore.batch`), built with the class methods.
@@ -99,6 +104,16 @@ class StateStore(ABC):
     @abstractmethod
     async def set_if_absent(self, key: str, value: str, *, ttl_s: float) -> bool:
         """Set only if no value exists (Redis SET NX PX); True if this call set it."""
+
+    async def set_if_absent_shared(self, key: str, value: str, *, ttl_s: float) -> bool:
+        """`set_if_absent` on the state every replica sees, or StoreUnavailable:
+        for promises memory cannot keep across replicas (an idempotency claim).
+        A store without a fallback is that state already."""
+        return await self.set_if_absent(key, value, ttl_s=ttl_s)
+
+    async def get_shared(self, key: str) -> str | None:
+        """`get` from the state every replica sees, or StoreUnavailable."""
+        return await self.get(key)
 
     @abstractmethod
     async def compare_and_set(self, key: str, expected: str | None, value: str, *, ttl_s: float) -> bool:

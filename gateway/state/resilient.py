@@ -10,7 +10,9 @@ that mean an instant (a cooldown, a parking) carry it in the value, so a
 mirror outliving its meaning does no harm. While the primary is down (an error within `retry_interval_s`) calls
 go straight to memory and a single call retries the primary once per
 interval, so a dead Redis costs one bounded timeout per second, not one per
-call, and `status()` says "degraded".
+call, and `status()` says "degraded". The `*_shared` calls are the
+exception: they raise `StoreUnavailable` instead of answering from memory,
+for promises one replica's memory cannot keep (idempotency claims).
 
 Resync when Redis returns: reads simply resume from Redis (the shared truth),
 and the string keys this replica wrote while degraded (an opened breaker,
@@ -42,7 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
-from gateway.state.base import Op, StateStore, StoreStatus
+from gateway.state.base import Op, StateStore, StoreStatus, StoreUnavailable
 from gateway.state.memory import MemoryStore
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,22 @@ class ResilientStore(StateStore):
         elif won:
             await self.fallback.set(key, value, ttl_s=ttl_s)
         return won
+
+    async def set_if_absent_shared(self, key: str, value: str, *, ttl_s: float) -> bool:
+        """On the primary only: a claim made in memory while it is down would be this replica's alone."""
+        won = await self._try(lambda: self.primary.set_if_absent(key, value, ttl_s=ttl_s))
+        if won is _FAILED:
+            raise StoreUnavailable("the shared state store is unreachable")
+        if won:
+            await self.fallback.set(key, value, ttl_s=ttl_s)
+        return won
+
+    async def get_shared(self, key: str) -> str | None:
+        value = await self._try(lambda: self.primary.get(key))
+        if value is _FAILED:
+            raise StoreUnavailable("the shared state store is unreachable")
+        self.fallback.mirror([(key, value)], ttl_s=self.mirror_ttl_s, keep=self._dirty)
+        return value
 
     async def compare_and_set(self, key: str, expected: str | None, value: str, *, ttl_s: float) -> bool:
         won = await self._try(lambda: self.primary.compare_and_set(key, expected, value, ttl_s=ttl_s))
