@@ -16,7 +16,7 @@ import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Final
-from urllib.parse import quote, quote_plus, unquote
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 REDACTED: Final = "[REDACTED]"
 
@@ -288,3 +288,42 @@ def mask_fragments(text: str, secrets: Iterable[str]) -> str:
 def looks_like_secret(value: str) -> bool:
     """True if `value` is, or contains, something `redact` would scrub."""
     return redact(value) != value
+
+
+# Query parameters that carry a credential: an image URL with one is the
+# provider's key or a signed grant, never to be handed to a caller.
+CREDENTIAL_PARAMS: Final = frozenset(
+    {
+        "token",
+        "key",
+        "api_key",
+        "apikey",
+        "api-key",
+        "access_token",
+        "auth",
+        "authorization",
+        "secret",
+        "password",
+        "credential",
+        "signature",
+        "sig",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+        "awsaccesskeyid",
+    }
+)
+
+
+def url_carries_credential(url: str) -> bool:
+    """Whether `url` holds a credential: a key-like query parameter, a
+    password, or a registered secret in any spelling `redact` knows."""
+    parts = urlsplit(url)
+    if parts.password:
+        return True
+    if any(name.lower() in CREDENTIAL_PARAMS for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return True
+    plain = unescape(url)
+    return redact(plain) != plain
