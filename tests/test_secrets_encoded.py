@@ -18,6 +18,7 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
+from gateway.health.records import sanitise
 from gateway.redaction import REDACTED, encoded_forms, redact, register_secrets
 from tests.gateway_support import make_app
 from tests.test_secrets import CALLER_KEY, ENV, KEYS, hostile_router
@@ -122,3 +123,10 @@ async def test_an_encoded_key_in_a_provider_error_reaches_neither_the_answer_nor
     assert last_error is not None, row
     assert last_error["message"].startswith(f"{adapter} ") and f"(HTTP {status})" in last_error["message"]
     assert not _leaks(backends.text, secret, encoding) and "bad credential" not in backends.text
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_a_probe_detail_on_backends_masks_every_encoded_spelling(encoding):
+    register_secrets([SECRET])
+    out = sanitise(f"not ready: HTTP 503: {ENCODINGS[encoding](SECRET)}")
+    assert out.startswith("not ready: HTTP 503") and not _leaks(out, SECRET, encoding), out
