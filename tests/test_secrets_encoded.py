@@ -21,7 +21,7 @@ from litestar.testing import AsyncTestClient
 from gateway.health.records import sanitise
 from gateway.redaction import REDACTED, encoded_forms, redact, register_secrets
 from tests.gateway_support import make_app
-from tests.test_secrets import CALLER_KEY, ENV, KEYS, hostile_router
+from tests.test_secrets import CALLER_KEY, ENV, KEYS, hostile_router, log_output  # noqa: F401 - a fixture
 
 SECRET = KEYS["REPLICATE_API_TOKEN"]
 
@@ -100,7 +100,7 @@ def test_short_secrets_get_no_encoded_spellings():
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
 @pytest.mark.parametrize(("adapter", "status"), [("replicate", 422), ("replicate", 500), ("fal", 429), ("runflow", 400), ("empiriolabs", 503)])
-async def test_an_encoded_key_in_a_provider_error_reaches_neither_the_answer_nor_backends(adapter, status, encoding):
+async def test_an_encoded_key_in_a_provider_error_reaches_neither_the_answer_nor_backends(adapter, status, encoding, log_output):  # noqa: F811
     env_name = {"replicate": "REPLICATE_API_TOKEN", "fal": "FAL_KEY", "runflow": "RUNFLOW_API_KEY", "empiriolabs": "EMPIRIOLABS_API_KEY"}[adapter]
     secret = KEYS[env_name]
     spelled = ENCODINGS[encoding](secret)
@@ -123,6 +123,9 @@ async def test_an_encoded_key_in_a_provider_error_reaches_neither_the_answer_nor
     assert last_error is not None, row
     assert last_error["message"].startswith(f"{adapter} ") and f"(HTTP {status})" in last_error["message"]
     assert not _leaks(backends.text, secret, encoding) and "bad credential" not in backends.text
+    log = log_output.getvalue()
+    assert "auth header was" in log or "bad credential" in log, "the operator still reads what the provider said"
+    assert not _leaks(log, secret, encoding)
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
