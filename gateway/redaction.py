@@ -8,6 +8,7 @@ write. Imports nothing else of the gateway's, so any package may use it.
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 import threading
@@ -15,7 +16,7 @@ import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Final
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit
 
 REDACTED: Final = "[REDACTED]"
 
@@ -87,15 +88,55 @@ FRAGMENT_LEN: Final = 8  # this many characters of a secret count as the secret
 
 _secrets: set[str] = set()
 _secrets_by_length: tuple[str, ...] = ()  # longest first, so a secret containing another goes whole
+_encoded_by_length: tuple[str, ...] = ()  # their encoded spellings (`encoded_forms`), longest first
 _secrets_lock = threading.Lock()
+
+ENCODED_MIN_LEN: Final = 8  # shorter secrets' encodings would match ordinary base64 and hex
+_SEPARATORS: Final = "-_ ./"
+_STRIP_SEPARATORS: Final = str.maketrans("", "", _SEPARATORS)
+# base64 of a prefix of k bytes spoils this many leading characters of what follows.
+_SPOILED_BY_PREFIX: Final = (0, 2, 3)
+
+
+def _b64_cores(payload: bytes) -> set[str]:
+    """The base64 characters (standard and url-safe) that `payload` alone
+    decides, wherever in a longer string it starts (3 alignments): the
+    spelling a key takes inside any base64 blob."""
+    cores = set()
+    for k in range(3):
+        encoded = base64.b64encode(bytes(k) + payload).decode()
+        core = encoded[_SPOILED_BY_PREFIX[k] : (k + len(payload)) * 8 // 6]
+        cores |= {core, core.replace("+", "-").replace("/", "_")}
+    return cores
+
+
+@lru_cache(maxsize=256)
+def encoded_forms(secret: str) -> tuple[str, ...]:
+    """Spellings of `secret` a provider may echo that plain matching misses:
+    base64 (standard, url-safe, padded or not, as a substring at each
+    alignment) of the secret and of `Bearer <secret>` and `Key <secret>`, hex,
+    and URL-encoding. Longest first; empty for secrets shorter than 8."""
+    if len(secret) < ENCODED_MIN_LEN:
+        return ()
+    raw = secret.encode()
+    forms = _b64_cores(raw)
+    for payload in (raw, b"Bearer " + raw, b"Key " + raw):
+        whole = base64.b64encode(payload).decode()
+        forms |= {whole, whole.replace("+", "-").replace("/", "_"), whole.rstrip("=")}
+    forms |= {raw.hex(), quote(secret, safe=""), quote_plus(secret, safe="")}
+    forms.discard(secret)
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
-    """Add values that must never appear in a log line, label or caller's answer."""
-    global _secrets_by_length
+    """Add values that must never appear in a log line, label or caller's answer.
+    Their encoded spellings are worked out here, once, not on every `redact`."""
+    global _secrets_by_length, _encoded_by_length
     with _secrets_lock:
         _secrets.update(v for v in values if v and len(v) >= _MIN_SECRET_LEN)
         _secrets_by_length = tuple(sorted(_secrets, key=len, reverse=True))
+        encoded = {f for s in _secrets for f in encoded_forms(s)}
+        _encoded_by_length = tuple(sorted(encoded, key=len, reverse=True))
 
 
 def registered_secrets() -> tuple[str, ...]:
@@ -114,16 +155,46 @@ def _secret_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(re.escape(s) for s in secrets), re.IGNORECASE) if secrets else None
 
 
+@lru_cache(maxsize=64)
+def _stripped(secrets: tuple[str, ...]) -> tuple[str, ...]:
+    """The secrets of `ENCODED_MIN_LEN` or more, lower-cased, separators dropped."""
+    return tuple(t for s in secrets if len(s) >= ENCODED_MIN_LEN and len(t := s.lower().translate(_STRIP_SEPARATORS)) >= ENCODED_MIN_LEN)
+
+
+@lru_cache(maxsize=64)
+def _split_pattern(stripped: tuple[str, ...]) -> re.Pattern[str]:
+    """Each stripped secret with any run of separators allowed between its characters."""
+    gap = "[" + re.escape(_SEPARATORS) + "]*"
+    return re.compile("|".join(gap.join(re.escape(c) for c in s) for s in stripped), re.IGNORECASE)
+
+
+def _mask_split(text: str, secrets: tuple[str, ...]) -> str:
+    """`text` with a secret written apart by separators (`r8_Xq 7Lm-2Pz.9`) masked."""
+    stripped = _stripped(secrets)
+    if not stripped:
+        return text
+    flat = text.lower().translate(_STRIP_SEPARATORS)
+    if not any(s in flat for s in stripped):  # the regex only when one is there
+        return text
+    return _split_pattern(stripped).sub(REDACTED, text)
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with every known secret (in any case) and every credential-looking token replaced by [REDACTED]."""
+    """`text` with every known secret (in any case, encoded as `encoded_forms`
+    lists, or split by separators) and every credential-looking token replaced by [REDACTED]."""
     extra = [s for s in secrets if s and len(s) >= _MIN_SECRET_LEN]
-    known = tuple(sorted(set(_secrets_by_length).union(extra), key=len, reverse=True)) if extra else _secrets_by_length
+    if extra:
+        known = tuple(sorted(set(_secrets_by_length).union(extra), key=len, reverse=True))
+        encoded = tuple(sorted({*_encoded_by_length, *(f for s in extra for f in encoded_forms(s))}, key=len, reverse=True))
+    else:
+        known, encoded = _secrets_by_length, _encoded_by_length
     if known:
         lowered = text.lower()
-        if any(s in lowered for s in _lowered(known)):  # the regex only when a secret is there
-            pattern = _secret_pattern(known)
+        if any(s in lowered for s in _lowered(known)) or any(s in lowered for s in _lowered(encoded)):
+            pattern = _secret_pattern(tuple(sorted(known + encoded, key=len, reverse=True)))  # the regex only when one is there
             if pattern is not None:
                 text = pattern.sub(REDACTED, text)
+        text = _mask_split(text, known)
     if not _triggered(text):
         return text
     for pattern, replacement in _PATTERNS:
@@ -217,3 +288,42 @@ def mask_fragments(text: str, secrets: Iterable[str]) -> str:
 def looks_like_secret(value: str) -> bool:
     """True if `value` is, or contains, something `redact` would scrub."""
     return redact(value) != value
+
+
+# Query parameters that carry a credential: an image URL with one is the
+# provider's key or a signed grant, never to be handed to a caller.
+CREDENTIAL_PARAMS: Final = frozenset(
+    {
+        "token",
+        "key",
+        "api_key",
+        "apikey",
+        "api-key",
+        "access_token",
+        "auth",
+        "authorization",
+        "secret",
+        "password",
+        "credential",
+        "signature",
+        "sig",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+        "awsaccesskeyid",
+    }
+)
+
+
+def url_carries_credential(url: str) -> bool:
+    """Whether `url` holds a credential: a key-like query parameter, a
+    password, or a registered secret in any spelling `redact` knows."""
+    parts = urlsplit(url)
+    if parts.password:
+        return True
+    if any(name.lower() in CREDENTIAL_PARAMS for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return True
+    plain = unescape(url)
+    return redact(plain) != plain

@@ -114,7 +114,7 @@ async def test_a_good_probe_clears_rejected_credentials() -> None:
     [
         (FakeAdapter("hang", delay=5.0), "probe timed out after 0.1s"),
         (FakeAdapter("boom", [RuntimeError("secret https://internal/x")]), "probe raised RuntimeError"),
-        (FakeAdapter("refused", [ProviderError(FailureClass.REFUSED, "HTTP 503: busy", status=503)]), "HTTP 503: busy"),
+        (FakeAdapter("refused", [ProviderError(FailureClass.REFUSED, "HTTP 503: busy", status=503)]), "refused refused the request (HTTP 503): unavailable"),
         (FakeAdapter("down", [ProbeResult(ok=False, detail="HTTP 500")]), "HTTP 500"),
     ],
 )

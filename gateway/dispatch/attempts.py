@@ -59,6 +59,8 @@ from gateway.providers.base import (
     Timeouts,
     submitted_jobs,
 )
+from gateway.providers.caller_text import caller_message_of
+from gateway.redaction import redact
 from gateway.routing.plan import Candidate, Plan, SkipCause
 from gateway.routing.pricing import usd
 
@@ -387,7 +389,8 @@ class Dispatcher:
             cost = backend.bill(job, job.n, cand.health)
         run.spent += cost
         run.possibly += possibly
-        run.attempts.append(Attempt(cand.name, err.failure.value, elapsed, cost, err.status, err.message, possibly))
+        log.info("%s attempt %s: %s", cand.name, err.failure.value, redact(err.message))  # the provider's words, for the operator only
+        run.attempts.append(Attempt(cand.name, err.failure.value, elapsed, cost, err.status, caller_message_of(cand.name, err), possibly))
         self.metrics.observe_attempt(backend=cand.name, outcome=err.failure.value, latency_s=elapsed)
         if cost:
             self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=Decimal(0))

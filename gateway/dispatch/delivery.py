@@ -5,8 +5,10 @@ are decoded only when they must be transcoded; otherwise only their header is
 read to check the size. A provider URL in the right format is passed through
 when the caller wants a URL: unread if the adapter vouches for its size
 (`verify_size`), else after a Range request for its first 64 KB, never a
-whole download; bytes, or transcoded images,
-are served by the gateway itself from a signed, expiring URL.
+whole download; bytes, or transcoded images, and images whose provider URL
+carries a credential (a key-like parameter, a registered secret in any
+spelling) are served by the gateway itself from a signed, expiring URL: the
+caller never gets a URL that holds a key.
 `output_compression` is applied when the gateway transcodes; adapters pass it
 to providers that take a quality setting.
 
@@ -44,6 +46,7 @@ from gateway.providers.base import (
     GeneratedImage,
     ProviderError,
 )
+from gateway.redaction import url_carries_credential
 
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
@@ -89,7 +92,16 @@ class ResultShaper:
     async def _one(self, job: ImageJob, img: GeneratedImage, deadline: float, base_url: str, keep_s: int | None = None) -> ShapedImage:
         wanted = MEDIA_TYPES[job.output_format]
         fits = SizeCheck(job, self.tolerance)
-        if img.data is None and img.b64 is None and job.response_format == "url" and not self.rehost and img.url and not img.url.startswith("data:") and img.content_type == wanted:
+        if (
+            img.data is None
+            and img.b64 is None
+            and job.response_format == "url"
+            and not self.rehost
+            and img.url
+            and not img.url.startswith("data:")
+            and img.content_type == wanted
+            and not url_carries_credential(img.url)
+        ):
             if img.width is not None and img.height is not None and fits((img.width, img.height)):
                 return ShapedImage(url=img.url, nsfw=img.nsfw, seed=img.seed, size=(img.width, img.height))
             if img.width is None or img.height is None:

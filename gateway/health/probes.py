@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.health.tracker import HealthTracker
 from gateway.providers.base import Adapter, ProbeResult, ProviderError
+from gateway.providers.caller_text import caller_message_of
+from gateway.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +80,9 @@ class Prober:
                 result = await adapter.probe()
         except TimeoutError:
             result = ProbeResult(ok=False, detail=f"probe timed out after {timeout:g}s")
-        except ProviderError as exc:  # its message is safe to show by contract
-            result = ProbeResult(ok=False, detail=exc.message)
+        except ProviderError as exc:  # the detail is shown on /v1/backends: the gateway's words only
+            log.info("probe of %s failed: %s", name, redact(exc.message))
+            result = ProbeResult(ok=False, detail=caller_message_of(name, exc))
         except Exception as exc:  # noqa: BLE001 - the type only: messages may carry URLs
             result = ProbeResult(ok=False, detail=f"probe raised {type(exc).__name__}")
         if result.latency_s is None:

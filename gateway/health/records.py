@@ -29,6 +29,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from gateway.health.breaker import BreakerRecord, Window
+from gateway.redaction import redact
 from gateway.state.base import StateStore
 
 WINDOW_BUCKETS = 10
@@ -154,8 +155,9 @@ _SECRET = re.compile(
 
 
 def sanitise(text: str, limit: int = 200) -> str:
-    """A message safe for /v1/backends: no URLs, nothing that looks like a credential."""
-    text = _URL.sub("<url>", text or "")
+    """A message safe for /v1/backends: no URLs, nothing that looks like a
+    credential, no registered secret in any spelling `redact` knows."""
+    text = _URL.sub("<url>", redact(text or ""))
     text = _SECRET.sub(lambda m: f"{m.group(1)} <redacted>", text)
     return " ".join(text.split())[:limit]
 

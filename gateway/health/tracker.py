@@ -36,6 +36,7 @@ from gateway.health.trials import Lease, TrialLeases
 from gateway.health.view import BreakerState, HealthView
 from gateway.providers import adapter_class
 from gateway.providers.base import DELIVERY_NETWORK, GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
+from gateway.providers.caller_text import caller_message_of
 from gateway.state.base import Op, StateStore
 
 __all__ = ["Admission", "BreakerPolicy", "HealthEffect", "HealthTracker", "health_effect"]
@@ -376,7 +377,8 @@ class HealthTracker:
         )
         e = self.local.entry(name)
         raw, record = e.raw_record, e.record
-        note = {"class": str(error.failure), "status": error.status, "message": hr.sanitise(error.message), "at": now}
+        # /v1/backends shows this note: the gateway's words, never the provider's.
+        note = {"class": str(error.failure), "status": error.status, "message": caller_message_of(name, error), "at": now}
         ops = [Op.set(hr.key(name, "last_error"), json.dumps(note), ttl_s=hr.NOTE_TTL_S)]
         until = now + effect.park_s if effect.park_s else 0.0
         if effect.park_s:  # never shortening a longer parking already set

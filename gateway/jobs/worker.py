@@ -40,6 +40,8 @@ from gateway.money.keys import Caller
 from gateway.money.tab import OwnerKeyRevoked, Tab
 from gateway.net.pinning import AddressRefused, HostUnresolved, Resolver, SystemResolver
 from gateway.providers.base import FailureClass, ProviderError, job_id_listener
+from gateway.providers.caller_text import caller_message_of
+from gateway.redaction import redact
 from gateway.routing.pricing import usd
 
 if TYPE_CHECKING:
@@ -357,7 +359,8 @@ class JobWorker:
             self.gw.metrics.observe_attempt(backend=name, outcome=err.failure.value, latency_s=elapsed)
             if cost:
                 self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=Decimal(0))
-            attempt = Attempt(name, err.failure.value, elapsed, cost, err.status, err.message)
+            log.info("%s resume %s: %s", name, err.failure.value, redact(err.message))  # the provider's words, for the operator only
+            attempt = Attempt(name, err.failure.value, elapsed, cost, err.status, caller_message_of(name, err))
             if err.failure is FailureClass.CONTENT_FILTERED:
                 raise DispatchFailed(
                     "the image was flagged by the safety checker",

@@ -49,8 +49,9 @@ class FailureClass(StrEnum):
 class ProviderError(Exception):
     """A classified failure of one attempt on one backend.
 
-    `message` is safe to show a caller: adapters never put credentials, auth
-    headers or the provider's internal URLs into it.
+    `message` is for the operator's log: adapters mask credentials, auth
+    headers and the provider's internal URLs in it, but it may quote the
+    provider, so callers get `caller_text.caller_message_of` instead.
     """
 
     failure: FailureClass
