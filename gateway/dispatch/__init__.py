@@ -1,5 +1,6 @@
-"""Running a plan: attempts, failover, delivery of the images, reference inputs, upload links.
+"""Running a plan: the fleet of backends in service, attempts and failover, delivery of the
+images, reference inputs, upload links, overload and the graceful drain.
 
-The fleet of backends in service lives here too, as dispatch is what calls them.
-May import routing, health, money's metrics-free parts, providers, net, images and below.
+May import images, config, money, routing, health, observability, providers, net,
+state, redaction, domain and settings; never jobs, service or http.
 """

@@ -1,4 +1,4 @@
-"""The request as the gateway understands it: jobs, sizes, capabilities, the model, errors.
+"""The request as the gateway understands it: jobs, sizes, capabilities, the model, media types, errors.
 
-Pure data and rules. Imports nothing else of the gateway's.
+Pure data and rules. May import only `gateway.settings`.
 """

@@ -1,5 +1,5 @@
 """Backend health: the tracker, breakers and their stored records, the per-process copy,
 half-open trials and free probes.
 
-May import providers, state, observability and domain.
+May import observability, providers, net, state, redaction, domain and settings.
 """

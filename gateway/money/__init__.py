@@ -1,4 +1,5 @@
 """Money per caller: keys, budgets, rate limits, the request's tab, idempotency, the ledger.
 
-May import routing (prices), observability, state and domain.
+May import routing (prices), health, observability, providers, net, state,
+redaction, domain and settings.
 """

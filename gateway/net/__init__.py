@@ -1,4 +1,4 @@
-"""The gateway's own network edge: upstream transports, address policy, pinned fetches.
+"""The gateway's own network edge: upstream transports, the address policy, pinned fetches.
 
-Imports nothing else of the gateway's but `gateway.net` itself.
+May import redaction, domain and settings.
 """

@@ -1,4 +1,5 @@
 """What each backend would charge for a job, and the order to try them in. Pure policy.
 
-May import `gateway.domain` and `gateway.health.view` (the read-only health a plan is made from).
+May import health (the read-only view a plan is made from), observability,
+providers, net, state, redaction, domain and settings.
 """
