@@ -50,15 +50,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scrape_config_for(target: str, *, interval: str = "1s", scrape_config: Path = SCRAPE_CONFIG, rules: Path = ALERT_RULES) -> dict[str, Any]:
+def scrape_config_for(target: str, *, interval: str = "1s", scrape_config: Path = SCRAPE_CONFIG, rules: Path = ALERT_RULES, token: str | None = None) -> dict[str, Any]:
     """The shipped config, with the klein-gateway job scraping `target`
-    every `interval` and rules evaluated as often."""
+    every `interval` and rules evaluated as often; with `token`, as the
+    gateway's KLEIN_METRICS_TOKEN (needed once caller keys are required)."""
     shipped = yaml.safe_load(scrape_config.read_text())
     job = next(j for j in shipped["scrape_configs"] if j["job_name"] == JOB)
     job = copy.deepcopy(job)
     job["static_configs"] = [{"targets": [target]}]
     job["scrape_interval"] = interval
     job["scrape_timeout"] = interval
+    if token is not None:
+        job["authorization"] = {"type": "Bearer", "credentials": token}
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": [str(rules.resolve())],
@@ -147,7 +150,7 @@ class PrometheusServer:
                 self.process.wait(timeout=5)
 
 
-def start_prometheus(target: str, workdir: Path, *, interval: str = "1s", binary: str | None = None, rules: Path = ALERT_RULES) -> PrometheusServer:
+def start_prometheus(target: str, workdir: Path, *, interval: str = "1s", binary: str | None = None, rules: Path = ALERT_RULES, token: str | None = None) -> PrometheusServer:
     """Start Prometheus scraping `target` ("host:port") with the shipped job
     and rules (or `rules`, e.g. a variant without `for:`); storage and config
     live in `workdir`. The caller stops it."""
@@ -156,7 +159,7 @@ def start_prometheus(target: str, workdir: Path, *, interval: str = "1s", binary
         raise FileNotFoundError("prometheus binary not found")
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config_for(target, interval=interval, rules=rules)))
+    config.write_text(yaml.safe_dump(scrape_config_for(target, interval=interval, rules=rules, token=token)))
     port = free_port()
     with open(workdir / "prometheus.log", "wb") as log:
         process = subprocess.Popen(

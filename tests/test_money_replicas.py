@@ -35,6 +35,7 @@ from tests.test_resilience_replicas import Replica, start_replica, wait_ready
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")]
 
 SECRETS = {name: f"sk-klein-test-{name}-{uuid.uuid4().hex}" for name in ("capped", "limited", "falonly", "auditor", "drift")}
+METRICS_TOKEN = "money-replicas-metrics-token"
 KEYS = {
     "keys": [
         {"name": "capped", "key_sha256": hash_key(SECRETS["capped"]), "budget_usd": {"day": "0.05", "month": "10"}},
@@ -95,6 +96,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory, postgres_server) -> Iterator[R
                 "PYTHONUNBUFFERED": "1",
                 "DATABASE_URL": database_url,
                 "KLEIN_KEYS_FILE": str(keys_file),
+                "KLEIN_METRICS_TOKEN": METRICS_TOKEN,  # caller keys are required, so /metrics is closed without it
             }
         )
         replicas = [start_replica(name, env, work) for name in ("A", "B", "C")]
@@ -232,7 +234,7 @@ def test_a_provider_billing_10_percent_over_the_sheet_fires_the_drift_alert(clea
     drift["for"] = "0s"
     variant = tmp_path / "alerts.yml"
     variant.write_text(yaml.safe_dump(rules))
-    prom = start_prometheus(f"127.0.0.1:{a.port}", tmp_path / "prometheus", rules=variant)
+    prom = start_prometheus(f"127.0.0.1:{a.port}", tmp_path / "prometheus", rules=variant, token=METRICS_TOKEN)
     try:
         prom.wait_for_scrapes(1, timeout=15)  # the billed series exist at zero before any traffic
         for _ in range(4):

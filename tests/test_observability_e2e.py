@@ -455,9 +455,17 @@ def test_a_named_backend_has_attempt_and_failover_series_at_zero(outcome, monkey
 # ---- logs and the price ladder ------------------------------------------------------
 
 
-def test_every_request_writes_one_json_log_line_with_its_cost(run: Run):
+def request_lines(run: Run) -> list[dict]:
     lines = [json.loads(line) for line in run.gateway.logs().splitlines() if line.startswith("{")]
-    requests = [e for e in lines if e.get("logger") == "klein.request"]
+    return [e for e in lines if e.get("logger") == "klein.request"]
+
+
+def test_every_request_writes_one_json_log_line_with_its_cost(run: Run):
+    # Request lines are written by a thread a few milliseconds behind the answers
+    # (gateway/observability/linewriter.py): wait for them, bounded, then count exactly.
+    deadline = time.monotonic() + 5
+    while len(requests := request_lines(run)) < len(run.answers) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(requests) == len(run.answers)
     assert sum(Decimal(e["cost_usd"]) for e in requests) == sum(a.cost_usd or 0 for a in run.answers)
 

@@ -59,7 +59,7 @@ from gateway.providers.base import (
     Timeouts,
     submitted_jobs,
 )
-from gateway.providers.caller_text import caller_message_of
+from gateway.providers._caller_text import caller_message_of
 from gateway.redaction import redact
 from gateway.routing.plan import Candidate, Plan, SkipCause
 from gateway.routing.pricing import usd

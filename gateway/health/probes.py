@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.health.tracker import HealthTracker
 from gateway.providers.base import Adapter, ProbeResult, ProviderError
-from gateway.providers.caller_text import caller_message_of
+from gateway.providers._caller_text import caller_message_of
 from gateway.redaction import redact
 
 log = logging.getLogger(__name__)

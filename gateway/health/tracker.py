@@ -36,7 +36,7 @@ from gateway.health.trials import Lease, TrialLeases
 from gateway.health.view import BreakerState, HealthView
 from gateway.providers import adapter_class
 from gateway.providers.base import DELIVERY_NETWORK, GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
-from gateway.providers.caller_text import caller_message_of
+from gateway.providers._caller_text import caller_message_of
 from gateway.state.base import Op, StateStore
 
 __all__ = ["Admission", "BreakerPolicy", "HealthEffect", "HealthTracker", "health_effect"]

@@ -40,7 +40,7 @@ from gateway.money.keys import Caller
 from gateway.money.tab import OwnerKeyRevoked, Tab
 from gateway.net.pinning import AddressRefused, HostUnresolved, Resolver, SystemResolver
 from gateway.providers.base import FailureClass, ProviderError, job_id_listener
-from gateway.providers.caller_text import caller_message_of
+from gateway.providers._caller_text import caller_message_of
 from gateway.redaction import redact
 from gateway.routing.pricing import usd
 
