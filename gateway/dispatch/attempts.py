@@ -50,6 +50,7 @@ from gateway.domain.job import ImageJob
 from gateway.health.tracker import Admission, HealthTracker
 from gateway.health.view import BreakerState, HealthView
 from gateway.observability.metrics import GatewayMetrics
+from gateway.providers._caller_text import caller_message_of
 from gateway.providers.base import (
     GATEWAY_OVERLOADED,
     AdapterSettings,
@@ -59,7 +60,6 @@ from gateway.providers.base import (
     Timeouts,
     submitted_jobs,
 )
-from gateway.providers._caller_text import caller_message_of
 from gateway.redaction import redact
 from gateway.routing.plan import Candidate, Plan, SkipCause
 from gateway.routing.pricing import usd

@@ -21,8 +21,8 @@ from dataclasses import replace
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.health.tracker import HealthTracker
-from gateway.providers.base import Adapter, ProbeResult, ProviderError
 from gateway.providers._caller_text import caller_message_of
+from gateway.providers.base import Adapter, ProbeResult, ProviderError
 from gateway.redaction import redact
 
 log = logging.getLogger(__name__)

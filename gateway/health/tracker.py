@@ -35,8 +35,8 @@ from gateway.health.snapshot import CHANNEL, LocalHealth, message
 from gateway.health.trials import Lease, TrialLeases
 from gateway.health.view import BreakerState, HealthView
 from gateway.providers import adapter_class
-from gateway.providers.base import DELIVERY_NETWORK, GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
 from gateway.providers._caller_text import caller_message_of
+from gateway.providers.base import DELIVERY_NETWORK, GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
 from gateway.state.base import Op, StateStore
 
 __all__ = ["Admission", "BreakerPolicy", "HealthEffect", "HealthTracker", "health_effect"]

@@ -39,8 +39,8 @@ from gateway.money.budgets import Window, from_units, to_units, windows_from_jso
 from gateway.money.keys import Caller
 from gateway.money.tab import OwnerKeyRevoked, Tab
 from gateway.net.pinning import AddressRefused, HostUnresolved, Resolver, SystemResolver
-from gateway.providers.base import FailureClass, ProviderError, job_id_listener
 from gateway.providers._caller_text import caller_message_of
+from gateway.providers.base import FailureClass, ProviderError, job_id_listener
 from gateway.redaction import redact
 from gateway.routing.pricing import usd
 
