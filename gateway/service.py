@@ -18,6 +18,7 @@ import httpx
 from gateway.config import GatewayConfig
 from gateway.dispatch.attempts import Dispatcher, Outcome
 from gateway.dispatch.fleet import BackendFleet
+from gateway.dispatch.progress import Progress
 from gateway.dispatch.references import vet_reference_hosts
 from gateway.dispatch.shutdown import Drain
 from gateway.domain.job import ImageJob
@@ -97,14 +98,14 @@ class Gateway:
         backend = self.fleet.backends.get(outcome.backend)
         return outcome.billed_usd, billed_source(backend.kind if backend else "")
 
-    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None) -> Outcome:
+    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None, progress: Progress | None = None) -> Outcome:
         await vet_reference_hosts(job.references, self.resolver)  # before any provider is handed a URL
         p = await self.plan(job)
         if not p.attempts:
             raise refusal(p)
         if tab is not None:
             p = await tab.reserve(p)  # the budget, before any provider is called
-        return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None)
+        return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None, progress=progress)
 
     async def quote_table(self, job: ImageJob) -> dict[str, Any]:
         """Every backend's price and eligibility for this job, and the one that would be chosen."""
