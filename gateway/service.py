@@ -18,6 +18,7 @@ import httpx
 from gateway.config import GatewayConfig
 from gateway.dispatch.attempts import Dispatcher, Outcome
 from gateway.dispatch.fleet import BackendFleet
+from gateway.dispatch.progress import Progress
 from gateway.dispatch.references import vet_reference_hosts
 from gateway.dispatch.shutdown import Drain
 from gateway.domain.job import ImageJob
@@ -97,16 +98,17 @@ class Gateway:
         backend = self.fleet.backends.get(outcome.backend)
         return outcome.billed_usd, billed_source(backend.kind if backend else "")
 
-    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None, keep_images_s: int | None = None) -> Outcome:
+    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None, keep_images_s: int | None = None, progress: Progress | None = None) -> Outcome:
         """Plan, reserve and dispatch. `keep_images_s`: the lifetime of the record
-        that will refer to the images (GatewaySettings.images_kept_s)."""
+        that will refer to the images (GatewaySettings.images_kept_s); `progress`:
+        what the request learns of the dispatch (gateway/dispatch/progress.py)."""
         await vet_reference_hosts(job.references, self.resolver)  # before any provider is handed a URL
         p = await self.plan(job)
         if not p.attempts:
             raise refusal(p)
         if tab is not None:
             p = await tab.reserve(p)  # the budget, before any provider is called
-        return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None, keep_images_s=keep_images_s)
+        return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None, keep_images_s=keep_images_s, progress=progress)
 
     async def quote_table(self, job: ImageJob) -> dict[str, Any]:
         """Every backend's price and eligibility for this job, and the one that would be chosen."""

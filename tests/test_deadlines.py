@@ -1,4 +1,4 @@
-"""Deadlines: `x-klein-deadline-ms` bounds a request, and work nobody waits for is cancelled.
+"""Deadlines: `x-klein-deadline-ms` bounds a request, and work still pending at it is cancelled.
 
 - The budget header bounds the whole request, however slow every backend is:
   a 504 `deadline_exceeded` envelope, no later than the deadline plus a second.
@@ -9,8 +9,10 @@
   Replicate's Cancel-After) are turned off for that test, so every cancel
   counted is the gateway's; with them on, fal drops a job no runner started
   in time by itself, unbilled.
-- A request its caller abandons (the connection closes mid-request) cancels
-  the job it submitted, long before the deadline would have.
+- A request its caller abandons (the connection closes mid-request) after
+  its job was submitted does not cancel it: the job may bill, so it runs to
+  its end and is settled as if the caller had stayed (tests/test_abandoned_work.py;
+  docs/design.md#abandoned-requests). It is counted as 499, not as a 5xx.
 
 The emulators count what they saw (`requests` by route, and `cancels`: the
 cancels that stopped a job), so every claim is checked on the provider's
@@ -185,47 +187,42 @@ def abandon(url: str, body: dict, *, deadline_ms: int, after_s: float) -> None:
         assert early == b"", "the gateway answered before the caller left"
 
 
-REPLICATE_PREFER_WAIT_REASON = (
-    "the Replicate adapter creates with `Prefer: wait=N` (N up to 60 s, capped by the attempt's time), so the "
-    "prediction id only reaches dispatch when the create call returns; a caller who leaves during that window "
-    "cancels the dispatch while `submitted_jobs` is still empty, and the prediction runs on until its Cancel-After "
-    "(gateway/providers/replicate.py _run)"
-)
+SHORT_JOB = {"job": {"run_ms": 1500}}  # ends long before the deadline; the caller leaves first
+
+
+def finished(server: ServerThread) -> list[str]:
+    """The klein_requests_total lines of generations: a request is counted when its handler ends."""
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    return [line for line in text.splitlines() if line.startswith("klein_requests_total{") and 'route="generations"' in line]
 
 
 @pytest.mark.parametrize(
     "backend,config",
     [
         pytest.param("fal", None, id="fal"),
-        pytest.param("replicate", None, id="replicate-prefer-wait", marks=pytest.mark.xfail(strict=True, reason=REPLICATE_PREFER_WAIT_REASON)),
+        pytest.param("replicate", None, id="replicate-prefer-wait"),
         pytest.param("replicate", "replicate_without_wait", id="replicate-polling"),
     ],
 )
-def test_request_abandoned_by_its_caller_cancels_the_job_it_submitted(fleet: EmulatorFleet, request: pytest.FixtureRequest, backend: str, config: str | None) -> None:
+def test_request_abandoned_by_its_caller_after_submitting_runs_its_job_to_the_end_uncancelled(fleet: EmulatorFleet, request: pytest.FixtureRequest, backend: str, config: str | None) -> None:
+    """Cancelling would not unbill a job that ran (Runflow has no cancel, a cancel
+    may come too late), so the gateway keeps what it paid for: see tests/test_abandoned_work.py."""
     path = request.getfixturevalue(config) if config else PROVIDERS_YAML
     with serving(fleet, path) as server:
-        set_knobs(fleet, backend, SLOW_JOB)
-        deadline_s = 20.0
-        t0 = time.monotonic()
-        abandon(server.url, pinned(backend), deadline_ms=int(deadline_s * 1000), after_s=0.6)
+        set_knobs(fleet, backend, SHORT_JOB)
+        abandon(server.url, pinned(backend), deadline_ms=20_000, after_s=0.6)
         assert stats(fleet, backend)["paid_calls"] == 1
-        assert wait_until(lambda: stats(fleet, backend)["cancels"] >= 1, timeout=1.0), stats(fleet, backend)
-        assert time.monotonic() - t0 < deadline_s / 2  # the caller's leaving did it, not the deadline
+        assert wait_until(lambda: bool(finished(server)), timeout=5.0)
         seen = stats(fleet, backend)
-        assert seen["requests"].get("cancel") == 1 and seen["paid_calls"] == 1, seen
+        assert seen["cancels"] == 0 and seen["requests"].get("cancel", 0) == 0, seen
+        assert seen["paid_calls"] == 1, seen
 
 
 def test_abandoned_request_is_counted_as_client_closed_not_as_a_server_error(fleet: EmulatorFleet, server: ServerThread) -> None:
-    set_knobs(fleet, "fal", SLOW_JOB)
+    set_knobs(fleet, "fal", SHORT_JOB)
     abandon(server.url, pinned("fal"), deadline_ms=20_000, after_s=0.6)
-    assert wait_until(lambda: stats(fleet, "fal")["cancels"] >= 1, timeout=1.5)
-
-    def answered() -> list[str]:
-        text = httpx.get(f"{server.url}/metrics", timeout=5).text
-        return [line for line in text.splitlines() if line.startswith("klein_requests_total{") and 'route="generations"' in line]
-
-    assert wait_until(lambda: bool(answered()), timeout=1.5)
-    lines = answered()
+    assert wait_until(lambda: bool(finished(server)), timeout=5.0)
+    lines = finished(server)
     assert not [line for line in lines if 'status_class="5xx"' in line], lines
     assert [line for line in lines if 'status_class="4xx"' in line], lines
 

@@ -43,6 +43,7 @@ from gateway.dispatch.delivery import ResultShaper, ShapedImage, delivery_failed
 from gateway.dispatch.fleet import Backend
 from gateway.dispatch.overload import LoopLag
 from gateway.dispatch.produced import bill_produced, produced_megapixels, produced_size
+from gateway.dispatch.progress import Progress
 from gateway.dispatch.upload_links import UploadLinks
 from gateway.domain.capabilities import eligible
 from gateway.domain.errors import GatewayError
@@ -186,6 +187,12 @@ class _Run:
     billed_elsewhere: bool = False  # an earlier attempt may have bought an image nobody got
     retry_same: bool = False  # the last attempt failed for the gateway's overload; try its backend again
     keep_images_s: int | None = None  # stored images outlive the store's TTL (a job's or an idempotent answer's record)
+    progress: Progress = field(default_factory=Progress)  # shared with the caller of Dispatcher.run
+
+    def note_cancelled(self) -> None:
+        """Hand what was spent to the caller's Progress: dispatch is ending without an answer."""
+        self.progress.attempts = list(self.attempts)
+        self.progress.spent, self.progress.possibly_billed, self.progress.upstream_s = self.spent, self.possibly, self.upstream
 
 
 class _Stop(Exception):
@@ -219,14 +226,18 @@ class Dispatcher:
     lag: LoopLag = field(default_factory=LoopLag)  # how late this process's loop runs (gateway/dispatch/overload.py)
     _pending_cancels: set[asyncio.Task[Any]] = field(default_factory=set)
 
-    async def run(self, job: ImageJob, plan: Plan, *, started: float, base_url: str, cover: Callable[[Decimal], Awaitable[None]] | None = None, keep_images_s: int | None = None) -> Outcome:
+    async def run(
+        self, job: ImageJob, plan: Plan, *, started: float, base_url: str, cover: Callable[[Decimal], Awaitable[None]] | None = None, keep_images_s: int | None = None, progress: Progress | None = None
+    ) -> Outcome:
         """Try the plan's backends in order. `cover(total)`, when given, is awaited
         before an attempt that follows billed spend, with that spend plus the
         attempt's quote: it may refuse (a GatewayError), which ends the request
         with what was spent (a caller's budget, gateway/money/tab.py).
-        `keep_images_s`: how long stored images must live (ResultShaper.shape)."""
+        `keep_images_s`: how long stored images must live (ResultShaper.shape).
+        `progress`, when given, learns when the work is handed to a provider,
+        and what was spent if dispatch is cancelled (gateway/dispatch/progress.py)."""
         self.lag.watch()
-        run = _Run(job, started + job.deadline_s, keep_images_s=keep_images_s)
+        run = _Run(job, started + job.deadline_s, keep_images_s=keep_images_s, progress=progress or Progress())
         candidates = list(plan.attempts)
         try:
             for index, cand in enumerate(candidates):
@@ -254,6 +265,9 @@ class Dispatcher:
                     run.retry_same = False
         except _Stop as stop:
             raise stop.error from None
+        except asyncio.CancelledError:
+            run.note_cancelled()  # the spend made before the cancel is still owed
+            raise
         raise self._exhausted(job, plan, run)
 
     async def _attempt(self, run: _Run, cand: Candidate, admission: Admission, *, last: bool, base_url: str, may_retry: bool = False) -> Outcome | None:
@@ -279,6 +293,7 @@ class Dispatcher:
                     self.metrics.record_failover(from_backend=cand.name, reason=FailureClass.REJECTED.value)
                 return None
             try:
+                run.progress.handed_over = True  # from here on the attempt may bill
                 result = await self._generate(backend, job_for, attempt_deadline, run.deadline, submitted)
                 waited = time.monotonic() - t0
                 run.upstream += waited
@@ -290,8 +305,9 @@ class Dispatcher:
                 await self._failed_attempt(run, cand, backend, admission, self._overload_or(err, backend, t0), elapsed, result, submitted, last=last, may_retry=may_retry)
                 return None
         except asyncio.CancelledError:
-            # The caller went away (or the server is stopping): cancel what this
-            # attempt submitted, so nobody pays for an image no one will see.
+            # The server is stopping past its grace (a caller who leaves after the
+            # hand-over no longer cancels): cancel what this attempt submitted,
+            # so nobody pays for an image no one will see.
             for job_id in submitted:
                 self._cancel_later(backend, job_id)
             raise
@@ -305,10 +321,10 @@ class Dispatcher:
         billed = self._reported_cost(result)
         run.spent += cost
         run.attempts.append(Attempt(cand.name, "success", elapsed, cost, billed_usd=billed))
-        await self.health.record_success(cand.name, elapsed, admission)
         self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
         megapixels = produced_megapixels(job, images)
         self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=megapixels, images=len(images), baseline_usd=self._baseline_usd(run.job, backend))
+        await self.health.record_success(cand.name, elapsed, admission)  # after the spend is counted: a cancel here loses none of it
         return Outcome(cand.name, images, run.attempts, run.spent, run.upstream, result.seed, run.possibly, size=produced_size(job, images), megapixels=megapixels)
 
     # ---- the three phases of an attempt, each bounded --------------------------

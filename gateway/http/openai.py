@@ -20,6 +20,7 @@ from litestar.exceptions import HTTPException
 
 from gateway.dispatch.answer import images_body, klein_headers
 from gateway.dispatch.attempts import DispatchFailed, tried
+from gateway.dispatch.progress import Progress
 from gateway.dispatch.references import MAX_REFERENCE_BYTES, check_decodes, check_image_bytes, parse_reference
 from gateway.dispatch.shutdown import ShuttingDown
 from gateway.domain.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
@@ -44,7 +45,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
     gw = gateway_of(request)
     started = time.monotonic()
     status, backend, upstream, cost, attempts, job = 500, None, 0.0, None, 0, None
-    tab, outcome = None, None
+    tab, outcome, progress = None, None, Progress()
     with gw.metrics.in_flight(), gw.admission() as admitted:
         try:
             ctx = begin(request, gw)
@@ -64,7 +65,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
                         return once.keep(await accept_job(request, gw, ctx, job, route=route, base_url=base_url_of(request, gw)))
                     # An answer kept for replay keeps its stored images as long (docs: README, Idempotency keys).
                     keep = gw.config.settings.images_kept_s(gw.idempotency.ttl_s) if once.claimed else None
-                    outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab, keep_images_s=keep))
+                    outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab, keep_images_s=keep, progress=progress), progress)
                 except GatewayError as err:
                     note_failure(request, err, tab)  # before the idempotency guard keeps the answer
                     raise
@@ -83,6 +84,10 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             raise
         finally:
             request.scope.setdefault("state", {})["klein_observed"] = True
+            if cost is None and progress.attempts:  # dispatch was cancelled: what it spent before is still owed
+                cost, attempts, upstream = progress.spent, tried(progress.attempts), progress.upstream_s
+            if caller_gone(request):
+                status = CALLER_GONE  # the real cost and backend stay: the work ran, nobody got the answer
             if tab is not None:
                 await gw.billing.settle(
                     tab,
@@ -117,19 +122,35 @@ def note_failure(request: Request[Any, Any, Any], err: GatewayError, tab: Tab | 
         headers.update(tab.headers)
 
 
-async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitable[Any]) -> Any:
-    """Run `work`, cancelling it if the caller disconnects first.
+CALLER_GONE = 499  # the status counted and written to the ledger when the caller left before the answer
 
-    Cancelling reaches dispatch, which cancels the provider job the attempt
-    submitted (where the provider allows it), so an abandoned request stops
-    costing money. The body has been read by now, so the next ASGI message can
-    only be the disconnect."""
+
+def caller_gone(request: Request[Any, Any, Any]) -> bool:
+    """Whether the caller disconnected while this request's work ran on without it."""
+    return bool(request.scope.get("state", {}).get("klein_caller_gone"))
+
+
+async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitable[Any], progress: Progress) -> Any:
+    """Run `work`; if the caller disconnects first, stop it only while that costs nothing.
+
+    Before dispatch hands the work to a provider (parsing, planning,
+    reserving), a disconnect cancels it: 499, nothing spent. Once an attempt
+    has called a provider it may bill, so the work runs on to its end as if
+    the caller had stayed: the handler settles the budget, the ledger, the
+    metrics and the Idempotency-Key with the real outcome (a retry with the
+    key replays the image instead of paying again; docs/design.md#abandoned-requests).
+    The drain keeps tracking it, so a graceful shutdown waits for it within its
+    grace and cancels it only after. The body has been read by now, so the next
+    ASGI message can only be the disconnect."""
     drain = gateway_of(request).drain
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
     with drain.tracking(task):
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and progress.handed_over:
+                request.scope.setdefault("state", {})["klein_caller_gone"] = True
+                await asyncio.wait({task})  # to its end, settled as if the caller had stayed
         finally:
             watcher.cancel()
             if not task.done():
