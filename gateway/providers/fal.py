@@ -325,9 +325,10 @@ class FalAdapter(Adapter):
             return {}
         remaining = deadline - time.monotonic()
         seconds = remaining if choice == "deadline" else min(float(choice), remaining)
-        if seconds <= 1:  # fal wants more than a second; a shorter budget sends none
+        whole = int(seconds)  # fal takes whole seconds, more than one; a shorter budget sends none
+        if whole <= 1:
             return {}
-        return {"X-Fal-Request-Timeout": str(int(seconds))}
+        return {"X-Fal-Request-Timeout": str(whole)}
 
     def _auth(self) -> dict[str, str]:
         if not self.settings.credential:
@@ -451,8 +452,12 @@ class FalAdapter(Adapter):
 
     # ---- cancel and probe ----------------------------------------------------
 
-    async def cancel(self, job_id: str) -> bool:
-        """PUT the job's cancel URL; errors are ignored, as fal's own client does (docs/providers/fal.md#cancel)."""
+    async def cancel(self, job_id: str) -> bool | None:
+        """PUT the job's cancel URL; errors are ignored, as fal's own client does (docs/providers/fal.md#cancel).
+
+        True: removed from the queue (it never runs, never bills). None: a
+        running job was only signalled (`CANCELLATION_REQUESTED`), so it may
+        still finish and bill. False: refused or unanswered."""
         url = self._cancel_urls.get(job_id) or self._own_urls(self.model, job_id).cancel
         try:
             headers = self._auth()
@@ -460,9 +465,16 @@ class FalAdapter(Adapter):
         except ProviderError:
             return False
         accepted = 200 <= response.status_code < 300
-        if accepted:
-            self._cancel_urls.pop(job_id, None)
-        return accepted
+        if not accepted:
+            return False
+        self._cancel_urls.pop(job_id, None)
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and answer.get("status") == "CANCELLATION_REQUESTED":
+            return None
+        return True
 
     async def probe(self) -> ProbeResult:
         """A free check of reachability and the key: never a submit.

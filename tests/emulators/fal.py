@@ -166,10 +166,13 @@ class FalEmulator(EmulatorApp):
         job = self.jobs.get(request.params[0])
         if job is None:
             return Response.json(404, {"status": "NOT_FOUND"})
-        if job.cancel() in TERMINAL:
+        was = job.cancel()
+        if was in TERMINAL:
             return Response.json(400, {"status": "ALREADY_COMPLETED"})
         self.stats.cancels += 1
-        return Response.json(202, {"status": "CANCELLATION_REQUESTED"})
+        if was in ("queued", "dispatching"):  # removed from the queue: it never runs, never bills
+            return Response.json(200, {"status": "OK"})
+        return Response.json(202, {"status": "CANCELLATION_REQUESTED"})  # a running one is only signalled
 
     def _urls(self, request: Request, job: Job) -> dict[str, Any]:
         base = f"{request.base_url()}{REQUESTS}/{job.id}"

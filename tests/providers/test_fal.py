@@ -184,7 +184,7 @@ async def test_foreign_queue_urls_are_not_followed_with_the_key(fal, mock, make_
     elsewhere = mock.route(url__regex=r"^(?!https://queue\.fal\.test/).*").respond(200, json={"status": "COMPLETED"})
 
     await fal.generate(make_job(), deadline)
-    assert await fal.cancel(RID) is True
+    assert await fal.cancel(RID) is None  # sent, to the trusted host: a running job is only signalled
 
     assert status_route.called and result_route.called and cancel_route.called
     assert not elsewhere.called
@@ -422,8 +422,9 @@ async def test_missing_key_is_refused_without_a_request(make_settings, http_clie
 @pytest.mark.parametrize(
     ("reply", "accepted"),
     [
-        (httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}), True),
-        (httpx.Response(200, json={"status": "OK"}), True),
+        (httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}), None),  # running: only signalled, may still bill
+        (httpx.Response(200, json={"status": "OK"}), True),  # removed from the queue: never runs
+        (httpx.Response(202, content=b""), True),
         (httpx.Response(400, json={"status": "ALREADY_COMPLETED"}), False),
         (httpx.Response(404, json={"status": "NOT_FOUND"}), False),
         (httpx.ConnectError("down"), False),
@@ -440,7 +441,7 @@ async def test_cancel_after_a_deadline_uses_the_remembered_cancel_url(fal, mock,
     remembered = f"{BASE}/fal-ai/flux-2/requests/{RID}/cancel-here"
     mock.post(SUBMIT).respond(200, json=submitted(cancel_url=remembered))
     mock.get(STATUS).mock(return_value=status("IN_QUEUE"))
-    route = mock.put(remembered).respond(202, json={"status": "CANCELLATION_REQUESTED"})
+    route = mock.put(remembered).respond(200, json={"status": "OK"})
     with pytest.raises(ProviderError) as caught:
         await fal.generate(make_job(), time.monotonic() + 0.05)
     assert await fal.cancel(caught.value.job_id) is True and route.called
