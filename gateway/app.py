@@ -216,6 +216,7 @@ def create_app(
 
         uninstall, exit_now = on_sigterm(start_drain, gw.drain.hurry) if drain_on_sigterm else (lambda: None, lambda: None)
         worker = JobWorker(gw, gw.jobs, resolver=gw.resolver)
+        gw.jobs.on_cancel = worker.cancel_requested
         worker.start()
         gw.ready = True
         try:
@@ -245,10 +246,10 @@ def create_app(
 
 async def drain_then_exit(gw: Gateway, exit_now: Callable[[], None]) -> None:
     """SIGTERM: refuse new work, wait for what is in flight (cancelling it at the grace), then exit."""
-    in_flight = gw.in_flight
+    in_flight = gw.busy
     gw.drain.begin()
     log.warning("SIGTERM: draining %d request(s) in flight, at most %gs", in_flight, gw.drain.grace_s)
-    cancelled = await gw.drain.settle(lambda: gw.in_flight)
+    cancelled = await gw.drain.settle(lambda: gw.busy)
     gw.metrics.record_shutdown_cancelled(cancelled)
     if cancelled:
         log.warning("shutdown grace ended: cancelled %d request(s) still running", cancelled)

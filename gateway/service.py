@@ -7,6 +7,7 @@ dispatch. HTTP stays in gateway/api; this module holds no wire shapes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,9 +56,15 @@ class Gateway:
     metrics_access: MetricsAccess = field(default_factory=MetricsAccess)
     ready: bool = False
     in_flight: int = 0
+    follow_ups: set[asyncio.Task[None]] = field(default_factory=set)  # provider jobs followed after their answer (gateway/http/followups.py)
     drain: Drain = field(default_factory=lambda: Drain(grace_s=25.0))
     jobs: Jobs = field(default=None)  # type: ignore[assignment]  # async jobs; build_gateway sets it
     idempotency: Idempotency = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def busy(self) -> int:
+        """Requests in flight and follow-ups still settling: what a shutdown waits for."""
+        return self.in_flight + len(self.follow_ups)
 
     @contextlib.contextmanager
     def admission(self) -> Iterator[bool]:
@@ -147,6 +154,11 @@ class Gateway:
         }
 
     async def close(self) -> None:
+        if self.follow_ups:  # settled (budget, ledger) before the billing closes; cancelled past the grace
+            _, late = await asyncio.wait(list(self.follow_ups), timeout=self.drain.grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         await self.dispatcher.drain()
         await self.billing.close()  # after the last request: every ledger row is written
         for client in self.clients:

@@ -15,6 +15,13 @@ may be tried, what it does to this backend's health, and what was spent.
   (then the attempt is reported as possibly billed). A cancel refused or left
   unanswered means the job may still run and be billed: buying it again
   elsewhere would pay twice, so dispatch stops there (502 `outcome_unknown`).
+- The request's deadline ends the wait, not the accounting: a job still
+  pending when the request's deadline passes is asked to cancel (free for a
+  job no runner started) and, where the provider can be followed
+  (`Adapter.resumable`), handed back as `Unsettled` on the 504, so the caller
+  of `run` learns its real end afterwards (gateway/dispatch/followup.py):
+  cancelled unbilled, or billed, with or without its image. Elsewhere it stays
+  counted as possibly billed.
 - Money: `cost_usd` is what was surely billed (the `x-klein-cost-usd` header
   and klein_cost_usd_total); `possibly_billed_usd` is work of unknown outcome
   (the `x-klein-possibly-billed-usd` header, klein_possibly_billed_usd_total).
@@ -42,8 +49,8 @@ from typing import Any
 from gateway.dispatch.delivery import ResultShaper, ShapedImage, delivery_failed
 from gateway.dispatch.fleet import Backend
 from gateway.dispatch.overload import LoopLag
-from gateway.dispatch.produced import bill_produced, produced_megapixels, produced_size
-from gateway.dispatch.progress import Progress
+from gateway.dispatch.produced import bill_produced, produced_megapixels, produced_size, trusted_billed
+from gateway.dispatch.progress import Progress, Unsettled
 from gateway.dispatch.upload_links import UploadLinks
 from gateway.domain.capabilities import eligible
 from gateway.domain.errors import GatewayError
@@ -63,7 +70,6 @@ from gateway.providers.base import (
 )
 from gateway.redaction import redact
 from gateway.routing.plan import Candidate, Plan, SkipCause
-from gateway.routing.pricing import usd
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +171,7 @@ class DispatchFailed(GatewayError):
         type_: str = "server_error",
         retry_after: float | None = None,
         possibly_billed_usd: Decimal = Decimal(0),
+        unsettled: tuple[Unsettled, ...] = (),
     ) -> None:
         super().__init__(message, status=status, code=code, retryable=retryable, retry_after=retry_after, details={"attempts": [a.summary() for a in attempts]})
         self.type = type_
@@ -172,6 +179,7 @@ class DispatchFailed(GatewayError):
         self.cost_usd = cost_usd
         self.upstream_s = upstream_s
         self.possibly_billed_usd = possibly_billed_usd
+        self.unsettled = unsettled  # provider jobs still running at the deadline: their outcome is followed up
 
 
 @dataclass(slots=True)
@@ -188,6 +196,7 @@ class _Run:
     retry_same: bool = False  # the last attempt failed for the gateway's overload; try its backend again
     keep_images_s: int | None = None  # stored images outlive the store's TTL (a job's or an idempotent answer's record)
     progress: Progress = field(default_factory=Progress)  # shared with the caller of Dispatcher.run
+    unsettled: list[Unsettled] = field(default_factory=list)  # jobs left running at the deadline, to follow up
 
     def note_cancelled(self) -> None:
         """Hand what was spent to the caller's Progress: dispatch is ending without an answer."""
@@ -244,6 +253,8 @@ class Dispatcher:
                 for retry in range(OVERLOAD_RETRIES + 1):
                     if run.deadline - time.monotonic() <= DEADLINE_SLACK_S:
                         raise self._exhausted(job, plan, run)
+                    if run.progress.stop_requested:  # its owner cancelled the job: no new spend
+                        raise self._failed(run, status=499, code="job_canceled", message="the job was canceled by its owner", retryable=False, type_="invalid_request_error")
                     if run.spent and cover is not None:
                         try:
                             await cover(run.spent + (cand.quote.usd if cand.quote is not None else Decimal(0)))
@@ -297,7 +308,7 @@ class Dispatcher:
                 result = await self._generate(backend, job_for, attempt_deadline, run.deadline, submitted)
                 waited = time.monotonic() - t0
                 run.upstream += waited
-                images = await self._deliver(job, result, cand.name, run.deadline, base_url, run.keep_images_s)
+                images = await self.deliver(job, result, cand.name, run.deadline, base_url, run.keep_images_s)
             except ProviderError as err:
                 elapsed = time.monotonic() - t0
                 if waited is None:
@@ -318,12 +329,12 @@ class Dispatcher:
         # figure, where it is a sane amount, travels beside it for
         # reconciliation (gateway/money/reconcile.py).
         cost = bill_produced(backend, job, images, cand.health)  # at the sizes made, which a shape request may vary
-        billed = self._reported_cost(result)
+        billed = trusted_billed(result.reported_cost_usd, cost)
         run.spent += cost
         run.attempts.append(Attempt(cand.name, "success", elapsed, cost, billed_usd=billed))
         self.metrics.observe_attempt(backend=cand.name, outcome="success", latency_s=elapsed)
         megapixels = produced_megapixels(job, images)
-        self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=megapixels, images=len(images), baseline_usd=self._baseline_usd(run.job, backend))
+        self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=megapixels, images=len(images), baseline_usd=self.baseline_usd(run.job, backend))
         await self.health.record_success(cand.name, elapsed, admission)  # after the spend is counted: a cancel here loses none of it
         return Outcome(cand.name, images, run.attempts, run.spent, run.upstream, result.seed, run.possibly, size=produced_size(job, images), megapixels=megapixels)
 
@@ -355,7 +366,8 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - never let one adapter end the request
             raise _unexpected(exc, backend.name, submitted) from None
 
-    async def _deliver(self, job: ImageJob, result: ProviderResult, backend: str, deadline: float, base_url: str, keep_s: int | None = None) -> list[ShapedImage]:
+    async def deliver(self, job: ImageJob, result: ProviderResult, backend: str, deadline: float, base_url: str, keep_s: int | None = None) -> list[ShapedImage]:
+        """The provider's images shaped as the caller asked, within `deadline`; failures are DELIVERY_FAILED."""
         try:
             async with asyncio.timeout_at(_monotonic_to_loop(deadline)):
                 return await self.shaper.shape(job, result.images, backend=backend, deadline=deadline, base_url=base_url, keep_s=keep_s)
@@ -389,13 +401,19 @@ class Dispatcher:
         job = cand.served(run.job)  # billed at the size it was asked to make
         cost = possibly = Decimal(0)
         refused_cancel = False
+        followed = False
         if err.failure is FailureClass.UNKNOWN_OUTCOME:
             job_ids = [j for j in (err.job_id or "").split(",") if j] or list(submitted)
-            settled = await self._cancel_and_wait(backend, job_ids, run.deadline)
+            settled, cancel = await self._cancel_and_wait(backend, job_ids, run.deadline)
             if settled is not True:  # not confirmed unbilled: it may be billed
                 possibly = backend.bill(job, job.n, cand.health)
                 run.billed_elsewhere = True
                 refused_cancel = settled is False
+                if job_ids and backend.adapter.resumable and time.monotonic() >= run.deadline - DEADLINE_SLACK_S:
+                    # The request's deadline ended the wait: the job's own end (cancelled
+                    # unbilled, or billed, with or without its image) is learnt afterwards.
+                    followed = True
+                    run.unsettled.append(Unsettled(cand.name, job, tuple(job_ids), possibly, cancel))
         elif err.failure is FailureClass.DELIVERY_FAILED:
             # Billed for the images it made; one that ran and returned none is billed as asked.
             made = len(result.images) if result is not None and result.images else job.n
@@ -410,7 +428,7 @@ class Dispatcher:
         self.metrics.observe_attempt(backend=cand.name, outcome=err.failure.value, latency_s=elapsed)
         if cost:
             self.metrics.record_spend(backend=cand.name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=Decimal(0))
-        if possibly:
+        if possibly and not followed:  # a followed job's real outcome is counted when it is learnt
             self.metrics.record_possibly_billed(backend=cand.name, usd=possibly)
         await self.health.record_failure(cand.name, err, elapsed, admission)
         # Nothing reached the backend and it is not to blame: the same backend again, not the next one.
@@ -430,13 +448,14 @@ class Dispatcher:
         if not last and not run.retry_same:
             self.metrics.record_failover(from_backend=cand.name, reason=err.failure.value)
 
-    async def _cancel_and_wait(self, backend: Backend, job_ids: list[str], deadline: float) -> bool | None:
+    async def _cancel_and_wait(self, backend: Backend, job_ids: list[str], deadline: float) -> tuple[bool | None, asyncio.Task[bool | None] | None]:
         """True: every job's cancel confirmed. False: refused, or not answered
         within CANCEL_TIMEOUT_S. None: nothing to cancel, no cancel at this
         provider, or the request's deadline came first (the request ends
-        anyway; the cancels carry on in the background)."""
+        anyway; the cancels carry on in the background). With it, the cancel's
+        task, whose answer a follow-up of the job reads."""
         if not job_ids:
-            return None
+            return None, None
         task = asyncio.get_running_loop().create_task(self._cancel_all(backend, job_ids))
         self._pending_cancels.add(task)
         task.add_done_callback(self._pending_cancels.discard)
@@ -444,10 +463,10 @@ class Dispatcher:
         if wait_s > 0:
             await asyncio.wait([task], timeout=wait_s)
         if not task.done():
-            return False if wait_s >= CANCEL_TIMEOUT_S else None
+            return (False if wait_s >= CANCEL_TIMEOUT_S else None), task
         if task.cancelled() or task.exception() is not None:
-            return False
-        return task.result()
+            return False, task
+        return task.result(), task
 
     @staticmethod
     async def _cancel_all(backend: Backend, job_ids: list[str]) -> bool | None:
@@ -462,15 +481,7 @@ class Dispatcher:
             return None
         return all(a is True for a in answers)
 
-    @staticmethod
-    def _reported_cost(result: ProviderResult | None) -> Decimal | None:
-        """The provider's own figure where it is a sane amount, else None."""
-        reported = result.reported_cost_usd if result is not None else None
-        if reported is not None and reported.is_finite() and reported >= 0:
-            return usd(reported)
-        return None
-
-    def _baseline_usd(self, job: ImageJob, served_by: Backend) -> Decimal | None:
+    def baseline_usd(self, job: ImageJob, served_by: Backend) -> Decimal | None:
         """The baseline's price for this job, or None where the baseline backend
         could not have served it (then there is nothing to compare with)."""
         baseline = self.backends.get(self.metrics.baseline_backend or "")
@@ -517,6 +528,7 @@ class Dispatcher:
             type_=type_,
             retry_after=retry_after,
             possibly_billed_usd=run.possibly,
+            unsettled=tuple(run.unsettled),
         )
 
     async def drain(self) -> None:

@@ -1,4 +1,4 @@
-"""What a backend produced, by the images' own sizes.
+"""What a backend produced, by the images' own sizes, and what it said it billed.
 
 A request for a shape may be served at any size within tolerance
 (gateway.domain.native_sizes.acceptable), so the size predicted before the
@@ -16,6 +16,9 @@ from gateway.dispatch.delivery import ShapedImage
 from gateway.dispatch.fleet import Backend
 from gateway.domain.job import ImageJob
 from gateway.health.view import HealthView
+from gateway.routing.pricing import usd
+
+MAX_BILLED_OVER_QUOTE = 100  # a provider's figure above this many quotes is a fault, not a price
 
 
 def by_size(job: ImageJob, images: list[ShapedImage]) -> list[tuple[ImageJob, int]]:
@@ -41,3 +44,15 @@ def produced_size(job: ImageJob, images: list[ShapedImage]) -> str:
     """The answer's top-level `size`: the first image's ("WxH")."""
     groups = by_size(job, images)
     return groups[0][0].size if groups else job.size
+
+
+def trusted_billed(reported: Decimal | None, quoted: Decimal) -> Decimal | None:
+    """A provider's own figure where it is a plausible price, else None (unknown):
+    negative, not finite, or more than MAX_BILLED_OVER_QUOTE quotes is a fault.
+    The gateway's figure is always the price sheet's; this one travels beside
+    it for reconciliation (gateway/money/reconcile.py)."""
+    if reported is None or not reported.is_finite() or reported < 0:
+        return None
+    if quoted > 0 and reported > quoted * MAX_BILLED_OVER_QUOTE:
+        return None
+    return usd(reported)

@@ -69,6 +69,11 @@ class Drain:
             self._work.discard(task)
             self._stopped.discard(task)
 
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Hold `task` (work that outlives its request, such as a follow-up) until it ends."""
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+
     def stopped(self, task: asyncio.Task[Any]) -> bool:
         """Whether the drain cancelled this work (rather than its caller leaving)."""
         return task in self._stopped

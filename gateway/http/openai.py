@@ -20,6 +20,7 @@ from litestar.exceptions import HTTPException
 
 from gateway.dispatch.answer import images_body, klein_headers
 from gateway.dispatch.attempts import DispatchFailed, tried
+from gateway.dispatch.followup import FOLLOW_UP_S
 from gateway.dispatch.progress import Progress
 from gateway.dispatch.references import MAX_REFERENCE_BYTES, check_decodes, check_image_bytes, parse_reference
 from gateway.dispatch.shutdown import ShuttingDown
@@ -28,6 +29,7 @@ from gateway.domain.job import ImageJob, JobKind, ReferenceImage
 from gateway.domain.models import ALIASES, MODEL_ID, echo, model_object, resolve_model
 from gateway.http.context import CallContext, decode_json, form_of, json_object
 from gateway.http.entry import base_url_of, begin, gateway_of
+from gateway.http.followups import HOLD_SLACK_S, follow_up
 from gateway.http.jobs import accept_job, prefers_async
 from gateway.http.parse import build_job, parse_body
 from gateway.images import valid_name
@@ -45,7 +47,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
     gw = gateway_of(request)
     started = time.monotonic()
     status, backend, upstream, cost, attempts, job = 500, None, 0.0, None, 0, None
-    tab, outcome, progress = None, None, Progress()
+    tab, outcome, progress, deferred = None, None, Progress(), False
     with gw.metrics.in_flight(), gw.admission() as admitted:
         try:
             ctx = begin(request, gw)
@@ -58,16 +60,22 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
                     status = once.replay.status_code or 200
                     once.replay.headers["x-request-id"] = ctx.request_id
                     return once.replay
+                # An answer kept for replay keeps its stored images as long (docs: README, Idempotency keys).
+                keep = gw.config.settings.images_kept_s(gw.idempotency.ttl_s) if once.claimed else None
                 try:
                     job = await tab.admit(await build(request, gw, ctx))
                     if respond_async:
                         status = 202
                         return once.keep(await accept_job(request, gw, ctx, job, route=route, base_url=base_url_of(request, gw)))
-                    # An answer kept for replay keeps its stored images as long (docs: README, Idempotency keys).
-                    keep = gw.config.settings.images_kept_s(gw.idempotency.ttl_s) if once.claimed else None
                     outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab, keep_images_s=keep, progress=progress), progress)
                 except GatewayError as err:
                     note_failure(request, err, tab)  # before the idempotency guard keeps the answer
+                    if isinstance(err, DispatchFailed) and err.unsettled and job is not None:
+                        # The deadline passed while a provider job ran: answer now, settle when it ends.
+                        await once.defer(FOLLOW_UP_S + HOLD_SLACK_S)
+                        gone = CALLER_GONE if caller_gone(request) else err.status
+                        follow_up(gw, err, tab=tab, once=once, job=job, request_id=ctx.request_id, status=gone, base_url=base_url_of(request, gw), keep_images_s=keep)
+                        deferred = True
                     raise
                 backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, outcome.tried
                 status = 200
@@ -88,7 +96,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
                 cost, attempts, upstream = progress.spent, tried(progress.attempts), progress.upstream_s
             if caller_gone(request):
                 status = CALLER_GONE  # the real cost and backend stay: the work ran, nobody got the answer
-            if tab is not None:
+            if tab is not None and not deferred:
                 await gw.billing.settle(
                     tab,
                     status=status,

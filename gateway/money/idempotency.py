@@ -20,6 +20,13 @@ Redis outage that the rest of the gateway rides out in memory) a request
 with a key is a retryable 503 `idempotency_unavailable`, as a budgeted
 key's is (gateway/money/budgets.py), because each replica's memory would
 claim the key for itself and both would pay. Requests without a key run.
+
+An answer sent before its outcome is known (a 504 whose provider job the
+deadline left running, gateway/dispatch/followup.py) is deferred: the claim
+is held while the job is followed, so a retry meanwhile is 409, and what the
+key keeps is decided by the real outcome: the image where it succeeded (the
+retry replays it and pays nobody), the 504 where it is still unknown, nothing
+(the key is free) where it failed unbilled or billed without an image.
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import msgspec
@@ -134,10 +141,24 @@ class Once:
     replay: Response[bytes] | None = None
     answer: Response[bytes] | None = None
     claimed: bool = False  # this request owns a key: its answer is kept for the key's TTL
+    deferred: bool = False  # what the key keeps is decided later, by `finish`
+    _hold: Callable[[float], Awaitable[None]] | None = field(default=None, repr=False)
+    _finish: Callable[[int, bytes, dict[str, str]], Awaitable[None]] | None = field(default=None, repr=False)
 
     def keep(self, response: Response[bytes]) -> Response[bytes]:
         self.answer = response
         return response
+
+    async def defer(self, hold_s: float) -> None:
+        """The answer goes out now; the key stays claimed for `hold_s` until `finish` says what it keeps."""
+        self.deferred = True
+        if self._hold is not None:
+            await self._hold(hold_s)
+
+    async def finish(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        """Keep the deferred request's final answer under its key (or free the key, by the usual rule)."""
+        if self._finish is not None:
+            await self._finish(status, body, headers)
 
 
 @dataclass
@@ -182,13 +203,17 @@ class Idempotency:
             raise KeyInUse("a request with this Idempotency-Key is still running; retry shortly", param="Idempotency-Key", retry_after=1)
         self.metrics.record_idempotency("original")
         once.claimed = True
+        once._hold = lambda ttl_s: self.store.set(slot, claim, ttl_s=ttl_s)
+        once._finish = lambda status, body, headers: self._settle(slot, fp, status, body, headers)
         try:
             yield once
         except GatewayError as err:
-            await self._settle(slot, fp, err.status, msgspec.json.encode(err.envelope()), {**getattr(request.state, "klein_headers", {}), **err.headers()})
+            if not once.deferred:
+                await self._settle(slot, fp, err.status, msgspec.json.encode(err.envelope()), {**getattr(request.state, "klein_headers", {}), **err.headers()})
             raise
         except BaseException:
-            await self.store.delete(slot)
+            if not once.deferred:
+                await self.store.delete(slot)
             raise
         answer = once.answer
         if answer is None:
