@@ -195,3 +195,121 @@ async def test_a_shutdown_that_cancels_dispatch_keeps_the_spend_already_billed(t
     assert (row.status, row.estimated_usd, row.attempts) == (503, LOCAL_1MP, 1)  # the attempt that finished; the cancelled one is not counted
     assert Decimal(units) * Decimal("0.00000001") == LOCAL_1MP
     assert Decimal(str(gw.metrics.registry.get_sample_value("klein_cost_usd_total", {"backend": "local", "caller": "team"}) or 0)) == LOCAL_1MP
+
+
+# ---- the caller's deadline and the owner's cancel: the two other ways a caller stops waiting ----
+
+
+def settled_everywhere(app: Litestar) -> bool:
+    """No request in flight and no follow-up of a provider job left to settle."""
+    gw = app.state.gateway
+    return gw.in_flight == 0 and not gw.follow_ups
+
+
+def test_a_deadline_that_passes_while_the_provider_runs_is_answered_then_settled_at_the_real_cost(fleet: EmulatorFleet, runflow_gateway: tuple[Litestar, ServerThread]) -> None:
+    """Runflow has no cancel: its run goes on past the 1 s deadline and is billed. The caller
+    gets its 504 at the deadline; the budget, the ledger and the metrics get the real cost."""
+    app, server = runflow_gateway
+    t0 = time.monotonic()
+    answer = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers={**TEAM, "x-klein-deadline-ms": "1000"}, timeout=10)
+    assert answer.status_code == 504 and answer.json()["error"]["code"] == "deadline_exceeded", answer.text
+    assert time.monotonic() - t0 < 2.0  # answered at the deadline, not when the run ended
+    assert answer.headers["x-klein-possibly-billed-usd"] != "0"
+    assert wait_until(lambda: settled_everywhere(app), timeout=8), "the provider job was not followed to its end"
+    (row,) = ledger_rows(app)
+    assert paid_calls(fleet, "runflow") == 1
+    assert (row.status, row.backend, row.images) == (504, "runflow", 1)  # the image was made, after the answer
+    assert row.estimated_usd > 0 and row.billed_usd is not None and row.billed_usd > 0  # Runflow's own figure: it billed
+    assert budget_spent(app, "team") == row.estimated_usd == metric_total(server.url, "klein_cost_usd_total")
+    assert metric_total(server.url, "klein_possibly_billed_usd_total") == 0  # learnt, not guessed
+
+
+def test_a_deadline_answer_with_an_idempotency_key_keeps_the_image_made_after_it_for_the_retry(fleet: EmulatorFleet, runflow_gateway: tuple[Litestar, ServerThread]) -> None:
+    app, server = runflow_gateway
+    headers = {**TEAM, "idempotency-key": "deadline-1", "x-klein-deadline-ms": "1000"}
+    first = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers=headers, timeout=10)
+    assert first.status_code == 504
+    meanwhile = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers=headers, timeout=10)
+    assert meanwhile.status_code == 409 and meanwhile.json()["error"]["code"] == "idempotency_key_in_use"
+    assert wait_until(lambda: settled_everywhere(app), timeout=8)
+    retry = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers=headers, timeout=10)
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["idempotent-replayed"] == "true" and retry.json()["data"][0]["url"]
+    assert paid_calls(fleet, "runflow") == 1  # neither the retry nor the one in between paid again
+    rows = {r.status: r for r in ledger_rows(app)}
+    assert rows[504].estimated_usd > 0 and rows[200].estimated_usd == 0
+    assert budget_spent(app, "team") == rows[504].estimated_usd == metric_total(server.url, "klein_cost_usd_total")
+    assert Decimal(retry.headers["x-klein-original-cost-usd"]) == rows[504].estimated_usd
+
+
+def test_a_job_still_queued_at_the_provider_when_the_deadline_passes_is_cancelled_and_costs_nothing(fleet: EmulatorFleet, tmp_path: Path) -> None:
+    """fal removes a queued request on cancel: the follow-up learns it was never billed."""
+    fleet.reset()
+    app = make_app({**ENV, **fleet.env(), "KLEIN_METRICS_TOKEN": METRICS_TOKEN, "KLEIN_KEYS_FILE": str(keys_file(tmp_path, team={"budget_usd": {"day": str(DAY_BUDGET)}}))})
+    assert httpx.post(f"{fleet['fal'].base_url}/_admin/knobs", json={"job": {"queue_ms": 5000}}, timeout=5).status_code == 200
+    with ServerThread(app) as server:
+        answer = httpx.post(f"{server.url}/v1/images/generations", json={**BODY, "model": "fal/flux-2-klein-4b"}, headers={**TEAM, "x-klein-deadline-ms": "1000"}, timeout=10)
+        assert answer.status_code == 504, answer.text
+        assert wait_until(lambda: settled_everywhere(app), timeout=8)
+        (row,) = ledger_rows(app)
+        stats = httpx.get(f"{fleet['fal'].base_url}/_admin/stats", timeout=5).json()
+        assert (stats["paid_calls"], stats["cancels"]) == (1, 1)
+        assert (row.status, row.estimated_usd) == (504, 0)
+        assert budget_spent(app, "team") == 0 == metric_total(server.url, "klein_cost_usd_total")
+        assert metric_total(server.url, "klein_possibly_billed_usd_total") == 0
+
+
+def submit_job(url: str, body: dict, headers: dict[str, str]) -> dict:
+    resp = httpx.post(f"{url}/v1/images/generations", json=body, headers={**headers, "prefer": "respond-async"}, timeout=10)
+    assert resp.status_code == 202, resp.text
+    return resp.json()
+
+
+def job_of(url: str, job_id: str, headers: dict[str, str]) -> dict:
+    return httpx.get(f"{url}/v1/images/jobs/{job_id}", headers=headers, timeout=5).json()
+
+
+def job_rows(app: Litestar) -> list[Any]:
+    """The ledger rows of job runs (the 202 that accepted the job has its own row, at 0)."""
+    return [r for r in ledger_rows(app) if r.route.endswith("_async")]
+
+
+def test_a_job_cancelled_while_its_provider_runs_ends_canceled_at_the_real_cost_with_no_further_attempt(fleet: EmulatorFleet, runflow_gateway: tuple[Litestar, ServerThread]) -> None:
+    """The cancel stops new spend, not paid work: Runflow's run ends and is billed, the job ends
+    `canceled` with that cost, and the reservation is settled only then (budget = ledger = metrics)."""
+    app, server = runflow_gateway
+    job = submit_job(server.url, PINNED, TEAM)
+    assert wait_until(lambda: paid_calls(fleet, "runflow") == 1, timeout=5)
+    cancel = httpx.post(f"{server.url}/v1/images/jobs/{job['id']}/cancel", headers=TEAM, timeout=10)
+    assert cancel.status_code == 200
+    assert cancel.json()["status"] == "running" and cancel.json()["cancel_requested_at"] is not None  # the run it paid for goes on
+    assert wait_until(lambda: job_of(server.url, job["id"], TEAM)["status"] == "canceled", timeout=8)
+    assert wait_until(lambda: len(job_rows(app)) == 1, timeout=3)
+    done = job_of(server.url, job["id"], TEAM)
+    (row,) = job_rows(app)
+    assert paid_calls(fleet, "runflow") == 1 and row.backend == "runflow" and row.attempts == 1
+    assert Decimal(done["cost_usd"]) == row.estimated_usd > 0
+    assert done["result"]["data"][0]["url"]  # the image was paid for, so it is the owner's
+    assert budget_spent(app, "team") == row.estimated_usd == metric_total(server.url, "klein_cost_usd_total")
+
+
+def test_a_job_cancelled_before_any_provider_call_ends_canceled_at_once_for_nothing(tmp_path: Path) -> None:
+    app = make_app({**ENV, "KLEIN_METRICS_TOKEN": METRICS_TOKEN, "KLEIN_KEYS_FILE": str(keys_file(tmp_path, team={"budget_usd": {"day": str(DAY_BUDGET)}, "backends": {"only": ["local"]}}))})
+    fakes = {"local": FakeAdapter("local", delay_s=5.0)}
+    install_fakes(app, fakes)
+
+    async def held_before_dispatch(job: Any, **kwargs: Any) -> Any:  # the run waits before any provider is called
+        await asyncio.sleep(30)
+        raise AssertionError("the cancel should have stopped the run first")
+
+    app.state.gateway.images = held_before_dispatch
+    with ServerThread(app) as server:
+        job = submit_job(server.url, BODY, TEAM)
+        assert wait_until(lambda: job_of(server.url, job["id"], TEAM)["status"] == "running", timeout=5)
+        cancel = httpx.post(f"{server.url}/v1/images/jobs/{job['id']}/cancel", headers=TEAM, timeout=10)
+        assert cancel.status_code == 200 and cancel.json()["status"] == "canceled", cancel.json()
+        assert cancel.json()["cost_usd"] == "0"
+        assert fakes["local"].calls == []
+        assert wait_until(lambda: len(job_rows(app)) == 1, timeout=3)
+        (row,) = job_rows(app)
+        assert (row.status, row.estimated_usd) == (499, 0) and budget_spent(app, "team") == 0

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from gateway.dispatch.produced import trusted_billed
 from gateway.domain.job import ImageJob, JobKind
 from gateway.jobs.model import JobRecord, job_to_dict, new_job_id
-from gateway.jobs.worker import JobWorker, trusted_billed
+from gateway.jobs.worker import JobWorker
 from gateway.money.budgets import to_units, windows_at, windows_to_json
 from gateway.money.keys import hash_key
 from gateway.money.ledger import UsageRow
@@ -203,6 +204,7 @@ async def test_a_taken_over_jobs_implausible_provider_figure_counts_as_the_quote
         (Decimal(-3), Decimal("0.01"), None),
         (Decimal("NaN"), Decimal("0.01"), None),
         (Decimal("-Infinity"), Decimal("0.01"), None),
+        (Decimal("0.002"), Decimal(0), Decimal("0.002")),  # a free quote bounds nothing
     ],
 )
 def test_a_providers_billed_figure_is_trusted_only_when_plausible(reported: Decimal | None, quoted: Decimal, trusted: Decimal | None) -> None:

@@ -118,6 +118,7 @@ class JobRecord:
     provider_jobs: dict[str, list[str]] = field(default_factory=dict)  # backend -> job ids submitted and not yet settled
     runs: int = 0  # times a worker has started the job (more than one after a crash)
     reservation: dict[str, Any] | None = None  # the owner's budget held for the run in progress: {"units", "windows"}; settled by whoever ends it
+    cancel_requested: float | None = None  # unix seconds: its owner asked to cancel while it ran; it ends `canceled` once its provider work is settled
 
     @property
     def terminal(self) -> bool:
@@ -141,6 +142,7 @@ class JobRecord:
             "error": self.error,
             "metadata": self.metadata,
             "webhook": self.webhook.public() if self.webhook else None,
+            "cancel_requested_at": int(self.cancel_requested) if self.cancel_requested is not None else None,
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from gateway.dispatch.attempts import Dispatcher, Outcome
 from gateway.dispatch.fleet import BackendFleet
+from gateway.dispatch.progress import Progress
 from gateway.domain.job import ImageJob
 from gateway.money.keys import KeyRing
 from gateway.money.tab import Billing, Tab
@@ -39,7 +40,8 @@ class Pipeline(Protocol):
         """The serving provider's own billed figure and its source, where it gave one."""
         ...
 
-    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None, keep_images_s: int | None = None) -> Outcome:
+    async def images(self, job: ImageJob, *, started: float, base_url: str, tab: Tab | None = None, keep_images_s: int | None = None, progress: Progress | None = None) -> Outcome:
         """Plan, dispatch and deliver `job`; raises DispatchFailed when every attempt failed.
-        `keep_images_s`: how long the images the gateway stores must live."""
+        `keep_images_s`: how long the images the gateway stores must live; `progress`:
+        what the caller learns of the dispatch, and how it asks it to stop (gateway/dispatch/progress.py)."""
         ...

@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from gateway.observability.metrics import GatewayMetrics
 
 log = logging.getLogger("gateway.jobs")
+
+CANCEL_WAIT_S = 3.0  # how long a cancel's answer waits for a running job to end
 
 
 class JobNotQueued(GatewayError):
@@ -67,6 +70,7 @@ class Jobs:
     signing_key: bytes | None  # None: KLEIN_WEBHOOK_SECRET unset, so webhooks are refused
     shared: bool  # True when every replica sees the same jobs (Redis)
     client: Any = None  # the Redis client, closed with the jobs
+    on_cancel: Callable[[JobRecord], None] | None = None  # this replica's worker, told at once of a cancel of a running job
 
     async def submit(self, record: JobRecord, metrics: GatewayMetrics) -> None:
         """Store the record, then queue it. The record comes first so that a
@@ -109,14 +113,26 @@ class Jobs:
         return record if record is not None and record.owner == owner else None
 
     async def cancel(self, owner: str | None, job_id: str, fleet: BackendFleet, metrics: GatewayMetrics) -> JobRecord | None:
-        """Cancel a queued or running job, and its provider jobs where the provider allows it."""
-        changed: list[bool] = []
+        """Cancel a job. A queued one ends `canceled` at once: nothing was spent.
+        A running one is marked `cancel_requested_at` and its worker stops it
+        without losing money (JobWorker._stop): it ends `canceled` once what its
+        provider jobs cost is settled. The answer waits up to CANCEL_WAIT_S
+        for that end, so a cancel that is free (before any provider call, or a
+        provider job still queued) answers `canceled`; one whose provider job
+        runs on answers `running` with `cancel_requested_at`."""
+        ended: list[str] = []
 
         def cancel(r: JobRecord) -> bool:
             if r.owner != owner or r.terminal:
                 return False
-            r.status, r.completed = "canceled", time.time()
-            changed.append(True)
+            if r.status == "queued":
+                r.status, r.completed = "canceled", time.time()
+                ended.append("canceled")
+                return True
+            if r.cancel_requested is not None:
+                return False
+            r.cancel_requested = time.time()
+            ended.append("requested")
             return True
 
         if await self.owned(owner, job_id) is None:
@@ -125,14 +141,17 @@ class Jobs:
             record = await self.store.update(job_id, cancel)
         if record is None or record.owner != owner:
             return None
-        if changed:
+        if ended == ["canceled"]:
             metrics.record_job_status("canceled")
-            for name, ids in record.provider_jobs.items():
-                backend = fleet.backends.get(name)
-                for provider_job_id in ids if backend is not None else ():
-                    with contextlib.suppress(Exception):
-                        await backend.adapter.cancel(provider_job_id)  # type: ignore[union-attr]
             await self.schedule_webhook(record)
+            return record
+        if ended and self.on_cancel is not None:
+            self.on_cancel(record)
+        waited = time.monotonic() + CANCEL_WAIT_S
+        while not record.terminal and time.monotonic() < waited:
+            await asyncio.sleep(0.05)
+            with store_reachable():
+                record = await self.store.get(job_id) or record
         return record
 
     async def list(self, owner: str | None, *, status: str | None, limit: int, after: str | None) -> tuple[list[JobRecord], bool]:

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from gateway.dispatch.answer import images_body
-from gateway.dispatch.attempts import Attempt, DispatchFailed, Outcome, tried
-from gateway.dispatch.produced import bill_produced, produced_megapixels, produced_size
+from gateway.dispatch.attempts import DispatchFailed, Outcome, tried
+from gateway.dispatch.followup import follow, outcome_of, settled_attempts
+from gateway.dispatch.progress import Progress, Unsettled
 from gateway.domain.errors import GatewayError
 from gateway.domain.job import ImageJob
 from gateway.jobs.model import JobRecord
@@ -39,10 +40,7 @@ from gateway.money.budgets import Window, from_units, to_units, windows_from_jso
 from gateway.money.keys import Caller
 from gateway.money.tab import OwnerKeyRevoked, Tab
 from gateway.net.pinning import AddressRefused, HostUnresolved, Resolver, SystemResolver
-from gateway.providers._caller_text import caller_message_of
-from gateway.providers.base import FailureClass, ProviderError, job_id_listener
-from gateway.redaction import redact
-from gateway.routing.pricing import usd
+from gateway.providers.base import FailureClass, job_id_listener
 
 if TYPE_CHECKING:
     from gateway.jobs.pipeline import Pipeline
@@ -50,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("klein.gateway.jobs")
 
-MAX_BILLED_OVER_QUOTE = 100  # a provider's figure above this many quotes is a fault, not a price
+CANCEL_POLL_S = 0.5  # how soon a cancel made on another replica reaches the job's worker
 MAX_RUNS = 5  # a job whose worker died this many times is failed, not retried forever
 EVENTS = {"succeeded": "image.job.succeeded", "failed": "image.job.failed", "canceled": "image.job.canceled"}
 
@@ -64,14 +62,10 @@ async def _nothing() -> None:
     return None
 
 
-def trusted_billed(reported: Decimal | None, quoted: Decimal) -> Decimal | None:
-    """A provider's own figure where it is a plausible price, else None (unknown):
-    negative, not finite, or more than MAX_BILLED_OVER_QUOTE quotes is a fault."""
-    if reported is None or not reported.is_finite() or reported < 0:
-        return None
-    if reported > quoted * MAX_BILLED_OVER_QUOTE:
-        return None
-    return usd(reported)
+async def _quietly(call: Awaitable[Any]) -> None:
+    """A provider cancel whose answer changes nothing here: the attempt learns the job's end by polling."""
+    with contextlib.suppress(Exception):
+        await call
 
 
 @dataclass
@@ -79,6 +73,8 @@ class _Running:
     record_id: str
     message: Message
     task: asyncio.Task[Any]
+    progress: Progress = field(default_factory=Progress)
+    stopping: bool = False  # its owner's cancel has been acted on
 
 
 @dataclass
@@ -100,7 +96,7 @@ class JobWorker:
     def start(self) -> None:
         s = self.jobs.settings
         self.webhook_client = self.webhook_client or delivery_client(self.resolver, self.jobs.allowlist)
-        loops = [self._slot(i) for i in range(s.job_concurrency)] + [self._heartbeat(), self._gauges(), self._webhooks()]
+        loops = [self._slot(i) for i in range(s.job_concurrency)] + [self._heartbeat(), self._cancel_watch(), self._gauges(), self._webhooks()]
         self._tasks = [asyncio.get_running_loop().create_task(loop) for loop in loops]
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -170,13 +166,15 @@ class JobWorker:
             return
         if record.runs == 1:
             self.gw.metrics.record_job_status("running")
-        task = asyncio.get_running_loop().create_task(self._run(record))
-        self._running[message.id] = _Running(record.id, message, task)
+        progress = Progress(stop_requested=record.cancel_requested is not None)
+        task = asyncio.get_running_loop().create_task(self._run(record, progress))
+        self._running[message.id] = _Running(record.id, message, task, progress)
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            if task.done() and task.cancelled():
-                await self.jobs.queue.ack(message)  # canceled by its owner: settled
+            if task.done() and task.cancelled():  # canceled by its owner before any provider was called: settled at 0
+                await self._finish(record.id, "canceled", cost=Decimal(0))
+                await self.jobs.queue.ack(message)
                 return
             raise  # the process is stopping: the job stays claimed for another replica
         finally:
@@ -185,20 +183,54 @@ class JobWorker:
         await self.jobs.queue.ack(message)
 
     async def _heartbeat(self) -> None:
-        """Keep this replica's claims fresh, and stop jobs their owners canceled."""
+        """Keep this replica's claims fresh."""
         s = self.jobs.settings
         while not self._stopping:
             await asyncio.sleep(max(0.2, s.job_visibility_timeout_s / 3))
             running = list(self._running.values())
-            if not running:
-                continue
-            with contextlib.suppress(Exception):
-                await self.jobs.queue.touch(self.consumer, [r.message.id for r in running])
-            for r in running:
+            if running:
+                with contextlib.suppress(Exception):
+                    await self.jobs.queue.touch(self.consumer, [r.message.id for r in running])
+
+    async def _cancel_watch(self) -> None:
+        """Act on cancels made on other replicas within CANCEL_POLL_S (this replica's own arrive at once, `cancel_requested`)."""
+        while not self._stopping:
+            await asyncio.sleep(CANCEL_POLL_S)
+            for r in list(self._running.values()):
+                if r.stopping or r.task.done():
+                    continue
                 with contextlib.suppress(Exception):
                     current = await self.jobs.store.get(r.record_id)
-                    if current is not None and current.status == "canceled" and not r.task.done():
-                        r.task.cancel()  # dispatch cancels the provider job where it can
+                    if current is not None and current.cancel_requested is not None:
+                        self._stop(r, current)
+
+    def cancel_requested(self, record: JobRecord) -> None:
+        """Its owner asked to cancel `record`, running on this replica (or not here at all)."""
+        for r in list(self._running.values()):
+            if r.record_id == record.id:
+                self._stop(r, record)
+
+    def _stop(self, r: _Running, record: JobRecord) -> None:
+        """Stop a canceled job without losing money: before any provider was
+        called the run is simply cancelled (nothing spent). After, no further
+        attempt starts, and its provider jobs are asked to cancel: what they
+        cost is what the provider's own end says (a queued job cancelled is
+        free; one that ran is billed), settled when the attempt ends."""
+        if r.stopping or r.task.done():
+            return
+        r.stopping = True
+        r.progress.stop_requested = True
+        if not r.progress.handed_over:
+            r.task.cancel()
+            return
+        for name, ids in record.provider_jobs.items():
+            backend = self.gw.fleet.backends.get(name)
+            if backend is None:
+                continue
+            for provider_job_id in ids:
+                task = asyncio.get_running_loop().create_task(_quietly(backend.adapter.cancel(provider_job_id)))
+                self._deliveries.add(task)
+                task.add_done_callback(self._deliveries.discard)
 
     async def _gauges(self) -> None:
         while not self._stopping:
@@ -209,7 +241,8 @@ class JobWorker:
 
     # ---- running one job -----------------------------------------------------
 
-    async def _run(self, record: JobRecord) -> None:
+    async def _run(self, record: JobRecord, progress: Progress | None = None) -> None:
+        progress = progress or Progress(stop_requested=record.cancel_requested is not None)
         job = record.image_job()
         started = time.monotonic() - max(0.0, time.time() - record.created)
         pending: list[asyncio.Task[Any]] = []
@@ -241,8 +274,13 @@ class JobWorker:
                 raise OwnerKeyRevoked(f"the key that submitted this job ({record.owner}) is no longer in force, so the job was not run")
             await tab.ensure_budget_left()
             outcome, extra_cost, extra_attempts = await self._resume(record, job, started, tab)
+            if outcome is None and progress.stop_requested:
+                raise GatewayError("the job was canceled by its owner", status=499, code="job_canceled", retryable=False)
             if outcome is None:
-                outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab, keep_images_s=self._keep_images_s)
+                try:
+                    outcome = await self.gw.images(job, started=started, base_url=record.base_url, tab=tab, keep_images_s=self._keep_images_s, progress=progress)
+                except DispatchFailed as err:
+                    outcome = await self._follow_up(err, record)  # the deadline left a provider job running: its end decides
             spent, attempts = outcome.cost_usd + extra_cost, outcome.tried + extra_attempts
             backend, upstream, status = outcome.backend, outcome.upstream_s, 200
             body = images_body(job, outcome)
@@ -281,6 +319,30 @@ class JobWorker:
             self.gw.metrics.observe_request(route=f"{record.route}_async", status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
         # Terminal only once settled: whoever sees the job end finds its ledger row and its budget settled.
         await finish()
+
+    async def _follow_up(self, err: DispatchFailed, record: JobRecord) -> Outcome:
+        """Follow the provider jobs the job's deadline left running: a success
+        is the job's outcome (late, but paid for); otherwise `err` is raised
+        again with what they cost (gateway/dispatch/followup.py)."""
+        if not err.unsettled:
+            raise err
+        followed = [await follow(self.gw.dispatcher, u, base_url=record.base_url, keep_images_s=self._keep_images_s) for u in err.unsettled]
+        outcome = outcome_of(err, followed)
+        if outcome is not None:
+            return outcome
+        cost = err.cost_usd + sum((f.cost_usd for f in followed), Decimal(0))
+        possibly = sum((f.possibly_billed_usd for f in followed), Decimal(0))
+        raise DispatchFailed(
+            err.message,
+            status=err.status,
+            code=err.code or "deadline_exceeded",
+            attempts=settled_attempts(err, followed),
+            cost_usd=cost,
+            upstream_s=err.upstream_s,
+            retryable=err.retryable,
+            type_=err.type,
+            possibly_billed_usd=possibly,
+        )
 
     def _carry_reservation(self, record: JobRecord, tab: Tab) -> None:
         """Adopt the reservation a dead run left in the record, and note every
@@ -348,48 +410,28 @@ class JobWorker:
         quote = to_units(backend.bill(job, job.n))
         if quote > tab.reserved_units:  # what the dead run held may already cover it
             await tab.reserve_amount(from_units(quote - tab.reserved_units))  # before the provider is asked anything
-        deadline = started + job.deadline_s
-        t0 = time.monotonic()
-        try:
-            result = await backend.adapter.resume(job, ids, deadline)
-            images = await self.gw.dispatcher.shaper.shape(job, result.images, backend=name, deadline=deadline, base_url=record.base_url, keep_s=self._keep_images_s)
-        except ProviderError as err:
-            elapsed = time.monotonic() - t0
-            cost = backend.bill(job, job.n) if err.billed else Decimal(0)
-            self.gw.metrics.observe_attempt(backend=name, outcome=err.failure.value, latency_s=elapsed)
-            if cost:
-                self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=Decimal(0), images=0, baseline_usd=Decimal(0))
-            log.info("%s resume %s: %s", name, err.failure.value, redact(err.message))  # the provider's words, for the operator only
-            attempt = Attempt(name, err.failure.value, elapsed, cost, err.status, caller_message_of(name, err))
-            if err.failure is FailureClass.CONTENT_FILTERED:
-                raise DispatchFailed(
-                    "the image was flagged by the safety checker",
-                    status=400,
-                    code="content_policy_violation",
-                    attempts=[attempt],
-                    cost_usd=cost,
-                    upstream_s=elapsed,
-                    retryable=False,
-                    type_="invalid_request_error",
-                ) from None
-            if time.monotonic() >= deadline:
-                raise DispatchFailed(
-                    f"no backend answered within the {job.deadline_s:g}s deadline", status=504, code="deadline_exceeded", attempts=[attempt], cost_usd=cost, upstream_s=elapsed, retryable=True
-                ) from None
-            await self._forget_provider_jobs(record.id)
-            return None, cost, 1
-        elapsed = time.monotonic() - t0
-        quoted = bill_produced(backend, job, images)
-        billed = trusted_billed(result.reported_cost_usd, quoted)
-        if billed is None and result.reported_cost_usd is not None:
-            log.warning("job %s: %s reported a cost of %s USD for the taken-over job; counted at the quote instead", record.id, name, result.reported_cost_usd)
-        cost = billed if billed is not None else quoted
-        megapixels = produced_megapixels(job, images)
-        self.gw.metrics.observe_attempt(backend=name, outcome="success", latency_s=elapsed)
-        self.gw.metrics.record_spend(backend=name, caller=job.caller, usd=cost, megapixels=megapixels, images=len(images), baseline_usd=backend.baseline_quote(job))
-        log.info("job %s: followed its %s job to the end after taking it over", record.id, name)
-        outcome = Outcome(name, images, [Attempt(name, "success", elapsed, cost, billed_usd=billed)], cost, elapsed, result.seed, size=produced_size(job, images), megapixels=megapixels)
-        return outcome, Decimal(0), 0
+        # Followed to the provider's own end, past the job's deadline if need be: the money follows the provider.
+        followed = await follow(self.gw.dispatcher, Unsettled(name, job, tuple(ids), from_units(quote)), base_url=record.base_url, keep_images_s=self._keep_images_s)
+        attempt = followed.attempt
+        if followed.succeeded:
+            log.info("job %s: followed its %s job to the end after taking it over", record.id, name)
+            outcome = Outcome(name, followed.images, [attempt], followed.cost_usd, attempt.latency_s, followed.seed, size=followed.size, megapixels=followed.megapixels)
+            return outcome, Decimal(0), 0
+        filtered = attempt.outcome == FailureClass.CONTENT_FILTERED.value
+        if filtered or time.monotonic() >= started + job.deadline_s:  # flagged, or no time left to run it afresh
+            raise DispatchFailed(
+                "the image was flagged by the safety checker" if filtered else f"no backend answered within the {job.deadline_s:g}s deadline",
+                status=400 if filtered else 504,
+                code="content_policy_violation" if filtered else "deadline_exceeded",
+                attempts=[attempt],
+                cost_usd=followed.cost_usd,
+                upstream_s=attempt.latency_s,
+                retryable=not filtered,
+                type_="invalid_request_error" if filtered else "server_error",
+                possibly_billed_usd=followed.possibly_billed_usd,
+            )
+        await self._forget_provider_jobs(record.id)
+        return None, followed.cost_usd, 1
 
     async def _forget_provider_jobs(self, job_id: str) -> None:
         def forget(r: JobRecord) -> bool:
@@ -401,26 +443,28 @@ class JobWorker:
     async def _finish(
         self, job_id: str, status: str, *, backend: str | None = None, cost: Decimal | None = None, attempts: int = 0, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None
     ) -> None:
-        """Record the outcome (a cancel that came first keeps its status, but
-        the money spent is still recorded) and schedule the webhook."""
+        """Record the outcome and schedule the webhook. A job whose owner asked
+        to cancel it ends `canceled`, with what it really cost (and the image,
+        where its provider job made one before it stopped: it was paid for)."""
         if self._abandoned:
             return
-        changed: list[bool] = []
+        ended: list[str] = []
 
         def end(r: JobRecord) -> bool:
             r.cost_usd = cost if cost is not None else r.cost_usd
             r.attempts += attempts
             if r.terminal:
-                changed.append(False)
                 return True
-            r.status, r.completed = status, time.time()  # type: ignore[assignment]
-            r.backend, r.result, r.error = backend, result, error
-            changed.append(True)
+            final = "canceled" if r.cancel_requested is not None else status
+            r.status, r.completed = final, time.time()  # type: ignore[assignment]
+            r.backend, r.result = backend, result
+            r.error = None if final == "canceled" and result is not None else error
+            ended.append(final)
             return True
 
         record = await self.jobs.store.update(job_id, end)
-        if record is not None and changed and changed[0]:
-            self.gw.metrics.record_job_status(status)
+        if record is not None and ended:
+            self.gw.metrics.record_job_status(ended[0])
             await self.jobs.schedule_webhook(record)
 
     # ---- webhooks ------------------------------------------------------------
