@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import socket
 import threading
@@ -165,3 +166,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def send_then_abandon(url: str, body: dict, *, after_s: float, headers: Mapping[str, str] | None = None) -> None:
+    """POST a generation over a raw socket, wait `after_s`, and close the connection unanswered.
+
+    Asserts the gateway sent nothing back before the caller left, so the test
+    really abandons a request that was still being worked on.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n{extra}content-length: {len(payload)}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head + payload)
+        time.sleep(after_s)
+        sock.settimeout(0.05)
+        try:
+            early = sock.recv(1)
+        except TimeoutError:
+            early = b""
+        assert early == b"", "the gateway answered before the caller left"
