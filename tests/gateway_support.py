@@ -1,5 +1,6 @@
 """Building blocks for gateway tests: an app from the shipped config, fake
-adapters, and a real uvicorn server on a free loopback port."""
+adapters, a scripted DNS resolver, and a real uvicorn server on a free
+loopback port."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import ImageJob
+from gateway.net.pinning import HostUnresolved
 from gateway.observability.metrics import GatewayMetrics
 from gateway.providers.base import Adapter, FailureClass, GeneratedImage, ProbeResult, ProviderError, ProviderResult
 
@@ -125,6 +128,30 @@ def install_fakes(app: Litestar, fakes: Mapping[str, FakeAdapter]) -> None:
     backends = app.state.gateway.fleet.backends
     for name, fake in fakes.items():
         backends[name].adapter = fake
+
+
+class ScriptedResolver:
+    """DNS answers a test writes, never asked of real DNS.
+
+    `answers` maps a name to one list of addresses per lookup (the last one
+    repeated for every later lookup), or to "timeout" for a resolver that
+    times out (a retryable HostUnresolved); any other name does not exist (a
+    permanent HostUnresolved). `calls` records every name asked, in order.
+    """
+
+    def __init__(self, answers: Mapping[str, list[list[str]] | str]) -> None:
+        self.answers = answers
+        self.calls: list[str] = []
+
+    async def resolve(self, host: str, port: int) -> list[IPv4Address | IPv6Address]:
+        self.calls.append(host)
+        script = self.answers.get(host)
+        if script is None:
+            raise HostUnresolved(host, permanent=True)
+        if script == "timeout":
+            raise HostUnresolved(host, permanent=False)
+        turn = self.calls.count(host) - 1
+        return [ip_address(a) for a in script[min(turn, len(script) - 1)]]
 
 
 def free_port() -> int:
