@@ -1,15 +1,18 @@
 """Building blocks for gateway tests: an app from the shipped config, fake
-adapters, and a real uvicorn server on a free loopback port."""
+adapters, a scripted DNS resolver, and a real uvicorn server on a free
+loopback port."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import ImageJob
+from gateway.net.pinning import HostUnresolved
 from gateway.observability.metrics import GatewayMetrics
 from gateway.providers.base import Adapter, FailureClass, GeneratedImage, ProbeResult, ProviderError, ProviderResult
 
@@ -126,6 +130,30 @@ def install_fakes(app: Litestar, fakes: Mapping[str, FakeAdapter]) -> None:
         backends[name].adapter = fake
 
 
+class ScriptedResolver:
+    """DNS answers a test writes, never asked of real DNS.
+
+    `answers` maps a name to one list of addresses per lookup (the last one
+    repeated for every later lookup), or to "timeout" for a resolver that
+    times out (a retryable HostUnresolved); any other name does not exist (a
+    permanent HostUnresolved). `calls` records every name asked, in order.
+    """
+
+    def __init__(self, answers: Mapping[str, list[list[str]] | str]) -> None:
+        self.answers = answers
+        self.calls: list[str] = []
+
+    async def resolve(self, host: str, port: int) -> list[IPv4Address | IPv6Address]:
+        self.calls.append(host)
+        script = self.answers.get(host)
+        if script is None:
+            raise HostUnresolved(host, permanent=True)
+        if script == "timeout":
+            raise HostUnresolved(host, permanent=False)
+        turn = self.calls.count(host) - 1
+        return [ip_address(a) for a in script[min(turn, len(script) - 1)]]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,3 +193,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def send_then_abandon(url: str, body: dict, *, after_s: float, headers: Mapping[str, str] | None = None) -> None:
+    """POST a generation over a raw socket, wait `after_s`, and close the connection unanswered.
+
+    Asserts the gateway sent nothing back before the caller left, so the test
+    really abandons a request that was still being worked on.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n{extra}content-length: {len(payload)}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head + payload)
+        time.sleep(after_s)
+        sock.settimeout(0.05)
+        try:
+            early = sock.recv(1)
+        except TimeoutError:
+            early = b""
+        assert early == b"", "the gateway answered before the caller left"

@@ -15,9 +15,6 @@ The gateway runs in-process (uvicorn in a thread) over the emulators on
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -34,7 +31,7 @@ from gateway.money.budgets import windows_at
 from gateway.money.keys import hash_key
 from gateway.providers.base import FailureClass, ProviderError
 from tests.emulators import EmulatorFleet
-from tests.gateway_support import ENV, FakeAdapter, ServerThread, install_fakes, make_app, wait_until
+from tests.gateway_support import ENV, FakeAdapter, ServerThread, install_fakes, make_app, send_then_abandon, wait_until
 
 BODY = {"prompt": "a lighthouse at dusk", "size": "1024x1024", "response_format": "url"}
 DAY_BUDGET = Decimal("0.05")
@@ -46,23 +43,6 @@ def keys_file(tmp_path: Path, **keys: dict) -> Path:
     path = tmp_path / "keys.yaml"
     path.write_text(yaml.safe_dump({"keys": [{"name": name, "key_sha256": hash_key(f"secret-{name}"), **spec} for name, spec in keys.items()]}))
     return path
-
-
-def abandon(url: str, body: dict, *, after_s: float, headers: dict[str, str]) -> None:
-    """Send a generation over a raw socket and close the connection after `after_s`, unanswered."""
-    host, port = url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
-    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    head = f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\n{extra}content-length: {len(payload)}\r\n\r\n".encode()
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(head + payload)
-        time.sleep(after_s)
-        sock.settimeout(0.05)
-        try:
-            early = sock.recv(1)
-        except TimeoutError:
-            early = b""
-        assert early == b"", "the gateway answered before the caller left"
 
 
 def budget_spent(app: Litestar, key: str) -> Decimal:
@@ -118,7 +98,7 @@ TEAM = {"authorization": "Bearer secret-team"}
 
 def test_a_caller_who_leaves_while_the_provider_runs_is_billed_the_real_cost_everywhere(fleet: EmulatorFleet, runflow_gateway: tuple[Litestar, ServerThread]) -> None:
     app, server = runflow_gateway
-    abandon(server.url, PINNED, after_s=0.8, headers=TEAM)
+    send_then_abandon(server.url, PINNED, after_s=0.8, headers=TEAM)
     assert wait_until(lambda: settled(app), timeout=8), "the abandoned job did not run to its end"
     rows = ledger_rows(app)
     assert len(rows) == 1, [(r.route, r.status, r.key_name, r.backend, r.estimated_usd) for r in rows]
@@ -135,7 +115,7 @@ def test_a_caller_who_leaves_while_the_provider_runs_is_billed_the_real_cost_eve
 def test_an_abandoned_request_with_an_idempotency_key_keeps_the_image_for_the_retry(fleet: EmulatorFleet, runflow_gateway: tuple[Litestar, ServerThread]) -> None:
     app, server = runflow_gateway
     headers = {**TEAM, "idempotency-key": "lighthouse-1"}
-    abandon(server.url, PINNED, after_s=0.8, headers=headers)
+    send_then_abandon(server.url, PINNED, after_s=0.8, headers=headers)
     assert wait_until(lambda: settled(app), timeout=8)
     retry = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers=headers, timeout=15)
     assert retry.status_code == 200, retry.text
@@ -157,7 +137,7 @@ def test_a_billed_delivery_failure_then_a_disconnect_during_the_fallback_settles
     }
     install_fakes(app, fakes)
     with ServerThread(app) as server:
-        abandon(server.url, BODY, after_s=0.8, headers=TEAM)
+        send_then_abandon(server.url, BODY, after_s=0.8, headers=TEAM)
         assert wait_until(lambda: settled(app), timeout=8)
         (row,) = ledger_rows(app)
         assert (row.status, row.backend, row.attempts) == (499, "replicate", 2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Awaitable, Callable
-from ipaddress import ip_address
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,24 +31,9 @@ from gateway.jobs.worker import JobWorker
 from gateway.net.addresses import HostRefused
 from gateway.net.pinning import HostUnresolved, public_addresses
 from gateway.observability.metrics import GatewayMetrics
+from tests.gateway_support import ScriptedResolver
 
 PUBLIC_V4 = "93.184.216.34"
-
-
-class StubResolver:
-    """Answers a test writes per name (one list per lookup, the last repeated); any other name does not exist."""
-
-    def __init__(self, answers: dict[str, list[list[str]]]) -> None:
-        self.answers = answers
-        self.calls: list[str] = []
-
-    async def resolve(self, host: str, port: int) -> list[Any]:
-        self.calls.append(host)
-        script = self.answers.get(host)
-        if script is None:
-            raise HostUnresolved(host, permanent=True)
-        turn = self.calls.count(host) - 1
-        return [ip_address(a) for a in script[min(turn, len(script) - 1)]]
 
 
 NAMES = {
@@ -116,18 +100,18 @@ POLICY = [
 async def judged_by_policy(host: str) -> None:
     hostname = urlsplit(f"https://{host}/").hostname or ""
     try:
-        await public_addresses(hostname, 443, StubResolver(NAMES))
+        await public_addresses(hostname, 443, ScriptedResolver(NAMES))
     except (HostRefused, HostUnresolved) as exc:
         raise InvalidRequest(str(exc)) from exc
 
 
 async def judged_as_reference(host: str) -> None:
     ref = parse_reference(f"https://{host}/cat.png", "images[0]")
-    await vet_reference_hosts([ref], StubResolver(NAMES))
+    await vet_reference_hosts([ref], ScriptedResolver(NAMES))
 
 
 async def judged_as_webhook(host: str) -> None:
-    await vet_url(f"https://{host}/hook", Allowlist(), StubResolver(NAMES))
+    await vet_url(f"https://{host}/hook", Allowlist(), ScriptedResolver(NAMES))
 
 
 CALLERS: dict[str, Callable[[str], Awaitable[None]]] = {"policy": judged_by_policy, "reference": judged_as_reference, "webhook": judged_as_webhook}
@@ -162,7 +146,7 @@ async def test_a_webhook_url_that_cannot_be_parsed_is_a_400_not_a_500(url: str, 
     with pytest.raises(InvalidRequest, match=why) as at_check:
         check_url(url, Allowlist())
     with pytest.raises(InvalidRequest, match=why) as at_submit:
-        await vet_url(url, Allowlist(), StubResolver(NAMES))
+        await vet_url(url, Allowlist(), ScriptedResolver(NAMES))
     for caught in (at_check, at_submit):
         assert caught.value.param == "webhook_url" and caught.value.code == "invalid_webhook_url"
 
@@ -192,10 +176,10 @@ async def test_a_webhook_host_whose_resolver_times_out_is_a_retryable_503() -> N
 async def test_the_webhook_allowlist_is_the_only_way_past_the_policy(allow: list[str], url: str, allowed: bool) -> None:
     allowlist = Allowlist.parse(allow)
     if allowed:
-        assert await vet_url(url, allowlist, StubResolver(NAMES)) == url
+        assert await vet_url(url, allowlist, ScriptedResolver(NAMES)) == url
     else:
         with pytest.raises(InvalidRequest):
-            await vet_url(url, allowlist, StubResolver(NAMES))
+            await vet_url(url, allowlist, ScriptedResolver(NAMES))
 
 
 # ---- delivery ----------------------------------------------------------------
@@ -242,7 +226,7 @@ class _Answer204(httpcore.AsyncNetworkStream):
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 
 
-async def deliver_once(url: str, resolver: StubResolver, receiver: Receiver) -> Webhook:
+async def deliver_once(url: str, resolver: ScriptedResolver, receiver: Receiver) -> Webhook:
     """One delivery of a finished job's webhook through the worker, with the production client."""
     settings = GatewaySettings(webhook_retry_delays_s=[5.0])
     jobs = open_jobs(settings, {"KLEIN_WEBHOOK_SECRET": SECRET})
@@ -261,7 +245,7 @@ async def deliver_once(url: str, resolver: StubResolver, receiver: Receiver) -> 
 
 async def test_webhook_delivery_connects_to_the_address_it_judged_while_dns_rebinds() -> None:
     """First answer public, every later one 127.0.0.1: one lookup, and the socket goes to the public address."""
-    resolver = StubResolver({"hooks.example": [[PUBLIC_V4], ["127.0.0.1"]]})
+    resolver = ScriptedResolver({"hooks.example": [[PUBLIC_V4], ["127.0.0.1"]]})
     receiver = Receiver()
     webhook = await deliver_once("https://hooks.example:8443/hook", resolver, receiver)
     assert resolver.calls == ["hooks.example"]
@@ -270,7 +254,7 @@ async def test_webhook_delivery_connects_to_the_address_it_judged_while_dns_rebi
 
 
 async def test_webhook_accepted_at_submit_is_given_up_when_its_name_rebinds_to_loopback() -> None:
-    resolver = StubResolver({"hooks.example": [[PUBLIC_V4], ["127.0.0.1"]]})
+    resolver = ScriptedResolver({"hooks.example": [[PUBLIC_V4], ["127.0.0.1"]]})
     assert await vet_url("https://hooks.example/hook", Allowlist(), resolver)  # the submit-time check sees the public answer
     receiver = Receiver()
     webhook = await deliver_once("https://hooks.example/hook", resolver, receiver)
@@ -292,6 +276,6 @@ async def test_webhook_accepted_at_submit_is_given_up_when_its_name_rebinds_to_l
 )
 async def test_a_webhook_delivery_that_cannot_be_made_is_given_up_and_recorded(url: str) -> None:
     receiver = Receiver()
-    webhook = await deliver_once(url, StubResolver({"hooks.example": [[PUBLIC_V4]]}), receiver)
+    webhook = await deliver_once(url, ScriptedResolver({"hooks.example": [[PUBLIC_V4]]}), receiver)
     assert receiver.asked == []
     assert not webhook.delivered and webhook.attempts == 1 and webhook.refusal

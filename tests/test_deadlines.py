@@ -23,8 +23,6 @@ thread), the emulators are in a thread of their own.
 from __future__ import annotations
 
 import contextlib
-import json
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +33,7 @@ import pytest
 import yaml
 
 from tests.emulators import EmulatorFleet
-from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app, wait_until
+from tests.gateway_support import PROVIDERS_YAML, ServerThread, make_app, send_then_abandon, wait_until
 
 # 1024x1024: a size every backend can make exactly (Replicate only makes its 1 MP table).
 BODY = {"prompt": "a lighthouse at dusk", "size": "1024x1024", "response_format": "url"}
@@ -171,22 +169,6 @@ def test_fal_drops_a_queued_job_at_the_time_the_gateway_gave_it_so_none_is_bille
     assert stats(fleet, "fal")["requests"].get("cancel", 0) == 0
 
 
-def abandon(url: str, body: dict, *, deadline_ms: int, after_s: float) -> None:
-    """Send a generation over a raw socket and close the connection after `after_s`."""
-    host, port = url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
-    head = (f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}:{port}\r\ncontent-type: application/json\r\nx-klein-deadline-ms: {deadline_ms}\r\ncontent-length: {len(payload)}\r\n\r\n").encode()
-    with socket.create_connection((host, int(port)), timeout=5) as sock:
-        sock.sendall(head + payload)
-        time.sleep(after_s)
-        sock.settimeout(0.05)
-        try:
-            early = sock.recv(1)
-        except TimeoutError:
-            early = b""
-        assert early == b"", "the gateway answered before the caller left"
-
-
 SHORT_JOB = {"job": {"run_ms": 1500}}  # ends long before the deadline; the caller leaves first
 
 
@@ -210,7 +192,7 @@ def test_request_abandoned_by_its_caller_after_submitting_runs_its_job_to_the_en
     path = request.getfixturevalue(config) if config else PROVIDERS_YAML
     with serving(fleet, path) as server:
         set_knobs(fleet, backend, SHORT_JOB)
-        abandon(server.url, pinned(backend), deadline_ms=20_000, after_s=0.6)
+        send_then_abandon(server.url, pinned(backend), after_s=0.6, headers={"x-klein-deadline-ms": "20000"})
         assert stats(fleet, backend)["paid_calls"] == 1
         assert wait_until(lambda: bool(finished(server)), timeout=5.0)
         seen = stats(fleet, backend)
@@ -220,7 +202,7 @@ def test_request_abandoned_by_its_caller_after_submitting_runs_its_job_to_the_en
 
 def test_abandoned_request_is_counted_as_client_closed_not_as_a_server_error(fleet: EmulatorFleet, server: ServerThread) -> None:
     set_knobs(fleet, "fal", SHORT_JOB)
-    abandon(server.url, pinned("fal"), deadline_ms=20_000, after_s=0.6)
+    send_then_abandon(server.url, pinned("fal"), after_s=0.6, headers={"x-klein-deadline-ms": "20000"})
     assert wait_until(lambda: bool(finished(server)), timeout=5.0)
     lines = finished(server)
     assert not [line for line in lines if 'status_class="5xx"' in line], lines

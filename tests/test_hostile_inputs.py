@@ -112,6 +112,45 @@ class Row:
 
 
 JSON = {"content-type": "application/json"}
+ASYNC = {"prefer": "respond-async"}
+MULTIPART_B = {"content-type": "multipart/form-data; boundary=b"}
+PROMPT_NOT_UTF8 = b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n\xff\xfe\xc3\r\n--b--\r\n'  # a multipart body whose prompt is not UTF-8
+
+
+def upload(data: bytes = GOOD_PNG, name: str = "a.png") -> dict[str, Any]:
+    """The `files` of an edit that uploads one image, labelled image/png whatever `data` is."""
+    return {"image": (name, data, "image/png")}
+
+
+def form(**fields: str) -> dict[str, str]:
+    """The text fields of an edit: a prompt, and `fields`."""
+    return {"prompt": "x", **fields}
+
+
+# (row id, what the message says, a reference image URL refused before anything is fetched: 400 invalid_image_url)
+REFUSED_REFERENCE_URLS = [
+    ("ref_javascript_url", "http(s)", "javascript:alert(1)"),
+    ("ref_file_url", "http(s)", "file:///etc/passwd"),
+    ("ref_loopback", "public", "http://127.0.0.1/a.png"),
+    ("ref_localhost_name", "public", "http://localhost:8080/a.png"),
+    ("ref_metadata_ip", "public", "http://169.254.169.254/latest/meta-data/"),
+    ("ref_ipv4_mapped_ipv6", "public", "http://[::ffff:127.0.0.1]/a.png"),
+    ("ref_url_5000_chars", "too long", "https://example.com/" + "a" * 5000),
+    ("ref_decimal_ip", "public", "http://2852039166/a.png"),
+    ("ref_short_loopback", "public", "http://127.1/a.png"),
+    ("ref_hex_loopback", "public", "http://0x7f000001/a.png"),
+    ("ref_nat64_private", "public", "http://[64:ff9b::a00:5]/a.png"),
+    ("ref_6to4_private", "public", "http://[2002:7f00:1::]/a.png"),
+    ("ref_unbalanced_bracket", "url", "http://[::1/x.png"),
+    ("ref_port_out_of_range", "port", "http://example.com:99999/a.png"),
+    ("ref_port_not_a_number", "port", "http://example.com:abc/a.png"),
+]
+
+
+def async_metadata(id: str, says: str, metadata: str) -> Row:
+    """An async edit whose metadata field is past its bounds."""
+    return Row(id, "POST", EDIT, 400, says, "invalid_metadata", "metadata", files=upload(name="ref.png"), data=form(size="512x512", metadata=metadata), headers=ASYNC)
+
 
 ROWS: list[Row] = [
     # ---- JSON bodies that break parsers -------------------------------------------------
@@ -179,53 +218,19 @@ ROWS: list[Row] = [
     Row("ref_over_pixel_cap", "POST", GEN, 413, "pixels", "payload_too_large", "images[0]", json=gen(images=[data_uri(OVER_CAP_PNG)])),
     Row("ref_gif", "POST", GEN, 415, "png, jpeg or webp", "unsupported_media_type", "images[0]", json=gen(images=[data_uri(b"GIF89a" + b"\x00" * 64, "image/gif")])),
     Row("ref_not_base64", "POST", GEN, 400, "base64", "invalid_image", "images[0]", json=gen(images=["data:image/png;base64,****"])),
-    Row("ref_javascript_url", "POST", GEN, 400, "http(s)", "invalid_image_url", "images[0]", json=gen(images=["javascript:alert(1)"])),
-    Row("ref_file_url", "POST", GEN, 400, "http(s)", "invalid_image_url", "images[0]", json=gen(images=["file:///etc/passwd"])),
-    Row("ref_loopback", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://127.0.0.1/a.png"])),
-    Row("ref_localhost_name", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://localhost:8080/a.png"])),
-    Row("ref_metadata_ip", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://169.254.169.254/latest/meta-data/"])),
-    Row("ref_ipv4_mapped_ipv6", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://[::ffff:127.0.0.1]/a.png"])),
-    Row("ref_url_5000_chars", "POST", GEN, 400, "too long", "invalid_image_url", "images[0]", json=gen(images=["https://example.com/" + "a" * 5000])),
-    Row("ref_decimal_ip", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://2852039166/a.png"])),
-    Row("ref_short_loopback", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://127.1/a.png"])),
-    Row("ref_hex_loopback", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://0x7f000001/a.png"])),
-    Row("ref_nat64_private", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://[64:ff9b::a00:5]/a.png"])),
-    Row("ref_6to4_private", "POST", GEN, 400, "public", "invalid_image_url", "images[0]", json=gen(images=["http://[2002:7f00:1::]/a.png"])),
-    Row("ref_unbalanced_bracket", "POST", GEN, 400, "url", "invalid_image_url", "images[0]", json=gen(images=["http://[::1/x.png"])),
-    Row("ref_port_out_of_range", "POST", GEN, 400, "port", "invalid_image_url", "images[0]", json=gen(images=["http://example.com:99999/a.png"])),
-    Row("ref_port_not_a_number", "POST", GEN, 400, "port", "invalid_image_url", "images[0]", json=gen(images=["http://example.com:abc/a.png"])),
+    *(Row(id, "POST", GEN, 400, says, "invalid_image_url", "images[0]", json=gen(images=[url])) for id, says, url in REFUSED_REFERENCE_URLS),
     # ---- multipart edits --------------------------------------------------------------
-    Row("upload_over_per_image_cap", "POST", EDIT, 413, "limit", "payload_too_large", "image", files={"image": ("a.png", GOOD_PNG + b"\x00" * MAX_REFERENCE_BYTES, "image/png")}, data={"prompt": "x"}),
-    Row("upload_truncated_png", "POST", EDIT, 422, "could not be decoded", "invalid_image", "image", files={"image": ("a.png", TRUNCATED_PNG, "image/png")}, data={"prompt": "x"}),
-    Row("upload_corrupt_png", "POST", EDIT, 422, "could not be decoded", "invalid_image", "image", files={"image": ("a.png", CORRUPT_PNG, "image/png")}, data={"prompt": "x"}),
-    Row("upload_bomb_png", "POST", EDIT, 413, "pixels", "payload_too_large", "image", files={"image": ("a.png", BOMB_PNG, "image/png")}, data={"prompt": "x"}),
-    Row("upload_text_as_png", "POST", EDIT, 415, "png, jpeg or webp", "unsupported_media_type", "image", files={"image": ("a.png", b"#!/bin/sh\nrm -rf /\n", "image/png")}, data={"prompt": "x"}),
-    Row("upload_image_as_text_field", "POST", EDIT, 400, "file upload", "invalid_image", "image", data={"prompt": "x", "image": "not a file"}),
-    Row("upload_unknown_file_field", "POST", EDIT, 400, "unexpected file field", "invalid_image", "payload", files={"payload": ("a.png", GOOD_PNG, "image/png")}, data={"prompt": "x"}),
-    Row("upload_mask", "POST", EDIT, 400, "mask", "unsupported_parameter", "mask", files={"image": ("a.png", GOOD_PNG, "image/png"), "mask": ("m.png", GOOD_PNG, "image/png")}, data={"prompt": "x"}),
-    Row(
-        "upload_provider_not_json",
-        "POST",
-        EDIT,
-        400,
-        "provider is not valid json",
-        "invalid_json",
-        "provider",
-        files={"image": ("a.png", GOOD_PNG, "image/png")},
-        data={"prompt": "x", "provider": "{fal"},
-    ),
-    Row(
-        "upload_provider_nested_deep",
-        "POST",
-        EDIT,
-        400,
-        "nested",
-        "invalid_json",
-        "provider",
-        files={"image": ("a.png", GOOD_PNG, "image/png")},
-        data={"prompt": "x", "provider": "[" * 5000 + "]" * 5000},
-    ),
-    Row("upload_no_image", "POST", EDIT, 400, "1 to 4 images", "missing_image", "image", data={"prompt": "x"}),
+    Row("upload_over_per_image_cap", "POST", EDIT, 413, "limit", "payload_too_large", "image", files=upload(GOOD_PNG + b"\x00" * MAX_REFERENCE_BYTES), data=form()),
+    Row("upload_truncated_png", "POST", EDIT, 422, "could not be decoded", "invalid_image", "image", files=upload(TRUNCATED_PNG), data=form()),
+    Row("upload_corrupt_png", "POST", EDIT, 422, "could not be decoded", "invalid_image", "image", files=upload(CORRUPT_PNG), data=form()),
+    Row("upload_bomb_png", "POST", EDIT, 413, "pixels", "payload_too_large", "image", files=upload(BOMB_PNG), data=form()),
+    Row("upload_text_as_png", "POST", EDIT, 415, "png, jpeg or webp", "unsupported_media_type", "image", files=upload(b"#!/bin/sh\nrm -rf /\n"), data=form()),
+    Row("upload_image_as_text_field", "POST", EDIT, 400, "file upload", "invalid_image", "image", data=form(image="not a file")),
+    Row("upload_unknown_file_field", "POST", EDIT, 400, "unexpected file field", "invalid_image", "payload", files={"payload": ("a.png", GOOD_PNG, "image/png")}, data=form()),
+    Row("upload_mask", "POST", EDIT, 400, "mask", "unsupported_parameter", "mask", files={**upload(), "mask": ("m.png", GOOD_PNG, "image/png")}, data=form()),
+    Row("upload_provider_not_json", "POST", EDIT, 400, "provider is not valid json", "invalid_json", "provider", files=upload(), data=form(provider="{fal")),
+    Row("upload_provider_nested_deep", "POST", EDIT, 400, "nested", "invalid_json", "provider", files=upload(), data=form(provider="[" * 5000 + "]" * 5000)),
+    Row("upload_no_image", "POST", EDIT, 400, "1 to 4 images", "missing_image", "image", data=form()),
     Row("edit_wrong_content_type", "POST", EDIT, 415, "multipart/form-data", "unsupported_media_type", content=b"x", headers={"content-type": "text/plain"}),
     # ---- errors litestar raises itself -----------------------------------------------
     Row(
@@ -259,62 +264,11 @@ ROWS: list[Row] = [
     Row("usage_start_last_day_minus_14", "GET", "/v1/usage?start=9999-12-31T23:59:59-14:00", 400, "outside", "invalid_value", "start"),
     Row("usage_end_first_day_plus_14", "GET", "/v1/usage?end=0001-01-01T00:00:00%2B14:00", 400, "outside", "invalid_value", "end"),
     # ---- multipart text that is not UTF-8, and async metadata past its bounds ----------
-    Row(
-        "multipart_prompt_not_utf8",
-        "POST",
-        EDIT,
-        400,
-        "utf-8",
-        "invalid_encoding",
-        content=b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n\xff\xfe\xc3\r\n--b--\r\n',
-        headers={"content-type": "multipart/form-data; boundary=b"},
-    ),
-    Row(
-        "multipart_prompt_not_utf8_with_idempotency_key",
-        "POST",
-        EDIT,
-        400,
-        "utf-8",
-        "invalid_encoding",
-        content=b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n\xff\xfe\xc3\r\n--b--\r\n',
-        headers={"content-type": "multipart/form-data; boundary=b", "idempotency-key": "k-utf8"},
-    ),
-    Row(
-        "async_metadata_nested_3000_deep",
-        "POST",
-        EDIT,
-        400,
-        "nested at most 32",
-        "invalid_metadata",
-        "metadata",
-        files={"image": ("ref.png", GOOD_PNG, "image/png")},
-        data={"prompt": "x", "size": "512x512", "metadata": "[" * 3000 + "]" * 3000},
-        headers={"prefer": "respond-async"},
-    ),
-    Row(
-        "async_metadata_nested_33_deep",
-        "POST",
-        EDIT,
-        400,
-        "nested at most 32",
-        "invalid_metadata",
-        "metadata",
-        files={"image": ("ref.png", GOOD_PNG, "image/png")},
-        data={"prompt": "x", "size": "512x512", "metadata": '{"a": ' + "[" * 33 + "]" * 33 + "}"},
-        headers={"prefer": "respond-async"},
-    ),
-    Row(
-        "async_metadata_over_64k",
-        "POST",
-        EDIT,
-        400,
-        "characters",
-        "invalid_metadata",
-        "metadata",
-        files={"image": ("ref.png", GOOD_PNG, "image/png")},
-        data={"prompt": "x", "size": "512x512", "metadata": '{"a": "' + "x" * 70_000 + '"}'},
-        headers={"prefer": "respond-async"},
-    ),
+    Row("multipart_prompt_not_utf8", "POST", EDIT, 400, "utf-8", "invalid_encoding", content=PROMPT_NOT_UTF8, headers=MULTIPART_B),
+    Row("multipart_prompt_not_utf8_with_idempotency_key", "POST", EDIT, 400, "utf-8", "invalid_encoding", content=PROMPT_NOT_UTF8, headers={**MULTIPART_B, "idempotency-key": "k-utf8"}),
+    async_metadata("async_metadata_nested_3000_deep", "nested at most 32", "[" * 3000 + "]" * 3000),
+    async_metadata("async_metadata_nested_33_deep", "nested at most 32", '{"a": ' + "[" * 33 + "]" * 33 + "}"),
+    async_metadata("async_metadata_over_64k", "characters", '{"a": "' + "x" * 70_000 + '"}'),
     # ---- n is a JSON integer in a JSON body -----------------------------------------------
     Row("n_true", "POST", GEN, 400, "integer", "invalid_value", "n", json=gen(size="512x512", n=True)),
     Row("n_false", "POST", GEN, 400, "integer", "invalid_value", "n", json=gen(size="512x512", n=False)),
@@ -324,9 +278,7 @@ ROWS: list[Row] = [
     # ---- a deadline too short to honour -----------------------------------------------
     Row("deadline_one_ms", "POST", GEN, 400, "at least 100", "invalid_deadline", "x-klein-deadline-ms", json=gen(size="512x512"), headers={"x-klein-deadline-ms": "1"}),
     Row("deadline_99_ms", "POST", GEN, 400, "at least 100", "invalid_deadline", "x-klein-deadline-ms", json=gen(size="512x512"), headers={"x-klein-deadline-ms": "99"}),
-    Row(
-        "deadline_one_ms_async", "POST", GEN, 400, "at least 100", "invalid_deadline", "x-klein-deadline-ms", json=gen(size="512x512"), headers={"x-klein-deadline-ms": "1", "prefer": "respond-async"}
-    ),
+    Row("deadline_one_ms_async", "POST", GEN, 400, "at least 100", "invalid_deadline", "x-klein-deadline-ms", json=gen(size="512x512"), headers={"x-klein-deadline-ms": "1", **ASYNC}),
     Row("file_name_non_ascii", "GET", "/v1/images/files/%C3%A9%F0%9F%94%91.png?expires=1&sig=00", 404, "not found", "image_not_found"),
 ]
 

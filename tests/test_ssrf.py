@@ -28,31 +28,10 @@ from gateway.domain.errors import InvalidRequest
 from gateway.domain.job import ReferenceImage
 from gateway.net.addresses import HostRefused, embedded_ipv4, is_public, literal_address, loose_ipv4
 from gateway.net.pinning import HostUnresolved, PinnedTransport, SystemResolver
-from tests.gateway_support import make_app, png_bytes
+from tests.gateway_support import ScriptedResolver, make_app, png_bytes
 
 FAL = "http://fal.test"
 PUBLIC_V4 = "93.184.216.34"
-
-
-class ScriptedResolver:
-    """DNS answers a test writes: a list of answers per name, the last one repeated."""
-
-    def __init__(self, answers: dict[str, list[list[str]] | str]) -> None:
-        self.answers = answers
-        self.calls: list[str] = []
-
-    async def resolve(self, host: str, port: int) -> list[Any]:
-        self.calls.append(host)
-        script = self.answers.get(host)
-        if script is None:
-            raise HostUnresolved(host, permanent=True)
-        if script == "timeout":
-            raise HostUnresolved(host, permanent=False)
-        answer = script[min(len(self.calls_for(host)) - 1, len(script) - 1)]
-        return [ip_address(a) for a in answer]
-
-    def calls_for(self, host: str) -> list[str]:
-        return [h for h in self.calls if h == host]
 
 
 NAMES: dict[str, list[list[str]] | str] = {

@@ -63,45 +63,45 @@ class GatewayError(Exception):
         return headers
 
 
-class InvalidRequest(GatewayError):
+class RequestRefused(GatewayError):
+    """The caller's request is refused as sent: sending it again unchanged cannot help (x-should-retry: false)."""
+
+    retryable_default = False
+
+
+class InvalidRequest(RequestRefused):
     """The request can never succeed as written (400)."""
 
     status = 400
     code = "invalid_request"
-    retryable_default = False
 
 
-class Unprocessable(GatewayError):
+class Unprocessable(RequestRefused):
     """Well-formed, but no backend can do it (422)."""
 
     status = 422
     code = "unsupported_request"
-    retryable_default = False
 
 
-class AuthenticationFailed(GatewayError):
+class AuthenticationFailed(RequestRefused):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
-    retryable_default = False
 
 
-class NotFound(GatewayError):
+class NotFound(RequestRefused):
     status = 404
     code = "not_found"
-    retryable_default = False
 
 
-class PayloadTooLarge(GatewayError):
+class PayloadTooLarge(RequestRefused):
     status = 413
     code = "payload_too_large"
-    retryable_default = False
 
 
-class UnsupportedMediaType(GatewayError):
+class UnsupportedMediaType(RequestRefused):
     status = 415
     code = "unsupported_media_type"
-    retryable_default = False
 
 
 class UpstreamFailed(GatewayError):

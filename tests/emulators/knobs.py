@@ -171,24 +171,21 @@ class EmulatorKnobs:
         for item in f.queue:
             if item not in FAULT_KINDS and item != "none":
                 raise ValueError(f"faults.queue: unknown fault {item!r}; known: {', '.join(FAULT_KINDS)}, none")
-        if not 500 <= f.server_error_status <= 599:
-            raise ValueError("faults.server_error_status must be a 5xx status")
-        if not 0.0 <= self.nsfw_rate <= 1.0:
-            raise ValueError("nsfw_rate must be within 0..1")
-        if self.latency.kind not in get_args(LatencyKind):
-            raise ValueError(f"latency.kind must be one of {get_args(LatencyKind)}")
-        if self.cancel_spelling not in ("canceled", "cancelled"):
-            raise ValueError("cancel_spelling must be 'canceled' or 'cancelled'")
-        if f.scope not in ("create", "all"):
-            raise ValueError("faults.scope must be 'create' or 'all'")
-        if self.local.max_concurrency < 1 or self.local.queue_capacity < 0:
-            raise ValueError("local.max_concurrency must be >= 1 and local.queue_capacity >= 0")
-        if self.pad_to_bytes < 0:
-            raise ValueError("pad_to_bytes must be >= 0")
-        if not 0.0 <= self.billed_cost_factor <= 100.0:
-            raise ValueError("billed_cost_factor must be within 0..100")
-        if self.trickle.chunk_bytes < 0 or self.trickle.interval_ms < 0:
-            raise ValueError("trickle.chunk_bytes and trickle.interval_ms must be >= 0")
+        # (the knobs are out of bounds, what they are told), checked in this order
+        out_of_bounds = [
+            (not 500 <= f.server_error_status <= 599, "faults.server_error_status must be a 5xx status"),
+            (not 0.0 <= self.nsfw_rate <= 1.0, "nsfw_rate must be within 0..1"),
+            (self.latency.kind not in get_args(LatencyKind), f"latency.kind must be one of {get_args(LatencyKind)}"),
+            (self.cancel_spelling not in ("canceled", "cancelled"), "cancel_spelling must be 'canceled' or 'cancelled'"),
+            (f.scope not in ("create", "all"), "faults.scope must be 'create' or 'all'"),
+            (self.local.max_concurrency < 1 or self.local.queue_capacity < 0, "local.max_concurrency must be >= 1 and local.queue_capacity >= 0"),
+            (self.pad_to_bytes < 0, "pad_to_bytes must be >= 0"),
+            (not 0.0 <= self.billed_cost_factor <= 100.0, "billed_cost_factor must be within 0..100"),
+            (self.trickle.chunk_bytes < 0 or self.trickle.interval_ms < 0, "trickle.chunk_bytes and trickle.interval_ms must be >= 0"),
+        ]
+        for broken, message in out_of_bounds:
+            if broken:
+                raise ValueError(message)
 
     @classmethod
     def realistic(cls, provider: str) -> EmulatorKnobs:
