@@ -65,9 +65,14 @@ def server(fleet: EmulatorFleet) -> Iterator[ServerThread]:
 
 
 def config_with(tmp_path_factory: pytest.TempPathFactory, options: dict[str, dict]) -> Path:
-    """The shipped providers.yaml with some adapters' `options:` changed."""
+    """The shipped providers.yaml with some adapters' `options:` changed, and no
+    `expected_latency_s` priors: these tests are about what happens at the
+    deadline, so a backend is tried whatever its expected latency (routing's
+    deadline skip is tested in tests/test_routing.py and tests/test_deadline_isolation.py)."""
     root = tmp_path_factory.mktemp("deadlines")
     raw = yaml.safe_load(PROVIDERS_YAML.read_text())
+    for backend in raw["backends"].values():
+        backend.pop("expected_latency_s", None)
     for backend, changes in options.items():
         raw["backends"][backend].setdefault("options", {}).update(changes)
     (root / "providers.yaml").write_text(yaml.safe_dump(raw))
