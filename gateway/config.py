@@ -61,7 +61,7 @@ class BackendConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
     probe: ProbeSettings = Field(default_factory=ProbeSettings)  # free health probes; never a paid generation
-    expected_latency_s: float | None = Field(default=None, gt=0)  # tie-break before any is measured
+    expected_latency_s: float | None = Field(default=None, gt=0)  # before any is measured: tie-break, and a deadline shorter than it skips the backend
 
     @field_validator("kind")
     @classmethod

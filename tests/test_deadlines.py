@@ -63,9 +63,14 @@ def server(fleet: EmulatorFleet) -> Iterator[ServerThread]:
 
 
 def config_with(tmp_path_factory: pytest.TempPathFactory, options: dict[str, dict]) -> Path:
-    """The shipped providers.yaml with some adapters' `options:` changed."""
+    """The shipped providers.yaml with some adapters' `options:` changed, and no
+    `expected_latency_s` priors: these tests are about what happens at the
+    deadline, so a backend is tried whatever its expected latency (routing's
+    deadline skip is tested in tests/test_routing.py and tests/test_deadline_isolation.py)."""
     root = tmp_path_factory.mktemp("deadlines")
     raw = yaml.safe_load(PROVIDERS_YAML.read_text())
+    for backend in raw["backends"].values():
+        backend.pop("expected_latency_s", None)
     for backend, changes in options.items():
         raw["backends"][backend].setdefault("options", {}).update(changes)
     (root / "providers.yaml").write_text(yaml.safe_dump(raw))
@@ -151,6 +156,21 @@ def test_job_still_pending_at_the_deadline_is_cancelled_where_the_provider_allow
         assert seen["requests"].get("cancel", 0) == (1 if cancels else 0), (backend, seen)
         assert seen["cancels"] == (1 if cancels else 0), (backend, seen)
         assert seen["paid_calls"] == 1, (backend, seen)  # submitted once, never again
+
+
+@pytest.mark.parametrize("deadline_ms", [900, 2000])
+def test_replicates_held_create_returns_the_prediction_id_before_the_deadline(fleet: EmulatorFleet, provider_side_deadlines_off: Path, deadline_ms: int) -> None:
+    """The shipped `Prefer: wait=10` against a prediction that takes 10 s: the
+    hold ends a margin before the deadline (or is not asked for), so the
+    create returns the prediction's id in time and the gateway cancels it.
+    A hold of a whole second under a 900 ms deadline used to be cut by the
+    deadline, leaving a prediction nobody could cancel or follow."""
+    with serving(fleet, provider_side_deadlines_off) as server:
+        set_knobs(fleet, "replicate", {"job": {"run_ms": 10_000}})
+        resp = httpx.post(f"{server.url}/v1/images/generations", json=pinned("replicate"), headers={"x-klein-deadline-ms": str(deadline_ms)}, timeout=30)
+        assert resp.status_code == 504, resp.text
+        assert wait_until(lambda: stats(fleet, "replicate")["cancels"] == 1, timeout=3.0), stats(fleet, "replicate")
+    assert stats(fleet, "replicate")["paid_calls"] == 1
 
 
 def test_fal_drops_a_queued_job_at_the_time_the_gateway_gave_it_so_none_is_billed(fleet: EmulatorFleet, server: ServerThread) -> None:

@@ -191,9 +191,24 @@ async def test_deadline_header_bounds_the_whole_request():
     slow = {name: FakeAdapter(name, ["ok"], delay_s=5.0) for name in PRICE_ORDER}
     install_fakes(app, slow)
     async with AsyncTestClient(app) as client:
-        resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "300"})
+        resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "1000"})  # local's prior, 0.8 s, fits
     assert resp.status_code == 504
     assert resp.json()["error"]["code"] == "deadline_exceeded"
+
+
+async def test_a_deadline_shorter_than_every_backends_expected_latency_is_refused_before_any_call():
+    """The shipped priors (expected_latency_s) stand in before any latency is measured: the fastest is local's 0.8 s."""
+    app = make_app()
+    fakes = {name: FakeAdapter(name, ["ok"]) for name in PRICE_ORDER}
+    install_fakes(app, fakes)
+    async with AsyncTestClient(app) as client:
+        resp = await client.post("/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "300"})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "deadline_too_short", "x-klein-deadline-ms")
+    assert "the fastest, local, is expected to take 0.8s" in error["message"]
+    assert resp.headers["x-should-retry"] == "false"
+    assert all(not f.calls for f in fakes.values())
 
 
 @pytest.mark.parametrize(

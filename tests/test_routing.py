@@ -209,7 +209,7 @@ def test_max_price_skips_a_backend_that_has_no_price():
         (58.0, 3.0, 60.0, True),  # wait plus expected latency does not fit
         (10.0, 1.0, 60.0, False),
         (0.0, None, 1.0, False),
-        (None, 200.0, 60.0, False),  # no queue figure: latency alone never drops
+        (None, 20.0, 60.0, False),  # no queue figure: a latency within the deadline never drops
     ],
 )
 def test_queue_wait_beyond_the_deadline_spills_to_hosted_backends(wait, p50, deadline, spills):
@@ -220,6 +220,49 @@ def test_queue_wait_beyond_the_deadline_spills_to_hosted_backends(wait, p50, dea
         assert skipped(p)["local"].startswith(f"queue wait {wait:.1f}s exceeds the deadline")
     else:
         assert names(p) == ["local", "fal"]
+
+
+@pytest.mark.parametrize(
+    ("p50", "deadline", "kept"),
+    [
+        (3.0, 0.3, False),  # the issue's case: a 300 ms deadline for a backend that takes 3 s
+        (3.0, 2.9, False),
+        (3.0, 3.0, True),  # just fits: tried
+        (3.0, 30.0, True),
+        (None, 0.3, True),  # unknown latency (nothing measured, no prior): allowed
+        (0.0, 0.1, True),
+    ],
+)
+def test_a_backend_expected_to_take_longer_than_the_deadline_is_skipped(p50, deadline, kept):
+    p = plan(job(deadline_s=deadline), (cand("replicate", "0.001", p50=p50), cand("fal", "0.005", p50=0.05)))
+    if kept:
+        assert names(p) == ["replicate", "fal"]
+    else:
+        assert names(p) == ["fal"]
+        (skip,) = p.details
+        assert (skip.backend, skip.cause, skip.param, skip.expected_s) == ("replicate", SkipCause.TOO_SLOW, "x-klein-deadline-ms", p50)
+        assert skip.reason == f"expected latency {p50:.1f}s exceeds the {deadline:g}s deadline"
+
+
+@pytest.mark.parametrize(
+    ("candidates", "status", "code"),
+    [
+        # every eligible backend too slow: 400, naming the fastest
+        ((cand("replicate", p50=3.0), cand("fal", p50=1.5)), 400, "deadline_too_short"),
+        # the others are out by preference, price or capability: still the deadline
+        ((cand("replicate", p50=3.0), cand("fal", eligibility=Eligibility(False, "no edits", "image"))), 400, "deadline_too_short"),
+        # one that could make it is down right now: a retry may help
+        ((cand("replicate", p50=3.0), cand("fal", health=HealthView(state=BreakerState.OPEN))), 503, "no_backend_available"),
+    ],
+)
+def test_a_deadline_no_eligible_backend_can_make_refuses_400(candidates, status, code):
+    err = refusal(plan(job(deadline_s=1.0), candidates))
+    assert (err.status, err.code) == (status, code)
+    if code == "deadline_too_short":
+        assert isinstance(err, InvalidRequest) and err.param == "x-klein-deadline-ms"
+        fastest = min((c for c in candidates if c.eligibility.ok), key=lambda c: c.health.latency_p50_s)
+        assert f"the fastest, {fastest.name}, is expected to take {fastest.health.latency_p50_s:.1f}s" in err.message
+        assert err.headers()["x-should-retry"] == "false"
 
 
 def test_without_fallbacks_only_the_first_attempt_is_kept():
@@ -353,3 +396,17 @@ async def test_fleet_candidates_price_with_the_sheet_and_prefer_a_reported_live_
     assert local.quote.usd == Decimal("0.00020972")  # 2 x 0.0001 x 1.048576
     assert runflow.eligibility.reason == "at most 1 images per request"
     assert names(plan(j, (fal, local, runflow))) == ["local", "fal"]
+
+
+async def test_the_deadline_skip_uses_measured_latency_else_the_configured_prior():
+    """Expected latency: the health view's recent p50; before any is measured,
+    providers.yaml's expected_latency_s (replicate: 3 s); with neither, unknown (allowed)."""
+    config = load_config(PROVIDERS_YAML, PROVIDERS_YAML.parent / "pricing", env=ENV)
+    j = job(pinned_backend="replicate", deadline_s=2.0)
+    async with httpx.AsyncClient() as client:
+        fleet = BackendFleet(config, client, client)
+        assert refusal(plan(j, fleet.candidates(j, {}))).code == "deadline_too_short"  # the prior, 3 s
+        measured = {"replicate": HealthView(latency_p50_s=1.0, latency_p95_s=1.5)}
+        assert names(plan(j, fleet.candidates(j, measured))) == ["replicate"]  # measured beats the prior
+        fleet.backends["replicate"].expected_latency_s = None
+        assert names(plan(j, fleet.candidates(j, {}))) == ["replicate"]  # nothing known: allowed

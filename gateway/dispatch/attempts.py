@@ -33,6 +33,9 @@ may be tried, what it does to this backend's health, and what was spent.
   (gateway/dispatch/overload.py) is coded `gateway_overloaded`, does not count against
   the backend's health, and is tried again on the same backend (at most
   OVERLOAD_RETRIES times, within the deadline), not failed over.
+- Nor is the caller's own short deadline: a timeout in an attempt given less
+  than the backend's expected latency is coded `caller_deadline`
+  (gateway/dispatch/blame.py) and does not count against its health.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any
 
+from gateway.dispatch.blame import expected_latency, judged
 from gateway.dispatch.delivery import ResultShaper, ShapedImage, delivery_failed
 from gateway.dispatch.fleet import Backend
 from gateway.dispatch.overload import LoopLag
@@ -313,7 +317,9 @@ class Dispatcher:
                 elapsed = time.monotonic() - t0
                 if waited is None:
                     run.upstream += elapsed
-                await self._failed_attempt(run, cand, backend, admission, self._overload_or(err, backend, t0), elapsed, result, submitted, last=last, may_retry=may_retry)
+                ran_out = time.monotonic() >= attempt_deadline - DEADLINE_SLACK_S  # a timeout: the caller's deadline or the backend's (gateway/dispatch/blame.py)
+                err = judged(self._overload_or(err, backend, t0), given_s=attempt_deadline - t0, ran_out=ran_out, expected_s=expected_latency(cand.health))
+                await self._failed_attempt(run, cand, backend, admission, err, elapsed, result, submitted, last=last, may_retry=may_retry)
                 return None
         except asyncio.CancelledError:
             # The server is stopping past its grace (a caller who leaves after the

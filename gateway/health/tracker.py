@@ -36,7 +36,7 @@ from gateway.health.trials import Lease, TrialLeases
 from gateway.health.view import BreakerState, HealthView
 from gateway.providers import adapter_class
 from gateway.providers._caller_text import caller_message_of
-from gateway.providers.base import DELIVERY_NETWORK, GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
+from gateway.providers.base import CALLER_DEADLINE, DELIVERY_NETWORK, GATEWAY_OVERLOADED, FailureClass, ProbeResult, ProviderError
 from gateway.state.base import Op, StateStore
 
 __all__ = ["Admission", "BreakerPolicy", "HealthEffect", "HealthTracker", "health_effect"]
@@ -83,9 +83,15 @@ def health_effect(
     - DELIVERY_FAILED: the images came back wrong (wrong size, broken, too
       few): counts. One the gateway could not download in transport (code
       `delivery_network`) may be the gateway's own network: no effect.
+    - A timeout the caller's own deadline caused (code `caller_deadline`: the
+      attempt had less time than the backend is expected to need,
+      gateway/dispatch/blame.py): not the backend's failure; no effect. Its
+      latency is not sampled either (it only says "took at least this"), and
+      a half-open trial cut so gives its slot back, neither closing nor
+      re-opening the breaker.
     """
     failure = error.failure
-    if failure in (FailureClass.REJECTED, FailureClass.CONTENT_FILTERED) or error.code in (GATEWAY_OVERLOADED, DELIVERY_NETWORK):
+    if failure in (FailureClass.REJECTED, FailureClass.CONTENT_FILTERED) or error.code in (GATEWAY_OVERLOADED, DELIVERY_NETWORK, CALLER_DEADLINE):
         return NO_EFFECT
     if failure is not FailureClass.REFUSED:
         return COUNTS

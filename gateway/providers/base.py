@@ -29,6 +29,7 @@ from gateway.providers.options import AdapterOptions
 
 GATEWAY_OVERLOADED = "gateway_overloaded"  # ProviderError.code when the gateway, not the backend, was slow
 DELIVERY_NETWORK = "delivery_network"  # ProviderError.code: the gateway could not fetch a finished image
+CALLER_DEADLINE = "caller_deadline"  # ProviderError.code: a timeout the caller's short deadline caused (gateway/dispatch/blame.py)
 
 
 class FailureClass(StrEnum):

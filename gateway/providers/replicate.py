@@ -18,8 +18,14 @@ Options (providers.yaml `options:`):
   works too). `capabilities_for(options)` derives `exact_sizes` from it, so
   eligibility and the wire never disagree.
 - `prefer_wait_s`: N in `Prefer: wait=N`; default 60, capped by the time left
-  before the deadline, at least 1 (Replicate takes 1..60). `0` or `false`
-  sends no header and polls from the start.
+  before the deadline less `prefer_wait_margin_s` (Replicate takes 1..60).
+  `0` or `false` sends no header and polls from the start.
+- `prefer_wait_margin_s`: how long before the attempt's deadline the held
+  create call must end; default 1.0. The create's answer carries the
+  prediction's id, and an id the gateway never learned names a prediction it
+  can neither cancel nor follow; so the hold is N = floor(remaining - margin),
+  and where that is under 1 s no `Prefer` header is sent at all (an async
+  create answers at once with the id; the prediction is then polled).
 - `cancel_after`: the `Cancel-After` header. `deadline` (default) sends the
   attempt's remaining time as whole seconds (`"45s"`, the Go-duration form of
   Replicate's `1m` example; the grammar is unconfirmed, docs/providers/replicate.md#choices-made); a
@@ -184,6 +190,7 @@ class ReplicateOptions(AdapterOptions):
     model: str = DEFAULT_MODEL
     sizes: Mapping[str, Any] | None = None
     prefer_wait_s: float | Literal[False] | None = MAX_PREFER_WAIT_S
+    prefer_wait_margin_s: float = 1.0
     cancel_after: Literal["deadline", False] | str | None = "deadline"
     go_fast: bool | None = None
     probe_timeout_s: float = 10.0
@@ -195,6 +202,8 @@ class ReplicateOptions(AdapterOptions):
         sizes_from(self.sizes)  # names the bad entry
         if not isinstance(self.prefer_wait_s, bool) and self.prefer_wait_s is not None and self.prefer_wait_s < 0:
             raise ValueError(f"{prefix}option prefer_wait_s must be 0 to {MAX_PREFER_WAIT_S}, false or null")
+        if self.prefer_wait_margin_s < 0:
+            raise ValueError(f"{prefix}option prefer_wait_margin_s must be 0 or more")
         if self.probe_timeout_s <= 0:
             raise ValueError(f"{prefix}option probe_timeout_s must be positive")
         if self.max_poll_errors < 0:
@@ -339,10 +348,12 @@ class ReplicateAdapter(Adapter):
         return self._result(job, list(await asyncio.gather(*(one(pid) for pid in job_ids))))
 
     def _prefer_wait(self, remaining: float) -> int:
+        """N for `Prefer: wait=N`, ending `prefer_wait_margin_s` before the deadline; 0: send none (async create)."""
         choice = self.opts.prefer_wait_s
         if choice is None or choice is False or choice == 0:
             return 0
-        return max(1, min(int(choice), MAX_PREFER_WAIT_S, int(remaining)))
+        wait = min(int(choice), MAX_PREFER_WAIT_S, math.floor(remaining - self.opts.prefer_wait_margin_s))
+        return wait if wait >= 1 else 0
 
     def _cancel_after(self, remaining: float) -> str | None:
         choice = self.opts.cancel_after

@@ -13,10 +13,16 @@ Choices where the contract is silent:
 - `provider.max_price` caps the quoted USD for the whole request (all n
   images). A backend without a quote cannot be shown to fit the cap, so it is
   skipped when a cap is set, and sorts after priced backends when not.
-- The deadline check applies to backends that report a queue wait (the local
+- A backend whose expected latency exceeds `job.deadline_s` is skipped
+  (`SkipCause.TOO_SLOW`): submitting there would buy a job the caller cannot
+  wait for. Expected latency is the health view's p50: recent answers, else
+  the backend's `expected_latency_s` prior from providers.yaml (the fleet
+  puts it there), else unknown, which never drops a backend. When that
+  leaves nothing and nothing else is in the way, the refusal is 400
+  `deadline_too_short`, before any spend.
+- The queue check applies to backends that report a queue wait (the local
   GPU): wait plus recent p50 latency must fit `job.deadline_s`, so a busy
-  local GPU spills to hosted backends. Latency alone never drops a backend;
-  dispatch enforces the deadline itself.
+  local GPU spills to hosted backends. Dispatch enforces the deadline itself.
 - Backend names are compared case-insensitively.
 """
 
@@ -32,6 +38,8 @@ from gateway.domain.errors import GatewayError, InvalidRequest, Unprocessable, U
 from gateway.domain.job import ImageJob
 from gateway.health.view import HealthView
 from gateway.routing.pricing import Quote
+
+DEADLINE_PARAM = "x-klein-deadline-ms"  # where the caller sets `job.deadline_s`
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class SkipCause(StrEnum):
     OVER_PRICE = "over_price"  # above provider.max_price, or no price to check
     UNAVAILABLE = "unavailable"  # breaker open, parked by Retry-After, bad credentials
     DEADLINE = "deadline"  # queue wait would blow the deadline
+    TOO_SLOW = "too_slow"  # its expected latency alone exceeds the deadline
     NO_FALLBACK = "no_fallback"  # would have been a fallback; allow_fallbacks is false
 
 
@@ -66,6 +75,7 @@ class Skip:
     usd: Decimal | None = None
     max_price: Decimal | None = None
     retry_after_s: float | None = None
+    expected_s: float | None = None  # TOO_SLOW: the backend's expected latency
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,11 @@ def _why_skip(job: ImageJob, cand: Candidate) -> Skip | None:
         retry = health.parked_for_s if health.parked_for_s > 0 else None
         return Skip(name, health.why_unavailable, SkipCause.UNAVAILABLE, retry_after_s=retry)
 
+    latency = health.latency_p50_s
+    if latency is not None and latency > job.deadline_s:
+        reason = f"expected latency {latency:.1f}s exceeds the {job.deadline_s:g}s deadline"
+        return Skip(name, reason, SkipCause.TOO_SLOW, DEADLINE_PARAM, expected_s=latency)
+
     wait = health.estimated_wait_s
     if wait is not None:
         expected = wait + (health.latency_p50_s or 0.0)
@@ -173,6 +188,9 @@ def refusal(plan: Plan) -> GatewayError:
     """The error for a plan with no attempts, most actionable first:
     - 503 `no_backend_available` when a backend that could do it is down or busy
       (a retry can help; Retry-After is the soonest known recovery);
+    - 400 `deadline_too_short` when backends that could do it are all expected
+      to take longer than the deadline, naming the fastest one's latency (a
+      retry with the same deadline cannot help; a longer one can);
     - 400 `max_price_exceeded` when the only obstacle left is the price cap,
       naming the cheapest quote;
     - 422 `no_backend_supports_request` when no allowed backend can do the job;
@@ -196,6 +214,15 @@ def refusal(plan: Plan) -> GatewayError:
             code="no_backend_available",
             retryable=True,
             retry_after=min(waits) if waits else None,
+        )
+    if SkipCause.TOO_SLOW in by_cause:
+        slow = by_cause[SkipCause.TOO_SLOW]
+        fastest = min(slow, key=lambda s: (s.expected_s or 0.0, s.backend))
+        return InvalidRequest(
+            f"The deadline is shorter than every eligible backend's expected latency: the fastest, {fastest.backend}, is expected to take {fastest.expected_s or 0.0:.1f}s; "
+            f"allow more time in {DEADLINE_PARAM} ({_listing(slow)}).",
+            param=DEADLINE_PARAM,
+            code="deadline_too_short",
         )
     if SkipCause.OVER_PRICE in by_cause:
         over = by_cause[SkipCause.OVER_PRICE]

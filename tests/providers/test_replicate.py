@@ -94,11 +94,57 @@ async def test_sync_create_with_prefer_wait_returns_the_output(replicate, mock, 
     assert result.raw["predict_time"] == pytest.approx(0.8) and result.reported_cost_usd is None
 
 
-async def test_prefer_wait_is_capped_by_the_deadline(replicate, mock, make_job):
+async def test_prefer_wait_ends_a_margin_before_the_deadline(replicate, mock, make_job):
+    """The hold ends prefer_wait_margin_s (1 s) before the deadline, so the
+    create answers with the prediction's id while the attempt can still use it."""
     create = mock.post(CREATE).respond(201, json=prediction())
     await replicate.generate(make_job(), time.monotonic() + 3.5)
-    assert create.calls.last.request.headers["prefer"] == "wait=3"
+    assert create.calls.last.request.headers["prefer"] == "wait=2"  # floor(3.5 - 1)
     assert create.calls.last.request.headers["cancel-after"] == "4s"
+
+
+@pytest.mark.parametrize(
+    ("remaining", "margin", "prefer"),
+    [
+        (120.0, 1.0, "wait=60"),  # Replicate's cap
+        (3.5, 1.0, "wait=2"),
+        (2.0, 1.0, None),  # floor(~0.99) < 1: no hold at all, an async create
+        (1.5, 1.0, None),
+        (0.5, 1.0, None),  # the old rule sent wait=1 here, outliving the deadline
+        (3.5, 0.0, "wait=3"),
+        (12.0, 2.5, "wait=9"),
+    ],
+)
+async def test_the_hold_always_ends_before_the_deadline(make_settings, http_client, mock, make_job, remaining, margin, prefer):
+    adapter = ReplicateAdapter(make_settings("replicate", BASE, TOKEN, prefer_wait_margin_s=margin), http_client)
+    create = mock.post(CREATE).respond(201, json=prediction())
+    await adapter.generate(make_job(), time.monotonic() + remaining)
+    assert create.calls.last.request.headers.get("prefer") == prefer
+
+
+async def test_a_deadline_shorter_than_the_prediction_still_learns_its_id(replicate, mock, make_job):
+    """A 2 s deadline and a prediction that takes 10 s: the create returns at
+    once (no hold), its id is noted for dispatch, and the deadline ends the
+    attempt as an unknown outcome carrying that id, so it can be cancelled."""
+    from gateway.providers.base import submitted_jobs
+
+    create = mock.post(CREATE).respond(201, json=prediction("starting"))
+    mock.get(GET).respond(200, json=prediction("processing"))
+    submitted: list[str] = []
+    token = submitted_jobs.set(submitted)
+    try:
+        with pytest.raises(ProviderError) as info:
+            await replicate.generate(make_job(), time.monotonic() + 2.0)
+    finally:
+        submitted_jobs.reset(token)
+    assert "prefer" not in create.calls.last.request.headers
+    assert submitted == [PID]
+    assert info.value.failure is FailureClass.UNKNOWN_OUTCOME and info.value.job_id == PID
+
+
+def test_a_negative_prefer_wait_margin_is_refused(make_settings, http_client):
+    with pytest.raises(ValueError, match="prefer_wait_margin_s"):
+        ReplicateAdapter(make_settings("replicate", BASE, TOKEN, prefer_wait_margin_s=-1), http_client)
 
 
 async def test_starting_prediction_is_polled_until_it_succeeds(replicate, mock, make_job, deadline):
