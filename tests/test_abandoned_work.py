@@ -15,6 +15,7 @@ The gateway runs in-process (uvicorn in a thread) over the emulators on
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -180,6 +181,15 @@ async def test_a_shutdown_that_cancels_dispatch_keeps_the_spend_already_billed(t
 # ---- the caller's deadline and the owner's cancel: the two other ways a caller stops waiting ----
 
 
+# Runflow's expected latency (providers.yaml) is 3 s: a deadline above it is routed there, and a run
+# that takes longer than the deadline is still running when it passes.
+DEADLINE_MS = "3500"
+
+
+def slow_runflow(fleet: EmulatorFleet) -> None:
+    assert httpx.post(f"{fleet['runflow'].base_url}/_admin/knobs", json={"job": {"run_ms": 5000}}, timeout=5).status_code == 200
+
+
 def settled_everywhere(app: Litestar) -> bool:
     """No request in flight and no follow-up of a provider job left to settle."""
     gw = app.state.gateway
@@ -190,10 +200,11 @@ def test_a_deadline_that_passes_while_the_provider_runs_is_answered_then_settled
     """Runflow has no cancel: its run goes on past the 1 s deadline and is billed. The caller
     gets its 504 at the deadline; the budget, the ledger and the metrics get the real cost."""
     app, server = runflow_gateway
+    slow_runflow(fleet)
     t0 = time.monotonic()
-    answer = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers={**TEAM, "x-klein-deadline-ms": "1000"}, timeout=10)
+    answer = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers={**TEAM, "x-klein-deadline-ms": DEADLINE_MS}, timeout=10)
     assert answer.status_code == 504 and answer.json()["error"]["code"] == "deadline_exceeded", answer.text
-    assert time.monotonic() - t0 < 2.0  # answered at the deadline, not when the run ended
+    assert time.monotonic() - t0 < 4.5  # answered at the deadline, not when the run ended
     assert answer.headers["x-klein-possibly-billed-usd"] != "0"
     assert wait_until(lambda: settled_everywhere(app), timeout=8), "the provider job was not followed to its end"
     (row,) = ledger_rows(app)
@@ -206,7 +217,8 @@ def test_a_deadline_that_passes_while_the_provider_runs_is_answered_then_settled
 
 def test_a_deadline_answer_with_an_idempotency_key_keeps_the_image_made_after_it_for_the_retry(fleet: EmulatorFleet, runflow_gateway: tuple[Litestar, ServerThread]) -> None:
     app, server = runflow_gateway
-    headers = {**TEAM, "idempotency-key": "deadline-1", "x-klein-deadline-ms": "1000"}
+    slow_runflow(fleet)
+    headers = {**TEAM, "idempotency-key": "deadline-1", "x-klein-deadline-ms": DEADLINE_MS}
     first = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers=headers, timeout=10)
     assert first.status_code == 504
     meanwhile = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers=headers, timeout=10)
@@ -228,7 +240,8 @@ def test_a_job_still_queued_at_the_provider_when_the_deadline_passes_is_cancelle
     app = make_app({**ENV, **fleet.env(), "KLEIN_METRICS_TOKEN": METRICS_TOKEN, "KLEIN_KEYS_FILE": str(keys_file(tmp_path, team={"budget_usd": {"day": str(DAY_BUDGET)}}))})
     assert httpx.post(f"{fleet['fal'].base_url}/_admin/knobs", json={"job": {"queue_ms": 5000}}, timeout=5).status_code == 200
     with ServerThread(app) as server:
-        answer = httpx.post(f"{server.url}/v1/images/generations", json={**BODY, "model": "fal/flux-2-klein-4b"}, headers={**TEAM, "x-klein-deadline-ms": "1000"}, timeout=10)
+        # 1.9 s: above fal's expected 1.5 s, and too short for fal's own start timeout (whole seconds above one)
+        answer = httpx.post(f"{server.url}/v1/images/generations", json={**BODY, "model": "fal/flux-2-klein-4b"}, headers={**TEAM, "x-klein-deadline-ms": "1900"}, timeout=10)
         assert answer.status_code == 504, answer.text
         assert wait_until(lambda: settled_everywhere(app), timeout=8)
         (row,) = ledger_rows(app)

@@ -185,5 +185,12 @@ class JobBook:
         with self._lock:
             self._jobs.clear()
 
+    def succeeded(self) -> int:
+        """Jobs that have ended `succeeded` by now: the work a provider that bills successes only charges for."""
+        now = time.monotonic()
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return sum(1 for job in jobs if job.phase(now) == "succeeded")
+
     def __len__(self) -> int:
         return len(self._jobs)
