@@ -30,7 +30,7 @@ from litestar import Litestar
 from gateway.dispatch.shutdown import Drain
 from gateway.money.budgets import windows_at
 from gateway.money.keys import hash_key
-from gateway.providers.base import FailureClass, ProviderError
+from gateway.providers.base import FailureClass, ProviderError, note_job_id
 from tests.emulators import EmulatorFleet
 from tests.gateway_support import ENV, FakeAdapter, ServerThread, install_fakes, make_app, send_then_abandon, wait_until
 
@@ -306,3 +306,37 @@ def test_a_job_cancelled_before_any_provider_call_ends_canceled_at_once_for_noth
         assert wait_until(lambda: len(job_rows(app)) == 1, timeout=3)
         (row,) = job_rows(app)
         assert (row.status, row.estimated_usd) == (499, 0) and budget_spent(app, "team") == 0
+
+
+class SubmittingAdapter(FakeAdapter):
+    """A fake that hands the provider a job (its id noted, as real adapters do) and then waits on it."""
+
+    async def generate(self, job: Any, deadline: float) -> Any:
+        note_job_id("pred-running", self.name)
+        return await super().generate(job, deadline)
+
+
+async def test_a_shutdown_that_cuts_a_submitted_job_reports_it_as_possibly_billed_and_keeps_the_key(tmp_path: Path) -> None:
+    """Past the grace the provider job is cancelled, but it may have started: the 503 says what is at
+    stake, the metric counts it, and the Idempotency-Key keeps that answer so a retry cannot pay twice."""
+    app = make_app({**ENV, "KLEIN_METRICS_TOKEN": METRICS_TOKEN, "KLEIN_KEYS_FILE": str(keys_file(tmp_path, team={"budget_usd": {"day": str(DAY_BUDGET)}, "backends": {"only": ["replicate"]}}))})
+    fakes = {"replicate": SubmittingAdapter("replicate", delay_s=30.0)}
+    install_fakes(app, fakes)
+    gw = app.state.gateway
+    gw.drain = Drain(grace_s=0.0)
+    headers = {**TEAM, "idempotency-key": "cut-1"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as client:
+        request = asyncio.ensure_future(client.post("/v1/images/generations", json={**BODY, "response_format": "b64_json"}, headers=headers))
+        for _ in range(200):
+            if fakes["replicate"].calls:
+                break
+            await asyncio.sleep(0.01)
+        assert await gw.drain.settle(lambda: gw.busy, poll_s=0.01) == 1
+        answer = await request
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+        assert Decimal(answer.headers["x-klein-possibly-billed-usd"]) == REPLICATE_1MP
+        gw.drain = Drain(grace_s=25.0)
+        replay = await client.post("/v1/images/generations", json={**BODY, "response_format": "b64_json"}, headers=headers)
+    assert replay.status_code == 503 and replay.headers["idempotent-replayed"] == "true"
+    assert len(fakes["replicate"].calls) == 1  # the replay bought nothing
+    assert Decimal(str(gw.metrics.registry.get_sample_value("klein_possibly_billed_usd_total", {"backend": "replicate"}) or 0)) == REPLICATE_1MP

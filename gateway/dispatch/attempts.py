@@ -327,6 +327,10 @@ class Dispatcher:
             # so nobody pays for an image no one will see.
             for job_id in submitted:
                 self._cancel_later(backend, job_id)
+            if submitted:  # it may have started before the cancel reaches it: at stake, not lost
+                at_stake = backend.bill(job, job.n, cand.health)
+                run.possibly += at_stake
+                self.metrics.record_possibly_billed(backend=cand.name, usd=at_stake)
             raise
         finally:
             submitted_jobs.reset(token)

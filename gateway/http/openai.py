@@ -69,7 +69,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
                         return once.keep(await accept_job(request, gw, ctx, job, route=route, base_url=base_url_of(request, gw)))
                     outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab, keep_images_s=keep, progress=progress), progress)
                 except GatewayError as err:
-                    note_failure(request, err, tab)  # before the idempotency guard keeps the answer
+                    note_failure(request, err, tab, progress)  # before the idempotency guard keeps the answer
                     if isinstance(err, DispatchFailed) and err.unsettled and job is not None:
                         # The deadline passed while a provider job ran: answer now, settle when it ends.
                         await once.defer(FOLLOW_UP_S + HOLD_SLACK_S)
@@ -114,7 +114,7 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
             )
 
 
-def note_failure(request: Request[Any, Any, Any], err: GatewayError, tab: Tab | None = None) -> None:
+def note_failure(request: Request[Any, Any, Any], err: GatewayError, tab: Tab | None = None, progress: Progress | None = None) -> None:
     """The x-klein-* figures of a failed request: what was spent and tried,
     what may have been billed, and the caller's rate-limit headers."""
     headers = getattr(request.state, "klein_headers", None)
@@ -124,6 +124,8 @@ def note_failure(request: Request[Any, Any, Any], err: GatewayError, tab: Tab | 
         headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(tried(err.attempts))})
         if err.possibly_billed_usd:
             headers["x-klein-possibly-billed-usd"] = usd_text(err.possibly_billed_usd)
+    elif progress is not None and progress.attempts:  # dispatch was cancelled: what it spent is still what it cost
+        headers.update({"x-klein-cost-usd": usd_text(progress.spent), "x-klein-attempts": str(tried(progress.attempts))})
     else:
         headers.update({"x-klein-cost-usd": "0", "x-klein-attempts": "0"})
     if tab is not None:
@@ -167,6 +169,8 @@ async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitab
                     await task  # let dispatch cancel the provider job before answering
         if task.cancelled() and drain.stopped(task):
             request.state.klein_headers["connection"] = "close"
+            if progress.possibly_billed:  # a provider job was cut mid-way: the Idempotency-Key keeps this answer
+                request.state.klein_headers["x-klein-possibly-billed-usd"] = usd_text(progress.possibly_billed)
             raise ShuttingDown("the gateway shut down before this request finished; its provider job was cancelled; retry", retry_after=1)
     if task.cancelled():
         raise GatewayError("the caller closed the connection", status=499, code="client_closed_request")
