@@ -340,3 +340,26 @@ async def test_a_shutdown_that_cuts_a_submitted_job_reports_it_as_possibly_bille
     assert replay.status_code == 503 and replay.headers["idempotent-replayed"] == "true"
     assert len(fakes["replicate"].calls) == 1  # the replay bought nothing
     assert Decimal(str(gw.metrics.registry.get_sample_value("klein_possibly_billed_usd_total", {"backend": "replicate"}) or 0)) == REPLICATE_1MP
+
+
+def test_a_caller_who_leaves_before_any_provider_is_called_stops_the_work_for_nothing(tmp_path: Path) -> None:
+    """Planning is held up; the caller leaves; nothing reaches a provider and nothing is reserved or charged."""
+    app = make_app({**ENV, "KLEIN_METRICS_TOKEN": METRICS_TOKEN, "KLEIN_KEYS_FILE": str(keys_file(tmp_path, team={"budget_usd": {"day": str(DAY_BUDGET)}, "backends": {"only": ["local"]}}))})
+    fakes = {"local": FakeAdapter("local")}
+    install_fakes(app, fakes)
+    gw = app.state.gateway
+    plan = gw.plan
+
+    async def slow_plan(job: Any) -> Any:
+        await asyncio.sleep(1.5)
+        return await plan(job)
+
+    gw.plan = slow_plan
+    with ServerThread(app) as server:
+        send_then_abandon(server.url, BODY, after_s=0.5, headers=TEAM)
+        assert wait_until(lambda: settled(app) and len(ledger_rows(app)) == 1, timeout=5)
+        (row,) = ledger_rows(app)
+        time.sleep(1.5)  # the held plan would have finished by now
+        assert fakes["local"].calls == []
+        assert (row.status, row.estimated_usd, row.attempts) == (499, 0, 0)
+        assert budget_spent(app, "team") == 0 == metric_total(server.url, "klein_cost_usd_total")
