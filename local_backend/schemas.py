@@ -10,6 +10,12 @@ Pure pydantic: importing it never pulls in torch.
                                   422 invalid_reference_image for a reference
                                   that cannot be decoded (the input's fault),
                                   errors as {"error": {"message", "type", "code"}}
+                                  With "stream": true, a 200 answer is
+                                  text/event-stream: `preview` events
+                                  (PreviewEvent, "partial_images" of them per
+                                  image), then one `result` (GenerateResponse)
+                                  or `error` (StreamError) event; refusals
+                                  before the request is queued stay plain JSON
     GET  /v1/info                 BackendInfo (queue, measured speed, live cost)
     GET  /health/live             200 while the process runs
     GET  /health/ready            200 once warm-up finished, else 503
@@ -42,6 +48,9 @@ class GenerateRequest(BaseModel):
     enable_safety_checker: bool = False
     reference_images: list[str] = Field(default_factory=list, max_length=4)  # base64 (or data: URIs)
     timeout_s: float | None = Field(default=None, gt=0, le=3600)
+    # None when unset, so a request without them goes on the wire as before.
+    stream: bool | None = None  # answer text/event-stream (see the module docstring)
+    partial_images: int | None = Field(default=None, ge=0, le=3)  # previews per image; only with stream
 
 
 class LocalImage(BaseModel):
@@ -64,6 +73,36 @@ class GenerateResponse(BaseModel):
     seed: int
     timings: Timings
     cost_usd_estimate: float | None = None
+
+
+class PreviewEvent(BaseModel):
+    """The data of one `event: preview`: image `index` of the request, after `step` of its steps."""
+
+    index: int
+    partial_image_index: int
+    b64_json: str
+    content_type: str
+    width: int
+    height: int
+    step: int
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str
+
+
+class StreamError(BaseModel):
+    """The data of an `event: error`: the error the non-streaming answer would
+    have been, with its HTTP status and Retry-After (seconds) beside it."""
+
+    error: ErrorBody
+    status: int
+    retry_after: float | None = None
+
+
+SSE_MEDIA_TYPE = "text/event-stream"
 
 
 class CostFigures(BaseModel):
