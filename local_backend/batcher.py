@@ -52,10 +52,10 @@ from local_backend.pipeline import (
     Generator,
     device_oom_errors,
     peak_memory_bytes,
-    preview_steps,
     release_memory,
 )
 from local_backend.safety import NoSafetyChecker, SafetyChecker, blank_like
+from local_backend.schemas import preview_steps
 from local_backend.speed import SpeedBook, UtilizationWindow
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ generator without them.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -36,7 +35,6 @@ log = logging.getLogger(__name__)
 REAL_ENCODER_LAYERS = (9, 18, 27)
 # The distilled model runs without CFG (docs/local-backend.md#calling-the-pipeline: pass guidance 1.0).
 GUIDANCE_SCALE = 1.0
-MAX_PARTIAL_IMAGES = 3
 # Previews are decoded from the latents pooled 2x2 (docs/local-backend.md#previews).
 PREVIEW_POOL = 2
 
@@ -44,24 +42,12 @@ PREVIEW_POOL = 2
 PreviewCallback = Callable[[int, int, Image.Image], None]
 
 
-def preview_steps(steps: int, partial_images: int) -> tuple[int, ...]:
-    """After how many completed denoising steps a request asking for
-    `partial_images` previews gets one: round((i + 1) * steps / (k + 1)) for
-    i < k, rounding halves up, kept within 1..steps and without repeats. With
-    more steps than previews that is exactly k evenly spaced steps, all before
-    the last; with fewer, one preview per step at most (OpenAI, too, may send
-    fewer partial images than asked)."""
-    k = max(0, min(partial_images, MAX_PARTIAL_IMAGES))
-    chosen = (min(steps, max(1, math.floor((i + 1) * steps / (k + 1) + 0.5))) for i in range(k))
-    return tuple(sorted(set(chosen)))
-
-
 @dataclass(frozen=True, slots=True)
 class BatchCall:
     """One pipeline call: one size, one step count, shared references; a prompt and a seed per image.
 
     `previews[n]` lists after which steps image n wants a preview (see
-    `preview_steps`); `on_preview` receives them. Empty: no previews, and the
+    `local_backend.schemas.preview_steps`); `on_preview` receives them. Empty: no previews, and the
     pipeline runs without a step-end callback."""
 
     prompts: Sequence[str]

@@ -24,6 +24,7 @@ Pure pydantic: importing it never pulls in torch.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -103,6 +104,19 @@ class StreamError(BaseModel):
 
 
 SSE_MEDIA_TYPE = "text/event-stream"
+MAX_PARTIAL_IMAGES = 3
+
+
+def preview_steps(steps: int, partial_images: int) -> tuple[int, ...]:
+    """After how many completed denoising steps a request asking for
+    `partial_images` previews gets one: round((i + 1) * steps / (k + 1)) for
+    i < k, rounding halves up, kept within 1..steps and without repeats. With
+    more steps than previews that is exactly k evenly spaced steps, all before
+    the last; with fewer, one preview per step at most (OpenAI, too, may send
+    fewer partial images than asked)."""
+    k = max(0, min(partial_images, MAX_PARTIAL_IMAGES))
+    chosen = (min(steps, max(1, math.floor((i + 1) * steps / (k + 1) + 0.5))) for i in range(k))
+    return tuple(sorted(set(chosen)))
 
 
 class CostFigures(BaseModel):

@@ -17,8 +17,8 @@ from PIL import Image
 
 from local_backend.app import event_stream
 from local_backend.batcher import Batcher, Preview
-from local_backend.pipeline import BatchCall, preview_steps
-from local_backend.schemas import GenerateResponse, PreviewEvent, StreamError
+from local_backend.pipeline import BatchCall
+from local_backend.schemas import GenerateResponse, PreviewEvent, StreamError, preview_steps
 from tests.local_backend.conftest import FakeGenerator, FakeOOM, make_item, make_settings, seed_color, until
 from tests.local_backend.test_app import serve
 
