@@ -170,8 +170,8 @@ class PipelineGenerator:
         """The step-end callback: after step i + 1, decode the rows of the images
         that want a preview there and hand each to `call.on_preview`. It never
         changes the latents (it returns no tensors), so the final images are
-        those of a call without previews. A preview that fails to decode is
-        logged and skipped: previews never fail a generation."""
+        those of a call without previews. A preview that fails to decode or to
+        be handed over is logged and skipped: previews never fail a generation."""
         on_preview = call.on_preview
         assert on_preview is not None
         wanted = [set(steps) for steps in call.previews]
@@ -187,7 +187,10 @@ class PipelineGenerator:
                 log.warning("preview decode failed at step %d", step, exc_info=True)
                 return {}
             for n, image in zip(rows, images, strict=True):
-                on_preview(n, step, image)
+                try:
+                    on_preview(n, step, image)
+                except Exception:
+                    log.warning("handing over a preview failed at step %d", step, exc_info=True)
             return {}
 
         return step_end

@@ -231,3 +231,16 @@ async def test_previews_go_to_their_own_request_and_survive_an_out_of_memory_spl
             with Image.open(io.BytesIO(preview.data)) as image:
                 assert image.convert("RGB").getpixel((0, 0)) == seed_color(seeds[preview.index])
     assert batcher.metrics.previews._value.get() == 5
+
+
+def test_a_failing_preview_never_fails_the_generation(tiny: None) -> None:
+    from local_backend.pipeline import PipelineGenerator, tiny_pipeline
+
+    generator = PipelineGenerator(tiny_pipeline(), "cpu")
+    plain = generator.generate(BatchCall(["a fox"], [3], 64, 64, 4))
+
+    def broken(position: int, step: int, image: Image.Image) -> None:
+        raise RuntimeError("the event loop is closed")
+
+    (image,) = generator.generate(BatchCall(["a fox"], [3], 64, 64, 4, previews=[(1, 2, 3)], on_preview=broken))
+    assert image.tobytes() == plain[0].tobytes()  # the callback changes no latent
