@@ -244,3 +244,18 @@ def test_a_failing_preview_never_fails_the_generation(tiny: None) -> None:
 
     (image,) = generator.generate(BatchCall(["a fox"], [3], 64, 64, 4, previews=[(1, 2, 3)], on_preview=broken))
     assert image.tobytes() == plain[0].tobytes()  # the callback changes no latent
+
+
+def test_edits_and_non_square_sizes_get_half_size_previews(tiny: None) -> None:
+    """With references the model input holds the reference tokens too; the
+    callback's latents are the generated image's alone."""
+    from local_backend.pipeline import PipelineGenerator, tiny_pipeline
+
+    generator = PipelineGenerator(tiny_pipeline(), "cpu")
+    got: list[tuple[int, int, tuple[int, int]]] = []
+    reference = Image.new("RGB", (64, 64), (200, 10, 10))
+    call = BatchCall(["a fox", "a cat"], [1, 2], 64, 48, 4, references=[reference], previews=[(1, 2), (3,)],
+                     on_preview=lambda n, step, image: got.append((n, step, image.size)))  # fmt: skip
+    images = generator.generate(call)
+    assert got == [(0, 1, (32, 24)), (0, 2, (32, 24)), (1, 3, (32, 24))]
+    assert [image.size for image in images] == [(64, 48), (64, 48)]
