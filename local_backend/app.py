@@ -10,6 +10,13 @@ Status codes: 400 unreadable JSON, 422 a request this service cannot do (code
 queue full (Retry-After), 503 not ready or out of memory, 504 deadline passed
 before the batch started, 500 the pipeline failed. Errors are
 `{"error": {"message", "type", "code"}}`.
+
+With `"stream": true` a request that is queued is answered 200
+`text/event-stream` at once: one `event: preview` per partial image as the
+denoising loop reaches its step, then `event: result` holding exactly the JSON
+the non-streaming answer would (`to_response`), or `event: error` holding that
+answer's error body with its status (docs/local-backend.md#previews). Refusals
+before queueing (400, 422, 429, 503) are the plain JSON answers above.
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ import base64
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
+from litestar.response import Stream
 from pydantic import ValidationError
 
 from local_backend.batcher import (
@@ -33,6 +41,7 @@ from local_backend.batcher import (
     ItemResult,
     NotReady,
     OutOfMemory,
+    Preview,
     QueueFull,
     WorkItem,
     image_seeds,
@@ -47,10 +56,14 @@ from local_backend.pipeline import Generator, build_generator
 from local_backend.safety import SafetyChecker, build_checker
 from local_backend.schemas import (
     INVALID_REFERENCE_CODE,
+    SSE_MEDIA_TYPE,
     BackendInfo,
+    ErrorBody,
     GenerateRequest,
     GenerateResponse,
     LocalImage,
+    PreviewEvent,
+    StreamError,
     Timings,
     describe_validation_error,
 )
@@ -61,15 +74,83 @@ NOT_READY_RETRY_AFTER_S = 5
 JSON = "application/json"
 
 
+def error_kind(status: int) -> str:
+    return {400: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+
+
+def retry_after_seconds(retry_after: float) -> int:
+    return max(1, math.ceil(retry_after))
+
+
 def error_response(status: int, message: str, code: str, *, retry_after: float | None = None) -> Response[Any]:
-    kind = {400: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
-    headers = {} if retry_after is None else {"retry-after": str(max(1, math.ceil(retry_after)))}
+    headers = {} if retry_after is None else {"retry-after": str(retry_after_seconds(retry_after))}
     return Response(
-        {"error": {"message": message, "type": kind, "code": code}},
+        {"error": {"message": message, "type": error_kind(status), "code": code}},
         status_code=status,
         headers=headers,
         media_type=JSON,
     )
+
+
+def generation_error(exc: BaseException) -> tuple[int, str, str, float | None] | None:
+    """(status, message, code, retry_after) for an error a queued request's
+    future ends with; None for one that is not the batcher's."""
+    if isinstance(exc, DeadlineExpired):
+        return 504, str(exc), "deadline_exceeded", None
+    if isinstance(exc, OutOfMemory):
+        return 503, str(exc), "out_of_memory", None
+    if isinstance(exc, GenerationFailed):
+        return 500, str(exc), "generation_failed", None
+    if isinstance(exc, NotReady):
+        return 503, str(exc), "not_ready", NOT_READY_RETRY_AFTER_S
+    return None
+
+
+def sse(event: str, data: str) -> bytes:
+    """One server-sent event; `data` is one line of JSON."""
+    return f"event: {event}\ndata: {data}\n\n".encode()
+
+
+def preview_event(preview: Preview) -> PreviewEvent:
+    return PreviewEvent(
+        index=preview.index,
+        partial_image_index=preview.partial_image_index,
+        b64_json=base64.b64encode(preview.data).decode(),
+        content_type=preview.content_type,
+        width=preview.width,
+        height=preview.height,
+        step=preview.step,
+    )
+
+
+async def event_stream(future: asyncio.Future[ItemResult], previews: asyncio.Queue[Preview | None]) -> AsyncIterator[bytes]:
+    """The events of one streaming request. Previews arrive from the worker
+    thread through `loop.call_soon_threadsafe`, all before the batch's result
+    is set on `future` (the executor's completion is scheduled after them), and
+    the `None` that `future`'s done callback queues ends them. A caller who
+    leaves cancels the future, which drops the request if it is still queued."""
+    future.add_done_callback(lambda _: previews.put_nowait(None))
+    try:
+        while (preview := await previews.get()) is not None:
+            yield sse("preview", preview_event(preview).model_dump_json())
+        exc = future.exception()
+        if exc is None:
+            yield sse("result", to_response(future.result()).model_dump_json())
+            return
+        known = generation_error(exc)
+        if known is None:
+            log.error("a streaming request failed: %s", type(exc).__name__)
+            known = (500, f"the request failed: {type(exc).__name__}", "generation_failed", None)
+        status, message, code, retry_after = known
+        body = StreamError(
+            error=ErrorBody(message=message, type=error_kind(status), code=code),
+            status=status,
+            retry_after=None if retry_after is None else retry_after_seconds(retry_after),
+        )
+        yield sse("error", body.model_dump_json(exclude_none=True))
+    finally:
+        if not future.done():
+            future.cancel()
 
 
 def http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
@@ -166,6 +247,7 @@ class Service:
             output_format=req.output_format,
             output_compression=req.output_compression,
             safety=req.enable_safety_checker,
+            partial_images=(req.partial_images or 0) if req.stream else 0,
         )
 
 
@@ -228,22 +310,27 @@ def create_app(
         except ValueError as exc:  # what this service cannot do
             metrics.rejected.labels(reason="invalid").inc()
             return error_response(422, str(exc), "unsupported_request")
+        previews: asyncio.Queue[Preview | None] = asyncio.Queue()
+        if req.stream and item.partial_images:
+            loop = asyncio.get_running_loop()
+
+            def hand_over(preview: Preview) -> None:  # in the worker thread
+                loop.call_soon_threadsafe(previews.put_nowait, preview)
+
+            item.on_preview = hand_over
         try:
             future = service.batcher.submit(item)
         except NotReady as exc:
             return error_response(503, str(exc), "not_ready", retry_after=NOT_READY_RETRY_AFTER_S)
         except QueueFull as exc:
             return error_response(429, "the queue is full", "queue_full", retry_after=exc.retry_after)
+        if req.stream:
+            return Stream(event_stream(future, previews), media_type=SSE_MEDIA_TYPE, headers={"cache-control": "no-cache"})
         try:
             result = await future
-        except DeadlineExpired as exc:
-            return error_response(504, str(exc), "deadline_exceeded")
-        except OutOfMemory as exc:
-            return error_response(503, str(exc), "out_of_memory")
-        except GenerationFailed as exc:
-            return error_response(500, str(exc), "generation_failed")
-        except NotReady as exc:
-            return error_response(503, str(exc), "not_ready", retry_after=NOT_READY_RETRY_AFTER_S)
+        except (DeadlineExpired, OutOfMemory, GenerationFailed, NotReady) as exc:
+            status, message, code, retry_after = generation_error(exc) or (500, str(exc), "generation_failed", None)
+            return error_response(status, message, code, retry_after=retry_after)
         return Response(to_response(result).model_dump_json().encode(), media_type=JSON)
 
     @get("/v1/info")

@@ -19,6 +19,11 @@ Rules (docs/local-backend.md#batching):
   cap is lowered to the half that is tried next, and it is counted. A single
   image that does not fit fails its batch with `OutOfMemory`.
 * Encoding and the safety check also run in the worker thread, off the event loop.
+* Previews (docs/local-backend.md#previews): each image of a request that asks
+  for `partial_images` gets them after the steps `preview_steps` names,
+  decoded from its own rows of the batch's latents and handed to that
+  request's `on_preview` only; a request that asks for none gets none. After
+  an out-of-memory split a step already previewed is not sent again.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from PIL import Image
@@ -41,14 +47,22 @@ from local_backend.buckets import BatchKey, batch_cap, bucket_label
 from local_backend.config import Settings
 from local_backend.images import CONTENT_TYPES, Reference, encode
 from local_backend.metrics import BackendMetrics
-from local_backend.pipeline import BatchCall, Generator, device_oom_errors, peak_memory_bytes, release_memory
+from local_backend.pipeline import (
+    BatchCall,
+    Generator,
+    device_oom_errors,
+    peak_memory_bytes,
+    release_memory,
+)
 from local_backend.safety import NoSafetyChecker, SafetyChecker, blank_like
+from local_backend.schemas import preview_steps
 from local_backend.speed import SpeedBook, UtilizationWindow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SEED_MODULUS = 2**63  # per-image seeds wrap here so they stay valid request seeds
+PREVIEW_COMPRESSION = 25  # output_compression of previews: jpeg/webp quality 75, png zlib level 2
 
 
 class NotReady(Exception):
@@ -99,6 +113,9 @@ class WorkItem:
     output_format: str = "png"
     output_compression: int | None = None
     safety: bool = False
+    partial_images: int = 0
+    # Called in the worker thread with each preview of this request: must be thread-safe.
+    on_preview: Callable[[Preview], None] | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     started: bool = False
     future: asyncio.Future[ItemResult] | None = None
@@ -115,6 +132,20 @@ class WorkItem:
     @property
     def megapixels(self) -> float:
         return self.width * self.height * self.images / 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """One partial image of one request: image `index` of the request, its
+    `partial_image_index`-th preview (0, 1, ...), after `step` denoising steps."""
+
+    index: int
+    partial_image_index: int
+    step: int
+    data: bytes
+    content_type: str
+    width: int
+    height: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +207,29 @@ class BatchRunner:
         width, height, steps = first.width, first.height, first.steps
         references = tuple(ref.decode() for ref in first.references)  # equal for all: same key
         work = [(index, item.prompt, seed) for index, item in enumerate(items) for seed in item.seeds]
+        image_of = [k for item in items for k in range(item.images)]  # position in `work` -> image index in its request
+        wanted = [preview_steps(steps, items[index].partial_images) if items[index].on_preview else () for index, _, _ in work]
+        sent: dict[int, set[int]] = {}  # position in `work` -> steps already previewed
+
+        def on_preview(chunk: list[int], position: int, step: int, image: Image.Image) -> None:
+            n = chunk[position]
+            done = sent.setdefault(n, set())
+            item = items[work[n][0]]
+            if step in done or item.on_preview is None:
+                return  # a step seen before an out-of-memory retry
+            done.add(step)
+            preview = Preview(
+                index=image_of[n],
+                partial_image_index=len(done) - 1,
+                step=step,
+                data=encode(image, item.output_format, PREVIEW_COMPRESSION),
+                content_type=CONTENT_TYPES[item.output_format],
+                width=image.width,
+                height=image.height,
+            )
+            self.metrics.previews.inc()
+            item.on_preview(preview)
+
         cap = self.cap_for(width, height)
         pending = deque(list(range(n, min(n + cap, len(work)))) for n in range(0, len(work), cap))
         produced: list[Image.Image | None] = [None] * len(work)
@@ -183,7 +237,11 @@ class BatchRunner:
         bucket = self.bucket_of(width, height)
         while pending:
             chunk = pending.popleft()  # positions in `work`
-            call = BatchCall([work[n][1] for n in chunk], [work[n][2] for n in chunk], width, height, steps, references)
+            previews = [wanted[n] for n in chunk]
+            call = BatchCall(
+                [work[n][1] for n in chunk], [work[n][2] for n in chunk], width, height, steps, references,
+                previews=previews if any(previews) else (), on_preview=partial(on_preview, chunk) if any(previews) else None,
+            )  # fmt: skip
             started = time.perf_counter()
             try:
                 images = self.generator.generate(call)

@@ -17,6 +17,7 @@ same); labels stay low-cardinality (`bucket` is a configured bucket size or
     local_backend_rejected_total{reason}        queue_full, not_ready, deadline, invalid, out_of_memory, error
     local_backend_oom_total                     out-of-memory errors (each split a batch)
     local_backend_nsfw_flagged_total            images blanked by the safety checker
+    local_backend_previews_total                partial images sent to streaming requests
     local_backend_gpu_busy_seconds_total        time the pipeline ran for callers
     local_backend_gpu_memory_peak_bytes         torch.cuda.max_memory_allocated (cuda only)
     local_backend_cost_per_image_usd{kind}      "marginal" | "amortised", for 1024x1024 at 4 steps
@@ -51,6 +52,7 @@ class BackendMetrics:
         self.rejected = Counter(PREFIX + "rejected", "Requests refused or dropped", ["reason"], registry=r)
         self.oom = Counter(PREFIX + "oom", "Out-of-memory errors", registry=r)
         self.nsfw_flagged = Counter(PREFIX + "nsfw_flagged", "Images blanked by the safety checker", registry=r)
+        self.previews = Counter(PREFIX + "previews", "Partial images sent to streaming requests", registry=r)
         self.gpu_busy = Counter(PREFIX + "gpu_busy_seconds", "Pipeline busy time for callers", registry=r)
         self.gpu_memory_peak = Gauge(PREFIX + "gpu_memory_peak_bytes", "Peak device memory allocated", registry=r)
         self.cost_per_image = Gauge(PREFIX + "cost_per_image_usd", "Live cost per 1024x1024 4-step image", ["kind"], registry=r)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,11 +35,20 @@ log = logging.getLogger(__name__)
 REAL_ENCODER_LAYERS = (9, 18, 27)
 # The distilled model runs without CFG (docs/local-backend.md#calling-the-pipeline: pass guidance 1.0).
 GUIDANCE_SCALE = 1.0
+# Previews are decoded from the latents pooled 2x2 (docs/local-backend.md#previews).
+PREVIEW_POOL = 2
+
+# on_preview(position in the call, steps done, preview image): called in the worker thread.
+PreviewCallback = Callable[[int, int, Image.Image], None]
 
 
 @dataclass(frozen=True, slots=True)
 class BatchCall:
-    """One pipeline call: one size, one step count, shared references; a prompt and a seed per image."""
+    """One pipeline call: one size, one step count, shared references; a prompt and a seed per image.
+
+    `previews[n]` lists after which steps image n wants a preview (see
+    `local_backend.schemas.preview_steps`); `on_preview` receives them. Empty: no previews, and the
+    pipeline runs without a step-end callback."""
 
     prompts: Sequence[str]
     seeds: Sequence[int]
@@ -47,10 +56,18 @@ class BatchCall:
     height: int
     steps: int
     references: Sequence[Image.Image] = field(default_factory=tuple)
+    previews: Sequence[Sequence[int]] = field(default_factory=tuple)
+    on_preview: PreviewCallback | None = None
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.seeds) or not self.prompts:
             raise ValueError("one prompt and one seed per image, at least one image")
+        if self.previews and len(self.previews) != len(self.prompts):
+            raise ValueError("previews: one list of steps per image")
+
+    @property
+    def wants_previews(self) -> bool:
+        return self.on_preview is not None and any(self.previews)
 
 
 class Generator(Protocol):
@@ -133,6 +150,9 @@ class PipelineGenerator:
             kwargs["text_encoder_out_layers"] = self._layers
         if call.references:
             kwargs["image"] = list(call.references)
+        if call.wants_previews:
+            kwargs["callback_on_step_end"] = self._step_end(call)
+            kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
         with torch.inference_mode():
             out = self.pipe(
                 prompt=list(call.prompts),
@@ -145,6 +165,64 @@ class PipelineGenerator:
                 **kwargs,
             )
         return list(out.images)
+
+    def _step_end(self, call: BatchCall) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
+        """The step-end callback: after step i + 1, decode the rows of the images
+        that want a preview there and hand each to `call.on_preview`. It never
+        changes the latents (it returns no tensors), so the final images are
+        those of a call without previews. A preview that fails to decode or to
+        be handed over is logged and skipped: previews never fail a generation."""
+        on_preview = call.on_preview
+        assert on_preview is not None
+        wanted = [set(steps) for steps in call.previews]
+
+        def step_end(pipe: Any, i: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            step = i + 1
+            rows = [n for n, steps in enumerate(wanted) if step in steps]
+            if not rows:
+                return {}
+            try:
+                images = decode_preview(pipe, tensors["latents"][rows], call.width, call.height)
+            except Exception:
+                log.warning("preview decode failed at step %d", step, exc_info=True)
+                return {}
+            for n, image in zip(rows, images, strict=True):
+                try:
+                    on_preview(n, step, image)
+                except Exception:
+                    log.warning("handing over a preview failed at step %d", step, exc_info=True)
+            return {}
+
+        return step_end
+
+
+def decode_preview(pipe: Any, latents: Any, width: int, height: int) -> list[Image.Image]:
+    """Packed latents (rows, h*w, 4C) of a Flux2 pipeline mid-loop -> small PIL images.
+
+    The pipeline's own final decode, made cheaper: unpack (the latent ids are a
+    row-major grid for text-to-image and edits alike, so unpacking is the
+    inverse of `_pack_latents`), undo the VAE's batch norm, unpatchify 2x2,
+    then average-pool the latent `PREVIEW_POOL` x `PREVIEW_POOL` before the
+    real VAE decode: a preview of half the side, about a quarter of a full
+    decode's cost (docs/local-backend.md#previews)."""
+    import torch
+    import torch.nn.functional as F
+
+    scale = int(pipe.vae_scale_factor) * 2
+    rows, seq, channels = latents.shape
+    h, w = height // scale, width // scale
+    if h * w != seq:
+        raise ValueError(f"latents of {seq} tokens for a {h}x{w} grid")
+    with torch.inference_mode():
+        x = latents.permute(0, 2, 1).reshape(rows, channels, h, w)
+        vae = pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.device, x.dtype)
+        x = pipe._unpatchify_latents(x * std + mean)
+        if PREVIEW_POOL > 1 and min(x.shape[-2:]) >= 2 * PREVIEW_POOL:
+            x = F.avg_pool2d(x, PREVIEW_POOL)
+        decoded = vae.decode(x.to(vae.dtype), return_dict=False)[0]
+        return list(pipe.image_processor.postprocess(decoded, output_type="pil"))
 
 
 # ---- the tiny random pipeline (docs/local-backend.md#a-tiny-pipeline-built-in-code) ------------------

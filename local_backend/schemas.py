@@ -10,6 +10,12 @@ Pure pydantic: importing it never pulls in torch.
                                   422 invalid_reference_image for a reference
                                   that cannot be decoded (the input's fault),
                                   errors as {"error": {"message", "type", "code"}}
+                                  With "stream": true, a 200 answer is
+                                  text/event-stream: `preview` events
+                                  (PreviewEvent, "partial_images" of them per
+                                  image), then one `result` (GenerateResponse)
+                                  or `error` (StreamError) event; refusals
+                                  before the request is queued stay plain JSON
     GET  /v1/info                 BackendInfo (queue, measured speed, live cost)
     GET  /health/live             200 while the process runs
     GET  /health/ready            200 once warm-up finished, else 503
@@ -18,6 +24,7 @@ Pure pydantic: importing it never pulls in torch.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
@@ -42,6 +49,9 @@ class GenerateRequest(BaseModel):
     enable_safety_checker: bool = False
     reference_images: list[str] = Field(default_factory=list, max_length=4)  # base64 (or data: URIs)
     timeout_s: float | None = Field(default=None, gt=0, le=3600)
+    # None when unset, so a request without them goes on the wire as before.
+    stream: bool | None = None  # answer text/event-stream (see the module docstring)
+    partial_images: int | None = Field(default=None, ge=0, le=3)  # previews per image; only with stream
 
 
 class LocalImage(BaseModel):
@@ -64,6 +74,49 @@ class GenerateResponse(BaseModel):
     seed: int
     timings: Timings
     cost_usd_estimate: float | None = None
+
+
+class PreviewEvent(BaseModel):
+    """The data of one `event: preview`: image `index` of the request, after `step` of its steps."""
+
+    index: int
+    partial_image_index: int
+    b64_json: str
+    content_type: str
+    width: int
+    height: int
+    step: int
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str
+
+
+class StreamError(BaseModel):
+    """The data of an `event: error`: the error the non-streaming answer would
+    have been, with its HTTP status and Retry-After (seconds) beside it."""
+
+    error: ErrorBody
+    status: int
+    retry_after: float | None = None
+
+
+SSE_MEDIA_TYPE = "text/event-stream"
+MAX_PARTIAL_IMAGES = 3
+
+
+def preview_steps(steps: int, partial_images: int) -> tuple[int, ...]:
+    """After how many completed denoising steps a request asking for
+    `partial_images` previews gets one: round((i + 1) * steps / (k + 1)) for
+    i < k, rounding halves up, kept within 1..steps and without repeats. With
+    more steps than previews that is exactly k evenly spaced steps, all before
+    the last; with fewer, one preview per step at most (OpenAI, too, may send
+    fewer partial images than asked)."""
+    k = max(0, min(partial_images, MAX_PARTIAL_IMAGES))
+    chosen = (min(steps, max(1, math.floor((i + 1) * steps / (k + 1) + 0.5))) for i in range(k))
+    return tuple(sorted(set(chosen)))
 
 
 class CostFigures(BaseModel):

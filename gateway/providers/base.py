@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import inspect
+import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -26,6 +28,8 @@ from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import ImageJob, JobKind
 from gateway.providers._json import response_json
 from gateway.providers.options import AdapterOptions
+
+log = logging.getLogger(__name__)
 
 GATEWAY_OVERLOADED = "gateway_overloaded"  # ProviderError.code when the gateway, not the backend, was slow
 DELIVERY_NETWORK = "delivery_network"  # ProviderError.code: the gateway could not fetch a finished image
@@ -162,6 +166,9 @@ class Adapter(ABC):
     # References go on the wire as bytes: the gateway fetches a caller's URL
     # first, whatever providers.yaml `capabilities:` says.
     takes_reference_bytes: ClassVar[bool] = False
+    # It sends partial images to a `preview_sink` set around `generate`; the
+    # others ignore the sink (a caller then gets the final image alone).
+    sends_previews: ClassVar[bool] = False
     emulator: ClassVar[EmulatorHook | None] = None
 
     def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
@@ -235,13 +242,18 @@ class Adapter(ABC):
         deadline: float,
         job_id: str | None = None,
         timeout: float | None = None,
+        stream: bool = False,
         **kw: Any,
     ) -> httpx.Response:
         """One HTTP exchange, with transport errors classified.
 
         Before a job id exists a transport failure is UNREACHABLE (connect) or
         FAILED (the request may have reached the provider but nothing was
-        created we know of). With a job id it is UNKNOWN_OUTCOME."""
+        created we know of). With a job id it is UNKNOWN_OUTCOME.
+
+        `stream=True` returns once the headers arrived, the body unread: the
+        caller reads it (classifying errors as `stream_read_error` does) and
+        closes the response."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise deadline_error(job_id)
@@ -250,6 +262,8 @@ class Adapter(ABC):
         t = httpx.Timeout(read, connect=connect)
         started = time.monotonic()
         try:
+            if stream:
+                return await self.client.send(self.client.build_request(method, url, timeout=t, **kw), stream=True)
             return await self.client.request(method, url, timeout=t, **kw)
         except httpx.ConnectTimeout:
             if time.monotonic() - started > 2 * connect + 1.0:
@@ -271,6 +285,57 @@ class Adapter(ABC):
             if job_id:
                 raise ProviderError(FailureClass.UNKNOWN_OUTCOME, f"connection broke while following job: {type(exc).__name__}", job_id=job_id, billed=True) from None
             raise ProviderError(FailureClass.FAILED, f"connection broke: {type(exc).__name__}") from None
+
+
+def stream_read_error(exc: Exception) -> ProviderError:
+    """A transport failure while reading a streamed body (no job id), classified
+    as `Adapter.request` classifies one while reading a whole body: a timeout
+    is UNKNOWN_OUTCOME (the work may have run), a broken connection FAILED."""
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+        name = type(exc).__name__ if isinstance(exc, httpx.TimeoutException) else "ReadTimeout"
+        return ProviderError(FailureClass.UNKNOWN_OUTCOME, f"timed out waiting for the provider: {name}", billed=True)
+    return ProviderError(FailureClass.FAILED, f"connection broke: {type(exc).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewImage:
+    """One partial image of a running generation: image `index` of the job,
+    its `partial_image_index`-th preview (0, 1, ...). Smaller than the final
+    image; `content_type` is the job's output format."""
+
+    data: bytes
+    index: int
+    partial_image_index: int
+    content_type: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewSink:
+    """Where an adapter that `sends_previews` puts partial images: up to
+    `partial_images` (1-3) per image, each passed to `send` as it arrives and
+    before `generate` returns. `send` may be a plain function or a coroutine
+    function; what it raises is logged and never fails the generation."""
+
+    partial_images: int
+    send: Callable[[PreviewImage], Awaitable[None] | None]
+
+
+# Set around `generate` by a caller that streams partial images (a ContextVar,
+# like `submitted_jobs`, so no adapter signature changes). None: no previews,
+# and every adapter sends exactly what it sends without this.
+preview_sink: ContextVar[PreviewSink | None] = ContextVar("preview_sink", default=None)
+
+
+async def send_preview(sink: PreviewSink, preview: PreviewImage) -> None:
+    """Hand one preview to the sink; a failing sink is logged, never raised."""
+    try:
+        outcome = sink.send(preview)
+        if inspect.isawaitable(outcome):
+            await outcome
+    except Exception:
+        log.warning("a preview sink failed; the generation goes on", exc_info=True)
 
 
 # Job ids an adapter has obtained during the current attempt. Dispatch sets a

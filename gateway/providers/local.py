@@ -28,6 +28,17 @@ The service gets this side's read timeout (the job's remaining time, at most
 comes back as a clean 504 before the read timeout would make it an unknown
 outcome. A batch that already started runs to its end.
 
+Previews: with a `preview_sink` (gateway/providers/base.py) set around
+`generate`, the request also asks `"stream": true, "partial_images": k` and
+the service answers server-sent events (docs/local-backend.md#previews): each
+`preview` goes to the sink as a `PreviewImage`, then the `result` event is
+read exactly as the non-streaming body, and an `error` event exactly as the
+error answer with that status (so every class in the table holds). A read
+timeout, measured over the whole stream as the non-streaming read is, is
+UNKNOWN_OUTCOME; a stream that ends without a result is FAILED. A service
+that answers JSON anyway is read as before. Without a sink the request is the
+non-streaming one, byte for byte.
+
 `probe()` is free: `GET /health/ready`, then `GET /v1/info`, whose queue wait
 and live cost figures go into `ProbeResult.live` for routing and pricing
 (`estimated_wait_s`, `marginal_usd_per_image`, `amortized_usd_per_image`, per
@@ -42,10 +53,13 @@ providers.yaml `capabilities:`; it answers 422 otherwise, which is REJECTED.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import binascii
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -62,12 +76,27 @@ from gateway.providers.base import (
     EmulatorHook,
     FailureClass,
     GeneratedImage,
+    PreviewImage,
+    PreviewSink,
     ProbeResult,
     ProviderError,
     ProviderResult,
     deadline_error,
+    preview_sink,
+    send_preview,
+    stream_read_error,
 )
-from local_backend.schemas import INVALID_REFERENCE_CODE, BackendInfo, GenerateRequest, GenerateResponse, describe_validation_error
+from local_backend.schemas import (
+    INVALID_REFERENCE_CODE,
+    MAX_PARTIAL_IMAGES,
+    SSE_MEDIA_TYPE,
+    BackendInfo,
+    GenerateRequest,
+    GenerateResponse,
+    PreviewEvent,
+    StreamError,
+    describe_validation_error,
+)
 
 # The model's own limits, which the service accepts by default (see the docstring);
 # references must arrive as bytes, so the gateway fetches URL references first.
@@ -87,8 +116,9 @@ def service_timeout(remaining: float) -> float:
     return min(MAX_TIMEOUT_S, remaining - min(DEADLINE_MARGIN_S, remaining / 10))
 
 
-def request_body(job: ImageJob, timeout_s: float) -> dict[str, Any]:
-    """The wire body for `job`; REJECTED when a reference has no bytes."""
+def request_body(job: ImageJob, timeout_s: float, partial_images: int = 0) -> dict[str, Any]:
+    """The wire body for `job`; REJECTED when a reference has no bytes.
+    `partial_images` > 0 asks for a stream with that many previews per image."""
     references = []
     for ref in job.references:
         if ref.data is None:
@@ -108,6 +138,8 @@ def request_body(job: ImageJob, timeout_s: float) -> dict[str, Any]:
             enable_safety_checker=job.enable_safety_checker,
             reference_images=references,
             timeout_s=timeout_s,
+            stream=True if partial_images > 0 else None,
+            partial_images=partial_images if partial_images > 0 else None,
         )
     except ValidationError as exc:
         raise ProviderError(FailureClass.REJECTED, f"the local backend cannot take {describe_validation_error(exc)}") from None
@@ -125,6 +157,73 @@ def error_text(response: httpx.Response) -> tuple[str | None, str]:
     code = error.get("code") if isinstance(error.get("code"), str) else None
     message = error.get("message") if isinstance(error.get("message"), str) else response.reason_phrase or "error"
     return (code and provider_text(code, None, 64)), provider_text(message, None)
+
+
+def error_from(response: httpx.Response) -> ProviderError:
+    """The classified error of a non-2xx answer (or of a stream's `error` event, as one)."""
+    code, message = error_text(response)
+    # Not `submitted`: the service answers an error only for work that
+    # never started (its 504 is a request dropped before its batch), so
+    # no status hides a made, billed image.
+    err = http_error(response, f"{code}: {message}" if code else message, submitted=False, code=code)
+    if code == INVALID_REFERENCE_CODE:
+        err.failure = FailureClass.REJECTED  # the caller's image, whatever the status: no health penalty
+    return err
+
+
+def result_from(status: int, content: bytes | str) -> ProviderResult:
+    """The result of a 2xx body (or of a stream's `result` event)."""
+    try:
+        payload = GenerateResponse.model_validate_json(content)
+    except ValidationError:
+        raise ProviderError(
+            FailureClass.FAILED, f"HTTP {status}: the response is not a GenerateResponse",
+            status=status, billed=True,
+        ) from None  # fmt: skip
+    return to_result(payload)
+
+
+def stream_error_response(data: str) -> httpx.Response:
+    """A stream's `error` event as the error answer it stands for."""
+    try:
+        event = StreamError.model_validate_json(data)
+    except ValidationError:
+        raise ProviderError(FailureClass.FAILED, "HTTP 200: an error event that is not a StreamError", status=200, billed=True) from None
+    headers = {} if event.retry_after is None else {"retry-after": str(math.ceil(event.retry_after))}
+    return httpx.Response(event.status, headers=headers, json={"error": event.error.model_dump()})
+
+
+def preview_image(data: str) -> PreviewImage | None:
+    """A `preview` event as a PreviewImage; None (skipped, logged) when unreadable."""
+    try:
+        event = PreviewEvent.model_validate_json(data)
+        raw = base64.b64decode(event.b64_json, validate=True)
+    except (ValidationError, binascii.Error, ValueError):
+        log.warning("local backend sent an unreadable preview event; skipped")
+        return None
+    return PreviewImage(raw, event.index, event.partial_image_index, event.content_type, event.width, event.height)
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) of each server-sent event in a streamed body."""
+    event = "message"
+    data: list[str] = []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+    if data:
+        yield event, "\n".join(data)
 
 
 def to_result(payload: GenerateResponse) -> ProviderResult:
@@ -197,6 +296,7 @@ class LocalAdapter(Adapter):
     reports_queue_wait: ClassVar[bool] = True  # /v1/info: estimated_wait_s
     reports_live_price: ClassVar[bool] = True  # /v1/info: marginal and amortized USD per image
     takes_reference_bytes: ClassVar[bool] = True
+    sends_previews: ClassVar[bool] = True  # preview_sink: streamed partial images
     emulator: ClassVar[EmulatorHook | None] = EmulatorHook("tests.emulators.local:LocalEmulator")
 
     async def generate(self, job: ImageJob, deadline: float) -> ProviderResult:
@@ -206,24 +306,43 @@ class LocalAdapter(Adapter):
         # The read timeout below is min(timeouts.request, remaining); the service drops
         # the request (504, nothing billed) a little before it.
         body = request_body(job, service_timeout(min(remaining, self.settings.timeouts.request)))
-        response = await self.request("POST", f"{self.base}/v1/images/generations", deadline=deadline, json=body)
-        if not response.is_success:
-            code, message = error_text(response)
-            # Not `submitted`: the service answers an error only for work that
-            # never started (its 504 is a request dropped before its batch), so
-            # no status hides a made, billed image.
-            err = http_error(response, f"{code}: {message}" if code else message, submitted=False, code=code)
-            if code == INVALID_REFERENCE_CODE:
-                err.failure = FailureClass.REJECTED  # the caller's image, whatever the status: no health penalty
-            raise err
+        sink = preview_sink.get()
+        partial_images = 0 if sink is None else max(0, min(sink.partial_images, MAX_PARTIAL_IMAGES))
+        read_s = min(remaining, self.settings.timeouts.request)
+        body = request_body(job, service_timeout(read_s), partial_images)
+        url = f"{self.base}/v1/images/generations"
+        if sink is None or partial_images == 0:
+            response = await self.request("POST", url, deadline=deadline, json=body)
+            if not response.is_success:
+                raise error_from(response)
+            return result_from(response.status_code, response.content)
+        started = time.monotonic()
+        response = await self.request("POST", url, deadline=deadline, json=body, stream=True)
         try:
-            payload = GenerateResponse.model_validate_json(response.content)
-        except ValidationError:
-            raise ProviderError(
-                FailureClass.FAILED, f"HTTP {response.status_code}: the response is not a GenerateResponse",
-                status=response.status_code, billed=True,
-            ) from None  # fmt: skip
-        return to_result(payload)
+            # The whole stream within the read timeout the non-streaming read gets.
+            async with asyncio.timeout(max(0.0, read_s - (time.monotonic() - started))):
+                return await self._read_stream(response, sink)
+        except (httpx.TransportError, TimeoutError) as exc:
+            raise stream_read_error(exc) from None
+        finally:
+            await response.aclose()
+
+    async def _read_stream(self, response: httpx.Response, sink: PreviewSink) -> ProviderResult:
+        if not response.is_success:
+            await response.aread()
+            raise error_from(response)
+        if not response.headers.get("content-type", "").startswith(SSE_MEDIA_TYPE):
+            return result_from(response.status_code, await response.aread())  # a service without streaming
+        async for event, data in sse_events(response):
+            if event == "preview":
+                preview = preview_image(data)
+                if preview is not None:
+                    await send_preview(sink, preview)
+            elif event == "result":
+                return result_from(response.status_code, data)
+            elif event == "error":
+                raise error_from(stream_error_response(data))
+        raise ProviderError(FailureClass.FAILED, "HTTP 200: the event stream ended without a result", status=200, billed=True)
 
     async def probe(self) -> ProbeResult:
         """Ready, then the live figures; never a generation."""

@@ -13,6 +13,14 @@ holds its slot for job.queue_ms + job.run_ms. The live cost figure is
 `gpu_usd_per_hour * seconds_per_image / 3600` per image (marginal), and that
 divided by `utilisation` (amortized); both are knobs.
 
+With `"stream": true` an admitted request is answered 200 `text/event-stream`
+as the real service answers it (docs/local-backend.md#previews): a `preview`
+event per partial image (`partial_images` per image, after the steps
+`preview_steps` names, each a half-size render labelled "preview i/k"), then
+`result` with the usual body, or `error` with the usual error body and its
+status (504 past the deadline while queued, 500 `job_failed`). The events
+come in one body once the job's time is up, not step by step.
+
 No credentials unless a key is given at start (`Authorization: Bearer`).
 Errors are `{"error": {message, type, code}}` as schemas.py says.
 """
@@ -26,8 +34,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from local_backend.schemas import GenerateRequest
-from tests.emulators.asgi import Request, Response, hold, route
+from local_backend.schemas import SSE_MEDIA_TYPE, GenerateRequest, preview_steps
+from tests.emulators.asgi import Request, Response, dumps, hold, loads, route
 from tests.emulators.core import EmulatorApp
 from tests.emulators.jobs import Spec
 
@@ -143,9 +151,10 @@ class LocalEmulator(EmulatorApp):
             wait = max(1, round(self.estimated_wait_s()))
             return _envelope(429, "the queue is full", "rate_limit_error", "queue_full", {"retry-after": str(wait)})
         queued = time.monotonic()
+        stream = bool(req.stream)
         if not await self.gate.acquire(local.max_concurrency, req.timeout_s):
             self.rejected["deadline"] += 1
-            return _envelope(504, "the deadline passed while queued", "timeout", "deadline_exceeded")
+            return _streamed(stream, [], _envelope(504, "the deadline passed while queued", "timeout", "deadline_exceeded"))
         queue_ms = (time.monotonic() - queued) * 1000
         try:
             work = self.knobs.job
@@ -157,7 +166,8 @@ class LocalEmulator(EmulatorApp):
             self.gate.release(self.knobs.local.max_concurrency)
         if request.fault == "job_failed":
             self.count_generation(0)
-            return _envelope(500, "generation failed", "server_error", self.knobs.faults.job_error_code or "generation_failed")
+            failed = _envelope(500, "generation failed", "server_error", self.knobs.faults.job_error_code or "generation_failed")
+            return _streamed(stream, [], failed)
         seed = req.seed if req.seed is not None else self.new_seed()
         spec = Spec(prompt=req.prompt, width=req.width, height=req.height, fmt=req.output_format, n=req.num_images, seed=seed, edit_refs=len(req.reference_images), steps=req.num_inference_steps)
         nsfw = self.nsfw_flags(spec.n) if req.enable_safety_checker else ()
@@ -179,7 +189,21 @@ class LocalEmulator(EmulatorApp):
             "timings": {"queue_ms": round(queue_ms, 3), "inference_ms": round(run_s * 1000, 3), "batch_size": 1},
             "cost_usd_estimate": self.request_cost_usd(spec, len(images)),
         }
-        return Response.json(200, body)
+        previews = await self.previews(spec, req.partial_images or 0) if stream else []
+        return _streamed(stream, previews, Response.json(200, body))
+
+    async def previews(self, spec: Spec, partial_images: int) -> list[dict[str, Any]]:
+        """The preview events' data: by step, then by image, as the real batcher sends them."""
+        steps = preview_steps(spec.steps, partial_images)
+        width, height = max(16, spec.width // 2), max(16, spec.height // 2)
+        events = []
+        for partial, step in enumerate(steps):
+            for index in range(spec.n):
+                label = f"preview {partial + 1}/{len(steps)}" + (f"  {index + 1}/{spec.n}" if spec.n > 1 else "")
+                image = await asyncio.to_thread(self.images.render, width, height, spec.fmt, spec.prompt, label)
+                events.append({"index": index, "partial_image_index": partial, "b64_json": image.b64(),
+                               "content_type": image.content_type, "width": width, "height": height, "step": step})  # fmt: skip
+        return events
 
     def estimated_wait_s(self) -> float:
         per_job = (self.knobs.job.queue_ms + self.knobs.job.run_ms) / 1000 or self.knobs.local.seconds_per_image
@@ -237,6 +261,20 @@ class LocalEmulator(EmulatorApp):
         super().reset(keep_knobs=keep_knobs)
         self.rejected.clear()
         self.busy_s = 0.0
+
+
+def _streamed(stream: bool, previews: list[dict[str, Any]], answer: Response) -> Response:
+    """`answer` as the event stream of a `"stream": true` request, previews first."""
+    if not stream:
+        return answer
+    events = [b"event: preview\ndata: " + dumps(data) + b"\n\n" for data in previews]
+    if answer.status == 200:
+        events.append(b"event: result\ndata: " + answer.body + b"\n\n")
+    else:
+        retry = answer.header("retry-after")
+        error = {**loads(answer.body), "status": answer.status, **({"retry_after": float(retry)} if retry else {})}
+        events.append(b"event: error\ndata: " + dumps(error) + b"\n\n")
+    return Response(200, b"".join(events), SSE_MEDIA_TYPE.encode() + b"; charset=utf-8", {"cache-control": "no-cache"})
 
 
 def _envelope(status: int, message: str, kind: str, code: str, headers: dict[str, str] | None = None) -> Response:

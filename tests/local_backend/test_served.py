@@ -25,7 +25,7 @@ pytest.importorskip("diffusers")
 import uvicorn
 
 from gateway.domain.job import ImageJob, JobKind, ReferenceImage
-from gateway.providers.base import AdapterSettings
+from gateway.providers.base import AdapterSettings, PreviewImage, PreviewSink, preview_sink
 from gateway.providers.local import LocalAdapter
 from local_backend.app import create_app
 from tests.local_backend.conftest import make_settings
@@ -110,6 +110,27 @@ async def test_the_gateway_adapter_against_the_real_service(service_url: str) ->
     assert [image.seed for image in result.images] == [11, 12] and result.seed == 11
     assert all(base64.b64decode(image.b64)[:4] == b"RIFF" and image.content_type == "image/webp" for image in result.images)
     assert result.reported_cost_usd is not None and result.reported_cost_usd > 0
+
+
+async def test_the_gateway_adapter_streams_previews_from_the_real_service(service_url: str) -> None:
+    """Over a real socket: the previews reach the sink as the loop makes them,
+    before the result, and the result is the plain request's."""
+    local, client = adapter(service_url)
+    got: list[tuple[PreviewImage, float]] = []
+    job = ImageJob(kind=JobKind.GENERATE, prompt="a red fox", width=64, height=64, n=2, steps=4, seed=21)
+    async with client:
+        token = preview_sink.set(PreviewSink(2, lambda p: got.append((p, time.monotonic()))))
+        try:
+            streamed = await local.generate(job, deadline=time.monotonic() + 30)
+        finally:
+            preview_sink.reset(token)
+        returned = time.monotonic()
+        plain = await local.generate(job, deadline=time.monotonic() + 30)
+    assert sorted((p.index, p.partial_image_index) for p, _ in got) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(p.data[:4] == b"\x89PNG" and (p.width, p.height) == (32, 32) for p, _ in got)
+    assert all(at <= returned for _, at in got)
+    assert [i.seed for i in streamed.images] == [i.seed for i in plain.images] == [21, 22]
+    assert [i.b64 for i in streamed.images] == [i.b64 for i in plain.images]  # same batch shape: the same bytes
 
 
 def test_the_command_serves_the_tiny_pipeline(tmp_path: Path) -> None:
