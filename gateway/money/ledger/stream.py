@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -142,23 +143,28 @@ class LedgerStream:
                 raise
         self._group_ready = True
 
-    async def claim(self, count: int) -> list[tuple[str, UsageRow]]:
-        """Entries another consumer was given and has not acknowledged for `claim_idle_s` (it died, most likely)."""
-        await self._ensure_group()
-        reply: Any = await self._client.xautoclaim(self.key, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=count)
-        return self._entries(reply[1])
-
-    async def read(self, count: int, block_ms: int | None = None) -> list[tuple[str, UsageRow]]:
-        """Entries no consumer has been given yet, now given to this one."""
+    async def _grouped(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """`call()` on the consumer group; made again once if the stream was deleted under us (FLUSHDB, a Redis without persistence restarted)."""
         import redis
 
         await self._ensure_group()
         try:
-            reply: Any = await self._client.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=count, block=block_ms)
+            return await call()
         except redis.ResponseError as exc:
-            if "NOGROUP" in str(exc):  # the stream was deleted under us (FLUSHALL): make the group again
-                self._group_ready = False
-            raise
+            if "NOGROUP" not in str(exc) and "no longer exists" not in str(exc):
+                raise
+        self._group_ready = False
+        await self._ensure_group()
+        return await call()
+
+    async def claim(self, count: int) -> list[tuple[str, UsageRow]]:
+        """Entries another consumer was given and has not acknowledged for `claim_idle_s` (it died, most likely)."""
+        reply = await self._grouped(lambda: self._client.xautoclaim(self.key, GROUP, self.consumer, min_idle_time=self.claim_idle_ms, start_id="0-0", count=count))
+        return self._entries(reply[1])
+
+    async def read(self, count: int, block_ms: int | None = None) -> list[tuple[str, UsageRow]]:
+        """Entries no consumer has been given yet, now given to this one."""
+        reply = await self._grouped(lambda: self._client.xreadgroup(GROUP, self.consumer, {self.key: ">"}, count=count, block=block_ms))
         return [e for _, entries in reply or [] for e in self._entries(entries)]
 
     @staticmethod
@@ -179,6 +185,15 @@ class LedgerStream:
             pipe.xack(self.key, GROUP, *ids)
             pipe.xdel(self.key, *ids)
             await pipe.execute()
+
+    async def newest(self) -> str | None:
+        """The id of the newest row in the stream (None when it holds none)."""
+        found: Any = await self._client.xrevrange(self.key, count=1)
+        return str(found[0][0]) if found else None
+
+    async def holds_through(self, entry_id: str) -> bool:
+        """Whether a row appended at or before `entry_id` is still unwritten (written rows are deleted)."""
+        return bool(await self._client.xrange(self.key, "-", entry_id, count=1))
 
     async def backlog(self) -> int:
         """Rows in the stream: appended, not yet written to the ledger store."""

@@ -50,7 +50,9 @@ class Ledger:
         stream: LedgerStream | None = None,
         metrics: GatewayMetrics | None = None,
         close_drain_s: float = 5.0,
+        report_wait_s: float = 2.0,
     ) -> None:
+        self.report_wait_s = report_wait_s
         self.store = store
         self.stream = stream
         self.metrics = metrics
@@ -93,7 +95,7 @@ class Ledger:
         if self._failing:
             self._set_backlog(len(self._queued))
             return False  # the background task writes it once the store answers again
-        if self._task is None:  # not started (a test, a one-off script): write inline
+        if self._task is None or self.stream is not None:  # not started (a test, a script), or a stream's fallback: write inline
             try:
                 await self.flush()
             except Exception as exc:  # noqa: BLE001 - kept in the queue; the failure is the store's, logged
@@ -170,6 +172,8 @@ class Ledger:
         trouble = False
         while True:
             try:
+                if self._queued:  # rows that reached neither the stream nor the store (Redis was away)
+                    await self.flush()
                 written = await self.drain_once(block_ms=max(1, int(self.interval_s * 1000)))
                 await self._stream_backlog()
                 if trouble and written:
@@ -179,7 +183,7 @@ class Ledger:
                 raise
             except Exception as exc:  # noqa: BLE001 - the store or Redis is away; the rows wait in the stream
                 if not trouble:
-                    log.error("usage ledger stream drain failed, rows wait in the stream (%d held here): %s", len(self._held), type(exc).__name__)
+                    log.error("usage ledger stream drain failed, rows wait in the stream (%d held here): %s %s", len(self._held), type(exc).__name__, str(exc)[:200])
                     trouble = True
                 with contextlib.suppress(Exception):
                     await self._stream_backlog()
@@ -199,12 +203,23 @@ class Ledger:
         # A report includes the caller's last request: write what waits first, where that can be done now.
         if self.stream is not None:
             try:
-                await self.drain_once()
+                await self._written_through_now(self.stream)
             except Exception as exc:  # noqa: BLE001 - the report reads what the store has; the rest follows within the drain interval
                 log.warning("usage ledger stream not drained before a report: %s", type(exc).__name__)
         else:
             await self.flush()
         return await asyncio.to_thread(self.store.fetch, start, end, key_name)
+
+    async def _written_through_now(self, stream: LedgerStream) -> None:
+        """Wait (at most `report_wait_s`) until every row in the stream when the report was asked for is
+        written, by this replica or the one it was given to: a report includes the caller's last request."""
+        newest = await stream.newest()
+        if newest is None:
+            return
+        deadline = time.monotonic() + self.report_wait_s
+        while await stream.holds_through(newest) and time.monotonic() < deadline:
+            if await self.drain_once() == 0:
+                await asyncio.sleep(0.02)  # given to another replica: it writes it within its drain interval
 
     async def close(self) -> None:
         if self._task is not None:
@@ -214,7 +229,7 @@ class Ledger:
             self._task = None
         if self.stream is not None:
             await self._close_stream(self.stream)
-        else:
+        if self._queued or self.stream is None:
             for attempt in range(3):
                 try:
                     await self.flush()
@@ -234,8 +249,8 @@ class Ledger:
                 if await self.drain_once() == 0:
                     break
             except Exception as exc:  # noqa: BLE001 - logged; the rows stay in the stream
-                log.error("usage ledger stream not drained at shutdown: %s", type(exc).__name__)
-                await asyncio.sleep(0.2)
+                log.error("usage ledger stream not drained at shutdown (the rows stay in the stream): %s", type(exc).__name__)
+                break
         with contextlib.suppress(Exception):
             left = await stream.backlog()
             if left:
