@@ -100,7 +100,12 @@ def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
     install_fakes(app, fakes)
     gw = app.state.gateway
     rows: list[UsageRow] = []
-    monkeypatch.setattr(gw.billing.ledger, "record", rows.append)
+
+    async def record(row: UsageRow) -> bool:
+        rows.append(row)
+        return True
+
+    monkeypatch.setattr(gw.billing.ledger, "record", record)
     yield Rig(gw, JobWorker(gw, gw.jobs), fakes, rows)
 
 

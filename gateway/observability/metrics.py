@@ -437,6 +437,8 @@ class GatewayMetrics:
             self.excess_cost,
             self.breaker_state,
             self.backend_up,
+            self.ledger_backlog,
+            self.ledger_lost,
             self.backend_quote,
             self.baseline_quote,
             self.shutdown_cancelled,
