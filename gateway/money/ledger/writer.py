@@ -183,7 +183,7 @@ class Ledger:
                 raise
             except Exception as exc:  # noqa: BLE001 - the store or Redis is away; the rows wait in the stream
                 if not trouble:
-                    log.error("usage ledger stream drain failed, rows wait in the stream (%d held here): %s %s", len(self._held), type(exc).__name__, str(exc)[:200])
+                    log.error("usage ledger stream drain failed, rows wait in the stream (%d held here): %s", len(self._held), type(exc).__name__)
                     trouble = True
                 with contextlib.suppress(Exception):
                     await self._stream_backlog()
