@@ -34,7 +34,7 @@ from gateway.jobs.worker import JobWorker
 from gateway.money.budgets import MemoryBudgets, RedisBudgets
 from gateway.money.idempotency import Idempotency
 from gateway.money.keys import KeyRing, KeysFileError
-from gateway.money.ledger import Ledger
+from gateway.money.ledger import Ledger, LedgerStream
 from gateway.money.ledger import open_store as open_ledger
 from gateway.money.ratelimit import RateLimiter
 from gateway.money.reconcile import SOURCES
@@ -147,7 +147,9 @@ def build_billing(config: GatewayConfig, env: Mapping[str, str], metrics: Gatewa
     except Exception as exc:  # noqa: BLE001 - a driver's connect or file error; the URL (and any password) stays out
         where = "DATABASE_URL (PostgreSQL)" if environment.database_url else f"gateway.usage_ledger ({ledger_path})"
         raise ConfigError(f"usage ledger: cannot open {where}: {type(exc).__name__}") from None
-    ledger = Ledger(store)
+    # With Redis, each settle appends its row to the ledger stream with the budget, atomically; every replica drains it.
+    stream = LedgerStream(redis_url, namespace=namespace, claim_idle_s=float(environment.ledger_claim_idle_s)) if redis_url else None
+    ledger = Ledger(store, stream=stream, metrics=metrics)
     return keyring, Billing(keyring, RateLimiter(redis_url, namespace=namespace), budgets, ledger, metrics)
 
 

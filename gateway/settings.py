@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     redis_url: str | None = _var("REDIS_URL", "Redis for state shared by replicas (health, limits, budgets, jobs); unset, each process keeps its own in memory.", secret=True)
     state_namespace: str = _var("KLEIN_STATE_NAMESPACE", "Prefix of the gateway's Redis keys (klein:<namespace>:...), so deployments can share one Redis.", "default")
     database_url: str | None = _var("DATABASE_URL", "PostgreSQL for the usage ledger; overrides KLEIN_USAGE_LEDGER.", secret=True)
+    ledger_claim_idle_s: float = _var("KLEIN_LEDGER_CLAIM_IDLE_S", "With REDIS_URL: seconds a usage row given to a replica may wait unwritten before another replica takes it over.", 30.0)
     usage_ledger: str | None = _var("KLEIN_USAGE_LEDGER", "SQLite file of the usage ledger (:memory: for none kept); else providers.yaml gateway.usage_ledger.")
 
     # Async jobs

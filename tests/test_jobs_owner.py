@@ -67,7 +67,7 @@ class Rig:
         windows = windows_at([("day", BUDGET)], datetime.now(UTC))
         assert await self.gw.billing.budgets.reserve(key, windows, to_units(BUDGET)) is None
 
-    async def run(self, owner: str | None, provider_jobs: dict[str, list[str]] | None = None, reservation: dict[str, Any] | None = None) -> JobRecord:
+    async def run(self, owner: str | None, provider_jobs: dict[str, list[str]] | None = None, reservation: dict[str, Any] | None = None, runs: int = 1) -> JobRecord:
         job = ImageJob(kind=JobKind.GENERATE, prompt="a red fox", width=1024, height=1024, n=1)
         record = JobRecord(
             id=new_job_id(),
@@ -77,7 +77,7 @@ class Rig:
             base_url="http://127.0.0.1",
             created=time.time(),
             status="running",
-            runs=1,
+            runs=runs,
             provider_jobs=provider_jobs or {},
             reservation=reservation,
         )
@@ -101,7 +101,12 @@ def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rig]:
     install_fakes(app, fakes)
     gw = app.state.gateway
     rows: list[UsageRow] = []
-    monkeypatch.setattr(gw.billing.ledger, "record", rows.append)
+
+    async def record(row: UsageRow) -> bool:
+        rows.append(row)
+        return True
+
+    monkeypatch.setattr(gw.billing.ledger, "record", record)
     yield Rig(gw, JobWorker(gw, gw.jobs), fakes, rows)
 
 
@@ -160,6 +165,15 @@ async def test_a_taken_over_job_settles_the_reservation_its_dead_run_left(rig: R
     assert rig.fakes["fal"].resumed == [["fal-req-1"]]
     assert done.cost_usd is not None and await rig.spent("team-a") == done.cost_usd  # the dead run's hold became the cost
     assert done.reservation is None  # settled: a later takeover cannot release it again
+
+
+async def test_each_run_of_a_job_has_its_own_ledger_row_numbered_by_the_run(rig: Rig) -> None:
+    # The run stopped at a shutdown was settled as run 1; the takeover is run 2: (job id, run) is
+    # the row's unique key in the ledger, so a redelivered row is written once and this one is not lost.
+    done = await rig.run("team-a", provider_jobs={"fal": ["fal-req-1"]}, runs=2)
+    assert done.status == "succeeded", done.error
+    (row,) = rig.rows
+    assert (row.request_id, row.run) == (done.id, 2)
 
 
 async def test_a_run_notes_its_reservation_in_the_record_while_it_runs(rig: Rig) -> None:

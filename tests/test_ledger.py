@@ -112,7 +112,7 @@ def test_migrations_apply_once_however_often_the_gateway_starts(tmp_path, postgr
     for _ in range(3):
         SqliteLedger(path).close()
     versions = [v for (v,) in sqlite3.connect(path).execute("SELECT version FROM schema_migrations")]
-    assert versions == [v for v, _ in migrations("sqlite")] == [1]
+    assert versions == [v for v, _ in migrations("sqlite")] == [1, 2]
     url = postgres_server.create_database(f"mig_{uuid.uuid4().hex[:10]}")
     # Replicas starting together: the advisory lock lets exactly one apply each version.
     import concurrent.futures
@@ -122,7 +122,7 @@ def test_migrations_apply_once_however_often_the_gateway_starts(tmp_path, postgr
     import psycopg
 
     with psycopg.connect(url) as conn:
-        assert [v for (v,) in conn.execute("SELECT version FROM schema_migrations")] == [1]
+        assert [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY version")] == [1, 2]
     for s in stores:
         s.close()
 
@@ -148,15 +148,24 @@ def test_usage_groups_add_up(group_by, expected):
         assert {k: item[k] for k in want} == want
 
 
-async def test_writer_batches_off_the_request_path_and_close_writes_the_rest(tmp_path):
-    store = SqliteLedger(tmp_path / "usage.sqlite3")
-    ledger = Ledger(store, interval_s=3600, batch=10_000)  # no timed flush: only close() writes
+async def test_a_recorded_row_is_committed_before_record_returns_and_concurrent_ones_share_a_write(tmp_path):
+    class Counting(SqliteLedger):
+        writes = 0
+
+        def insert(self, rows):
+            self.writes += 1
+            super().insert(rows)
+
+    store = Counting(tmp_path / "usage.sqlite3")
+    ledger = Ledger(store, interval_s=3600)  # no timed flush: every row is written by the record() that brought it
     ledger.start()
-    for i in range(250):
-        ledger.record(row(i, at=T0 + timedelta(microseconds=i)))
-    assert ledger.pending == 250 and ledger.written == 0  # record() did no I/O
-    await ledger.close()
+    assert await ledger.record(row(0)) is True
+    assert len(SqliteLedger(tmp_path / "usage.sqlite3").fetch(T0, T0 + timedelta(hours=1))) == 1  # on disk, before any close
+    assert all(await asyncio.gather(*(ledger.record(row(i, at=T0 + timedelta(microseconds=i))) for i in range(1, 250))))
     assert len(SqliteLedger(tmp_path / "usage.sqlite3").fetch(T0, T0 + timedelta(hours=1))) == 250
+    assert store.writes < 250  # rows that waited for a running write went in together
+    assert ledger.pending == 0
+    await ledger.close()
 
 
 async def test_writer_keeps_rows_when_the_store_fails_and_writes_them_later(tmp_path):
@@ -170,10 +179,12 @@ async def test_writer_keeps_rows_when_the_store_fails_and_writes_them_later(tmp_
             super().insert(rows)
 
     store = Flaky(tmp_path / "usage.sqlite3")
-    ledger = Ledger(store, interval_s=0.01)
+    ledger = Ledger(store, interval_s=0.01, max_waiting=5)
     ledger.start()
     for i in range(5):
-        ledger.record(row(i))
+        assert await ledger.record(row(i)) is False  # not written: kept for the background task
+    assert ledger.pending == 5
+    assert await ledger.record(row(5)) is False and ledger.lost == 1  # the bound: dropped, logged and counted, never an unbounded list
     for _ in range(200):
         if ledger.written == 5:
             break

@@ -264,7 +264,7 @@ class JobWorker:
         # A revoked owner keeps its name on the ledger row of the refusal, never "anonymous".
         caller = self.gw.keyring.named(record.owner)
         tab = self.gw.billing.tab(caller or (Caller(record.owner) if record.owner is not None else None), record.id, f"{record.route}_async")
-        tab.job = job
+        tab.job, tab.run = job, max(1, record.runs)  # each run is settled once: its ledger row is (job id, run)
         self._carry_reservation(record, tab)
         outcome: Outcome | None = None
         spent, attempts = Decimal(0), 0

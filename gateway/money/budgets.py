@@ -213,6 +213,11 @@ class RedisBudgets:
     def _keys(self, key: str, windows: list[Window]) -> list[str]:
         return [self._prefix + _slot(key, w) for w in windows]
 
+    def counters(self, key: str, windows: list[Window]) -> list[str]:
+        """The Redis keys of `key`'s windows, for a script that settles them with
+        another write in the same step (the ledger stream's)."""
+        return self._keys(key, windows)
+
     async def reserve(self, key: str, windows: list[Window], units: int) -> Window | None:
         return (await self.reserve_largest(key, windows, [units]))[1]
 

@@ -13,7 +13,10 @@ The request path calls four things, in order:
   failure, so paying twice cannot overspend either;
 - `Billing.settle(tab, ...)`: the reservation is settled to what the request
   cost, the ledger gets its row, and the provider's billed figure (where one
-  came back) is counted beside the gateway's estimate.
+  came back) is counted beside the gateway's estimate. With Redis the budget
+  settle and the row are one atomic step (the ledger stream); without it the
+  row is committed to the ledger store before settle returns. Either way it
+  happens before the answer is sent, so an answered request has its row.
 
 `apply_key_rules` and `worst_case` are pure; stores are behind the edges.
 """
@@ -29,9 +32,10 @@ from decimal import Decimal
 
 from gateway.domain.errors import GatewayError
 from gateway.domain.job import ImageJob
-from gateway.money.budgets import BudgetStore, BudgetUnavailable, Window, from_units, to_units, windows_at
+from gateway.money.budgets import BudgetStore, BudgetUnavailable, RedisBudgets, Window, from_units, to_units, windows_at
 from gateway.money.keys import Caller, KeyRing, KeySpec
 from gateway.money.ledger import Ledger, UsageRow
+from gateway.money.ledger.stream import StreamUnavailable
 from gateway.money.ratelimit import RateLimiter
 from gateway.observability.metrics import GatewayMetrics
 from gateway.routing.plan import Plan, Skip, SkipCause
@@ -142,6 +146,8 @@ class Tab:
     # Told of every change to the reservation, so an async job's record can
     # hand it to the replica that takes the job over (gateway/jobs/worker.py).
     on_reserved: Callable[[list[Window], int], Awaitable[None]] | None = None
+    # Which settle of `request_id` this is (the ledger row's `run`): an async job's run number.
+    run: int = 1
 
     def adopt(self, windows: list[Window], units: int) -> None:
         """Take over a reservation an earlier run made and never settled: settling this tab settles it."""
@@ -283,33 +289,57 @@ class Billing:
         `megapixels` what was produced, where known (a shape request may be
         served at a size other than the one it resolved to)."""
         cost = cost or Decimal(0)
-        if tab.windows:
-            delta = to_units(cost) - tab.reserved_units
-            try:
-                await self.budgets.settle(tab.key_name, tab.windows, delta)
-            except BudgetUnavailable:
-                log.error("budget settle failed for key %s (adjustment %s USD not applied)", tab.key_name, usd_text(from_units(delta)))
         if billed is not None and backend is not None:
             self.metrics.record_billed(backend=backend, source=billed[1], billed_usd=billed[0], estimated_usd=cost)
         job = tab.job
         if megapixels is None:
             megapixels = job.megapixels * images if job is not None else Decimal(0)
-        self.ledger.record(
-            UsageRow(
-                at=datetime.now(UTC),
-                request_id=tab.request_id,
-                key_name=tab.key_name,
-                route=tab.route,
-                backend=backend,
-                attempts=attempts,
-                images=images,
-                megapixels=megapixels,
-                estimated_usd=cost,
-                billed_usd=billed[0] if billed else None,
-                billed_source=billed[1] if billed else None,
-                status=status,
-            )
+        row = UsageRow(
+            at=datetime.now(UTC),
+            request_id=tab.request_id,
+            key_name=tab.key_name,
+            route=tab.route,
+            backend=backend,
+            attempts=attempts,
+            images=images,
+            megapixels=megapixels,
+            estimated_usd=cost,
+            billed_usd=billed[0] if billed else None,
+            billed_source=billed[1] if billed else None,
+            status=status,
+            run=tab.run,
         )
+        delta = to_units(cost) - tab.reserved_units if tab.windows else 0
+        stream = self.ledger.stream
+        if stream is not None:
+            # The fleet: budget and row in one Redis step, so neither exists without the other.
+            counters: list[str] = []
+            if tab.windows:
+                if isinstance(self.budgets, RedisBudgets):
+                    counters = self.budgets.counters(tab.key_name, tab.windows)
+                else:
+                    await self._settle_budget(tab, delta)
+            try:
+                await stream.settle(counters, delta, row)
+                return
+            except StreamUnavailable as exc:
+                log.error(
+                    "ledger stream unreachable (%s) for request %s: budget adjustment %s USD for key %s not applied; the row goes to the ledger store directly",
+                    exc,
+                    tab.request_id,
+                    usd_text(from_units(delta)),
+                    tab.key_name,
+                )
+        elif tab.windows:
+            await self._settle_budget(tab, delta)
+        if not await self.ledger.record(row):
+            log.error("usage row of request %s not yet in the ledger store (store away); kept for the next write", tab.request_id)
+
+    async def _settle_budget(self, tab: Tab, delta: int) -> None:
+        try:
+            await self.budgets.settle(tab.key_name, tab.windows, delta)
+        except BudgetUnavailable:
+            log.error("budget settle failed for key %s (adjustment %s USD not applied)", tab.key_name, usd_text(from_units(delta)))
 
     async def start(self) -> None:
         self.ledger.start()

@@ -204,6 +204,13 @@ class GatewayMetrics:
         # --- health and prices ---------------------------------------------
         self.breaker_state = Gauge("klein_backend_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", ["backend"], registry=r, multiprocess_mode="livemax")
         self.backend_up = Gauge("klein_backend_up", "1 if the breaker lets traffic through (closed or half-open), else 0.", ["backend"], registry=r, multiprocess_mode="livemin")
+        self.ledger_backlog = Gauge(
+            "klein_ledger_backlog_rows",
+            "Usage rows settled but not yet written to the ledger store: in the Redis ledger stream (shared by replicas), or waiting in this process after a failed write.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.ledger_lost = Counter("klein_ledger_rows_lost", "Usage rows dropped because the ledger store stayed away and this process's bounded queue was full (no Redis stream).", registry=r)
         self.state_round_trips = Counter("klein_state_round_trips", "Round trips to the shared state store (Redis), by operation; a batch or pipeline is one.", ["op"], registry=r)
         self.backend_quote = Gauge("klein_backend_quote_usd", "Price of one 1024x1024 text-to-image on each backend.", ["backend"], registry=r, multiprocess_mode="mostrecent")
         self.baseline_quote = Gauge("klein_baseline_quote_usd", "Price of one 1024x1024 text-to-image on the baseline backend.", registry=r, multiprocess_mode="mostrecent")
@@ -315,6 +322,13 @@ class GatewayMetrics:
         if count:
             self.shutdown_cancelled.inc(count)
 
+    def set_ledger_backlog(self, rows: int) -> None:
+        """Usage rows settled and not yet in the ledger store."""
+        self.ledger_backlog.set(rows)
+
+    def record_ledger_lost(self, rows: int = 1) -> None:
+        self.ledger_lost.inc(rows)
+
     def count_state_round_trip(self, op: str) -> None:
         self.state_round_trips.labels(op).inc()
 
@@ -423,6 +437,8 @@ class GatewayMetrics:
             self.excess_cost,
             self.breaker_state,
             self.backend_up,
+            self.ledger_backlog,
+            self.ledger_lost,
             self.backend_quote,
             self.baseline_quote,
             self.shutdown_cancelled,

@@ -30,6 +30,10 @@ class UsageRow:
     billed_source: str | None
     status: int
     row_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Which settle of `request_id` this is: 1 for a request, the run number for an
+    # async job (a run stopped at a shutdown is settled, and so is its takeover).
+    # None on rows written before the ledger kept it.
+    run: int | None = 1
 
 
 def _group_value(row: UsageRow, group: str) -> str | int | None:

@@ -9,8 +9,12 @@ IMMEDIATE`, a PostgreSQL advisory lock), so replicas starting together apply
 each version once.
 
 Both stores are synchronous and run in a worker thread (the writer's), never
-on the event loop. Inserts are idempotent by `row_id`, so a batch retried
-after an error that hid a commit is not written twice.
+on the event loop. Inserts are idempotent: by `row_id`, and by `(request_id,
+run)` (migration 0002), so a batch retried after an error that hid a commit,
+or a row the ledger stream delivers twice (gateway/money/ledger/stream.py), is
+written once. One request id can have several rows: an async job's run that
+stopped at a shutdown is settled (status 499, what it spent), and so is the
+run that took it over; `run` tells them apart (1 for a synchronous request).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from gateway.money.ledger.rows import UsageRow
 from gateway.routing.pricing import USD_QUANTUM
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-COLUMNS = ("row_id", "at", "request_id", "key_name", "route", "backend", "attempts", "images", "megapixels", "estimated_usd", "billed_usd", "billed_source", "status")
+COLUMNS = ("row_id", "at", "request_id", "key_name", "route", "backend", "attempts", "images", "megapixels", "estimated_usd", "billed_usd", "billed_source", "status", "run")
 
 
 def migrations(dialect: str) -> list[tuple[int, str]]:
@@ -114,6 +118,7 @@ class SqliteLedger:
                 None if r.billed_usd is None else _text(r.billed_usd),
                 r.billed_source,
                 r.status,
+                r.run,
             )
             for r in rows
         ]
@@ -177,11 +182,11 @@ class PostgresLedger:
     def insert(self, rows: Sequence[UsageRow]) -> None:
         if not rows:
             return
-        values = [(r.row_id, r.at, r.request_id, r.key_name, r.route, r.backend, r.attempts, r.images, r.megapixels, r.estimated_usd, r.billed_usd, r.billed_source, r.status) for r in rows]
+        values = [(r.row_id, r.at, r.request_id, r.key_name, r.route, r.backend, r.attempts, r.images, r.megapixels, r.estimated_usd, r.billed_usd, r.billed_source, r.status, r.run) for r in rows]
         with self._lock:
             self._reconnect_if_broken()
             with self._conn.transaction(), self._conn.cursor() as cur:
-                cur.executemany(f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))}) ON CONFLICT (row_id) DO NOTHING", values)
+                cur.executemany(f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))}) ON CONFLICT DO NOTHING", values)
 
     def fetch(self, start: datetime, end: datetime, key_name: str | None = None) -> list[UsageRow]:
         sql = f"SELECT {', '.join(COLUMNS)} FROM usage WHERE at >= %s AND at < %s"
@@ -215,6 +220,7 @@ def _row(r: Sequence[Any], at: datetime) -> UsageRow:
         billed_usd=_dec(r[10]),
         billed_source=r[11],
         status=int(r[12]),
+        run=None if r[13] is None else int(r[13]),
     )
 
 
