@@ -1,7 +1,6 @@
 """The image store: one interface, three stores (memory, filesystem, s3 on a
-real loopback S3 server), the signed URLs in front of them, the blobs beside the
-images (uploaded files), and the choice of
-store and key at start-up."""
+real loopback S3 server), the signed URLs in front of them, the blobs beside
+the images (uploaded files), and the choice of store and key at start-up."""
 
 from __future__ import annotations
 
