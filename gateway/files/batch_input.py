@@ -4,8 +4,9 @@ Each line is `{"custom_id": "...", "method": "POST", "url": "/v1/images/generati
 | "/v1/images/edits", "body": {...}}`, as OpenAI's Batch API takes them. The
 first line that is not is refused by number (1-based) and reason, so a caller
 fixes the file before any batch is made of it. Blank lines are skipped (a file
-ending in a newline is the norm). The body is only checked to be an object
-here: what it asks for is checked as any request is, when the batch runs it.
+ending in a newline is the norm), and so is a UTF-8 byte order mark. The body
+is only checked to be an object here: what it asks for is checked as any
+request is, when the batch runs it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def _refuse(line: int, why: str) -> InvalidRequest:
 def check_batch_lines(data: bytes) -> int:
     """The number of requests in a valid batch file; else InvalidRequest naming the first bad line."""
     seen: dict[str, int] = {}
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark, as some editors write
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue

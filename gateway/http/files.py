@@ -90,6 +90,8 @@ async def create_file(request: Request[Any, Any, Any]) -> Response[bytes]:
     purpose = form.get("purpose")
     if purpose is None:
         raise InvalidRequest("purpose is required: batch, vision or user_data", param="purpose", code="missing_required_parameter")
+    if not isinstance(purpose, str):
+        raise InvalidRequest("purpose must be a text field: batch, vision or user_data", param="purpose", code="unsupported_purpose")
     if purpose not in PURPOSES:
         raise InvalidRequest(f"purpose {purpose!r} is not supported here; use one of {', '.join(PURPOSES)}", param="purpose", code="unsupported_purpose")
     upload = form.get("file")
