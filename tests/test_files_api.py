@@ -180,6 +180,18 @@ def test_a_file_over_the_size_limit_is_refused_413_in_the_openai_envelope(tmp_pa
         # Far over it: refused on the announced length, before the body is read.
         huge = httpx.post(f"{server.url}/v1/files", headers={"authorization": f"Bearer {KEY_A}"}, files={"file": ("huge.bin", b"y" * (limit * 5))}, data={"purpose": "user_data"})
         assert huge.status_code == 413 and huge.json()["error"]["code"] == "file_too_large"
+        # Chunked, with no Content-Length to refuse early: cut off once the bytes pass the limit.
+        boundary = "klein-boundary"
+        head = f'--{boundary}\r\ncontent-disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n--{boundary}\r\ncontent-disposition: form-data; name="file"; filename="s.bin"\r\n\r\n'.encode()
+
+        def chunks() -> Iterator[bytes]:
+            yield head
+            for _ in range(limit // 10_000 + 10):
+                yield b"z" * 10_000
+            yield f"\r\n--{boundary}--\r\n".encode()
+
+        streamed = httpx.post(f"{server.url}/v1/files", headers={"authorization": f"Bearer {KEY_A}", "content-type": f"multipart/form-data; boundary={boundary}"}, content=chunks())
+        assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "file_too_large"
         # The file at the limit was over the app's general body limit (max_body_bytes): uploads answer to max_file_bytes only.
         assert [f.bytes for f in client.files.list()] == [limit]
         too_big_elsewhere = httpx.post(f"{server.url}/v1/images/generations", headers={"authorization": f"Bearer {KEY_A}"}, content=b"x" * limit)
@@ -228,6 +240,26 @@ async def test_uploads_racing_for_one_key_all_land_in_its_list(state_store: Any)
     assert await files.list("key-b") == ([], False)
     assert await files.delete("key-b", made[0].id) is False and await files.delete("key-a", made[0].id) is True
     assert len((await files.list("key-a"))[0]) == 19
+
+
+async def test_an_upload_while_the_shared_store_is_unreachable_is_a_503_that_leaves_no_bytes_behind() -> None:
+    from gateway.config import GatewaySettings
+    from gateway.files import Files
+    from gateway.files.store import FileStoreUnavailable
+    from gateway.images import UrlSigner
+    from gateway.images.memory import MemoryImageStore
+    from gateway.state import ResilientStore
+    from gateway.state.redis import RedisStore
+    from tests.gateway_support import free_port
+
+    state = ResilientStore(RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", namespace="files-down"))
+    blobs = MemoryImageStore(ttl_s=60, max_bytes=10_000, signer=UrlSigner(b"k" * 32))
+    files = Files(state, blobs, GatewaySettings())
+    with pytest.raises(FileStoreUnavailable) as refused:
+        await files.create("key-a", filename="a.jsonl", purpose="batch", data=batch_lines(1))
+    assert (refused.value.status, refused.value.retryable) == (503, True)
+    assert blobs._blobs == {}  # the blob written first was taken back
+    await state.close()
 
 
 @pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
