@@ -23,10 +23,11 @@ from gateway.dispatch.shutdown import Drain, on_sigterm
 from gateway.dispatch.upload_links import UploadLinks
 from gateway.domain.errors import GatewayError
 from gateway.domain.job import ImageJob, JobKind
+from gateway.files import Files
 from gateway.health.probes import Prober
 from gateway.health.records import merge_pushed_back
 from gateway.health.tracker import HealthTracker
-from gateway.http import extensions, jobs, openai, openapi, usage
+from gateway.http import extensions, files, jobs, openai, openapi, usage
 from gateway.http.errors import gateway_error_handler, http_exception_handler, internal_error_handler, stamp_request_id
 from gateway.images import open_image_store
 from gateway.jobs.service import open_jobs
@@ -120,6 +121,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         drain=Drain(grace_s=settings.shutdown_grace_s),
         jobs=open_jobs(settings, env),
         idempotency=Idempotency(store, metrics, ttl_s=settings.idempotency_ttl_s),
+        files=Files(store, images_store, settings),
     )
     return gw
 
@@ -233,7 +235,7 @@ def create_app(
             await asyncio.to_thread(gw.request_log.close)  # every request line is on the stream before the process goes
 
     app = Litestar(
-        route_handlers=[*openai.ROUTES, *jobs.ROUTES, *extensions.ROUTES, *usage.ROUTES, *openapi.ROUTES],
+        route_handlers=[*openai.ROUTES, *jobs.ROUTES, *extensions.ROUTES, *usage.ROUTES, *files.ROUTES, *openapi.ROUTES],
         lifespan=[lifespan],
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
         before_send=[stamp_request_id],

@@ -136,6 +136,10 @@ class GatewaySettings(_Strict):
     webhook_retry_delays_s: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0], max_length=20)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     idempotency_ttl_s: float = Field(default=86400.0, gt=0)
+    # Uploaded files (/v1/files): the largest one accepted (413 above it), and how long
+    # one is kept when the upload sets no expires_after (OpenAI keeps batch files 30 days).
+    max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    file_retention_s: int = Field(default=30 * 86400, ge=3600)
 
     def images_kept_s(self, record_ttl_s: float) -> int:
         """How long an image the gateway stores must live when a record kept

@@ -23,6 +23,7 @@ from gateway.dispatch.progress import Progress
 from gateway.dispatch.references import vet_reference_hosts
 from gateway.dispatch.shutdown import Drain
 from gateway.domain.job import ImageJob
+from gateway.files import Files
 from gateway.health.tracker import HealthTracker
 from gateway.images import ImageStore
 from gateway.jobs.service import Jobs
@@ -60,6 +61,7 @@ class Gateway:
     drain: Drain = field(default_factory=lambda: Drain(grace_s=25.0))
     jobs: Jobs = field(default=None)  # type: ignore[assignment]  # async jobs; build_gateway sets it
     idempotency: Idempotency = field(default=None)  # type: ignore[assignment]
+    files: Files = field(default=None)  # type: ignore[assignment]  # uploads (/v1/files); build_gateway sets it
 
     @property
     def busy(self) -> int:

@@ -1,6 +1,6 @@
 """The image store: one interface, three stores (memory, filesystem, s3 on a
-real loopback S3 server), the signed URLs in front of them, and the choice of
-store and key at start-up."""
+real loopback S3 server), the signed URLs in front of them, the blobs beside
+the images (uploaded files), and the choice of store and key at start-up."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from gateway.config import GatewaySettings, ImageStoreSettings
 from gateway.images import ImageStore, ImageStoreError, UrlSigner, open_image_store, valid_name
-from gateway.images.base import new_name
+from gateway.images.base import new_blob_name, new_name, valid_blob_name
 from gateway.images.filesystem import FilesystemImageStore, shared_signing_key
 from gateway.images.memory import MemoryImageStore
 from gateway.images.s3 import S3ImageStore, open_bucket
@@ -312,3 +312,54 @@ async def test_an_image_kept_for_a_record_lives_as_long_and_never_less_than_the_
     assert await store.get(ref.name) is not None
     clock.now += 2
     assert await store.get(ref.name) is None
+
+
+# ---- blobs: opaque bytes (uploaded files) beside the images; their expiry is in their
+# name, the cap on images never evicts them, the sweep deletes them once expired ----
+async def test_a_blob_reads_back_byte_for_byte_until_it_is_deleted(make_store: StoreFactory) -> None:
+    store = make_store(Clock(), 10_000_000)
+    name = new_blob_name(int(NOW) + 3600)
+    data = bytes(range(256)) * 1000
+    await store.put_blob(name, data)
+    assert valid_blob_name(name) and await store.get_blob(name) == data
+    await store.delete_blob(name)
+    assert await store.get_blob(name) is None
+    await store.delete_blob(name)  # deleting what is gone is not an error
+
+
+async def test_a_blob_is_gone_once_the_expiry_in_its_name_passes(make_store: StoreFactory) -> None:
+    clock = Clock()
+    store = make_store(clock, 10_000_000)
+    name = new_blob_name(int(NOW) + 10)
+    await store.put_blob(name, b"line\n")
+    clock.now += 10
+    assert await store.get_blob(name) == b"line\n"
+    clock.now += 1
+    assert await store.get_blob(name) is None
+
+
+async def test_the_image_cap_never_evicts_a_blob_and_the_sweep_deletes_only_expired_ones(make_store: StoreFactory) -> None:
+    clock = Clock()
+    store = make_store(clock, 5_000)  # smaller than the blob
+    keep, drop = new_blob_name(int(NOW) + 3600), new_blob_name(int(NOW) + 5)
+    big = b"b" * 20_000
+    await store.put_blob(keep, big)
+    await store.put_blob(drop, b"short-lived")
+    refs = [await store.put(png_bytes(64, 64, color=(i * 50, 0, 0)), "image/png") for i in range(3)]
+    await store.idle()
+    await store.sweep()
+    assert await store.get_blob(keep) == big
+    assert await store.get(refs[-1].name) is not None  # the images' own cap still works
+    clock.now += 6
+    await store.sweep()
+    assert await store.get_blob(keep) == big
+    clock.now = NOW  # read as if unexpired again: the swept blob is gone from the store itself
+    assert await store.get_blob(drop) is None
+
+
+async def test_blob_names_come_from_new_blob_name_only(make_store: StoreFactory) -> None:
+    store = make_store(Clock(), 10_000)
+    for bad in ("../escape.blob", "1-short.blob", "x" * 40):
+        with pytest.raises(ValueError):
+            await store.put_blob(bad, b"x")
+        assert await store.get_blob(bad) is None

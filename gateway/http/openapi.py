@@ -22,6 +22,7 @@ from litestar import MediaType, Response, get
 
 from gateway.dispatch.references import MAX_REFERENCE_BYTES
 from gateway.domain.models import MAX_MODEL_CHARS, MODEL_ID
+from gateway.files import PURPOSES as FILE_PURPOSES
 from gateway.http.context import MAX_DEADLINE_DIGITS
 from gateway.http.parse import ImageBody
 
@@ -226,9 +227,9 @@ ERROR_DESCRIPTIONS = {
     400: "The request can never succeed as written (a field, a header, JSON, a disabled backend pinned).",
     401: "Missing or wrong `Authorization: Bearer <key>` (when the gateway has keys).",
     403: "The caller's key may not use the backend it pinned or named (its `backends` rule).",
-    404: "Unknown model or job, or an image URL that is wrong or expired.",
+    404: "Unknown model, job or file (another key's is unknown too), or an image URL that is wrong or expired.",
     409: "A request with the same Idempotency-Key is still running.",
-    413: "The body, a reference image or its pixel count is over the limit.",
+    413: "The body, an uploaded file (gateway.max_file_bytes), a reference image or its pixel count is over the limit.",
     415: "The body or a reference image is of a type the gateway does not take.",
     422: "Well-formed, but no backend can do it, or a reference image cannot be decoded.",
     429: "A rate limit (`rate_limit_exceeded`, with Retry-After) or a budget (`insufficient_quota`) of the caller's key.",
@@ -395,6 +396,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _ok("The backends.", "BackendList"), **_errors(401, 500)},
             }
         },
+        **_file_paths(),
         "/metrics": {
             "get": {"operationId": "metrics", "summary": "Prometheus metrics.", "responses": {"200": _ok("Prometheus text exposition.", {"type": "string"}, media="text/plain"), **_errors(401, 404)}}
         },
@@ -412,6 +414,106 @@ def _paths() -> dict[str, Any]:
     }
 
 
+FILE_SCHEMAS: dict[str, Any] = {
+    "FileObject": {
+        "type": "object",
+        "description": "OpenAI's file object.",
+        "required": ["id", "object", "bytes", "created_at", "filename", "purpose", "status", "expires_at"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^file-[0-9a-f]{24}$"},
+            "object": {"const": "file"},
+            "bytes": {"type": "integer", "minimum": 1},
+            "created_at": {"type": "integer"},
+            "filename": {"type": "string"},
+            "purpose": {"type": "string", "enum": list(FILE_PURPOSES)},
+            "status": {"type": "string", "enum": ["uploaded", "processed", "error"]},
+            "status_details": {"type": "null"},
+            "expires_at": {"type": "integer"},
+        },
+    },
+    "FileList": {
+        "type": "object",
+        "required": ["object", "data", "first_id", "last_id", "has_more"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _schema("FileObject")},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        },
+    },
+    "FileDeleted": {"type": "object", "required": ["id", "object", "deleted"], "properties": {"id": {"type": "string"}, "object": {"const": "file"}, "deleted": {"const": True}}},
+    "FileUpload": {
+        "type": "object",
+        "required": ["file", "purpose"],
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": "The file's bytes; for `batch`, JSONL of {custom_id, method: POST, url: /v1/images/generations | /v1/images/edits, body}."},
+            "purpose": {
+                "type": "string",
+                "enum": list(FILE_PURPOSES),
+                "description": "`batch` is checked line by line (400 naming the first bad line); `vision` and `user_data` are kept as opaque bytes.",
+            },
+            "expires_after[anchor]": {"const": "created_at"},
+            "expires_after[seconds]": {"type": "integer", "minimum": 3600, "description": "At most gateway.file_retention_s (default 30 days, the default lifetime)."},
+        },
+    },
+}
+
+
+def _file_paths() -> dict[str, Any]:
+    """OpenAI's Files API (gateway/http/files.py): the input of image batches."""
+    file_id = [{"name": "file_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    statuses = (401, 404, 500, 503)
+    return {
+        "/v1/files": {
+            "post": {
+                "operationId": "createFile",
+                "summary": "Upload a file (multipart, as OpenAI's SDKs send it); it belongs to the key that uploads it.",
+                "security": AUTH,
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _schema("FileUpload")}}},
+                "responses": {"200": _ok("The file.", "FileObject"), **_errors(400, 401, 413, 500, 503)},
+            },
+            "get": {
+                "operationId": "listFiles",
+                "summary": "The caller's files by created_at (desc by default), cursor-paginated by `after`.",
+                "security": AUTH,
+                "parameters": [
+                    {"name": "purpose", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 10000}},
+                    {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+                    {"name": "order", "in": "query", "required": False, "schema": {"type": "string", "enum": ["asc", "desc"]}},
+                ],
+                "responses": {"200": _ok("The files.", "FileList"), **_errors(400, 401, 500, 503)},
+            },
+        },
+        "/v1/files/{file_id}": {
+            "get": {
+                "operationId": "retrieveFile",
+                "summary": "One file's object.",
+                "security": AUTH,
+                "parameters": file_id,
+                "responses": {"200": _ok("The file.", "FileObject"), **_errors(*statuses)},
+            },
+            "delete": {
+                "operationId": "deleteFile",
+                "summary": "Delete a file and its bytes.",
+                "security": AUTH,
+                "parameters": file_id,
+                "responses": {"200": _ok("Deleted.", "FileDeleted"), **_errors(*statuses)},
+            },
+        },
+        "/v1/files/{file_id}/content": {
+            "get": {
+                "operationId": "downloadFile",
+                "summary": "The file's bytes, as uploaded.",
+                "security": AUTH,
+                "parameters": file_id,
+                "responses": {"200": _ok("The bytes.", {"type": "string", "format": "binary"}, media="application/octet-stream"), **_errors(*statuses)},
+            }
+        },
+    }
+
+
 @cache
 def document() -> dict[str, Any]:
     body = ImageBody.model_json_schema(ref_template=_REF)
@@ -425,7 +527,7 @@ def document() -> dict[str, Any]:
         },
         "paths": _paths(),
         "components": {
-            "schemas": {**SCHEMAS, **defs, "ImageBody": body},
+            "schemas": {**SCHEMAS, **FILE_SCHEMAS, **defs, "ImageBody": body},
             "headers": HEADERS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "One of KLEIN_GATEWAY_KEYS; not needed when none are set."}},
         },

@@ -7,6 +7,14 @@ and the file route never know which one is configured. Names are chosen here
 (`<expiry>-<random token>.<ext>`, so any process can tell an image's expiry and
 age from its name alone, with no index to share) and are never taken from a
 caller without the signature check and `valid_name`.
+
+Beside images, a store keeps blobs: opaque bytes another part of the gateway
+names and tracks itself (the uploaded files of /v1/files, gateway.files).
+A blob's name also leads with its expiry (`<expiry>-<token>.blob`, made by
+`new_blob_name`), so the sweep deletes expired blobs with no index; blobs live
+apart from images (their own directory or key prefix), never count toward
+`max_bytes` and are never evicted for room: their owner bounds them (a size
+limit per file) and deletes them.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from gateway.images.signing import UrlSigner
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {media: ext for ext, media in MEDIA_TYPES.items()}
 _NAME = re.compile(r"^(\d{1,12})-[A-Za-z0-9_-]{22}\.(?:png|jpeg|webp)$")
+_BLOB_NAME = re.compile(r"^(\d{1,12})-[A-Za-z0-9_-]{22}\.blob$")
+BLOBS = "blobs"  # the directory (filesystem) or key prefix segment (s3) blobs live under
 FILES_PATH = "/v1/images/files/"
 log = logging.getLogger("klein.images")
 
@@ -52,6 +62,15 @@ def new_name(content_type: str, expires_at: int) -> str:
 def valid_name(name: str) -> bool:
     """Only names `new_name` makes: no separators, no dots but the extension's."""
     return bool(_NAME.match(name))
+
+
+def new_blob_name(expires_at: int) -> str:
+    """A blob's name: its expiry and 16 random bytes, so the sweep can tell when it expires."""
+    return f"{expires_at}-{secrets.token_urlsafe(16)}.blob"
+
+
+def valid_blob_name(name: str) -> bool:
+    return bool(_BLOB_NAME.match(name))
 
 
 def expiry_of(name: str) -> int:
@@ -97,6 +116,22 @@ class ImageStore(ABC):
     @abstractmethod
     async def get(self, name: str) -> StoredImage | None:
         """The image, or None when it is unknown, expired or evicted."""
+
+    @abstractmethod
+    async def put_blob(self, name: str, data: bytes) -> None:
+        """Store opaque bytes under a name from `new_blob_name` until the expiry it carries."""
+
+    @abstractmethod
+    async def get_blob(self, name: str) -> bytes | None:
+        """The blob's bytes, or None when it is unknown, expired or deleted."""
+
+    @abstractmethod
+    async def delete_blob(self, name: str) -> None:
+        """Delete the blob; deleting one that is not there is not an error."""
+
+    def _check_blob(self, name: str) -> None:
+        if not valid_blob_name(name):
+            raise ValueError("blob names come from new_blob_name")
 
     async def url(self, ref: StoredRef, base_url: str) -> str:
         """Where the caller fetches it: the gateway's signed, expiring file URL."""

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.images.base import ImageStore, StoredImage, StoredRef, expiry_of, media_type_of, new_name, valid_name
+from gateway.images.base import BLOBS, ImageStore, StoredImage, StoredRef, expiry_of, media_type_of, new_name, valid_blob_name, valid_name
 
 TMP_PREFIX = ".tmp-"
 KEY_FILE = ".signing-key"
@@ -35,6 +35,7 @@ class FilesystemImageStore(ImageStore):
         super().__init__(**kw)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = self.root / BLOBS  # blobs apart, so the image sweep's scan of root never counts them
 
     async def put(self, data: bytes, content_type: str, *, keep_s: int | None = None) -> StoredRef:
         expires = self.expiry(keep_s)
@@ -48,15 +49,53 @@ class FilesystemImageStore(ImageStore):
             return None
         return await asyncio.to_thread(self._read, name)
 
-    async def sweep(self) -> int:
-        return await asyncio.to_thread(self._sweep)
+    async def put_blob(self, name: str, data: bytes) -> None:
+        self._check_blob(name)
+        await asyncio.to_thread(self._write, name, data, self.blobs)
+        self._wrote(0)  # a chance to sweep expired blobs; they take no room under the image cap
 
-    def _write(self, name: str, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.root)
+    async def get_blob(self, name: str) -> bytes | None:
+        if not valid_blob_name(name) or self.expired(expiry_of(name)):
+            return None
+        try:
+            return await asyncio.to_thread((self.blobs / name).read_bytes)
+        except FileNotFoundError:
+            return None
+
+    async def delete_blob(self, name: str) -> None:
+        if valid_blob_name(name):
+            await asyncio.to_thread(_unlink, str(self.blobs / name))
+
+    async def sweep(self) -> int:
+        return await asyncio.to_thread(self._sweep) + await asyncio.to_thread(self._sweep_blobs)
+
+    def _sweep_blobs(self) -> int:
+        """Expired blobs and stale temporary files in the blob directory."""
+        removed = 0
+        try:
+            entries = list(os.scandir(self.blobs))
+        except FileNotFoundError:
+            return 0
+        now = self.clock()
+        for entry in entries:
+            if entry.name.startswith(TMP_PREFIX):
+                try:
+                    if time.time() - entry.stat().st_mtime > STALE_TMP_S:
+                        removed += _unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+            elif valid_blob_name(entry.name) and expiry_of(entry.name) < now:
+                removed += _unlink(entry.path)
+        return removed
+
+    def _write(self, name: str, data: bytes, where: Path | None = None) -> None:
+        where = where or self.root
+        where.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=where)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(tmp, self.root / name)
+            os.replace(tmp, where / name)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

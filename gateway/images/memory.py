@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from gateway.images.base import ImageStore, StoredImage, StoredRef, new_name
+from gateway.images.base import ImageStore, StoredImage, StoredRef, expiry_of, new_name
 
 
 class MemoryImageStore(ImageStore):
@@ -20,6 +20,7 @@ class MemoryImageStore(ImageStore):
         super().__init__(**kw)
         self._items: OrderedDict[str, StoredImage] = OrderedDict()
         self._bytes = 0
+        self._blobs: dict[str, bytes] = {}  # apart from images: never evicted for room, dropped once expired
 
     async def put(self, data: bytes, content_type: str, *, keep_s: int | None = None) -> StoredRef:
         self._evict_expired()
@@ -36,6 +37,27 @@ class MemoryImageStore(ImageStore):
         if item is None or self.expired(item.expires_at):
             return None
         return item
+
+    async def put_blob(self, name: str, data: bytes) -> None:
+        self._check_blob(name)
+        await self.sweep()
+        self._blobs[name] = bytes(data)
+
+    async def get_blob(self, name: str) -> bytes | None:
+        data = self._blobs.get(name)
+        if data is None or self.expired(expiry_of(name)):
+            return None
+        return data
+
+    async def delete_blob(self, name: str) -> None:
+        self._blobs.pop(name, None)
+
+    async def sweep(self) -> int:
+        """Expired blobs (images expire as they are put, oldest first)."""
+        gone = [n for n in self._blobs if self.expired(expiry_of(n))]
+        for name in gone:
+            del self._blobs[name]
+        return len(gone)
 
     def _drop_oldest(self) -> None:
         _, item = self._items.popitem(last=False)

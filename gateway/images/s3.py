@@ -24,7 +24,7 @@ from typing import Any, Literal
 import obstore
 from obstore.store import S3Store
 
-from gateway.images.base import ImageStore, StoredImage, StoredRef, expiry_of, media_type_of, new_name, valid_name
+from gateway.images.base import BLOBS, ImageStore, StoredImage, StoredRef, expiry_of, media_type_of, new_name, valid_blob_name, valid_name
 from gateway.settings import Settings
 
 UrlMode = Literal["gateway", "presigned"]
@@ -75,6 +75,27 @@ class S3ImageStore(ImageStore):
         data = bytes(await result.bytes_async())
         return StoredImage(data, str(result.attributes.get("Content-Type") or media_type_of(name)), expiry_of(name))
 
+    def _blob_key(self, name: str) -> str:
+        return f"{self.prefix}{BLOBS}/{name}"
+
+    async def put_blob(self, name: str, data: bytes) -> None:
+        self._check_blob(name)
+        await obstore.put_async(self.bucket, self._blob_key(name), data, attributes={"Content-Type": "application/octet-stream"})
+        self._wrote(0)  # a chance to sweep expired blobs; they take no room under the image cap
+
+    async def get_blob(self, name: str) -> bytes | None:
+        if not valid_blob_name(name) or self.expired(expiry_of(name)):
+            return None
+        try:
+            result = await obstore.get_async(self.bucket, self._blob_key(name))
+        except FileNotFoundError:
+            return None
+        return bytes(await result.bytes_async())
+
+    async def delete_blob(self, name: str) -> None:
+        if valid_blob_name(name):
+            await obstore.delete_async(self.bucket, self._blob_key(name))
+
     async def url(self, ref: StoredRef, base_url: str) -> str:
         if self.url_mode == "gateway":
             return await super().url(ref, base_url)
@@ -89,6 +110,11 @@ class S3ImageStore(ImageStore):
             for meta in batch:
                 path = meta["path"]
                 name = path[len(self.prefix) :]
+                if name.startswith(BLOBS + "/"):  # a blob: deleted once expired, never counted toward the cap
+                    blob = name[len(BLOBS) + 1 :]
+                    if valid_blob_name(blob) and expiry_of(blob) < now:
+                        doomed.append(path)
+                    continue
                 if not valid_name(name):
                     continue
                 expires = expiry_of(name)
