@@ -12,9 +12,11 @@ The gateway runs in-process (uvicorn in a thread) over the emulators on
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ import pytest
 from litestar import Litestar
 
 import gateway.http.streaming as streaming
+from gateway.dispatch.shutdown import Drain
+from gateway.money.budgets import windows_at
 from gateway.providers.base import FailureClass, ProviderError
 from tests.emulators import EmulatorFleet
 from tests.gateway_support import ENV, FakeAdapter, ServerThread, image_size_of, install_fakes, make_app, png_bytes, wait_until
@@ -219,3 +223,56 @@ def test_a_refusal_before_the_route_is_chosen_is_an_http_error(tmp_path: Path) -
     with ServerThread(app) as server:
         answer, _ = stream_post(server.url, {**BODY, "model": "replicate/flux-2-klein-4b"})  # the key may only use local
         assert answer.status_code >= 400 and answer.headers["content-type"].startswith("application/json")
+
+
+def test_a_caller_who_leaves_before_a_provider_has_the_work_stops_it_at_no_cost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(streaming, "KEEPALIVE_S", 0.1)
+    fakes = {"local": FakeAdapter("local")}
+    app = fake_gateway(tmp_path, fakes)
+    gw = app.state.gateway
+    stopped: list[bool] = []
+
+    async def never_handed_over(*args: Any, **kwargs: Any) -> Any:
+        try:
+            await asyncio.sleep(30)  # still before any provider call (Progress.handed_over stays False)
+        except asyncio.CancelledError:
+            stopped.append(True)
+            raise
+
+    monkeypatch.setattr(gw, "dispatch", never_handed_over)
+    with ServerThread(app) as server:
+        with httpx.stream("POST", f"{server.url}/v1/images/generations", json={**BODY, "stream": True}, headers=TEAM, timeout=30) as answer:
+            assert next(answer.iter_lines()) == ": keep-alive"
+        assert wait_until(lambda: settled(app), timeout=5), "the stream's work was not stopped"
+        (row,) = ledger_rows(app)
+        assert (row.status, row.attempts, row.estimated_usd) == (499, 0, 0)
+        assert budget_spent(app, "team") == 0
+    assert stopped == [True] and fakes["local"].calls == []
+
+
+async def test_a_shutdown_past_its_grace_ends_the_stream_with_an_error_and_keeps_the_spend(tmp_path: Path) -> None:
+    fakes = {"local": FakeAdapter("local", [ProviderError(FailureClass.DELIVERY_FAILED, "the image could not be fetched")]), "replicate": FakeAdapter("replicate", delay_s=30.0)}
+    app = fake_gateway(tmp_path, fakes)
+    gw = app.state.gateway
+    gw.drain = Drain(grace_s=0.0)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway.test") as client:
+        request = asyncio.ensure_future(client.post("/v1/images/generations", json={**BODY, "stream": True}, headers=TEAM))
+        for _ in range(200):
+            if fakes["replicate"].calls:
+                break
+            await asyncio.sleep(0.01)
+        assert fakes["replicate"].calls, "the fallback never started"
+        assert await gw.drain.settle(lambda: gw.in_flight, poll_s=0.01) == 1
+        answer = await request
+        events = sse_events(iter(answer.text.splitlines()))
+        name, data = events[-1]
+        assert (answer.status_code, name, data["error"]["code"]) == (200, "error", "shutting_down")
+        for _ in range(100):
+            if not gw.follow_ups:
+                break
+            await asyncio.sleep(0.01)
+        now = datetime.now(UTC)
+        (row,) = await gw.billing.ledger.query(now - timedelta(hours=1), now + timedelta(hours=1))
+        (units,) = await gw.billing.budgets.spent("team", windows_at([("day", DAY_BUDGET)], now))
+    assert (row.status, row.estimated_usd, row.attempts) == (503, LOCAL_1MP, 1)
+    assert Decimal(units) * Decimal("0.00000001") == LOCAL_1MP
