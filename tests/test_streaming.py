@@ -141,6 +141,18 @@ def test_fal_queue_status_and_position_arrive_as_comments_the_sdk_skips(fleet: E
     assert [e.type for e in done] == ["image_generation.completed"]
 
 
+def test_runflow_reports_its_run_status_as_comments(fleet: EmulatorFleet, emulated: tuple[Litestar, ServerThread]) -> None:
+    """Replicate reports its prediction status the same way when it is polled; under `Prefer: wait`
+    (its default here) the answer is held open until the prediction ends, so there is nothing to report."""
+    _, server = emulated
+    backend = "runflow"
+    assert httpx.post(f"{fleet[backend].base_url}/_admin/knobs", json={"job": {"run_ms": 1200}}, timeout=5).status_code == 200
+    _, events = stream_post(server.url, {"prompt": "a fox", "size": "512x512", "model": f"{backend}/flux-2-klein-4b"})
+    progress = [json.loads(text.removeprefix("progress ")) for name, text in events if name == "comment" and text.startswith("progress ")]
+    assert progress and all(p["backend"] == backend and p["status"] for p in progress), events[:-1]
+    assert events[-1][0] == "image_generation.completed"
+
+
 def fake_gateway(tmp_path: Path, fakes: dict[str, FakeAdapter]) -> Litestar:
     keys = keys_file(tmp_path, team={"budget_usd": {"day": str(DAY_BUDGET)}, "backends": {"only": sorted(fakes)}})
     app = make_app({**ENV, "KLEIN_METRICS_TOKEN": METRICS_TOKEN, "KLEIN_KEYS_FILE": str(keys)})
