@@ -67,9 +67,11 @@ async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuil
                 # An answer kept for replay keeps its stored images as long (docs: README, Idempotency keys).
                 keep = gw.config.settings.images_kept_s(gw.idempotency.ttl_s) if once.claimed else None
                 try:
-                    rec.job = job = await tab.admit(await build(request, gw, ctx))
-                    if job.stream:
+                    built = await build(request, gw, ctx)
+                    if built.stream:  # before the rate limit counts it
                         refuse_with_stream(respond_async=respond_async, keyed=once.claimed)
+                    rec.job = job = await tab.admit(built)
+                    if job.stream:
                         return await start_stream(request, gw, rec, held, base_url=base_url_of(request, gw))
                     if respond_async:
                         rec.status = 202
