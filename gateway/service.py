@@ -111,12 +111,22 @@ class Gateway:
         """Plan, reserve and dispatch. `keep_images_s`: the lifetime of the record
         that will refer to the images (GatewaySettings.images_kept_s); `progress`:
         what the request learns of the dispatch (gateway/dispatch/progress.py)."""
+        p = await self.routed(job, tab)
+        return await self.dispatch(job, p, started=started, base_url=base_url, tab=tab, keep_images_s=keep_images_s, progress=progress)
+
+    async def routed(self, job: ImageJob, tab: Tab | None = None) -> Plan:
+        """The first half of `images`: the plan, priced and reserved, or the refusal.
+        A stream answers its errors with an HTTP status up to here, and in the stream after."""
         await vet_reference_hosts(job.references, self.resolver)  # before any provider is handed a URL
         p = await self.plan(job)
         if not p.attempts:
             raise refusal(p)
         if tab is not None:
             p = await tab.reserve(p)  # the budget, before any provider is called
+        return p
+
+    async def dispatch(self, job: ImageJob, p: Plan, *, started: float, base_url: str, tab: Tab | None = None, keep_images_s: int | None = None, progress: Progress | None = None) -> Outcome:
+        """The second half of `images`: the plan run, with failover."""
         return await self.dispatcher.run(job, p, started=started, base_url=base_url, cover=tab.cover if tab else None, keep_images_s=keep_images_s, progress=progress)
 
     async def quote_table(self, job: ImageJob) -> dict[str, Any]:

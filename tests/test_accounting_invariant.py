@@ -2,7 +2,7 @@
 
 One table: each row ends one request a different way (success, a provider
 failure, the caller gone, the caller's deadline, the owner's cancel, a worker
-that died mid-job). Each runs against the Runflow emulator, which bills the
+that died mid-job; and the answered-as-a-stream success, failure, caller gone and deadline). Each runs against the Runflow emulator, which bills the
 runs that succeed and nothing else (docs/providers/runflow.md#price), so the
 provider's own count of paid work is its number of succeeded runs. After the
 request has settled, that count times Runflow's price equals the ledger's
@@ -128,6 +128,38 @@ def ends_after_its_worker_died(rig: Rig) -> None:
     assert wait_until(lambda: any(r.route == "generations_async" for r in ledger_rows(rig.app)), timeout=10)
 
 
+STREAMED = {**{k: v for k, v in BODY.items() if k != "response_format"}, "stream": True}  # a stream answers b64_json
+
+
+def streamed_last_event(rig: Rig, headers: dict[str, str] | None = None) -> str:
+    """The name of the stream's last event (comments skipped)."""
+    with httpx.stream("POST", f"{rig.url}/v1/images/generations", json=STREAMED, headers={**TEAM, **(headers or {})}, timeout=15) as answer:
+        assert answer.status_code == 200
+        names = [line.removeprefix("event:").strip() for line in answer.iter_lines() if line.startswith("event:")]
+    return names[-1]
+
+
+def ends_in_a_streamed_success(rig: Rig) -> None:
+    assert streamed_last_event(rig) == "image_generation.completed"
+
+
+def ends_in_a_streamed_provider_failure(rig: Rig) -> None:
+    rig.runflow({"faults": {"queue": ["job_failed"]}})
+    assert streamed_last_event(rig) == "error"
+
+
+def ends_with_the_streams_caller_gone(rig: Rig) -> None:
+    rig.runflow({"job": {"run_ms": 2500}})
+    with httpx.stream("POST", f"{rig.url}/v1/images/generations", json=STREAMED, headers=TEAM, timeout=15) as answer:
+        assert answer.status_code == 200
+        time.sleep(0.8)  # the run has started; the caller hangs up
+
+
+def ends_at_the_streams_deadline(rig: Rig) -> None:
+    rig.runflow({"job": {"run_ms": 5000}})
+    assert streamed_last_event(rig, {"x-klein-deadline-ms": "3500"}) == "error"
+
+
 ENDINGS: list[tuple[str, Callable[[Rig], None], int]] = [
     ("success", ends_in_success, 1),
     ("provider failure", ends_in_a_provider_failure, 0),
@@ -135,6 +167,10 @@ ENDINGS: list[tuple[str, Callable[[Rig], None], int]] = [
     ("deadline", ends_at_the_callers_deadline, 1),
     ("cancel", ends_by_the_owners_cancel, 1),
     ("worker crash", ends_after_its_worker_died, 1),
+    ("streamed success", ends_in_a_streamed_success, 1),
+    ("streamed provider failure", ends_in_a_streamed_provider_failure, 0),
+    ("streamed caller gone", ends_with_the_streams_caller_gone, 1),
+    ("streamed deadline", ends_at_the_streams_deadline, 1),
 ]
 
 

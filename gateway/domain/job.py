@@ -106,6 +106,11 @@ class ImageJob:
     caller: str | None = None
     request_id: str = field(default_factory=new_request_id)
     size_intent: SizeIntent = EXACT_SIZE
+    # The answer goes out as server-sent events (gateway/http/streaming.py);
+    # `partial_images` is how many previews per image the caller would take
+    # (0-3, an upper bound: a backend that makes none sends none).
+    stream: bool = False
+    partial_images: int = 0
 
     @property
     def pixels(self) -> int:

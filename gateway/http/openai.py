@@ -19,7 +19,7 @@ from litestar.datastructures import UploadFile
 from litestar.exceptions import HTTPException
 
 from gateway.dispatch.answer import images_body, klein_headers
-from gateway.dispatch.attempts import DispatchFailed, tried
+from gateway.dispatch.attempts import DispatchFailed
 from gateway.dispatch.followup import FOLLOW_UP_S
 from gateway.dispatch.progress import Progress
 from gateway.dispatch.references import MAX_REFERENCE_BYTES, check_decodes, check_image_bytes, parse_reference
@@ -32,8 +32,9 @@ from gateway.http.entry import base_url_of, begin, gateway_of
 from gateway.http.followups import HOLD_SLACK_S, follow_up
 from gateway.http.jobs import accept_job, prefers_async
 from gateway.http.parse import build_job, parse_body
+from gateway.http.served import CALLER_GONE, Served, caller_gone, mark_caller_gone, note_failure, settle
+from gateway.http.streaming import start_stream
 from gateway.images import valid_name
-from gateway.money.tab import Tab
 from gateway.routing.pricing import usd_text
 from gateway.service import Gateway
 
@@ -42,102 +43,74 @@ IMAGE_FIELDS = ("image", "image[]") + tuple(f"image[{i}]" for i in range(8))
 JobBuilder = Callable[[Request[Any, Any, Any], Gateway, CallContext], Awaitable[ImageJob]]
 
 
-async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuilder) -> Response[bytes]:
-    """The shared path of generations and edits: job, dispatch, answer, metrics, log."""
+async def run_images(request: Request[Any, Any, Any], route: str, build: JobBuilder) -> Response[Any]:
+    """The shared path of generations and edits: job, dispatch, answer, metrics, log.
+
+    A `stream: true` request leaves here once its route is chosen and priced
+    (gateway/http/streaming.py): the stream holds its place in flight and
+    settles it, through the same `settle`, when its work ends."""
     gw = gateway_of(request)
-    started = time.monotonic()
-    status, backend, upstream, cost, attempts, job = 500, None, 0.0, None, 0, None
-    tab, outcome, progress, deferred = None, None, Progress(), False
-    with gw.metrics.in_flight(), gw.admission() as admitted:
+    rec = Served(route)
+    with contextlib.ExitStack() as held:
+        held.enter_context(gw.metrics.in_flight())
+        admitted = held.enter_context(gw.admission())
         try:
             ctx = begin(request, gw)
-            tab = gw.billing.tab(ctx.key, ctx.request_id, route)  # from here on, the request has its ledger row
+            rec.tab = tab = gw.billing.tab(ctx.key, ctx.request_id, route)  # from here on, the request has its ledger row
             if not admitted:
                 raise GatewayError("the gateway is at capacity; retry shortly", status=503, code="gateway_busy", retryable=True, retry_after=1)
             respond_async = prefers_async(request)
             async with gw.idempotency.guard(request, ctx.caller, respond_async=respond_async, running_ttl_s=ctx.deadline_s + 60) as once:
                 if once.replay is not None:
-                    status = once.replay.status_code or 200
+                    rec.status = once.replay.status_code or 200
                     once.replay.headers["x-request-id"] = ctx.request_id
                     return once.replay
                 # An answer kept for replay keeps its stored images as long (docs: README, Idempotency keys).
                 keep = gw.config.settings.images_kept_s(gw.idempotency.ttl_s) if once.claimed else None
                 try:
-                    job = await tab.admit(await build(request, gw, ctx))
+                    built = await build(request, gw, ctx)
+                    if built.stream:  # before the rate limit counts it
+                        refuse_with_stream(respond_async=respond_async, keyed=once.claimed)
+                    rec.job = job = await tab.admit(built)
+                    if job.stream:
+                        return await start_stream(request, gw, rec, held, base_url=base_url_of(request, gw))
                     if respond_async:
-                        status = 202
+                        rec.status = 202
                         return once.keep(await accept_job(request, gw, ctx, job, route=route, base_url=base_url_of(request, gw)))
-                    outcome = await until_done_or_abandoned(request, gw.images(job, started=started, base_url=base_url_of(request, gw), tab=tab, keep_images_s=keep, progress=progress), progress)
+                    work = gw.images(job, started=rec.started, base_url=base_url_of(request, gw), tab=tab, keep_images_s=keep, progress=rec.progress)
+                    outcome = await until_done_or_abandoned(request, work, rec.progress)
                 except GatewayError as err:
-                    note_failure(request, err, tab, progress)  # before the idempotency guard keeps the answer
-                    if isinstance(err, DispatchFailed) and err.unsettled and job is not None:
+                    note_failure(request, err, tab, rec.progress)  # before the idempotency guard keeps the answer
+                    if isinstance(err, DispatchFailed) and err.unsettled and rec.job is not None:
                         # The deadline passed while a provider job ran: answer now, settle when it ends.
                         await once.defer(FOLLOW_UP_S + HOLD_SLACK_S)
                         gone = CALLER_GONE if caller_gone(request) else err.status
-                        follow_up(gw, err, tab=tab, once=once, job=job, request_id=ctx.request_id, status=gone, base_url=base_url_of(request, gw), keep_images_s=keep)
-                        deferred = True
+                        follow_up(gw, err, tab=tab, once=once, job=rec.job, request_id=ctx.request_id, status=gone, base_url=base_url_of(request, gw), keep_images_s=keep)
+                        rec.deferred = True
                     raise
-                backend, upstream, cost, attempts = outcome.backend, outcome.upstream_s, outcome.cost_usd, outcome.tried
-                status = 200
+                rec.served(outcome)
                 return once.keep(Response(msgspec.json.encode(images_body(job, outcome)), media_type=MediaType.JSON, headers={**klein_headers(ctx.request_id, outcome), **tab.headers}))
         except DispatchFailed as err:
-            status, upstream, cost, attempts = err.status, err.upstream_s, err.cost_usd, tried(err.attempts)
-            note_failure(request, err, tab)
+            rec.failed(err)
+            note_failure(request, err, rec.tab)
             raise
         except (GatewayError, HTTPException) as err:
             # HTTPException: litestar's own (broken multipart, body over the limit), counted by its real status.
-            status = err.status if isinstance(err, GatewayError) else err.status_code
+            rec.status = err.status if isinstance(err, GatewayError) else err.status_code
             if isinstance(err, GatewayError):
-                note_failure(request, err, tab)
+                note_failure(request, err, rec.tab)
             raise
         finally:
-            request.scope.setdefault("state", {})["klein_observed"] = True
-            if cost is None and progress.attempts:  # dispatch was cancelled: what it spent before is still owed
-                cost, attempts, upstream = progress.spent, tried(progress.attempts), progress.upstream_s
-            if caller_gone(request):
-                status = CALLER_GONE  # the real cost and backend stay: the work ran, nobody got the answer
-            if tab is not None and not deferred:
-                await gw.billing.settle(
-                    tab,
-                    status=status,
-                    backend=backend,
-                    attempts=attempts,
-                    images=len(outcome.images) if outcome else 0,
-                    cost=cost,
-                    billed=gw.billed_figure(outcome),
-                    megapixels=outcome.megapixels if outcome else None,
-                )
-            total = time.monotonic() - started
-            gw.metrics.observe_request(route=route, status=status, backend=backend, latency_s=total, overhead_s=max(0.0, total - upstream))
-            gw.log_request(
-                request, route=route, status=status, backend=backend, attempts=attempts, cost=cost, latency_s=total, overhead_s=max(0.0, total - upstream), prompt=job.prompt if job else None
-            )
+            if not rec.streaming:
+                await settle(request, gw, rec)
 
 
-def note_failure(request: Request[Any, Any, Any], err: GatewayError, tab: Tab | None = None, progress: Progress | None = None) -> None:
-    """The x-klein-* figures of a failed request: what was spent and tried,
-    what may have been billed, and the caller's rate-limit headers."""
-    headers = getattr(request.state, "klein_headers", None)
-    if headers is None:
-        return
-    if isinstance(err, DispatchFailed):
-        headers.update({"x-klein-cost-usd": usd_text(err.cost_usd), "x-klein-attempts": str(tried(err.attempts))})
-        if err.possibly_billed_usd:
-            headers["x-klein-possibly-billed-usd"] = usd_text(err.possibly_billed_usd)
-    elif progress is not None and progress.attempts:  # dispatch was cancelled: what it spent is still what it cost
-        headers.update({"x-klein-cost-usd": usd_text(progress.spent), "x-klein-attempts": str(tried(progress.attempts))})
-    else:
-        headers.update({"x-klein-cost-usd": "0", "x-klein-attempts": "0"})
-    if tab is not None:
-        headers.update(tab.headers)
-
-
-CALLER_GONE = 499  # the status counted and written to the ledger when the caller left before the answer
-
-
-def caller_gone(request: Request[Any, Any, Any]) -> bool:
-    """Whether the caller disconnected while this request's work ran on without it."""
-    return bool(request.scope.get("state", {}).get("klein_caller_gone"))
+def refuse_with_stream(*, respond_async: bool, keyed: bool) -> None:
+    """What a stream cannot be combined with (docs/design.md#streaming)."""
+    if respond_async:
+        raise InvalidRequest("stream=true cannot be combined with Prefer: respond-async; follow an async job at /v1/jobs/{id} instead", param="stream", code="unsupported_parameter")
+    if keyed:
+        raise InvalidRequest("stream=true cannot be combined with an Idempotency-Key: a stream is not kept for replay; send one or the other", param="Idempotency-Key", code="unsupported_parameter")
 
 
 async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitable[Any], progress: Progress) -> Any:
@@ -159,7 +132,7 @@ async def until_done_or_abandoned(request: Request[Any, Any, Any], work: Awaitab
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done() and progress.handed_over:
-                request.scope.setdefault("state", {})["klein_caller_gone"] = True
+                mark_caller_gone(request)
                 await asyncio.wait({task})  # to its end, settled as if the caller had stayed
         finally:
             watcher.cancel()

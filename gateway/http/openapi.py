@@ -218,6 +218,8 @@ SCHEMAS: dict[str, Any] = {
             "response_format": {"type": "string", "enum": ["url", "b64_json"]},
             "output_format": {"type": "string", "enum": ["png", "jpeg", "jpg", "webp"]},
             "seed": {"type": "string"},
+            "stream": {"type": "string", "enum": ["true", "false"]},
+            "partial_images": {"type": "string"},
             "provider": {"type": "string", "description": "ProviderPrefsBody as JSON text."},
         },
     },
@@ -282,7 +284,16 @@ IMAGE_HEADERS = {
 JOB_STATUSES = (400, 401, 404, 500, 503)
 
 
+STREAM_DESCRIPTION = (
+    "With `stream: true`: server-sent events, OpenAI's `image_generation.completed` (`image_edit.completed`) per image, "
+    "with `image_index` and the request's `klein` figures (backend, cost_usd, attempts); SSE comment lines carry the "
+    "provider's queue status; a failure after the stream began is an `error` event with the error envelope."
+)
+
+
 def _images_operation(summary: str, request_body: dict[str, Any], operation_id: str) -> dict[str, Any]:
+    ok = _ok("The images, from the cheapest healthy backend that could make them.", "ImagesResponse", headers=IMAGE_HEADERS)
+    ok["content"]["text/event-stream"] = {"schema": {"type": "string", "description": STREAM_DESCRIPTION}}
     return {
         "operationId": operation_id,
         "summary": summary,
@@ -290,7 +301,7 @@ def _images_operation(summary: str, request_body: dict[str, Any], operation_id: 
         "parameters": [DEADLINE, PREFER, IDEMPOTENCY_KEY],
         "requestBody": request_body,
         "responses": {
-            "200": _ok("The images, from the cheapest healthy backend that could make them.", "ImagesResponse", headers=IMAGE_HEADERS),
+            "200": ok,
             "202": _ok("With `Prefer: respond-async`: the job, queued.", "ImageJob", headers={"location": _header("Location"), "preference-applied": _header("PreferenceApplied")}),
             **_errors(*IMAGE_STATUSES, cost_headers=True),
         },

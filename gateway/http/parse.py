@@ -53,6 +53,7 @@ class ImageBody(BaseModel):
     quality: str | None = None  # accepted; the distilled model has one quality
     user: str | None = Field(default=None, max_length=256)
     stream: bool = False
+    partial_images: int | None = Field(default=None, ge=0, le=3)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(default=None, ge=1, le=MODEL_MAX_STEPS)
     steps: int | None = Field(default=None, ge=1, le=MODEL_MAX_STEPS)
@@ -120,8 +121,9 @@ def build_job(
     `disabled_backends` are configured but not enabled (e.g. no credential):
     pinning one, by `model` or by `provider.only`, is the caller's 400, the
     same answer either way, since no retry can help until an operator acts."""
-    if body.stream:
-        raise InvalidRequest("stream=true is not supported for this model; omit it", param="stream", code="unsupported_parameter")
+    if body.stream and body.response_format == "url" and "response_format" in body.model_fields_set:
+        # A stream carries the image itself, as OpenAI's does (docs/design.md#streaming).
+        raise InvalidRequest("stream=true sends the image as b64_json in the stream; omit response_format or set it to b64_json", param="response_format", code="unsupported_parameter")
     if len(body.prompt) > max_prompt_chars:
         raise InvalidRequest(f"prompt is {len(body.prompt)} characters; the limit is {max_prompt_chars}", param="prompt", code="prompt_too_long")
     if body.background == "transparent":
@@ -166,7 +168,7 @@ def build_job(
         seed=body.seed,
         output_format=fmt,
         output_compression=body.output_compression,
-        response_format=body.response_format,
+        response_format="b64_json" if body.stream else body.response_format,
         references=tuple(references),
         enable_safety_checker=body.enable_safety_checker,
         pinned_backend=pinned or None,
@@ -175,6 +177,8 @@ def build_job(
         caller=caller,
         request_id=request_id,
         size_intent=intent,
+        stream=body.stream,
+        partial_images=(body.partial_images or 0) if body.stream else 0,
     )
 
 

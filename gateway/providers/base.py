@@ -359,6 +359,29 @@ def note_job_id(job_id: str, backend: str | None = None) -> None:
         listener(backend, job_id)
 
 
+# Who wants to hear how a provider job is doing while it waits: a streaming
+# request sends it to its caller as an SSE comment (gateway/http/streaming.py).
+# Adapters report what the provider's own status says; nothing here is billed
+# or routed on.
+progress_listener: ContextVar[Callable[[str, Mapping[str, Any]], None] | None] = ContextVar("progress_listener", default=None)
+
+
+def note_progress(backend: str, status: Any, **fields: Any) -> None:
+    """Adapters call this on each status they poll: `status` is the provider's
+    word for it (IN_QUEUE, processing...), `fields` what else it said
+    (queue_position). Values that are not short text or numbers are dropped."""
+    listener = progress_listener.get()
+    if listener is None or not isinstance(status, str):
+        return
+    shown: dict[str, Any] = {"status": status[:40]}
+    for name, value in fields.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int | float) or (isinstance(value, str) and len(value) <= 40):
+            shown[name] = value
+    listener(backend, shown)
+
+
 def deadline_error(job_id: str | None) -> ProviderError:
     if job_id:
         return ProviderError(FailureClass.UNKNOWN_OUTCOME, "deadline passed while the job was running", job_id=job_id, billed=True)

@@ -77,6 +77,7 @@ from gateway.providers.base import (
     ProviderResult,
     json_body,
     note_job_id,
+    note_progress,
 )
 from gateway.providers.options import AdapterOptions, VerifySize
 
@@ -362,6 +363,8 @@ class FalAdapter(Adapter):
             status = body.get("status") if isinstance(body, dict) else None
             if status == "COMPLETED" and isinstance(body, dict):
                 return body
+            if isinstance(body, dict):
+                note_progress(self.name, status, queue_position=body.get("queue_position"))
             if status not in _QUEUE_STATUSES_PENDING:
                 raise ProviderError(FailureClass.FAILED, f"unknown queue status {provider_text(status, self.settings.credential, 40)!r}", status=response.status_code, job_id=request_id, billed=True)
             return None

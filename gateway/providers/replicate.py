@@ -84,6 +84,7 @@ from gateway.providers.base import (
     ProviderResult,
     json_body,
     note_job_id,
+    note_progress,
 )
 from gateway.providers.options import AdapterOptions
 
@@ -384,6 +385,7 @@ class ReplicateAdapter(Adapter):
             body = json_body(response, job_id=pid)
             if not isinstance(body, dict):
                 raise ProviderError(FailureClass.UNKNOWN_OUTCOME, f"HTTP {response.status_code}: poll body is not a prediction", job_id=pid, billed=True)
+            note_progress(self.name, body.get("status"))
             return settled(body)
 
         done = settled(prediction)

@@ -105,6 +105,7 @@ from gateway.providers.base import (
     ProviderResult,
     deadline_error,
     note_job_id,
+    note_progress,
     parse_retry_after,
 )
 from gateway.providers.options import AdapterOptions, VerifySize
@@ -476,6 +477,8 @@ class RunflowAdapter(Adapter):
                 return None  # an unreadable poll answer is transient, like a 5xx
             if isinstance(run, Mapping) and run_status(run) in TERMINAL:
                 return run
+            if isinstance(run, Mapping):
+                note_progress(self.name, run_status(run))
             return None
 
         return await follow_job(poll, timeouts=self.settings.timeouts, deadline=deadline, job_id=run_id, wait_first=True)
