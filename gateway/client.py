@@ -124,8 +124,8 @@ def run(args: argparse.Namespace, *, client: httpx.Client | None = None, out: Te
                 response.read()
                 print(f"error: {_error_text(response)}", file=err)
                 return 1
-            progress.backend = response.headers.get("x-klein-backend")
-            progress.price = response.headers.get("x-klein-quote-usd") or response.headers.get("x-klein-cost-usd")
+            progress.backend = response.headers.get("x-klein-planned-backend")  # the plan's first choice, before any failover
+            progress.price = response.headers.get("x-klein-quote-usd")
             return _follow(response.iter_lines(), args, progress, out=out, err=err, clock=clock)
     except httpx.ConnectError:
         print(f"error: cannot reach the gateway at {url}: is `klein-gateway serve` running there?", file=err)
@@ -162,7 +162,7 @@ def _follow(lines: Iterable[str], args: argparse.Namespace, progress: Progress, 
     for event in parse_sse(lines):
         if event.kind == "comment":
             if event.data.startswith("progress"):
-                progress.status = event.data.removeprefix("progress").strip(" :") or progress.status
+                progress.status = status_text(event.data.removeprefix("progress").strip(" :")) or progress.status
                 show()
             continue
         try:
@@ -208,6 +208,18 @@ def _write(payload: dict[str, Any], args: argparse.Namespace, *, out: TextIO, er
         figures.append(f"{klein['attempts']} attempt{'s' if klein['attempts'] != 1 else ''}")
     print(f"wrote {path} ({', '.join(figures)})", file=out)
     return 0
+
+
+def status_text(said: str) -> str:
+    """A provider's progress as the line shows it: `{"status": "IN_QUEUE", "queue_position": 2}` -> "IN_QUEUE (position 2)"."""
+    try:
+        fields = json.loads(said)
+    except ValueError:
+        return said
+    if not isinstance(fields, dict) or not isinstance(fields.get("status"), str):
+        return said
+    position = fields.get("queue_position")
+    return f"{fields['status']} (position {position})" if isinstance(position, int) else fields["status"]
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -50,6 +50,19 @@ def test_the_progress_line_says_backend_price_status_and_previews(progress: Prog
     assert progress.render(2.0) == line
 
 
+@pytest.mark.parametrize(
+    ("said", "shown"),
+    [
+        ('{"backend": "fal", "status": "IN_QUEUE", "queue_position": 2}', "IN_QUEUE (position 2)"),
+        ('{"backend": "runflow", "status": "running"}', "running"),
+        ("rendering", "rendering"),
+        ('["not", "an", "object"]', '["not", "an", "object"]'),
+    ],
+)
+def test_a_providers_progress_comment_is_shown_as_its_status(said: str, shown: str) -> None:
+    assert client.status_text(said) == shown
+
+
 def sse(*events: tuple[str, dict] | str) -> bytes:
     out = []
     for e in events:
@@ -105,11 +118,13 @@ def test_a_streamed_generation_writes_the_image_and_says_where_and_for_how_much(
         "progress IN_QUEUE", ("image_generation.partial_image", {"type": "image_generation.partial_image", "b64_json": "aGk=", "partial_image_index": 0}), ("image_generation.completed", COMPLETED)
     )
     seen: list[httpx.Request] = []
-    code, out, err = run(args_for(tmp_path), httpx.Response(200, content=body, headers={"content-type": "text/event-stream", "x-klein-backend": "fal"}), seen)
+    code, out, err = run(
+        args_for(tmp_path), httpx.Response(200, content=body, headers={"content-type": "text/event-stream", "x-klein-planned-backend": "fal", "x-klein-quote-usd": "0.00001536"}), seen
+    )
     assert code == 0, err
     assert image_size_of((tmp_path / "fox.png").read_bytes()) == (64, 48)
     assert out == f"wrote {tmp_path / 'fox.png'} (64x48, fal, $0.00001536, 2 attempts)\n"
-    assert "IN_QUEUE" in err and "previews 1/2" in err and "on fal" in err
+    assert "IN_QUEUE" in err and "previews 1/2" in err and "on fal | $0.00001536" in err
     sent = json.loads(seen[0].content)
     assert (seen[0].url.path, sent["stream"], sent["partial_images"], sent["response_format"]) == ("/v1/images/generations", True, 2, "b64_json")
     assert seen[0].headers["authorization"] == "Bearer sk-caller"

@@ -95,8 +95,12 @@ def assert_money_agrees(app: Litestar, server: ServerThread, klein: dict[str, An
 def test_the_openai_sdk_streams_a_generation_to_its_completed_event(emulated: tuple[Litestar, ServerThread]) -> None:
     app, server = emulated
     events = list(sdk(server).images.generate(model="flux-2-klein-4b", prompt="a lighthouse at dusk", size="768x512", stream=True, partial_images=2))
-    assert [e.type for e in events] == ["image_generation.completed"]  # hosted and emulated backends make no previews
-    (done,) = events
+    # The cheapest backend is the (emulated) local GPU, which sends real previews of its denoising loop.
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    *previews, done = events
+    assert [p.partial_image_index for p in previews] == [0, 1]
+    assert all(p.b64_json and base64.b64decode(p.b64_json) != base64.b64decode(done.b64_json) for p in previews)
+    assert all(p.output_format == "png" and p.created_at > 0 for p in previews)
     assert image_size_of(base64.b64decode(done.b64_json)) == (768, 512)
     assert (done.size, done.output_format, done.background, done.quality) == ("768x512", "png", "opaque", "auto")
     assert done.usage.total_tokens == 0 and done.created_at > 0
@@ -109,8 +113,8 @@ def test_the_openai_sdk_streams_a_generation_to_its_completed_event(emulated: tu
 def test_the_openai_sdk_streams_an_edit_from_a_multipart_upload(emulated: tuple[Litestar, ServerThread]) -> None:
     app, server = emulated
     events = list(sdk(server).images.edit(model="flux-2-klein-4b", image=("ref.png", png_bytes(512, 512), "image/png"), prompt="make it blue", stream=True, partial_images=1))
-    assert [e.type for e in events] == ["image_edit.completed"]
-    assert image_size_of(base64.b64decode(events[0].b64_json)) == (512, 512)
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert image_size_of(base64.b64decode(events[-1].b64_json)) == (512, 512)
     assert wait_until(lambda: settled(app))
     (row,) = ledger_rows(app)
     assert (row.route, row.status) == ("edits", 200)

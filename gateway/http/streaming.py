@@ -24,6 +24,7 @@ docs/design.md#abandoned-requests), and the request is settled by the same
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
@@ -42,7 +43,7 @@ from gateway.domain.job import ImageJob, JobKind
 from gateway.http.followups import follow_up
 from gateway.http.served import CALLER_GONE, Served, caller_gone, mark_caller_gone, settle
 from gateway.money.idempotency import Once
-from gateway.providers.base import progress_listener
+from gateway.providers.base import PreviewImage, PreviewSink, preview_sink, progress_listener
 from gateway.routing.plan import Plan
 from gateway.routing.pricing import usd_text
 from gateway.service import Gateway
@@ -125,6 +126,11 @@ async def start_stream(request: Request[Any, Any, Any], gw: Gateway, rec: Served
     rec.streaming = True
     request.scope.setdefault("state", {})["klein_observed"] = True
     headers = {**getattr(request.state, "klein_headers", {}), **rec.tab.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+    chosen = plan.chosen
+    if chosen is not None:  # the plan's first choice and its quote: failover may still change both (the completed event says)
+        headers["x-klein-planned-backend"] = chosen.name
+        if chosen.quote is not None:
+            headers["x-klein-quote-usd"] = usd_text(chosen.quote.usd)
     return Stream(stream.events(), media_type=MEDIA_TYPE, headers=headers)
 
 
@@ -140,19 +146,39 @@ class ImageStream:
         self.work: asyncio.Task[Outcome] | None = None
         self.ended = False  # every event is queued: a caller leaving now left after its answer
         self._said: Mapping[str, Any] | None = None
+        self.previews = 0  # partial images sent
 
     def begin(self, held: contextlib.ExitStack) -> None:
-        token = progress_listener.set(self._progress)  # the dispatch task's context inherits it
+        token = progress_listener.set(self._progress)  # the dispatch task's context inherits both
+        sink = preview_sink.set(PreviewSink(self.job.partial_images, self._preview) if self.job.partial_images else None)
         try:
             self.work = asyncio.ensure_future(
                 self.gw.dispatch(self.job, self.plan, started=self.rec.started, base_url=self.base_url, tab=self.rec.tab, progress=self.rec.progress)
             )  # fmt: skip
         finally:
+            preview_sink.reset(sink)
             progress_listener.reset(token)
         self.gw.drain.track(self.work)  # a graceful shutdown waits for it within its grace, then cancels it
         runner = asyncio.get_running_loop().create_task(self._run(held))
         self.gw.follow_ups.add(runner)  # the gateway closes its ledger only after this request is settled
         runner.add_done_callback(self.gw.follow_ups.discard)
+
+    def _preview(self, preview: PreviewImage) -> None:
+        """A backend's partial image (the local GPU's denoising loop), as OpenAI's partial_image event."""
+        name = f"{event_prefix(self.job)}.partial_image"
+        data = {
+            "type": name,
+            "b64_json": base64.b64encode(preview.data).decode(),
+            "partial_image_index": preview.partial_image_index,
+            "size": f"{preview.width}x{preview.height}" if preview.width and preview.height else self.job.size,
+            "output_format": self.job.output_format,
+            "quality": QUALITY,
+            "background": BACKGROUND,
+            "created_at": int(time.time()),
+            "image_index": preview.index,
+        }
+        self.previews += 1
+        self.queue.put_nowait(event(name, data))
 
     def _progress(self, backend: str, fields: Mapping[str, Any]) -> None:
         if fields != self._said:
