@@ -112,7 +112,7 @@ def test_metric_name_extraction(expr, names):
 def test_dashboard_has_its_rows_in_order():
     dashboard = json.loads(DASHBOARD.read_text())
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows == ["Spend", "Routing savings", "Latency", "Failover and health", "Traffic", "Async jobs"]
+    assert rows == ["Spend", "Routing savings", "Latency", "Failover and health", "Traffic", "Async jobs", "Streams"]
     ids = [p["id"] for p in dashboard_panels(dashboard)]
     assert len(ids) == len(set(ids))
 
@@ -220,6 +220,9 @@ def simulate_traffic(metrics: GatewayMetrics, round_: int) -> Decimal:
     metrics.record_spend(backend="fal", caller="team-0", usd=baseline, megapixels=ONE_MP, images=1, baseline_usd=baseline)
     metrics.observe_request(route=edit, status=200, backend="fal", latency_s=2.4, overhead_s=0.002)
     billed += baseline
+    # a streamed generation: a preview first, then its image
+    metrics.observe_stream_event(route="generations", since_start_s=0.7, first=True, preview=True)
+    metrics.observe_stream_event(route="generations", since_start_s=1.4, first=False, preview=False)
     # fal billed but timed out, runflow delivered at more than the baseline: possible double spend.
     metrics.observe_attempt(backend="fal", outcome="unknown_outcome", latency_s=30.0)
     metrics.record_spend(backend="fal", caller="team-1", usd=baseline, megapixels=ONE_MP, images=1, baseline_usd=Decimal(0))

@@ -86,6 +86,7 @@ class Call:
     output_format: str | None = None
     edit: bool = False
     model: str = "flux-2-klein-4b"
+    stream: bool = False  # stream: true with partial_images 1: previews from the (emulated) local GPU
 
 
 @dataclass
@@ -113,12 +114,13 @@ MIX = [
 ]
 PINNED_TO_LOCAL = Call(model="local/flux-2-klein-4b")
 REFUSED = Call(size="500x500")  # not a multiple of 16: a 400 before any backend
+STREAMED = Call(stream=True)
 
 PHASES: list[tuple[str, dict[str, Any] | None, list[Call]]] = [
     ("healthy", None, MIX + [REFUSED]),
     ("local_5xx", {"faults": {"server_error": 1.0}}, [PINNED_TO_LOCAL, PINNED_TO_LOCAL] + MIX),
     ("healed", {"faults": {"server_error": 0.0}}, MIX),
-    ("tail", None, MIX[:6] + [REFUSED]),
+    ("tail", None, MIX[:6] + [REFUSED, STREAMED]),
 ]
 
 
@@ -135,12 +137,30 @@ def send(client: httpx.Client, base: str, phase: str, call: Call, png: bytes) ->
     if call.edit:
         form = {k: str(v) for k, v in fields.items()}
         response = client.post(f"{base}/v1/images/edits", data=form, files={"image": ("ref.png", png, "image/png")})
+    elif call.stream:
+        return send_streamed(client, base, phase, call, fields)
     else:
         response = client.post(f"{base}/v1/images/generations", json=fields)
     header = response.headers.get("x-klein-cost-usd")
     attempts = response.headers.get("x-klein-attempts")
     images = len(response.json()["data"]) if response.status_code == 200 else 0
     return Answer(phase, call, response.status_code, response.headers.get("x-klein-backend"), Decimal(header) if header is not None else None, int(attempts) if attempts else None, images)
+
+
+def send_streamed(client: httpx.Client, base: str, phase: str, call: Call, fields: dict[str, Any]) -> Answer:
+    """A streamed generation: its figures come in the completed event's `klein` object, not in headers."""
+    completed: dict[str, Any] | None = None
+    with client.stream("POST", f"{base}/v1/images/generations", json={**fields, "stream": True, "partial_images": 1}) as response:
+        kind = None
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                kind = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and kind == "image_generation.completed":
+                completed = json.loads(line.split(":", 1)[1])
+    if completed is None:
+        return Answer(phase, call, 502, None, None, None, 0)
+    klein = completed["klein"]
+    return Answer(phase, call, response.status_code, klein["backend"], Decimal(klein["cost_usd"]), int(klein["attempts"]), 1)
 
 
 # ---- the gateway subprocess -----------------------------------------------------

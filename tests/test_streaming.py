@@ -101,6 +101,9 @@ def test_the_openai_sdk_streams_a_generation_to_its_completed_event(emulated: tu
     assert [p.partial_image_index for p in previews] == [0, 1]
     assert all(p.b64_json and base64.b64decode(p.b64_json) != base64.b64decode(done.b64_json) for p in previews)
     assert all(p.output_format == "png" and p.created_at > 0 for p in previews)
+    registry = app.state.gateway.metrics.registry
+    assert registry.get_sample_value("klein_stream_previews_total", {"route": "generations"}) == 2
+    assert registry.get_sample_value("klein_stream_first_event_seconds_count", {"route": "generations"}) == 1
     assert image_size_of(base64.b64decode(done.b64_json)) == (768, 512)
     assert (done.size, done.output_format, done.background, done.quality) == ("768x512", "png", "opaque", "auto")
     assert done.usage.total_tokens == 0 and done.created_at > 0
@@ -216,6 +219,7 @@ def test_a_caller_who_disconnects_mid_stream_is_settled_at_the_real_cost(tmp_pat
         assert (row.status, row.backend, row.attempts, row.images) == (499, "replicate", 2, 1)
         assert row.estimated_usd == LOCAL_1MP + REPLICATE_1MP == budget_spent(app, "team") == metric_total(server.url, "klein_cost_usd_total")
     assert fakes["replicate"].cancelled == []  # the paid work ran on
+    assert app.state.gateway.metrics.registry.get_sample_value("klein_streams_ended_early_total", {"route": "generations"}) == 1
 
 
 @pytest.mark.parametrize(

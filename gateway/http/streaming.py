@@ -147,6 +147,7 @@ class ImageStream:
         self.ended = False  # every event is queued: a caller leaving now left after its answer
         self._said: Mapping[str, Any] | None = None
         self.previews = 0  # partial images sent
+        self._imaged = False  # an image event (preview or completed) has been queued
 
     def begin(self, held: contextlib.ExitStack) -> None:
         token = progress_listener.set(self._progress)  # the dispatch task's context inherits both
@@ -178,7 +179,13 @@ class ImageStream:
             "image_index": preview.index,
         }
         self.previews += 1
+        self._image_event(preview=True)
         self.queue.put_nowait(event(name, data))
+
+    def _image_event(self, *, preview: bool) -> None:
+        """Count an image event for the dashboards: the first one's delay, and previews."""
+        first, self._imaged = not self._imaged, True
+        self.gw.metrics.observe_stream_event(route=self.rec.route, since_start_s=time.monotonic() - self.rec.started, first=first, preview=preview)
 
     def _progress(self, backend: str, fields: Mapping[str, Any]) -> None:
         if fields != self._said:
@@ -196,6 +203,7 @@ class ImageStream:
                 yield chunk
         finally:
             if not self.ended:
+                self.gw.metrics.record_stream_ended_early(route=self.rec.route)
                 mark_caller_gone(self.request)
                 if self.work is not None and not self.rec.progress.handed_over:
                     self.work.cancel()  # nothing was sent to a provider: nothing is spent (499)
@@ -207,6 +215,7 @@ class ImageStream:
                 outcome = await self._outcome()
                 rec.served(outcome)
                 events = completed_events(self.job, outcome, self.request_id, int(time.time()))
+                self._image_event(preview=False)
             except DispatchFailed as err:
                 rec.failed(err)
                 if err.unsettled and rec.tab is not None:  # the deadline passed while a provider job ran: settled when it ends

@@ -129,6 +129,9 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status <= 599 else "other"
 
 
+STREAM_ROUTES = ("generations", "edits")  # the routes that stream (stream: true)
+
+
 class GatewayMetrics:
     """Every `klein_*` metric, behind the calls the request path makes.
 
@@ -182,6 +185,14 @@ class GatewayMetrics:
         self.upstream_attempts = Counter("klein_upstream_attempts", "Attempts on backends, by outcome ('success' or a failure class).", ["backend", "outcome"], registry=r)
         self.failovers = Counter("klein_failovers", "Times dispatch moved on from a backend, by the failure that caused it.", ["from_backend", "reason"], registry=r)
         self.double_spend = Counter("klein_possible_double_spend", "Work that may have been billed twice (an unknown outcome followed by another attempt).", ["backend"], registry=r)
+
+        # --- streams (stream: true) -----------------------------------------
+        self.stream_first_event = Histogram(
+            "klein_stream_first_event_seconds", "Time from a streamed request's arrival to its first image event (a preview or the completed image).", ["route"], buckets=REQUEST_BUCKETS, registry=r
+        )
+        self.stream_previews = Counter("klein_stream_previews", "Partial images (previews) sent on streams.", ["route"], registry=r)
+        self.streams_ended_early = Counter("klein_streams_ended_early", "Streams whose caller left before the last event (the work is still settled).", ["route"], registry=r)
+        self._know_stream_routes()
 
         # --- spend ----------------------------------------------------------
         self.cost = Counter("klein_cost_usd", "USD billed, every billed attempt included; sums to the x-klein-cost-usd headers.", ["backend", "caller"], registry=r)
@@ -312,6 +323,24 @@ class GatewayMetrics:
     def record_failover(self, *, from_backend: str, reason: str) -> None:
         """Dispatch left `from_backend` for another; `reason` is a FailureClass value."""
         self.failovers.labels(from_backend, str(reason)).inc()
+
+    def _know_stream_routes(self) -> None:
+        """The stream series at zero from the start, so `rate()` sees their first increment
+        (a series born at 1 hides it)."""
+        for route in STREAM_ROUTES:
+            self.stream_first_event.labels(route)
+            self.stream_previews.labels(route)
+            self.streams_ended_early.labels(route)
+
+    def observe_stream_event(self, *, route: str, since_start_s: float, first: bool, preview: bool) -> None:
+        """An image event sent on a stream: its time to first event, and whether it was a preview."""
+        if first:
+            self._child(self.stream_first_event, route).observe(max(0.0, since_start_s))
+        if preview:
+            self._child(self.stream_previews, route).inc()
+
+    def record_stream_ended_early(self, *, route: str) -> None:
+        self._child(self.streams_ended_early, route).inc()
 
     def record_double_spend(self, *, backend: str) -> None:
         """Work on `backend` may have been billed twice (unknown outcome, then more work)."""
@@ -445,6 +474,9 @@ class GatewayMetrics:
             self.billed,
             self.billed_estimate,
             self.state_round_trips,
+            self.stream_first_event,
+            self.stream_previews,
+            self.streams_ended_early,
             *self._job_collectors(),
         ):
             for family in collector.describe():
