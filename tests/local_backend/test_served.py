@@ -156,3 +156,32 @@ def test_the_command_serves_the_tiny_pipeline(tmp_path: Path) -> None:
             process.kill()
             process.wait(timeout=5)
         log.close()
+
+
+def test_the_openai_sdk_streams_real_previews_through_the_gateway_from_the_tiny_service(service_url: str, tmp_path: Path) -> None:
+    """The whole path: the official SDK, the gateway pinned to the local backend, the tiny
+    pipeline's denoising loop. Previews arrive before the image and are not the image."""
+    import base64
+    import io
+
+    import openai
+    from PIL import Image
+
+    from tests.gateway_support import ENV, ServerThread, make_app
+
+    app = make_app({**ENV, "KLEIN_LOCAL_URL": service_url})
+    with ServerThread(app) as gateway:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+        events = list(
+            client.images.generate(model="local/flux-2-klein-4b", prompt="a red fox", size="256x256", stream=True, partial_images=2, extra_body={"num_inference_steps": 4})
+        )  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds == ["image_generation.partial_image", "image_generation.partial_image", "image_generation.completed"], kinds
+    *previews, done = events
+    final = Image.open(io.BytesIO(base64.b64decode(done.b64_json)))
+    assert final.size == (256, 256)
+    for preview in previews:
+        shown = Image.open(io.BytesIO(base64.b64decode(preview.b64_json)))
+        assert shown.size == (128, 128)  # half the side: a pooled decode of the latents
+        assert shown.resize(final.size).tobytes() != final.convert(shown.mode).tobytes()
+    assert done.model_extra is not None and done.model_extra["klein"]["backend"] == "local"
