@@ -7,6 +7,7 @@ cross-replica case, on Redis, is in test_jobs_replicas.py.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -130,3 +131,25 @@ def test_a_caller_who_disconnects_leaves_no_waiter_and_counts_as_abandoned(rig: 
     assert wait_job(rig.http, rig.server.url, job_id, headers=auth("key-a"))["status"] == "succeeded"  # the job itself runs on
     time.sleep(0.1)
     assert rig.store.subscribers == 0
+
+
+def test_a_draining_replica_ends_its_streams_for_the_caller_to_resume_elsewhere(rig: Rig) -> None:
+    rig.knobs({"job": {"queue_ms": 8000, "run_ms": 0}})
+    job_id = rig.submit()
+    abandoned = rig.sample("klein_image_job_event_streams_abandoned_total")
+    drain = rig.app.state.gateway.drain
+    got: list[tuple[int, list[dict[str, Any]]]] = []
+    watcher = threading.Thread(target=lambda: got.append(read_events(httpx.Client(timeout=30), rig.events_url(job_id), headers=auth("key-a"))))
+    watcher.start()
+    try:
+        assert wait_until(lambda: rig.store.subscribers == 1)
+        started = time.monotonic()
+        drain.draining = True
+        watcher.join(timeout=10)
+        assert not watcher.is_alive() and time.monotonic() - started < 4.0
+    finally:
+        drain.draining = False
+    status, events = got[0]
+    assert status == 200 and [e["event"] for e in events if "data" in e][-1] in ("queued", "running")
+    assert rig.store.subscribers == 0 and rig.sample("klein_image_job_event_streams_abandoned_total") == abandoned  # ended by the server, not the caller
+    assert wait_job(rig.http, rig.server.url, job_id, headers=auth("key-a"), timeout=20)["status"] == "succeeded"

@@ -75,7 +75,9 @@ class JobStore(ABC):
     def subscribers(self) -> int:
         """Watchers of this process waiting on `events` now."""
 
-    max_wait_s = 3600.0  # the longest one `events` call may wait
+    # The longest one `events` call waits: a watcher looks at its cap and at
+    # the process's drain at least this often, so a stopping replica's streams end within it.
+    max_wait_s = 3.0
 
     @abstractmethod
     async def ids(self, owner: str | None, *, before: str | None, limit: int) -> list[str]:
@@ -196,9 +198,8 @@ class RedisJobStore(JobStore):
     """Jobs in Redis: `klein:<ns>:job:<id>` (JSON, expiring) and a
     per-owner sorted set of ids (`klein:<ns>:jobs:by-owner:<owner>`)."""
 
-    # One blocking XREAD waits at most this long: under the client's 5 s socket
-    # timeout (gateway/jobs/service.py), which would otherwise cut it off.
-    max_wait_s = 3.0
+    # One blocking XREAD waits at most max_wait_s (3 s): under the client's 5 s
+    # socket timeout (gateway/jobs/service.py), which would otherwise cut it off.
 
     def __init__(self, client: Any, *, namespace: str, retention_s: float) -> None:
         super().__init__(retention_s)
