@@ -118,3 +118,27 @@ def iter_pages(client: httpx.Client, base: str, *, headers: dict[str, str] | Non
         if not page["has_more"]:
             return
         after = page["last_id"]
+
+
+def read_events(client: httpx.Client, url: str, *, headers: dict[str, str] | None = None, timeout: float = 30.0) -> tuple[int, list[dict[str, Any]]]:
+    """Follow a server-sent event stream to its end: its status and its events
+    ({"id", "event", "data"}, data decoded; comments as {"comment"})."""
+    found: list[dict[str, Any]] = []
+    with client.stream("GET", url, headers=headers, timeout=timeout) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return resp.status_code, found
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        event: dict[str, Any] = {}
+        for line in resp.iter_lines():
+            if not line:
+                if event:
+                    found.append(event)
+                event = {}
+            elif line.startswith(":"):
+                found.append({"comment": line[1:].strip()})
+            else:
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                event[name] = json.loads(value) if name == "data" else value
+    return 200, found

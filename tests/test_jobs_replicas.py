@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,7 +31,7 @@ from gateway.jobs.model import JobRecord, job_to_dict, new_job_id
 from gateway.jobs.queue import RedisJobQueue
 from gateway.jobs.store import RedisJobStore
 from tests.emulators import EmulatorFleet
-from tests.jobs_support import PRICING, TERMINAL, config_with, wait_job
+from tests.jobs_support import PRICING, TERMINAL, config_with, read_events, wait_job
 from tests.redis_server import RedisServer, redis_available
 from tests.test_resilience_replicas import Replica, start_replica, wait_ready
 
@@ -197,6 +198,83 @@ def test_a_taken_over_job_whose_provider_job_is_gone_runs_afresh_once(rig: Rig) 
     assert rig.fal()["generations"] == paid + 1
     left = rig.record(job_id)["provider_jobs"]
     assert list(left) == ["fal"] and left["fal"] != ["no-such-request"] and len(left["fal"]) == 1
+
+
+def _replica_of(consumer: str, replicas: list[Replica]) -> Replica | None:
+    """The replica whose process (or its one uvicorn worker) is the queue consumer `consumer` (host-pid-random)."""
+    pid = int(consumer.rsplit("-", 2)[1])
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        parent = -1
+    return next((r for r in replicas if r.proc.pid in (pid, parent)), None)
+
+
+def test_a_job_watched_through_another_replica_streams_every_change_to_its_terminal_object(rig: Rig) -> None:
+    live = [r for r in rig.replicas if r.proc.poll() is None]  # an earlier test kills one
+    assert len(live) >= 2
+    a, watchers_at = live[0], live[-2:]
+    rig.knobs({"job": {"queue_ms": 800, "run_ms": 300}})
+    ids = []
+    for i in range(4):
+        resp = rig.http.post(f"{a.url}/v1/images/generations", json={**BODY, "prompt": f"watched {i}"}, headers={"Prefer": "respond-async"})
+        assert resp.status_code == 202, resp.text
+        ids.append(resp.json()["id"])
+
+    # Each job is watched through two replicas: whichever runs it, one watcher is on another.
+    streams: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    ran_by: dict[str, str] = {}  # job id -> the queue consumer that held it
+    done = threading.Event()
+
+    def watch(replica: Replica, job_id: str) -> None:
+        status, got = read_events(httpx.Client(timeout=60), f"{replica.url}/v1/images/jobs/{job_id}/events", timeout=60)
+        assert status == 200
+        streams[(replica.name, job_id)] = got
+
+    def who_runs() -> None:
+        stream = f"klein:{rig.namespace}:jobs:queue"
+        with redis_client.Redis.from_url(rig.redis.url, decode_responses=True) as r:
+            while not done.is_set():
+                for entry in r.xpending_range(stream, "workers", min="-", max="+", count=100):
+                    for _, fields in r.xrange(stream, min=entry["message_id"], max=entry["message_id"]):
+                        ran_by.setdefault(fields["job"], entry["consumer"])
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=watch, args=(replica, job_id)) for job_id in ids for replica in watchers_at]
+    spy = threading.Thread(target=who_runs)
+    spy.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    done.set()
+    spy.join(timeout=5)
+
+    assert len(streams) == len(ids) * 2 and sorted(ran_by) == sorted(ids), ran_by
+    crossed = []
+    for job_id in ids:
+        runner = _replica_of(ran_by[job_id], rig.replicas)
+        assert runner is not None, ran_by[job_id]
+        for replica in watchers_at:
+            events = [e for e in streams[(replica.name, job_id)] if "data" in e]
+            versions = [int(e["id"]) for e in events]
+            assert versions == sorted(set(versions)), versions
+            assert [e["event"] for e in events] == [e["data"]["status"] for e in events]
+            assert events[-1]["event"] == "succeeded"
+            assert events[-1]["data"] == rig.http.get(f"{a.url}/v1/images/jobs/{job_id}").json() == rig.http.get(f"{replica.url}/v1/images/jobs/{job_id}").json()
+            if replica is not runner:
+                crossed.append((replica, job_id, events))
+    assert len(crossed) >= len(ids)  # every job was watched, to its end, through a replica that did not run it
+    replica, job_id, events = max(crossed, key=lambda c: len(c[2]))
+    assert len(events) >= 2 and events[0]["event"] in ("queued", "running"), [(e["id"], e["event"]) for e in events]
+    # Resuming from a middle event, on another replica: exactly the later ones; from the terminal one: 204.
+    elsewhere = next(r for r in live if r is not replica)
+    status, again = read_events(rig.http, f"{elsewhere.url}/v1/images/jobs/{job_id}/events", headers={"Last-Event-ID": events[-2]["id"]})
+    assert status == 200 and [e for e in again if "data" in e] == events[-1:]
+    status, whole = read_events(rig.http, f"{a.url}/v1/images/jobs/{job_id}/events", headers={"Last-Event-ID": "1"})  # 1: its creation
+    assert status == 200 and whole[0]["event"] == "running" and whole[-1] == events[-1]
+    status, _ = read_events(rig.http, f"{a.url}/v1/images/jobs/{job_id}/events", headers={"Last-Event-ID": events[-1]["id"]})
+    assert status == 204
 
 
 def test_with_redis_down_an_async_request_is_a_retryable_503_and_sync_requests_still_work(rig: Rig) -> None:

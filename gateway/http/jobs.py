@@ -1,5 +1,5 @@
 """Async image jobs over HTTP: accepting one (`Prefer: respond-async`), reading,
-listing and cancelling them.
+listing, following (server-sent events) and cancelling them.
 
 A job is visible to its owner only, the caller key that made it; to any
 other caller it does not exist (404), so ids cannot be probed.
@@ -8,17 +8,21 @@ other caller it does not exist (404), so ids cannot be probed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from litestar import MediaType, Request, Response, get, post
+from litestar.response import Stream
 
 from gateway.domain.errors import InvalidRequest, NotFound
 from gateway.domain.job import ImageJob
 from gateway.http.context import MAX_JSON_DEPTH, CallContext, deadline_for, decode_json, form_of
 from gateway.http.entry import begin, gateway_of
+from gateway.jobs.events import caught_up, follow
 from gateway.jobs.model import STATUSES, JobRecord, Webhook, job_to_dict, new_job_id
 from gateway.jobs.webhooks import vet_url
 from gateway.routing.plan import refusal
@@ -32,6 +36,7 @@ MAX_METADATA_CHARS = 512
 # each escaped as \uXXXX, fit with room; anything longer is refused unread.
 MAX_METADATA_JSON_CHARS = 64 * 1024
 MAX_LIST = 100
+log = logging.getLogger("gateway.jobs")
 _PREFER = re.compile(r"(?:^|[,;\s])respond-async(?:$|[,;\s=])", re.IGNORECASE)
 
 
@@ -151,4 +156,48 @@ async def cancel_job(request: Request[Any, Any, Any], job_id: str) -> Response[b
     return _job_response(record)
 
 
-ROUTES = [get_job, list_jobs, cancel_job]
+def _last_event_id(request: Request[Any, Any, Any]) -> int | None:
+    """The `Last-Event-ID` an EventSource sends back when it reconnects; one we never sent counts as none."""
+    value = (request.headers.get("last-event-id") or "").strip()
+    return int(value) if value.isdigit() and len(value) <= 18 else None
+
+
+@get("/v1/images/jobs/{job_id:str}/events")
+async def job_events(request: Request[Any, Any, Any], job_id: str) -> Response[Any]:
+    """Server-sent events: the job object at each change, `id:` its version and
+    `event:` its status, ending after the terminal one (gateway/jobs/events.py).
+    A caller already holding the terminal state (its `Last-Event-ID`) gets 204,
+    which tells an EventSource to stop reconnecting."""
+    gw, ctx = _begin(request)
+    record = await gw.jobs.owned(ctx.caller, job_id)
+    if record is None:
+        raise _not_found(job_id)
+    last = _last_event_id(request)
+    if caught_up(record, last):
+        return Response(b"", status_code=204, headers={"x-request-id": ctx.request_id})
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "x-request-id": ctx.request_id}
+    return Stream(_sse(gw, record, last), media_type="text/event-stream", headers=headers)
+
+
+async def _sse(gw: Gateway, record: JobRecord, last: int | None) -> AsyncIterator[bytes]:
+    """The stream's bytes. A caller who leaves cancels it where it waits (the
+    store's wait ends with it); that counts as abandoned. A store that fails
+    mid-stream ends it: the caller reconnects with its Last-Event-ID."""
+    gw.metrics.open_job_event_stream()
+    ended = False
+    try:
+        async for event in follow(gw.jobs.store, record, last, stop=lambda: gw.drain.draining):
+            if event is None:
+                yield b": keep-alive\n\n"
+                continue
+            version, job = event
+            yield b"id: %d\nevent: %s\ndata: %s\n\n" % (version, str(job["status"]).encode(), msgspec.json.encode(job))
+        ended = True
+    except Exception as exc:  # noqa: BLE001 - the job store failed (Redis away): the stream ends, the caller resumes with Last-Event-ID
+        ended = True
+        log.warning("event stream of job %s ended by a store failure (%s)", record.id, type(exc).__name__)
+    finally:
+        gw.metrics.close_job_event_stream(abandoned=not ended)
+
+
+ROUTES = [get_job, list_jobs, job_events, cancel_job]

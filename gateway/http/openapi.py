@@ -377,6 +377,22 @@ def _paths() -> dict[str, Any]:
                 "responses": {"200": _ok("The job.", "ImageJob"), **_errors(*JOB_STATUSES)},
             }
         },
+        "/v1/images/jobs/{job_id}/events": {
+            "get": {
+                "operationId": "streamImageJobEvents",
+                "summary": "Server-sent events: the job object (as retrieveImageJob answers it) at each change, `id:` its version, `event:` its status; ends after the terminal one.",
+                "security": AUTH,
+                "parameters": [
+                    {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}, "description": "Resume: only the changes after this event id."},
+                ],
+                "responses": {
+                    "200": _ok("The event stream.", {"type": "string"}, media="text/event-stream"),
+                    "204": {"description": "The job ended at or before Last-Event-ID: nothing more will come.", "headers": {"x-request-id": _header("RequestId")}},
+                    **_errors(*JOB_STATUSES),
+                },
+            }
+        },
         "/v1/images/jobs/{job_id}/cancel": {
             "post": {
                 "operationId": "cancelImageJob",

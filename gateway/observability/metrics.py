@@ -396,6 +396,8 @@ class GatewayMetrics:
         self.jobs = Counter("klein_image_jobs", "Async image jobs reaching each status (queued when accepted).", ["status"], registry=r)
         self.job_queue_depth = Gauge("klein_image_job_queue_depth", "Async jobs waiting for a worker (shared by replicas when jobs live in Redis).", registry=r, multiprocess_mode="livemax")
         self.job_oldest_age = Gauge("klein_image_job_oldest_queued_age_seconds", "Age of the oldest async job still waiting for a worker.", registry=r, multiprocess_mode="livemax")
+        self.job_event_streams = Gauge("klein_image_job_event_streams", "Async job event streams (GET /v1/images/jobs/{id}/events) open now.", registry=r, multiprocess_mode="livesum")
+        self.job_event_streams_abandoned = Counter("klein_image_job_event_streams_abandoned", "Async job event streams the caller closed before the job's terminal event.", registry=r)
         self.webhook_deliveries = Counter("klein_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retrying (failed, will retry), given_up.", ["outcome"], registry=r)
         self.idempotency = Counter(
             "klein_idempotency_requests",
@@ -411,7 +413,7 @@ class GatewayMetrics:
             self.idempotency.labels(outcome)
 
     def _job_collectors(self) -> tuple[Counter | Gauge, ...]:
-        return (self.jobs, self.job_queue_depth, self.job_oldest_age, self.webhook_deliveries, self.idempotency)
+        return (self.jobs, self.job_queue_depth, self.job_oldest_age, self.job_event_streams, self.job_event_streams_abandoned, self.webhook_deliveries, self.idempotency)
 
     def record_job_status(self, status: str) -> None:
         """An async job was accepted ("queued"), started, or ended with `status`."""
@@ -420,6 +422,15 @@ class GatewayMetrics:
     def set_job_queue(self, *, depth: int, oldest_age_s: float) -> None:
         self.job_queue_depth.set(depth)
         self.job_oldest_age.set(max(0.0, oldest_age_s))
+
+    def open_job_event_stream(self) -> None:
+        self.job_event_streams.inc()
+
+    def close_job_event_stream(self, *, abandoned: bool) -> None:
+        """An event stream ended: after the terminal event or at its cap, or (`abandoned`) because its caller left first."""
+        self.job_event_streams.dec()
+        if abandoned:
+            self.job_event_streams_abandoned.inc()
 
     def record_webhook_delivery(self, outcome: str) -> None:
         self.webhook_deliveries.labels(outcome).inc()
