@@ -196,3 +196,12 @@ def test_a_stream_lasts_until_the_deadline_plus_grace_within_the_retention_and_a
     assert stream_end(fresh, 300, now) == pytest.approx(now + 300)  # never past the record's retention
     old = new_record(deadline_s=600, created=now - 3600)
     assert stream_end(old, 86400, now) == pytest.approx(now + MIN_STREAM_S)  # a late reconnect: a calm stream, not a tight loop
+
+
+def test_a_record_written_by_a_newer_replica_with_fields_this_one_lacks_still_reads() -> None:
+    """Rolling upgrades: two versions share one store, so unknown fields are left out, not fatal."""
+    from gateway.jobs.model import JobRecord
+
+    stored = {"id": "imgjob_1", "owner": None, "route": "generations", "job": {}, "base_url": "http://127.0.0.1", "created": 1.0, "status": "queued", "a_field_from_the_future": 7}
+    record = JobRecord.from_json(stored)
+    assert (record.id, record.status, record.cancel_requested) == ("imgjob_1", "queued", None)

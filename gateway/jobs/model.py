@@ -154,7 +154,10 @@ class JobRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> JobRecord:
-        data = dict(data)
+        """A stored record. Fields this version does not know are left out, so
+        replicas of two versions can share one store during a rolling upgrade
+        (a newer one may add fields; an older one's records lack them and take the defaults)."""
+        data = {k: v for k, v in data.items() if k in cls.__slots__}
         data["cost_usd"] = Decimal(data["cost_usd"]) if data.get("cost_usd") is not None else None
         data["webhook"] = Webhook(**data["webhook"]) if data.get("webhook") else None
         return cls(**data)
