@@ -53,7 +53,7 @@ from gateway.dispatch.blame import expected_latency, judged
 from gateway.dispatch.delivery import ResultShaper, ShapedImage, delivery_failed
 from gateway.dispatch.fleet import Backend
 from gateway.dispatch.overload import LoopLag
-from gateway.dispatch.produced import bill_produced, produced_megapixels, produced_size, trusted_billed
+from gateway.dispatch.produced import bill_produced, failure_cost, produced_megapixels, produced_size, trusted_billed
 from gateway.dispatch.progress import Progress, Unsettled
 from gateway.dispatch.upload_links import UploadLinks
 from gateway.domain.capabilities import eligible
@@ -424,13 +424,10 @@ class Dispatcher:
                     # unbilled, or billed, with or without its image) is learnt afterwards.
                     followed = True
                     run.unsettled.append(Unsettled(cand.name, job, tuple(job_ids), possibly, cancel))
-        elif err.failure is FailureClass.DELIVERY_FAILED:
-            # Billed for the images it made; one that ran and returned none is billed as asked.
-            made = len(result.images) if result is not None and result.images else job.n
-            cost = backend.bill(job, made, cand.health)
-            run.billed_elsewhere = True
-        elif err.billed:
-            cost = backend.bill(job, job.n, cand.health)
+        else:
+            cost = failure_cost(backend, job, err, result, cand.health)
+            if err.failure is FailureClass.DELIVERY_FAILED:  # an image bought that nobody got
+                run.billed_elsewhere = True
         run.spent += cost
         run.possibly += possibly
         log.info("%s attempt %s: %s", cand.name, err.failure.value, redact(err.message))  # the provider's words, for the operator only

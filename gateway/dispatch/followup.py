@@ -22,7 +22,7 @@ from decimal import Decimal
 
 from gateway.dispatch.attempts import Attempt, Dispatcher, DispatchFailed, Outcome
 from gateway.dispatch.delivery import ShapedImage
-from gateway.dispatch.produced import bill_produced, produced_megapixels, produced_size, trusted_billed
+from gateway.dispatch.produced import bill_produced, failure_cost, produced_megapixels, produced_size, trusted_billed
 from gateway.dispatch.progress import Unsettled
 from gateway.providers._caller_text import caller_message_of
 from gateway.providers.base import FailureClass, ProviderError
@@ -81,13 +81,8 @@ async def follow(dispatcher: Dispatcher, unsettled: Unsettled, *, base_url: str,
         images = await dispatcher.deliver(job, result, name, until, base_url, keep_images_s)
     except ProviderError as err:
         elapsed = time.monotonic() - t0
-        cost = possibly = Decimal(0)
-        if err.failure is FailureClass.UNKNOWN_OUTCOME:
-            possibly = unsettled.possibly_usd
-        elif err.failure is FailureClass.DELIVERY_FAILED:
-            cost = backend.bill(job, len(result.images) if result is not None and result.images else job.n)
-        elif err.billed:
-            cost = backend.bill(job, job.n)
+        cost = failure_cost(backend, job, err, result)  # the rule an attempt's failure is billed by
+        possibly = unsettled.possibly_usd if err.failure is FailureClass.UNKNOWN_OUTCOME else Decimal(0)
         log.info("%s follow-up %s: %s", name, err.failure.value, redact(err.message))  # the provider's words, for the operator only
         metrics.observe_attempt(backend=name, outcome=err.failure.value, latency_s=elapsed)
         if cost:

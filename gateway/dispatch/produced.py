@@ -16,6 +16,7 @@ from gateway.dispatch.delivery import ShapedImage
 from gateway.dispatch.fleet import Backend
 from gateway.domain.job import ImageJob
 from gateway.health.view import HealthView
+from gateway.providers.base import FailureClass, ProviderError, ProviderResult
 from gateway.routing.pricing import usd
 
 MAX_BILLED_OVER_QUOTE = 100  # a provider's figure above this many quotes is a fault, not a price
@@ -56,3 +57,15 @@ def trusted_billed(reported: Decimal | None, quoted: Decimal) -> Decimal | None:
     if quoted > 0 and reported > quoted * MAX_BILLED_OVER_QUOTE:
         return None
     return usd(reported)
+
+
+def failure_cost(backend: Backend, job: ImageJob, err: ProviderError, result: ProviderResult | None, view: HealthView | None = None) -> Decimal:
+    """What a failed attempt surely cost. A delivery failure is billed for the
+    images the provider made (as asked, when it returned none); any other
+    failure the provider bills, for the job as asked; an unknown outcome is not
+    surely billed (its caller counts it as possibly billed)."""
+    if err.failure is FailureClass.UNKNOWN_OUTCOME:
+        return Decimal(0)
+    if err.failure is FailureClass.DELIVERY_FAILED:
+        return backend.bill(job, len(result.images) if result is not None and result.images else job.n, view)
+    return backend.bill(job, job.n, view) if err.billed else Decimal(0)
