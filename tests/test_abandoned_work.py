@@ -67,8 +67,9 @@ def metric_total(url: str, name: str, backend: str | None = None) -> Decimal:
 
 
 def settled(app: Litestar) -> bool:
-    """The abandoned request's handler finished: its tab was settled and its ledger row written."""
-    return app.state.gateway.in_flight == 0
+    """Nothing of the abandoned request is left to settle: no request in flight, no
+    follow-up of a provider job (Gateway.busy); its tab and ledger row are written."""
+    return app.state.gateway.busy == 0
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +191,6 @@ def slow_runflow(fleet: EmulatorFleet) -> None:
     assert httpx.post(f"{fleet['runflow'].base_url}/_admin/knobs", json={"job": {"run_ms": 5000}}, timeout=5).status_code == 200
 
 
-def settled_everywhere(app: Litestar) -> bool:
-    """No request in flight and no follow-up of a provider job left to settle."""
-    gw = app.state.gateway
-    return gw.in_flight == 0 and not gw.follow_ups
-
-
 def test_a_deadline_that_passes_while_the_provider_runs_is_answered_then_settled_at_the_real_cost(fleet: EmulatorFleet, runflow_gateway: tuple[Litestar, ServerThread]) -> None:
     """Runflow has no cancel: its run goes on past the 1 s deadline and is billed. The caller
     gets its 504 at the deadline; the budget, the ledger and the metrics get the real cost."""
@@ -206,7 +201,7 @@ def test_a_deadline_that_passes_while_the_provider_runs_is_answered_then_settled
     assert answer.status_code == 504 and answer.json()["error"]["code"] == "deadline_exceeded", answer.text
     assert time.monotonic() - t0 < 4.5  # answered at the deadline, not when the run ended
     assert answer.headers["x-klein-possibly-billed-usd"] != "0"
-    assert wait_until(lambda: settled_everywhere(app), timeout=8), "the provider job was not followed to its end"
+    assert wait_until(lambda: settled(app), timeout=8), "the provider job was not followed to its end"
     (row,) = ledger_rows(app)
     assert paid_calls(fleet, "runflow") == 1
     assert (row.status, row.backend, row.images) == (504, "runflow", 1)  # the image was made, after the answer
@@ -223,7 +218,7 @@ def test_a_deadline_answer_with_an_idempotency_key_keeps_the_image_made_after_it
     assert first.status_code == 504
     meanwhile = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers=headers, timeout=10)
     assert meanwhile.status_code == 409 and meanwhile.json()["error"]["code"] == "idempotency_key_in_use"
-    assert wait_until(lambda: settled_everywhere(app), timeout=8)
+    assert wait_until(lambda: settled(app), timeout=8)
     retry = httpx.post(f"{server.url}/v1/images/generations", json=PINNED, headers=headers, timeout=10)
     assert retry.status_code == 200, retry.text
     assert retry.headers["idempotent-replayed"] == "true" and retry.json()["data"][0]["url"]
@@ -243,7 +238,7 @@ def test_a_job_still_queued_at_the_provider_when_the_deadline_passes_is_cancelle
         # 1.9 s: above fal's expected 1.5 s, and too short for fal's own start timeout (whole seconds above one)
         answer = httpx.post(f"{server.url}/v1/images/generations", json={**BODY, "model": "fal/flux-2-klein-4b"}, headers={**TEAM, "x-klein-deadline-ms": "1900"}, timeout=10)
         assert answer.status_code == 504, answer.text
-        assert wait_until(lambda: settled_everywhere(app), timeout=8)
+        assert wait_until(lambda: settled(app), timeout=8)
         (row,) = ledger_rows(app)
         stats = httpx.get(f"{fleet['fal'].base_url}/_admin/stats", timeout=5).json()
         assert (stats["paid_calls"], stats["cancels"]) == (1, 1)

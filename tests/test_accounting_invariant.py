@@ -52,8 +52,7 @@ class Rig:
 
     def settled(self) -> bool:
         """No request, follow-up or job run is left to settle."""
-        gw = self.app.state.gateway
-        return gw.in_flight == 0 and not gw.follow_ups and not self.worker._running
+        return self.app.state.gateway.busy == 0 and not self.worker._running
 
     def on_server_loop(self, coro: Any) -> Any:
         """Run `coro` on the gateway's own event loop (its memory stores belong to it)."""

@@ -32,7 +32,7 @@ from gateway.money.budgets import windows_at
 from gateway.providers.base import FailureClass, ProviderError
 from tests.emulators import EmulatorFleet
 from tests.gateway_support import ENV, FakeAdapter, ServerThread, image_size_of, install_fakes, make_app, png_bytes, wait_until
-from tests.test_abandoned_work import DAY_BUDGET, LOCAL_1MP, METRICS_TOKEN, REPLICATE_1MP, budget_spent, keys_file, ledger_rows, metric_total
+from tests.test_abandoned_work import DAY_BUDGET, LOCAL_1MP, METRICS_TOKEN, REPLICATE_1MP, budget_spent, keys_file, ledger_rows, metric_total, settled
 
 TEAM = {"authorization": "Bearer secret-team"}
 
@@ -60,11 +60,6 @@ def stream_post(url: str, body: dict, headers: dict | None = None) -> tuple[http
             answer.read()
             return answer, []
         return answer, sse_events(answer.iter_lines())
-
-
-def settled(app: Litestar) -> bool:
-    gw = app.state.gateway
-    return gw.in_flight == 0 and not gw.follow_ups
 
 
 @pytest.fixture(scope="module")
