@@ -117,11 +117,17 @@ def settled_attempts(err: DispatchFailed, followed: list[Followed]) -> list[Atte
     return attempts
 
 
+def spent(err: DispatchFailed, followed: list[Followed]) -> tuple[Decimal, Decimal]:
+    """(surely billed, possibly billed) of a request whose attempts ended in `err` and
+    whose unsettled jobs came to `followed`: the attempts' spend plus what the jobs cost,
+    and what is still unknown of those followed."""
+    return err.cost_usd + sum((f.cost_usd for f in followed), Decimal(0)), sum((f.possibly_billed_usd for f in followed), Decimal(0))
+
+
 def outcome_of(err: DispatchFailed, followed: list[Followed]) -> Outcome | None:
     """The request's outcome as if it had waited: the followed job that succeeded, with every attempt's spend."""
     won = next((f for f in followed if f.succeeded), None)
     if won is None:
         return None
-    cost = err.cost_usd + sum((f.cost_usd for f in followed), Decimal(0))
-    possibly = sum((f.possibly_billed_usd for f in followed), Decimal(0))
+    cost, possibly = spent(err, followed)
     return Outcome(won.backend, won.images, settled_attempts(err, followed), cost, err.upstream_s, won.seed, possibly, size=won.size, megapixels=won.megapixels)

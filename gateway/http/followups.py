@@ -22,7 +22,7 @@ import msgspec
 
 from gateway.dispatch.answer import images_body, klein_headers
 from gateway.dispatch.attempts import DispatchFailed, Outcome, tried
-from gateway.dispatch.followup import Followed, follow, outcome_of
+from gateway.dispatch.followup import Followed, follow, outcome_of, spent
 from gateway.domain.job import ImageJob
 from gateway.money.idempotency import Once
 from gateway.money.tab import Tab
@@ -59,9 +59,9 @@ async def _settle_when_known(gw: Gateway, err: DispatchFailed, *, tab: Tab, once
 
 async def _settle(gw: Gateway, err: DispatchFailed, followed: list[Followed], *, tab: Tab, once: Once, job: ImageJob, request_id: str, status: int) -> None:
     outcome = outcome_of(err, followed)
-    cost = err.cost_usd + sum((f.cost_usd for f in followed), Decimal(0))
+    cost, possibly = spent(err, followed)
     known = {u.backend for u in err.unsettled[: len(followed)]}
-    possibly = sum((f.possibly_billed_usd for f in followed), Decimal(0)) + sum((u.possibly_usd for u in err.unsettled[len(followed) :]), Decimal(0))
+    possibly += sum((u.possibly_usd for u in err.unsettled[len(followed) :]), Decimal(0))  # never learnt
     for left in err.unsettled[len(followed) :]:  # never learnt: possibly billed, as dispatch would have counted it
         gw.metrics.record_possibly_billed(backend=left.backend, usd=left.possibly_usd)
     attempts = tried(err.attempts)

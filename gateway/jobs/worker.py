@@ -29,7 +29,7 @@ import httpx
 
 from gateway.dispatch.answer import images_body
 from gateway.dispatch.attempts import DispatchFailed, Outcome, tried
-from gateway.dispatch.followup import follow, outcome_of, settled_attempts
+from gateway.dispatch.followup import follow, outcome_of, settled_attempts, spent
 from gateway.dispatch.progress import Progress, Unsettled
 from gateway.domain.errors import GatewayError
 from gateway.domain.job import ImageJob
@@ -330,8 +330,7 @@ class JobWorker:
         outcome = outcome_of(err, followed)
         if outcome is not None:
             return outcome
-        cost = err.cost_usd + sum((f.cost_usd for f in followed), Decimal(0))
-        possibly = sum((f.possibly_billed_usd for f in followed), Decimal(0))
+        cost, possibly = spent(err, followed)
         raise DispatchFailed(
             err.message,
             status=err.status,
