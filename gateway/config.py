@@ -140,6 +140,10 @@ class GatewaySettings(_Strict):
     # one is kept when the upload sets no expires_after (OpenAI keeps batch files 30 days).
     max_file_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
     file_retention_s: int = Field(default=30 * 86400, ge=3600)
+    # Batches (/v1/batches): how many of one batch's lines may run at once on the
+    # local GPU (keep it near the local backend's batch size) and on hosted backends.
+    batch_local_slots: int = Field(default=4, gt=0, le=256)
+    batch_hosted_slots: int = Field(default=16, gt=0, le=1024)
 
     def images_kept_s(self, record_ttl_s: float) -> int:
         """How long an image the gateway stores must live when a record kept

@@ -119,6 +119,8 @@ class JobRecord:
     runs: int = 0  # times a worker has started the job (more than one after a crash)
     reservation: dict[str, Any] | None = None  # the owner's budget held for the run in progress: {"units", "windows"}; settled by whoever ends it
     cancel_requested: float | None = None  # unix seconds: its owner asked to cancel while it ran; it ends `canceled` once its provider work is settled
+    batch: dict[str, Any] | None = None  # a batch line's job: {"id": the batch, "custom_id", "index"}; not listed among the owner's jobs
+    status_code: int | None = None  # the HTTP status the synchronous call would have answered, once ended
     version: int = 0  # the store's count of writes: 1 when created, one more on every update that writes; the `id:` of the job's events
 
     @property

@@ -49,6 +49,10 @@ class JobQueue(ABC):
     async def ack(self, message: Message) -> None:
         """The job is settled: remove it from the queue for good."""
 
+    async def stream_for_script(self) -> str:
+        """The Redis stream a script may XADD a job to (its group made first); only a Redis queue has one."""
+        raise TypeError(f"{type(self).__name__} has no Redis stream")
+
     @abstractmethod
     async def depth(self) -> tuple[int, float]:
         """Jobs waiting for a worker, and the age in seconds of the oldest of them."""
@@ -117,6 +121,10 @@ class RedisJobQueue(JobQueue):
     async def enqueue(self, job_id: str) -> None:
         await self._group()
         await self._client.xadd(self._stream, {"job": job_id})
+
+    async def stream_for_script(self) -> str:
+        await self._group()
+        return self._stream
 
     def _lost_group(self, exc: Exception) -> bool:
         """Redis lost the group (restarted without persistence): make it again next time."""

@@ -112,14 +112,15 @@ class Jobs:
             record = await self.store.get(job_id)
         return record if record is not None and record.owner == owner else None
 
-    async def cancel(self, owner: str | None, job_id: str, fleet: BackendFleet, metrics: GatewayMetrics) -> JobRecord | None:
+    async def cancel(self, owner: str | None, job_id: str, fleet: BackendFleet, metrics: GatewayMetrics, *, wait_s: float = CANCEL_WAIT_S) -> JobRecord | None:
         """Cancel a job. A queued one ends `canceled` at once: nothing was spent.
         A running one is marked `cancel_requested_at` and its worker stops it
         without losing money (JobWorker._stop): it ends `canceled` once what its
         provider jobs cost is settled. The answer waits up to CANCEL_WAIT_S
         for that end, so a cancel that is free (before any provider call, or a
         provider job still queued) answers `canceled`; one whose provider job
-        runs on answers `running` with `cancel_requested_at`."""
+        runs on answers `running` with `cancel_requested_at`. A batch's driver
+        cancelling its lines passes `wait_s=0`: it reads their ends itself."""
         ended: list[str] = []
 
         def cancel(r: JobRecord) -> bool:
@@ -147,7 +148,7 @@ class Jobs:
             return record
         if ended and self.on_cancel is not None:
             self.on_cancel(record)
-        waited = time.monotonic() + CANCEL_WAIT_S
+        waited = time.monotonic() + wait_s
         while not record.terminal and time.monotonic() < waited:
             await asyncio.sleep(0.05)
             with store_reachable():

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.jobs.model import ID_PREFIX, JobRecord
+from gateway.jobs.queue import JobQueue
 
 Change = Callable[[JobRecord], bool]  # edits the record in place; False: nothing to write
 JobEvent = tuple[int, dict[str, Any]]  # (version, the public job object as that write left it)
@@ -54,6 +55,13 @@ class JobStore(ABC):
 
     @abstractmethod
     async def create(self, record: JobRecord) -> None: ...
+
+    @abstractmethod
+    async def create_queued(self, record: JobRecord, queue: JobQueue) -> bool:
+        """Store the record and queue it as one step, unless a record of that id
+        exists: False then, and nothing is written. How a batch line's job is
+        made exactly once by whichever replica drives the batch, with no moment
+        where the record exists and its queue entry does not."""
 
     @abstractmethod
     async def get(self, job_id: str) -> JobRecord | None: ...
@@ -92,7 +100,7 @@ class JobStore(ABC):
             if not batch:
                 break
             for record in await self.get_many(batch):
-                if record is not None and record.owner == owner and (status is None or record.status == status):
+                if record is not None and record.owner == owner and record.batch is None and (status is None or record.status == status):
                     found.append(record)
             cursor = batch[-1]
         return found[:limit], len(found) > limit
@@ -128,11 +136,22 @@ class MemoryJobStore(JobStore):
 
     async def create(self, record: JobRecord) -> None:
         async with self._lock:
-            self._expire()
-            record.version = 1
-            self._records[record.id] = (self.clock() + self.retention_s, json.dumps(record.to_json()))
-            self._owners.setdefault(_owner_key(record.owner), []).append(record.id)
-            self._log(record.id, record.version, json.dumps(record.public()))
+            self._create(record)
+
+    def _create(self, record: JobRecord) -> None:
+        self._expire()
+        record.version = 1
+        self._records[record.id] = (self.clock() + self.retention_s, json.dumps(record.to_json()))
+        self._owners.setdefault(_owner_key(record.owner), []).append(record.id)
+        self._log(record.id, record.version, json.dumps(record.public()))
+
+    async def create_queued(self, record: JobRecord, queue: JobQueue) -> bool:
+        async with self._lock:
+            if record.id in self._records:
+                return False
+            self._create(record)
+            await queue.enqueue(record.id)  # one process: nothing between the two can outlive it
+        return True
 
     async def get(self, job_id: str) -> JobRecord | None:
         entry = self._records.get(job_id)
@@ -233,6 +252,24 @@ class RedisJobStore(JobStore):
             pipe.zremrangebylex(index, "-", f"({cutoff_id(self.retention_s)}")
             pipe.pexpire(index, int(self.retention_s * 1000))
             await pipe.execute()
+
+    # SET NX, then (only if it set) the event log, the owner index and the queue entry, in one step.
+    _CREATE_QUEUED = """
+    if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], ARGV[3] .. '-0', 'job', ARGV[4])
+    redis.call('PEXPIRE', KEYS[2], ARGV[2])
+    redis.call('ZADD', KEYS[3], 0, ARGV[5])
+    redis.call('PEXPIRE', KEYS[3], ARGV[2])
+    redis.call('XADD', KEYS[4], '*', 'job', ARGV[5])
+    return 1
+    """
+
+    async def create_queued(self, record: JobRecord, queue: JobQueue) -> bool:
+        stream = await queue.stream_for_script()
+        record.version = 1
+        keys = [self._key(record.id), self._events_key(record.id), self._index(record.owner), stream]
+        args = [json.dumps(record.to_json()), int(self.retention_s * 1000), record.version, json.dumps(record.public()), record.id, MAX_EVENTS]
+        return bool(await self._client.eval(self._CREATE_QUEUED, len(keys), *keys, *args))
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._client.get(self._key(job_id))

@@ -150,7 +150,7 @@ class JobWorker:
             await self.jobs.queue.ack(message)
             return
         if record.runs >= MAX_RUNS:
-            await self._finish(record.id, "failed", error=GatewayError(f"the job was interrupted {record.runs} times", status=500, code="job_interrupted").envelope()["error"])
+            await self._finish(record.id, "failed", error=GatewayError(f"the job was interrupted {record.runs} times", status=500, code="job_interrupted").envelope()["error"], status_code=500)
             await self.jobs.queue.ack(message)
             return
 
@@ -173,7 +173,7 @@ class JobWorker:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.done() and task.cancelled():  # canceled by its owner before any provider was called: settled at 0
-                await self._finish(record.id, "canceled", cost=Decimal(0))
+                await self._finish(record.id, "canceled", cost=Decimal(0), status_code=499)
                 await self.jobs.queue.ack(message)
                 return
             raise  # the process is stopping: the job stays claimed for another replica
@@ -285,17 +285,17 @@ class JobWorker:
             backend, upstream, status = outcome.backend, outcome.upstream_s, 200
             body = images_body(job, outcome)
             await self._settle(pending)
-            finish = functools.partial(self._finish, record.id, "succeeded", backend=outcome.backend, cost=spent, attempts=attempts, result=body)
+            finish = functools.partial(self._finish, record.id, "succeeded", backend=outcome.backend, cost=spent, attempts=attempts, result=body, status_code=200)
         except DispatchFailed as err:
             status, upstream = err.status, err.upstream_s
             spent, attempts = err.cost_usd + extra_cost, tried(err.attempts) + extra_attempts
             await self._settle(pending)
-            finish = functools.partial(self._finish, record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
+            finish = functools.partial(self._finish, record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"], status_code=err.status)
         except GatewayError as err:
             status = err.status
             spent, attempts = extra_cost, extra_attempts
             await self._settle(pending)
-            finish = functools.partial(self._finish, record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"])
+            finish = functools.partial(self._finish, record.id, "failed", cost=spent, attempts=attempts, error=err.envelope()["error"], status_code=err.status)
         except asyncio.CancelledError:
             status = 499  # canceled by its owner (or the process is stopping), not a server error
             raise
@@ -440,7 +440,16 @@ class JobWorker:
         await self.jobs.store.update(job_id, forget)
 
     async def _finish(
-        self, job_id: str, status: str, *, backend: str | None = None, cost: Decimal | None = None, attempts: int = 0, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None
+        self,
+        job_id: str,
+        status: str,
+        *,
+        backend: str | None = None,
+        cost: Decimal | None = None,
+        attempts: int = 0,
+        result: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+        status_code: int | None = None,
     ) -> None:
         """Record the outcome and schedule the webhook. A job whose owner asked
         to cancel it ends `canceled`, with what it really cost (and the image,
@@ -456,7 +465,7 @@ class JobWorker:
                 return True
             final = "canceled" if r.cancel_requested is not None else status
             r.status, r.completed = final, time.time()  # type: ignore[assignment]
-            r.backend, r.result = backend, result
+            r.backend, r.result, r.status_code = backend, result, status_code
             r.error = None if final == "canceled" and result is not None else error
             ended.append(final)
             return True

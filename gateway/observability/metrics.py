@@ -398,6 +398,11 @@ class GatewayMetrics:
         self.job_oldest_age = Gauge("klein_image_job_oldest_queued_age_seconds", "Age of the oldest async job still waiting for a worker.", registry=r, multiprocess_mode="livemax")
         self.job_event_streams = Gauge("klein_image_job_event_streams", "Async job event streams (GET /v1/images/jobs/{id}/events) open now.", registry=r, multiprocess_mode="livesum")
         self.job_event_streams_abandoned = Counter("klein_image_job_event_streams_abandoned", "Async job event streams the caller closed before the job's terminal event.", registry=r)
+        self.batches = Counter("klein_batches", "Batches reaching each end: completed, failed, expired, cancelled.", ["status"], registry=r)
+        self.batch_lines = Counter(
+            "klein_batch_lines", "Batch lines by how they ended: local (the local GPU served it), hosted (spilled to a hosted backend), failed, cancelled.", ["state"], registry=r
+        )
+        self.batch_spend = Counter("klein_batch_spend_usd", "What batch lines cost, USD (also counted in klein_cost_usd_total with every request).", registry=r)
         self.webhook_deliveries = Counter("klein_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retrying (failed, will retry), given_up.", ["outcome"], registry=r)
         self.idempotency = Counter(
             "klein_idempotency_requests",
@@ -413,7 +418,28 @@ class GatewayMetrics:
             self.idempotency.labels(outcome)
 
     def _job_collectors(self) -> tuple[Counter | Gauge, ...]:
-        return (self.jobs, self.job_queue_depth, self.job_oldest_age, self.job_event_streams, self.job_event_streams_abandoned, self.webhook_deliveries, self.idempotency)
+        return (
+            self.jobs,
+            self.job_queue_depth,
+            self.job_oldest_age,
+            self.job_event_streams,
+            self.job_event_streams_abandoned,
+            self.webhook_deliveries,
+            self.idempotency,
+            self.batches,
+            self.batch_lines,
+            self.batch_spend,
+        )
+
+    def record_batch_status(self, status: str) -> None:
+        """A batch ended with `status`."""
+        self.batches.labels(status).inc()
+
+    def record_batch_line(self, state: str, cost_usd: Decimal) -> None:
+        """A batch line's job ended: `state` local, hosted, failed or cancelled; what it cost."""
+        self.batch_lines.labels(state).inc()
+        if cost_usd:
+            self.batch_spend.inc(float(cost_usd))
 
     def record_job_status(self, status: str) -> None:
         """An async job was accepted ("queued"), started, or ended with `status`."""
