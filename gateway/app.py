@@ -15,6 +15,8 @@ import httpx
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 
+from gateway.batches.runner import BatchRunner
+from gateway.batches.store import BatchStore
 from gateway.config import ConfigError, GatewayConfig, load_config, shipped_config
 from gateway.dispatch.attempts import Dispatcher
 from gateway.dispatch.delivery import ResultShaper
@@ -27,7 +29,7 @@ from gateway.files import Files
 from gateway.health.probes import Prober
 from gateway.health.records import merge_pushed_back
 from gateway.health.tracker import HealthTracker
-from gateway.http import extensions, files, jobs, openai, openapi, usage
+from gateway.http import batches, extensions, files, jobs, openai, openapi, usage
 from gateway.http.errors import gateway_error_handler, http_exception_handler, internal_error_handler, stamp_request_id
 from gateway.images import open_image_store
 from gateway.jobs.service import open_jobs
@@ -202,6 +204,7 @@ def create_app(
     if public_base_url:
         config.settings.public_base_url = public_base_url
     gw = build_gateway(config, env, transport=transport, metrics=metrics)
+    gw.batches = BatchRunner(gw, BatchStore(gw.store, retention_s=config.settings.file_retention_s), batches.line_parser(gw))
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -222,12 +225,14 @@ def create_app(
         worker = JobWorker(gw, gw.jobs, resolver=gw.resolver)
         gw.jobs.on_cancel = worker.cancel_requested
         worker.start()
+        gw.batches.start()
         gw.ready = True
         try:
             yield
         finally:
             uninstall()
             gw.ready = False
+            await gw.batches.stop()
             await worker.stop()
             if prober is not None:
                 await prober.stop()
@@ -235,7 +240,7 @@ def create_app(
             await asyncio.to_thread(gw.request_log.close)  # every request line is on the stream before the process goes
 
     app = Litestar(
-        route_handlers=[*openai.ROUTES, *jobs.ROUTES, *extensions.ROUTES, *usage.ROUTES, *files.ROUTES, *openapi.ROUTES],
+        route_handlers=[*openai.ROUTES, *jobs.ROUTES, *extensions.ROUTES, *usage.ROUTES, *files.ROUTES, *batches.ROUTES, *openapi.ROUTES],
         lifespan=[lifespan],
         exception_handlers={GatewayError: gateway_error_handler, HTTPException: http_exception_handler, Exception: internal_error_handler},
         before_send=[stamp_request_id],

@@ -62,6 +62,7 @@ class Gateway:
     jobs: Jobs = field(default=None)  # type: ignore[assignment]  # async jobs; build_gateway sets it
     idempotency: Idempotency = field(default=None)  # type: ignore[assignment]
     files: Files = field(default=None)  # type: ignore[assignment]  # uploads (/v1/files); build_gateway sets it
+    batches: Any = None  # the batch driver (gateway.batches.runner.BatchRunner, a layer above); create_app sets it
 
     @property
     def busy(self) -> int:

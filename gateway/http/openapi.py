@@ -22,6 +22,7 @@ from litestar import MediaType, Response, get
 
 from gateway.dispatch.references import MAX_REFERENCE_BYTES
 from gateway.domain.models import MAX_MODEL_CHARS, MODEL_ID
+from gateway.files import BATCH_URLS
 from gateway.files import PURPOSES as FILE_PURPOSES
 from gateway.http.context import MAX_DEADLINE_DIGITS
 from gateway.http.parse import ImageBody
@@ -424,6 +425,7 @@ def _paths() -> dict[str, Any]:
             }
         },
         **_file_paths(),
+        **_batch_paths(),
         "/metrics": {
             "get": {"operationId": "metrics", "summary": "Prometheus metrics.", "responses": {"200": _ok("Prometheus text exposition.", {"type": "string"}, media="text/plain"), **_errors(401, 404)}}
         },
@@ -452,7 +454,7 @@ FILE_SCHEMAS: dict[str, Any] = {
             "bytes": {"type": "integer", "minimum": 1},
             "created_at": {"type": "integer"},
             "filename": {"type": "string"},
-            "purpose": {"type": "string", "enum": list(FILE_PURPOSES)},
+            "purpose": {"type": "string", "enum": [*FILE_PURPOSES, "batch_output"]},
             "status": {"type": "string", "enum": ["uploaded", "processed", "error"]},
             "status_details": {"type": "null"},
             "expires_at": {"type": "integer"},
@@ -541,6 +543,136 @@ def _file_paths() -> dict[str, Any]:
     }
 
 
+_NULLABLE_INT = {"type": ["integer", "null"]}
+BATCH_SCHEMAS: dict[str, Any] = {
+    "Batch": {
+        "type": "object",
+        "description": "OpenAI's batch object, with the gateway's figures under `klein`.",
+        "required": ["id", "object", "endpoint", "input_file_id", "completion_window", "status", "created_at", "expires_at", "request_counts"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^batch_[0-9a-f]{24}$"},
+            "object": {"const": "batch"},
+            "endpoint": {"type": "string", "enum": list(BATCH_URLS)},
+            "model": {"type": "string"},
+            "errors": {"type": ["object", "null"]},
+            "input_file_id": {"type": "string"},
+            "completion_window": {"type": "string"},
+            "status": {"type": "string", "enum": ["validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled"]},
+            "output_file_id": {"type": ["string", "null"]},
+            "error_file_id": {"type": ["string", "null"]},
+            "created_at": {"type": "integer"},
+            "expires_at": {"type": "integer"},
+            **{name: _NULLABLE_INT for name in ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at")},
+            "request_counts": {
+                "type": "object",
+                "required": ["total", "completed", "failed"],
+                "properties": {"total": {"type": "integer"}, "completed": {"type": "integer"}, "failed": {"type": "integer"}},
+            },
+            "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+            "usage": {"type": "null"},
+            "klein": {"type": "object", "description": "spent_usd, lines_local, lines_hosted, quote (per line and in total) and the forecast (finish_at, cost_usd)."},
+        },
+    },
+    "BatchList": {
+        "type": "object",
+        "required": ["object", "data", "first_id", "last_id", "has_more"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _schema("Batch")},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        },
+    },
+    "BatchCreate": {
+        "type": "object",
+        "required": ["input_file_id", "endpoint", "completion_window"],
+        "properties": {
+            "input_file_id": {"type": "string", "description": "A purpose=batch file of the caller's."},
+            "endpoint": {"type": "string", "enum": list(BATCH_URLS)},
+            "completion_window": {"type": "string", "description": "24h, or a whole number of minutes or hours from 5m to 24h (1h, 6h, 90m)."},
+            "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 512}, "maxProperties": 16},
+        },
+    },
+    "BatchQuote": {
+        "type": "object",
+        "required": ["object", "total_usd", "lines"],
+        "properties": {
+            "object": {"const": "batch.quote"},
+            "total_usd": {"type": "string", "description": "The scheduler's plan: the local GPU for what it can finish in the window, the cheapest hosted backend for the rest."},
+            "all_hosted_usd": {"type": ["string", "null"]},
+            "all_local_usd": {"type": ["string", "null"]},
+            "lines_local": {"type": "integer"},
+            "lines_hosted": {"type": "integer"},
+            "local_finish_s": {"type": ["number", "null"]},
+            "lines": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+}
+
+
+def _batch_paths() -> dict[str, Any]:
+    """OpenAI's Batch API for images (gateway/http/batches.py)."""
+    batch_id = [{"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    create = {"required": True, "content": {"application/json": {"schema": _schema("BatchCreate")}}}
+    statuses = (401, 404, 500, 503)
+    return {
+        "/v1/batches": {
+            "post": {
+                "operationId": "createBatch",
+                "summary": "Make a batch of a purpose=batch file; answered at once, status validating.",
+                "security": AUTH,
+                "requestBody": create,
+                "responses": {"200": _ok("The batch.", "Batch"), **_errors(400, 401, 404, 415, 500, 503)},
+            },
+            "get": {
+                "operationId": "listBatches",
+                "summary": "The caller's batches, newest first, cursor-paginated by `after`.",
+                "security": AUTH,
+                "parameters": [
+                    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _ok("The batches.", "BatchList"), **_errors(400, 401, 500, 503)},
+            },
+        },
+        "/v1/batches/quote": {
+            "post": {
+                "operationId": "quoteBatch",
+                "summary": "What a batch of the file would cost, per line and in total, without making it.",
+                "security": AUTH,
+                "requestBody": create,
+                "responses": {"200": _ok("The quote.", "BatchQuote"), **_errors(400, 401, 404, 415, 500, 503)},
+            }
+        },
+        "/v1/batches/{batch_id}": {
+            "get": {"operationId": "retrieveBatch", "summary": "One batch.", "security": AUTH, "parameters": batch_id, "responses": {"200": _ok("The batch.", "Batch"), **_errors(*statuses)}}
+        },
+        "/v1/batches/{batch_id}/cancel": {
+            "post": {
+                "operationId": "cancelBatch",
+                "summary": "No new line starts; running ones are cancelled and settled; the files then hold what was done.",
+                "security": AUTH,
+                "parameters": batch_id,
+                "responses": {"200": _ok("The batch, cancelling.", "Batch"), **_errors(400, *statuses)},
+            }
+        },
+        "/v1/batches/{batch_id}/events": {
+            "get": {
+                "operationId": "batchEvents",
+                "summary": "Server-sent events: the batch object at each change, ending after its terminal state; Last-Event-ID resumes.",
+                "security": AUTH,
+                "parameters": [*batch_id, {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": _ok("The event stream.", {"type": "string"}, media="text/event-stream"),
+                    "204": {"description": "The batch ended at or before Last-Event-ID: nothing more will come.", "headers": {"x-request-id": _header("RequestId")}},
+                    **_errors(*statuses),
+                },
+            }
+        },
+    }
+
+
 @cache
 def document() -> dict[str, Any]:
     body = ImageBody.model_json_schema(ref_template=_REF)
@@ -554,7 +686,7 @@ def document() -> dict[str, Any]:
         },
         "paths": _paths(),
         "components": {
-            "schemas": {**SCHEMAS, **FILE_SCHEMAS, **defs, "ImageBody": body},
+            "schemas": {**SCHEMAS, **FILE_SCHEMAS, **BATCH_SCHEMAS, **defs, "ImageBody": body},
             "headers": HEADERS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "One of KLEIN_GATEWAY_KEYS; not needed when none are set."}},
         },
