@@ -79,8 +79,7 @@ def test_a_replica_killed_mid_batch_leaves_every_line_done_once_and_paid_once(ri
     victim, *survivors = rig.replicas
     assert rig.http.post(f"{rig.fleet['fal'].base_url}/_admin/knobs", json={"job": {"queue_ms": 800, "run_ms": 200}}).status_code == 200
     lines = b"".join(
-        json.dumps({"custom_id": f"sku-{i:03d}", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": f"product shot {i}", "size": "512x512"}}).encode() + b"\n"
-        for i in range(LINES)
+        json.dumps({"custom_id": f"sku-{i:03d}", "method": "POST", "url": "/v1/images/generations", "body": {"prompt": f"product shot {i}", "size": "512x512"}}).encode() + b"\n" for i in range(LINES)
     )
     uploaded = rig.http.post(f"{victim.url}/v1/files", files={"file": ("catalogue.jsonl", lines)}, data={"purpose": "batch"})
     assert uploaded.status_code == 200, uploaded.text
