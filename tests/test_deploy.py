@@ -112,7 +112,7 @@ def test_metric_name_extraction(expr, names):
 def test_dashboard_has_its_rows_in_order():
     dashboard = json.loads(DASHBOARD.read_text())
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert rows == ["Spend", "Routing savings", "Latency", "Failover and health", "Traffic", "Async jobs", "Streams"]
+    assert rows == ["Spend", "Routing savings", "Latency", "Failover and health", "Traffic", "Async jobs", "Streams", "Batches"]
     ids = [p["id"] for p in dashboard_panels(dashboard)]
     assert len(ids) == len(set(ids))
 

@@ -402,6 +402,8 @@ class GatewayMetrics:
         self.batch_lines = Counter(
             "klein_batch_lines", "Batch lines by how they ended: local (the local GPU served it), hosted (spilled to a hosted backend), failed, cancelled.", ["state"], registry=r
         )
+        for state in ("local", "hosted", "failed", "cancelled"):  # at zero from the start: the spill share has a value before any batch
+            self.batch_lines.labels(state)
         self.batch_spend = Counter("klein_batch_spend_usd", "What batch lines cost, USD (also counted in klein_cost_usd_total with every request).", registry=r)
         self.webhook_deliveries = Counter("klein_webhook_deliveries", "Webhook delivery attempts by outcome: delivered, retrying (failed, will retry), given_up.", ["outcome"], registry=r)
         self.idempotency = Counter(
