@@ -21,7 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import client
+from gateway import batch_client, client
 from gateway.config import CONFIG_ENV, CONFIG_NAME, ConfigError, GatewaySettings, find_config, load_config, shipped_config
 from gateway.domain.callers import LABEL_SECRET_ENV
 from gateway.images import open_image_store
@@ -127,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--force", action="store_true", help="overwrite files that are already there")
 
     client.add_parser(sub)
+    batch_client.add_parser(sub)
 
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return client.run(args)
+        if args.command == "batch":
+            return batch_client.run(args)
         if args.command == "init":
             return init_config(Path(args.dir), force=args.force)
         if args.command == "check-config":
