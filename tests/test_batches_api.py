@@ -264,3 +264,24 @@ def test_lines_whose_local_run_fails_fall_over_to_a_hosted_backend() -> None:
         done = rig.wait(rig.submit(lines_file([{"prompt": f"p{i}", "size": "512x512"} for i in range(3)])).id)
         assert done.status == "completed" and done.request_counts.completed == 3
         assert {line["response"]["headers"]["x-klein-backend"] for line in rig.file_lines(done.output_file_id)} <= set(HOSTED)
+
+
+def test_an_edit_batch_takes_its_reference_images_as_file_ids_of_the_callers_uploads(rig: Rig) -> None:
+    from tests.gateway_support import png_bytes
+
+    client = rig.sdk()
+    reference = client.files.create(file=("shoe.png", png_bytes(512, 512)), purpose="vision")
+    theirs = rig.sdk(KEY_B).files.create(file=("theirs.png", png_bytes(512, 512)), purpose="vision")
+    bodies = [
+        {"prompt": "the shoe in red", "size": "512x512", "images": [{"file_id": reference.id}]},
+        {"prompt": "someone else's", "size": "512x512", "images": [{"file_id": theirs.id}]},
+    ]
+    uploaded = client.files.create(file=("edits.jsonl", lines_file(bodies, url="/v1/images/edits")), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/images/edits", completion_window="1h")
+    done = rig.wait(batch.id)
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+    assert [line["custom_id"] for line in rig.file_lines(done.output_file_id)] == ["req-0"]
+    refused = rig.file_lines(done.error_file_id)[0]["response"]
+    assert refused["status_code"] == 400 and refused["body"]["error"]["code"] == "file_not_found"  # another key's file does not exist for this one
+    edited = rig.fakes["local"].calls[0]
+    assert len(edited.references) == 1 and edited.references[0].data == png_bytes(512, 512)  # the upload's bytes reached the backend
