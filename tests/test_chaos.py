@@ -253,12 +253,19 @@ def run_row(fleet: EmulatorFleet, config: Path, fault: str, position: str) -> Ro
     finally:
         if redis is not None:
             redis.close()
-    # After the server stopped: its shutdown drains the cancels dispatch sent in the background.
-    row.cancels = sum(httpx.get(f"{fleet[n].base_url}/_admin/stats", timeout=5).json()["cancels"] for n in faulty)
     row.failovers = metric_sum(metrics, "klein_failovers_total")
     row.double_spend = metric_sum(metrics, "klein_possible_double_spend_total")
     row.possibly_billed_usd = metric_sum(metrics, "klein_possibly_billed_usd_total")
     row.fal_unknown = metric_sum(metrics, "klein_upstream_attempts_total", backend="fal", outcome="unknown_outcome")
+    # The server's shutdown drains the cancels dispatch and the deadline follow-ups send in the
+    # background; ServerThread stops waiting for it after 10 s, so a loaded machine may still be
+    # sending the last ones: read the emulators' count until it is whole or 20 s have passed.
+    settle_by = time.monotonic() + 20
+    while True:
+        row.cancels = sum(httpx.get(f"{fleet[n].base_url}/_admin/stats", timeout=5).json()["cancels"] for n in faulty)
+        if row.fault != "stuck" or row.cancels >= row.fal_unknown or time.monotonic() > settle_by:
+            break
+        time.sleep(0.2)
     for status, elapsed, backend, envelope_ok, possibly in outcomes:
         row.statuses.append(status)
         row.elapsed_s.append(elapsed)
