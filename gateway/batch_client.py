@@ -12,7 +12,6 @@ the key `--key`, else `KLEIN_API_KEY`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any, TextIO
 
 import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+from gateway.client import add_where, error_text, where
+
 ENDED = ("completed", "failed", "expired", "cancelled")
 POLL_S = 1.0
 
@@ -53,8 +53,7 @@ def add_parser(sub: Any) -> None:
     cancel = verbs.add_parser("cancel", help="stop a batch: no new line starts, running ones are settled")
     cancel.add_argument("batch_id")
     for verb in (submit, status, cancel):
-        verb.add_argument("--url", default=None, help=f"the gateway (default $KLEIN_URL, else {DEFAULT_URL})")
-        verb.add_argument("--key", default=None, help="the caller key (default $KLEIN_API_KEY)")
+        add_where(verb)
         verb.add_argument("--timeout", type=float, default=86_400.0, help="seconds --wait follows at most (default a day)")
 
 
@@ -64,8 +63,7 @@ class Failed(Exception):
 
 def run(args: argparse.Namespace, *, client: httpx.Client | None = None, out: TextIO | None = None, err: TextIO | None = None, poll_s: float = POLL_S) -> int:
     out, err = out or sys.stdout, err or sys.stderr  # read at the call: a redirected stream is the one written to
-    url = (args.url or os.environ.get("KLEIN_URL") or DEFAULT_URL).rstrip("/")
-    key = args.key or os.environ.get("KLEIN_API_KEY")
+    url, key = where(args)
     headers = {"authorization": f"Bearer {key}"} if key else {}
     own = client is None
     http = client or httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0), headers=headers)
@@ -124,10 +122,6 @@ def _follow(http: httpx.Client, url: str, batch: dict[str, Any], *, timeout: flo
 def _call(http: httpx.Client, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
     response = http.request(method, url, **kwargs)
     if response.status_code != 200:
-        try:
-            error = response.json()["error"]
-            raise Failed(f"{error['message']} ({error.get('code') or error.get('type')}, HTTP {response.status_code})")
-        except (ValueError, KeyError, TypeError):
-            raise Failed(f"HTTP {response.status_code} from the gateway") from None
+        raise Failed(error_text(response))
     body: dict[str, Any] = response.json()
     return body

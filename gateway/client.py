@@ -91,6 +91,17 @@ class Progress:
         return " | ".join(parts)
 
 
+def add_where(parser: Any) -> None:
+    """`--url` and `--key`, as every command that calls a running gateway takes them."""
+    parser.add_argument("--url", default=None, help=f"the gateway (default $KLEIN_URL, else {DEFAULT_URL})")
+    parser.add_argument("--key", default=None, help="the caller key (default $KLEIN_API_KEY)")
+
+
+def where(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The gateway's URL and the caller key: the flags, else the environment, else the defaults."""
+    return (args.url or os.environ.get("KLEIN_URL") or DEFAULT_URL).rstrip("/"), args.key or os.environ.get("KLEIN_API_KEY")
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate one image on a running gateway, with a progress line")
     p.add_argument("prompt")
@@ -100,15 +111,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--format", dest="output_format", choices=["png", "jpeg", "webp"], default="png")
     p.add_argument("--partial-images", type=int, choices=[0, 1, 2, 3], default=2, help="previews to ask for (the local backend sends real ones)")
     p.add_argument("--model", default="flux-2-klein-4b", help="a `backend/` prefix pins one backend, e.g. fal/flux-2-klein-4b")
-    p.add_argument("--url", default=None, help=f"the gateway (default $KLEIN_URL, else {DEFAULT_URL})")
-    p.add_argument("--key", default=None, help="the caller key (default $KLEIN_API_KEY)")
+    add_where(p)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait in all (default 600)")
 
 
 def run(args: argparse.Namespace, *, client: httpx.Client | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr, clock: Any = time.monotonic) -> int:
     """The `generate` command: 0 with the image written, 1 with the reason on stderr."""
-    url = (args.url or os.environ.get("KLEIN_URL") or DEFAULT_URL).rstrip("/")
-    key = args.key or os.environ.get("KLEIN_API_KEY")
+    url, key = where(args)
     headers = {"accept": "text/event-stream"} | ({"authorization": f"Bearer {key}"} if key else {})
     fields = {"model": args.model, "prompt": args.prompt, "size": args.size, "output_format": args.output_format, "response_format": "b64_json", "stream": True, "partial_images": args.partial_images}
     for path in args.edit:
@@ -122,7 +131,7 @@ def run(args: argparse.Namespace, *, client: httpx.Client | None = None, out: Te
         with _request(http, url, fields, args.edit, headers) as response:
             if response.status_code != 200:
                 response.read()
-                print(f"error: {_error_text(response)}", file=err)
+                print(f"error: {error_text(response)}", file=err)
                 return 1
             progress.backend = response.headers.get("x-klein-planned-backend")  # the plan's first choice, before any failover
             progress.price = response.headers.get("x-klein-quote-usd")
@@ -222,7 +231,7 @@ def status_text(said: str) -> str:
     return f"{fields['status']} (position {position})" if isinstance(position, int) else fields["status"]
 
 
-def _error_text(response: httpx.Response) -> str:
+def error_text(response: httpx.Response) -> str:
     """The OpenAI envelope's message and code, or the status when the body is not one."""
     try:
         error = response.json()["error"]

@@ -19,7 +19,7 @@ import hashlib
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -76,12 +76,6 @@ class BatchLine:
     error: dict[str, Any] | None = None  # the OpenAI error object of a line refused before it ran
     status_code: int | None = None  # that refusal's HTTP status
 
-    @property
-    def quote_usd(self) -> Decimal | None:
-        """The cheapest price any backend quoted for the line: what it may cost at most where it is planned."""
-        prices = [p for p in (self.local_usd, self.hosted_usd) if p is not None]
-        return min(prices) if prices else None
-
     def to_json(self) -> list[Any]:
         money = [str(v) if v is not None else None for v in (self.local_usd, self.hosted_usd)]
         return [self.index, self.number, self.custom_id, self.work_mp, *money, self.hosted_backend, self.error, self.status_code]
@@ -132,7 +126,6 @@ class BatchRecord:
     quote: dict[str, Any] | None = None  # {"total_usd", "all_hosted_usd", "all_local_usd", "lines": [BatchLine.public_quote()]}
     forecast: dict[str, Any] | None = None  # {"finish_at", "cost_usd"}: the scheduler's latest view
     version: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def terminal(self) -> bool:

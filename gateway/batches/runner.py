@@ -38,6 +38,7 @@ from gateway.batches.schedule import LineCost, LocalRate, Split, margin_s, split
 from gateway.batches.store import BatchStore
 from gateway.domain.errors import GatewayError, InvalidRequest
 from gateway.domain.job import ImageJob
+from gateway.health.view import HealthView
 from gateway.jobs.model import JobRecord, job_to_dict
 from gateway.money.tab import apply_key_rules
 from gateway.routing.pricing import usd_text
@@ -68,9 +69,8 @@ def _allowed(job: ImageJob, name: str) -> bool:
     return name.lower() not in {n.lower() for n in job.prefs.ignore}
 
 
-async def price_line(gw: Gateway, job: ImageJob) -> tuple[float, Decimal | None, Decimal | None, str | None]:
+def price_line(gw: Gateway, job: ImageJob, views: dict[str, HealthView]) -> tuple[float, Decimal | None, Decimal | None, str | None]:
     """(GPU work in MP, the local quote, the cheapest hosted quote, that backend) for one line."""
-    views = await gw.health.views(gw.fleet.backends)
     local = local_names(gw)
     local_usd: Decimal | None = None
     hosted: tuple[Decimal, str] | None = None
@@ -172,6 +172,7 @@ class Drive:
         lines: list[BatchLine] = []
         owner = self.gw.keyring.named(record.owner)
         spec = owner.spec if owner is not None else None
+        views = await self.gw.health.views(self.gw.fleet.backends)  # one health view prices every line alike
         index = 0
         for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
             if not raw.strip():
@@ -187,7 +188,7 @@ class Drive:
             else:
                 self.parsed[index] = job
                 if keep:
-                    work, local_usd, hosted_usd, hosted_backend = await price_line(self.gw, job)
+                    work, local_usd, hosted_usd, hosted_backend = price_line(self.gw, job, views)
                     lines.append(BatchLine(index, number, custom_id, work, local_usd, hosted_usd, hosted_backend))
             index += 1
             if index % 100 == 0:

@@ -34,7 +34,7 @@ from gateway.domain.job import ImageJob, JobKind, ReferenceImage
 from gateway.files import BATCH_URLS
 from gateway.http.context import CallContext, json_object
 from gateway.http.entry import base_url_of, begin, gateway_of
-from gateway.http.jobs import check_metadata
+from gateway.http.jobs import check_metadata, last_event_id
 from gateway.http.parse import build_job, parse_body
 
 if TYPE_CHECKING:
@@ -207,8 +207,7 @@ async def batch_events(request: Request[Any, Any, Any], batch_id: str) -> Respon
     `event:` its status), ending after its terminal state; `Last-Event-ID` resumes."""
     gw, ctx = _begin(request)
     record = await _owned(gw, ctx, batch_id)
-    value = (request.headers.get("last-event-id") or "").strip()
-    last = int(value) if value.isdigit() and len(value) <= 18 else 0
+    last = last_event_id(request) or 0
     if record.terminal and record.version <= last:
         return Response(b"", status_code=204, headers={"x-request-id": ctx.request_id})
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "x-request-id": ctx.request_id}

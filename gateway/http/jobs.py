@@ -156,7 +156,7 @@ async def cancel_job(request: Request[Any, Any, Any], job_id: str) -> Response[b
     return _job_response(record)
 
 
-def _last_event_id(request: Request[Any, Any, Any]) -> int | None:
+def last_event_id(request: Request[Any, Any, Any]) -> int | None:
     """The `Last-Event-ID` an EventSource sends back when it reconnects; one we never sent counts as none."""
     value = (request.headers.get("last-event-id") or "").strip()
     return int(value) if value.isdigit() and len(value) <= 18 else None
@@ -172,7 +172,7 @@ async def job_events(request: Request[Any, Any, Any], job_id: str) -> Response[A
     record = await gw.jobs.owned(ctx.caller, job_id)
     if record is None:
         raise _not_found(job_id)
-    last = _last_event_id(request)
+    last = last_event_id(request)
     if caught_up(record, last):
         return Response(b"", status_code=204, headers={"x-request-id": ctx.request_id})
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "x-request-id": ctx.request_id}

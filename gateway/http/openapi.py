@@ -36,6 +36,21 @@ def _schema(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _page_of(item: str) -> dict[str, Any]:
+    """OpenAI's cursor-paginated list of `item` objects (jobs, files, batches)."""
+    return {
+        "type": "object",
+        "required": ["object", "data", "first_id", "last_id", "has_more"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": _schema(item)},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        },
+    }
+
+
 def _header(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/headers/{name}"}
 
@@ -189,17 +204,7 @@ SCHEMAS: dict[str, Any] = {
             "webhook": {"type": ["object", "null"]},
         },
     },
-    "ImageJobList": {
-        "type": "object",
-        "required": ["object", "data", "first_id", "last_id", "has_more"],
-        "properties": {
-            "object": {"const": "list"},
-            "data": {"type": "array", "items": _schema("ImageJob")},
-            "first_id": {"type": ["string", "null"]},
-            "last_id": {"type": ["string", "null"]},
-            "has_more": {"type": "boolean"},
-        },
-    },
+    "ImageJobList": _page_of("ImageJob"),
     "Usage": {
         "type": "object",
         "description": "Spend, billed figure, images, megapixels and requests from the usage ledger, grouped as asked, with a total.",
@@ -460,17 +465,7 @@ FILE_SCHEMAS: dict[str, Any] = {
             "expires_at": {"type": "integer"},
         },
     },
-    "FileList": {
-        "type": "object",
-        "required": ["object", "data", "first_id", "last_id", "has_more"],
-        "properties": {
-            "object": {"const": "list"},
-            "data": {"type": "array", "items": _schema("FileObject")},
-            "first_id": {"type": ["string", "null"]},
-            "last_id": {"type": ["string", "null"]},
-            "has_more": {"type": "boolean"},
-        },
-    },
+    "FileList": _page_of("FileObject"),
     "FileDeleted": {"type": "object", "required": ["id", "object", "deleted"], "properties": {"id": {"type": "string"}, "object": {"const": "file"}, "deleted": {"const": True}}},
     "FileUpload": {
         "type": "object",
@@ -573,17 +568,7 @@ BATCH_SCHEMAS: dict[str, Any] = {
             "klein": {"type": "object", "description": "spent_usd, lines_local, lines_hosted, quote (per line and in total) and the forecast (finish_at, cost_usd)."},
         },
     },
-    "BatchList": {
-        "type": "object",
-        "required": ["object", "data", "first_id", "last_id", "has_more"],
-        "properties": {
-            "object": {"const": "list"},
-            "data": {"type": "array", "items": _schema("Batch")},
-            "first_id": {"type": ["string", "null"]},
-            "last_id": {"type": ["string", "null"]},
-            "has_more": {"type": "boolean"},
-        },
-    },
+    "BatchList": _page_of("Batch"),
     "BatchCreate": {
         "type": "object",
         "required": ["input_file_id", "endpoint", "completion_window"],
