@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from tests.emulators import EmulatorFleet
+from tests.gateway_support import clean_env
 from tests.jobs_support import PRICING, config_with
 from tests.redis_server import RedisServer, redis_available
 from tests.test_resilience_replicas import Replica, start_replica, wait_ready
@@ -51,18 +52,15 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     fleet = EmulatorFleet.start_in_thread(["fal"])
     replicas: list[Replica] = []
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KLEIN_", "FAL_", "REPLICATE_", "RUNFLOW_", "EMPIRIOLABS_", "REDIS_"))}
-        env.update(fleet.env())
-        env.update(
-            {
-                "REDIS_URL": redis.url,
-                "KLEIN_STATE_NAMESPACE": f"batches-{uuid.uuid4().hex[:8]}",
-                "KLEIN_CONFIG": str(config),
-                "KLEIN_PRICING": str(PRICING),
-                "KLEIN_IMAGE_STORE": "filesystem",
-                "KLEIN_IMAGE_DIR": str(work / "shared"),
-                "PYTHONUNBUFFERED": "1",
-            }
+        env = clean_env(
+            **fleet.env(),
+            REDIS_URL=redis.url,
+            KLEIN_STATE_NAMESPACE=f"batches-{uuid.uuid4().hex[:8]}",
+            KLEIN_CONFIG=str(config),
+            KLEIN_PRICING=str(PRICING),
+            KLEIN_IMAGE_STORE="filesystem",
+            KLEIN_IMAGE_DIR=str(work / "shared"),
+            PYTHONUNBUFFERED="1",
         )
         replicas = [start_replica(name, env, work) for name in ("A", "B", "C")]
         for replica in replicas:
