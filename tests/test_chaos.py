@@ -137,6 +137,7 @@ class RowResult:
     followup_faulty_calls: int = 0
     cancels: int = 0  # provider jobs the faulty backends saw cancelled
     fal_unknown: float = 0.0  # fal attempts that ended with the job's outcome unknown
+    fal_open: int = 0  # fal jobs not ended (cancelled, dropped or done) once the row is over
     possibly_billed_answers: int = 0  # answers carrying x-klein-possibly-billed-usd
     possibly_billed_usd: float = 0.0  # klein_possibly_billed_usd_total
     followup_served_by: list[str] = field(default_factory=list)
@@ -259,11 +260,13 @@ def run_row(fleet: EmulatorFleet, config: Path, fault: str, position: str) -> Ro
     row.fal_unknown = metric_sum(metrics, "klein_upstream_attempts_total", backend="fal", outcome="unknown_outcome")
     # The server's shutdown drains the cancels dispatch and the deadline follow-ups send in the
     # background; ServerThread stops waiting for it after 10 s, so a loaded machine may still be
-    # sending the last ones: read the emulators' count until it is whole or 20 s have passed.
+    # sending the last ones: read the emulators until no fal job is open or 20 s have passed.
     settle_by = time.monotonic() + 20
     while True:
-        row.cancels = sum(httpx.get(f"{fleet[n].base_url}/_admin/stats", timeout=5).json()["cancels"] for n in faulty)
-        if row.fault != "stuck" or row.cancels >= row.fal_unknown or time.monotonic() > settle_by:
+        seen = {n: httpx.get(f"{fleet[n].base_url}/_admin/stats", timeout=5).json() for n in faulty}
+        row.cancels = sum(stats["cancels"] for stats in seen.values())
+        row.fal_open = seen["fal"]["jobs_open"] if "fal" in seen else 0
+        if row.fault != "stuck" or not row.fal_open or time.monotonic() > settle_by:
             break
         time.sleep(0.2)
     for status, elapsed, backend, envelope_ok, possibly in outcomes:
@@ -321,9 +324,9 @@ def check_row(row: RowResult) -> list[str]:
             problems.append(f"slowest answer {max(row.elapsed_s):.2f}s, over deadline + 1 s ({limit:.1f}s)")
     # A job stuck in fal's queue ends either dropped by fal itself (the gateway sends its
     # remaining time as X-Fal-Request-Timeout; FAILED, not billed) or, when its outcome
-    # is left unknown, cancelled by the gateway.
-    if row.fault == "stuck" and row.cancels < row.fal_unknown:
-        problems.append(f"{row.fal_unknown:g} fal jobs left pending, {row.cancels} cancelled")
+    # is left unknown, cancelled by the gateway; none is left to start and bill later.
+    if row.fault == "stuck" and row.fal_open:
+        problems.append(f"{row.fal_open} fal jobs left open ({row.fal_unknown:g} of unknown outcome, {row.cancels} cancelled)")
     if row.fault not in UNKNOWN_OUTCOME_FAULTS and row.double_spend:
         problems.append(f"{row.double_spend:g} possible double spends after faults whose outcome is known")
     return problems

@@ -189,6 +189,37 @@ def test_fal_drops_a_queued_job_at_the_time_the_gateway_gave_it_so_none_is_bille
     assert stats(fleet, "fal")["requests"].get("cancel", 0) == 0
 
 
+@pytest.fixture(scope="module")
+def fal_polled_slowly(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fal polled 0.7 s, 1.75 s and 3.15 s in: a job fal drops at its start deadline
+    (2 s in) would be seen only after an attempt given 2.45 s has ended."""
+    path = config_with(tmp_path_factory, {})
+    raw = yaml.safe_load(path.read_text())
+    raw["backends"]["fal"]["timeouts"] = {"connect": 5, "request": 30, "poll_interval": 0.7, "max_poll_interval": 1.4}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_fal_job_dropped_at_its_start_deadline_as_the_attempt_ends_is_known_unbilled_and_the_next_backend_serves(fleet: EmulatorFleet, fal_polled_slowly: Path) -> None:
+    """The attempt runs out just after fal dropped the job, so the gateway's cancel
+    meets ALREADY_COMPLETED: the job's end (request_timeout, not billed) makes that
+    as good as a confirmed cancel, so the request fails over instead of ending in
+    502 outcome_unknown, and nothing is reported possibly billed."""
+    fleet.reset()
+    env = {k: v for k, v in fleet.env().items() if "LOCAL" not in k and "REPLICATE" not in k}  # fal first, then empiriolabs
+    with ServerThread(make_app(env=env, config=fal_polled_slowly)) as server:
+        set_knobs(fleet, "fal", QUEUED_JOB)
+        resp = httpx.post(f"{server.url}/v1/images/generations", json=BODY, headers={"x-klein-deadline-ms": "3500"}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-klein-backend"] == "empiriolabs"
+        assert "x-klein-possibly-billed-usd" not in resp.headers
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert 'klein_upstream_attempts_total{backend="fal",outcome="unknown_outcome"} 1.0' in metrics  # the race did happen
+    assert not [line for line in metrics.splitlines() if line.startswith("klein_possibly_billed_usd_total{") and not line.endswith(" 0.0")]
+    seen = stats(fleet, "fal")
+    assert seen["requests"].get("cancel") == 1 and seen["cancels"] == 0 and seen["jobs_open"] == 0, seen
+
+
 SHORT_JOB = {"job": {"run_ms": 1500}}  # ends long before the deadline; the caller leaves first
 
 

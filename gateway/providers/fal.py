@@ -458,26 +458,42 @@ class FalAdapter(Adapter):
     async def cancel(self, job_id: str) -> bool | None:
         """PUT the job's cancel URL; errors are ignored, as fal's own client does (docs/providers/fal.md#cancel).
 
-        True: removed from the queue (it never runs, never bills). None: a
-        running job was only signalled (`CANCELLATION_REQUESTED`), so it may
-        still finish and bill. False: refused or unanswered."""
+        True: it never bills (removed from the queue, or it had already ended
+        in a way fal does not charge for). None: a running job was only
+        signalled (`CANCELLATION_REQUESTED`), so it may still finish and bill.
+        False: refused, unanswered, or it had already ended billed."""
         url = self._cancel_urls.get(job_id) or self._own_urls(self.model, job_id).cancel
         try:
             headers = self._auth()
             response = await self.request("PUT", url, deadline=time.monotonic() + self.settings.timeouts.request, job_id=job_id, headers=headers)
         except ProviderError:
             return False
-        accepted = 200 <= response.status_code < 300
-        if not accepted:
+        answer = maybe_json(response)
+        said = answer.get("status") if isinstance(answer, dict) else None
+        if said == "ALREADY_COMPLETED":
+            # It ended before the cancel came, e.g. dropped by its X-Fal-Request-Timeout
+            # as the attempt's time ran out: how it ended says whether it bills.
+            self._cancel_urls.pop(job_id, None)
+            return await self._ended_unbilled(job_id, headers)
+        if not 200 <= response.status_code < 300 or said == "NOT_FOUND":
             return False
         self._cancel_urls.pop(job_id, None)
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        if isinstance(answer, dict) and answer.get("status") == "CANCELLATION_REQUESTED":
+        if said == "CANCELLATION_REQUESTED":
             return None
         return True
+
+    async def _ended_unbilled(self, job_id: str, headers: Mapping[str, str]) -> bool:
+        """One status read of an ended job: True when its end is one fal does not
+        bill (a start deadline, an infrastructure error), False otherwise or unread."""
+        url = self._own_urls(self.model, job_id).status
+        try:
+            response = await self.request("GET", url, deadline=time.monotonic() + self.settings.timeouts.request, job_id=job_id, headers=headers)
+        except ProviderError:
+            return False
+        status = maybe_json(response) if response.status_code == 200 else None
+        if not isinstance(status, dict) or status.get("status") != "COMPLETED" or not (status.get("error") or status.get("error_type")):
+            return False
+        return not self._completed_error(status, job_id).billed
 
     async def probe(self) -> ProbeResult:
         """A free check of reachability and the key: never a submit.

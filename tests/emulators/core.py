@@ -9,7 +9,8 @@ the admin API) lives here.
 Admin API (under `/_admin/`, which no provider uses):
     GET  /_admin/knobs    current knobs
     POST /_admin/knobs    JSON merge onto the knobs; 400 naming a bad field
-    GET  /_admin/stats    counters (see Stats), plus `jobs` and `jobs_succeeded` (async providers)
+    GET  /_admin/stats    counters (see Stats), plus `jobs`, `jobs_succeeded` and
+                          `jobs_open` (not ended yet; async providers)
     POST /_admin/reset    stats, jobs and knobs back to how they started
                           (body {"keep_knobs": true} keeps the knobs)
 
@@ -282,7 +283,13 @@ class EmulatorApp(ABC):
                 return Response.json(400, {"error": str(exc)})
             return Response.json(200, self.knobs.to_dict())
         if what == "stats" and method == "GET":
-            body = self.stats.to_dict() | {"provider": self.provider, "jobs": len(self.jobs), "jobs_succeeded": self.jobs.succeeded(), "image_renders": self.images.renders}
+            body = self.stats.to_dict() | {
+                "provider": self.provider,
+                "jobs": len(self.jobs),
+                "jobs_succeeded": self.jobs.succeeded(),
+                "jobs_open": self.jobs.open(),
+                "image_renders": self.images.renders,
+            }
             return Response.json(200, body)
         if what == "reset" and method == "POST":
             raw = await request.body()

@@ -192,5 +192,12 @@ class JobBook:
             jobs = list(self._jobs.values())
         return sum(1 for job in jobs if job.phase(now) == "succeeded")
 
+    def open(self) -> int:
+        """Jobs not ended by now (queued, starting or running): work that may still run and bill."""
+        now = time.monotonic()
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return sum(1 for job in jobs if job.phase(now) not in TERMINAL)
+
     def __len__(self) -> int:
         return len(self._jobs)

@@ -184,3 +184,18 @@ async def test_request_timeout_header_drops_a_job_no_runner_started(client, flee
     assert status["status"] == "COMPLETED" and status["error_type"] == "request_timeout"
     result = await client.get(job["response_url"], headers=auth(fleet, "fal"))
     assert result.status_code == 504 and "x-fal-request-timeout-type" in result.headers
+
+
+async def test_open_jobs_count_what_may_still_run_whichever_way_a_job_ends(client, fleet):
+    await knobs(client, fleet, "fal", {"faults": {"stuck": 1.0}})
+    dropped = (await client.post(fleet["fal"].base_url + SUBMIT, json={"prompt": "a"}, headers=auth(fleet, "fal") | {"X-Fal-Request-Timeout": "1.2"})).json()
+    cancelled = await submit(client, fleet, {"prompt": "b"})
+    await submit(client, fleet, {"prompt": "c"})  # stays stuck
+    assert (await stats(client, fleet, "fal"))["jobs_open"] == 3
+    assert (await client.put(cancelled["cancel_url"], headers=auth(fleet, "fal"))).status_code == 200
+    assert (await stats(client, fleet, "fal"))["jobs_open"] == 2
+    await asyncio.sleep(1.25)  # the first one's start deadline drops it
+    counters = await stats(client, fleet, "fal")
+    assert counters["jobs_open"] == 1 and counters["cancels"] == 1
+    late = await client.put(dropped["cancel_url"], headers=auth(fleet, "fal"))
+    assert (late.status_code, late.json()["status"]) == (400, "ALREADY_COMPLETED")

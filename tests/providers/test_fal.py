@@ -425,8 +425,8 @@ async def test_missing_key_is_refused_without_a_request(make_settings, http_clie
         (httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}), None),  # running: only signalled, may still bill
         (httpx.Response(200, json={"status": "OK"}), True),  # removed from the queue: never runs
         (httpx.Response(202, content=b""), True),
-        (httpx.Response(400, json={"status": "ALREADY_COMPLETED"}), False),
         (httpx.Response(404, json={"status": "NOT_FOUND"}), False),
+        (httpx.Response(200, json={"status": "NOT_FOUND"}), False),
         (httpx.ConnectError("down"), False),
     ],
 )
@@ -435,6 +435,30 @@ async def test_cancel_puts_the_cancel_url_and_ignores_errors(fal, mock, reply, a
     assert await fal.cancel(RID) is accepted
     assert route.call_count == 1
     assert route.calls.last.request.headers["authorization"] == f"Key {KEY}"
+
+
+# A cancel that comes after the job ended: how it ended says whether it bills.
+# This is the race of a job dropped by its X-Fal-Request-Timeout just as the
+# gateway's attempt ran out of time.
+@pytest.mark.parametrize(
+    ("cancel_status", "end", "never_bills"),
+    [
+        (400, status("COMPLETED", error="Request timed out before a runner started it", error_type="request_timeout"), True),
+        (200, status("COMPLETED", error="Request timed out before a runner started it", error_type="request_timeout"), True),
+        (400, status("COMPLETED", error="runner gone", error_type="runner_disconnected"), True),  # infrastructure: not billed
+        (400, status("COMPLETED"), False),  # it made its image: billed
+        (400, status("COMPLETED", error="boom", error_type="internal_server_error_of_the_model"), False),  # the runner's failure: billed
+        (400, status("COMPLETED", error="Cancelled", error_type="client_cancelled"), False),
+        (400, httpx.Response(500), False),  # its end could not be read
+        (400, httpx.ReadTimeout("slow"), False),
+    ],
+)
+async def test_cancel_of_an_ended_job_reads_its_end_once(fal, mock, cancel_status, end, never_bills):
+    mock.put(CANCEL).respond(cancel_status, json={"status": "ALREADY_COMPLETED"})
+    read = mock.get(STATUS).mock(side_effect=[end])
+    assert await fal.cancel(RID) is never_bills
+    assert read.call_count == 1
+    assert read.calls.last.request.headers["authorization"] == f"Key {KEY}"
 
 
 async def test_cancel_after_a_deadline_uses_the_remembered_cancel_url(fal, mock, make_job):
