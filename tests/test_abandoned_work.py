@@ -53,8 +53,15 @@ def budget_spent(app: Litestar, key: str) -> Decimal:
 
 
 def ledger_rows(app: Litestar) -> list[Any]:
+    """The ledger's rows, read on the loop that serves `app`: the writer's asyncio lock
+    belongs to that loop, and a waiter from another loop may never be woken."""
+    ledger = app.state.gateway.billing.ledger
     now = datetime.now(UTC)
-    return asyncio.run(app.state.gateway.billing.ledger.query(now - timedelta(hours=1), now + timedelta(hours=1)))
+    query = ledger.query(now - timedelta(hours=1), now + timedelta(hours=1))
+    task = ledger._task
+    if task is None or task.get_loop().is_closed():  # not serving: no loop of its own
+        return asyncio.run(query)
+    return asyncio.run_coroutine_threadsafe(query, task.get_loop()).result(timeout=10)
 
 
 METRICS_TOKEN = "abandoned-work-metrics-token"  # caller keys are required, so /metrics is closed without it
