@@ -146,6 +146,11 @@ _NAMESPACES = frozenset({"workflows", "comfy"})
 _REMEMBERED_JOBS = 1024
 
 
+def ended_in_error(status: Mapping[str, Any]) -> bool:
+    """A COMPLETED status that is a failure: fal reports it in `error` / `error_type` (docs/providers/fal.md#status-flow)."""
+    return bool(status.get("error") or status.get("error_type"))
+
+
 def queue_app(endpoint_id: str) -> str:
     """The `owner/alias` that status, result and cancel URLs use (docs/providers/fal.md#endpoints).
 
@@ -291,7 +296,7 @@ class FalAdapter(Adapter):
 
     async def _follow(self, job: ImageJob, urls: QueueUrls, request_id: str, headers: Mapping[str, str], deadline: float) -> ProviderResult:
         status = await self._wait_until_completed(urls.status, request_id, headers, deadline)
-        if status.get("error") or status.get("error_type"):
+        if ended_in_error(status):
             raise self._completed_error(status, request_id)
         output = await self._fetch_result(urls.response, request_id, headers, deadline)
         return self._result(job, output, request_id, status)
@@ -491,7 +496,7 @@ class FalAdapter(Adapter):
         except ProviderError:
             return False
         status = maybe_json(response) if response.status_code == 200 else None
-        if not isinstance(status, dict) or status.get("status") != "COMPLETED" or not (status.get("error") or status.get("error_type")):
+        if not isinstance(status, dict) or status.get("status") != "COMPLETED" or not ended_in_error(status):
             return False
         return not self._completed_error(status, job_id).billed
 

@@ -185,19 +185,19 @@ class JobBook:
         with self._lock:
             self._jobs.clear()
 
-    def succeeded(self) -> int:
-        """Jobs that have ended `succeeded` by now: the work a provider that bills successes only charges for."""
+    def _phases_now(self) -> list[Phase]:
         now = time.monotonic()
         with self._lock:
             jobs = list(self._jobs.values())
-        return sum(1 for job in jobs if job.phase(now) == "succeeded")
+        return [job.phase(now) for job in jobs]
+
+    def succeeded(self) -> int:
+        """Jobs that have ended `succeeded` by now: the work a provider that bills successes only charges for."""
+        return sum(1 for phase in self._phases_now() if phase == "succeeded")
 
     def open(self) -> int:
         """Jobs not ended by now (queued, starting or running): work that may still run and bill."""
-        now = time.monotonic()
-        with self._lock:
-            jobs = list(self._jobs.values())
-        return sum(1 for job in jobs if job.phase(now) not in TERMINAL)
+        return sum(1 for phase in self._phases_now() if phase not in TERMINAL)
 
     def __len__(self) -> int:
         return len(self._jobs)
