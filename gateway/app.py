@@ -43,7 +43,8 @@ from gateway.money.ratelimit import RateLimiter
 from gateway.money.reconcile import SOURCES
 from gateway.money.tab import Billing
 from gateway.net.pinning import PinnedTransport, SystemResolver
-from gateway.net.transport import NoCookies, upstream_client_choice, upstream_transport
+from gateway.net.transport import USER_AGENT, httpx_wire, upstream_client_choice, upstream_wire
+from gateway.net.wire import Wire
 from gateway.observability.logs import RequestLogger, configure_logging
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_access import MetricsAccess
@@ -76,18 +77,19 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     keys = parse_keys(Settings.from_env(env).gateway_keys)
     metrics_access = MetricsAccess.from_env(env)
     register_secrets([*(b.credential for b in config.backends), *keys, metrics_access.token])  # never in a log line, label or answer
-    upstream = transport
-    if upstream is None:
+    wire: Wire
+    if transport is not None:
+        wire = httpx_wire(transport)
+    else:
         try:
-            upstream = upstream_transport(upstream_client_choice(config.settings.upstream_client, env), MAX_UPSTREAM_CONNECTIONS)
+            wire = upstream_wire(upstream_client_choice(config.settings.upstream_client, env), MAX_UPSTREAM_CONNECTIONS)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    client = httpx.AsyncClient(transport=upstream, cookies=NoCookies(), headers={"user-agent": "klein-gateway/0.1"})
     # Caller URLs are fetched with a separate client that never carries provider state,
     # connecting only to the public address it checked (PinnedTransport).
     resolver = SystemResolver()
-    fetch_client = httpx.AsyncClient(transport=transport or PinnedTransport(resolver), follow_redirects=False, trust_env=False, headers={"user-agent": "klein-gateway/0.1"})
-    fleet = BackendFleet(config, client, fetch_client)
+    fetch_client = httpx.AsyncClient(transport=transport or PinnedTransport(resolver), follow_redirects=False, trust_env=False, headers={"user-agent": USER_AGENT})
+    fleet = BackendFleet(config, wire, fetch_client)
     store = open_store(env.get("REDIS_URL") or None, merge=merge_pushed_back)
     policies = {b.name: b.config.breaker for b in config.enabled}
     kinds = {b.name: b.config.kind for b in config.enabled}
@@ -98,7 +100,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
     settings = config.settings
     images_store = open_image_store(settings, env)
     fleet.uploads = UploadLinks(images_store, settings)
-    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(client, images_store, rehost=settings.image_store.rehost, tolerance=fleet.tolerance), metrics, uploads=fleet.uploads)
+    dispatcher = Dispatcher(fleet.backends, health, ResultShaper(wire, images_store, rehost=settings.image_store.rehost, tolerance=fleet.tolerance), metrics, uploads=fleet.uploads)
     for name, backend in fleet.backends.items():
         metrics.set_backend_quote(name, backend.quote(REFERENCE_JOB).usd)
         if backend.kind in SOURCES:
@@ -118,7 +120,7 @@ def build_gateway(config: GatewayConfig, env: Mapping[str, str], *, transport: h
         store=store,
         keyring=keyring,
         billing=billing,
-        clients=[client, fetch_client],
+        clients=[wire, fetch_client],
         request_log=RequestLogger(log_prompt_length=settings.log_prompts),
         drain=Drain(grace_s=settings.shutdown_grace_s),
         jobs=open_jobs(settings, env),

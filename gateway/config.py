@@ -159,8 +159,8 @@ class GatewaySettings(_Strict):
     # within a second even when a pub/sub message is lost.
     health_refresh_ms: int = Field(default=250, ge=10, le=1000)
     # What carries provider calls and the Range reads of their images: aiohttp's
-    # pool and parser under httpx's client (gateway/net/aiohttp_transport.py), or
-    # httpx's own sharded httpcore pools (gateway/net/transport.py). KLEIN_UPSTREAM_CLIENT overrides.
+    # pool and parser with no client layer (gateway/net/aiohttp_wire.py), or an
+    # httpx client on httpx's own sharded httpcore pools (gateway/net/transport.py). KLEIN_UPSTREAM_CLIENT overrides.
     upstream_client: Literal["aiohttp", "httpx"] = "aiohttp"
 
 

@@ -32,6 +32,7 @@ from gateway.money.keys import KeyRing
 from gateway.money.reconcile import billed_source
 from gateway.money.tab import Billing, Tab
 from gateway.net.pinning import Resolver, SystemResolver
+from gateway.net.wire import Wire
 from gateway.observability.logs import RequestLogger
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_access import MetricsAccess
@@ -51,7 +52,7 @@ class Gateway:
     store: Any  # the state store, for readiness
     keyring: KeyRing
     billing: Billing
-    clients: list[httpx.AsyncClient] = field(default_factory=list)
+    clients: list[Wire | httpx.AsyncClient] = field(default_factory=list)  # the upstream wire, the reference fetcher
     request_log: RequestLogger = field(default_factory=RequestLogger)
     resolver: Resolver = field(default_factory=SystemResolver)  # reference URL hosts, checked on arrival
     metrics_access: MetricsAccess = field(default_factory=MetricsAccess)

@@ -23,7 +23,7 @@ class FakeAdapter(Adapter):
     kind = "fake"
 
     def __init__(self, name: str, results: list[ProbeResult | BaseException] | None = None, delay: float = 0.0) -> None:
-        super().__init__(AdapterSettings(name=name, base_url="http://127.0.0.1:9", credential=None), client=None)  # type: ignore[arg-type]  # never sends: the probe is scripted
+        super().__init__(AdapterSettings(name=name, base_url="http://127.0.0.1:9", credential=None), wire=None)  # type: ignore[arg-type]  # never sends: the probe is scripted
         self.results = results or [ProbeResult(ok=True)]
         self.delay = delay
         self.probes = 0

@@ -40,6 +40,7 @@ from gateway.domain.job import MEDIA_TYPES, ImageJob
 from gateway.domain.media import sniff
 from gateway.domain.native_sizes import DEFAULT_TOLERANCE, SizeTolerance, acceptable
 from gateway.images import ImageStore
+from gateway.net.wire import Wire, WireTimeout, as_wire
 from gateway.providers.base import (
     DELIVERY_NETWORK,
     FailureClass,
@@ -72,8 +73,8 @@ class ShapedImage:
 
 
 class ResultShaper:
-    def __init__(self, client: httpx.AsyncClient, store: ImageStore, *, rehost: bool = False, tolerance: SizeTolerance = DEFAULT_TOLERANCE) -> None:
-        self.client = client
+    def __init__(self, wire: Wire | httpx.AsyncClient, store: ImageStore, *, rehost: bool = False, tolerance: SizeTolerance = DEFAULT_TOLERANCE) -> None:
+        self.wire = as_wire(wire)
         self.store = store
         self.tolerance = tolerance  # how far a shape request's image may be from the predicted size
         # Provider URLs expire (Runflow's are presigned): with rehost the image
@@ -146,13 +147,16 @@ class ResultShaper:
             raise delivery_failed("deadline passed while reading the image header", network=True)
         head = bytearray()
         try:
-            async with self.client.stream("GET", url, headers={"range": f"bytes=0-{HEAD_BYTES - 1}"}, timeout=min(remaining, 30.0)) as resp:
+            resp = await self.wire.send("GET", url, headers={"range": f"bytes=0-{HEAD_BYTES - 1}"}, timeout=WireTimeout.of(min(remaining, 30.0)), stream=True)
+            try:
                 if resp.status_code not in (200, 206):
                     return b""
                 async for chunk in resp.aiter_bytes():
                     head += chunk
                     if len(head) >= HEAD_BYTES:
                         break
+            finally:
+                await resp.aclose()
         except httpx.HTTPError:
             return b""
         return bytes(head[:HEAD_BYTES])
@@ -179,7 +183,8 @@ class ResultShaper:
             raise delivery_failed(f"image download failed: {type(exc).__name__}") from None
 
     async def _stream(self, url: str, timeout: float) -> bytes:
-        async with self.client.stream("GET", url, timeout=timeout) as resp:
+        resp = await self.wire.send("GET", url, headers={}, timeout=WireTimeout.of(timeout), stream=True)
+        try:
             if resp.status_code != 200:
                 raise delivery_failed(f"image download answered HTTP {resp.status_code}")
             declared = resp.headers.get("content-length")
@@ -191,6 +196,8 @@ class ResultShaper:
                 if size > MAX_OUTPUT_BYTES:
                     raise delivery_failed("image is implausibly large")
                 chunks.append(chunk)
+        finally:
+            await resp.aclose()
         return b"".join(chunks)
 
 

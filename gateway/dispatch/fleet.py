@@ -1,6 +1,6 @@
 """The backends in service: adapter, capabilities and price sheet, built from config.
 
-`BackendFleet` owns the shared HTTP client and turns a job into routing
+`BackendFleet` owns the shared upstream wire and turns a job into routing
 candidates (eligibility, quote, health) for the pure router. What a backend
 can do and report comes from its adapter class, never from its name.
 """
@@ -21,6 +21,7 @@ from gateway.domain.capabilities import Capabilities, eligible
 from gateway.domain.job import ImageJob, JobKind
 from gateway.domain.native_sizes import SizeTolerance, as_served
 from gateway.health.view import HealthView
+from gateway.net.wire import Wire
 from gateway.providers import adapter_class, capabilities_for
 from gateway.providers.base import Adapter, AdapterSettings, Timeouts
 from gateway.redaction import register_secrets
@@ -83,9 +84,9 @@ class Backend:
 
 
 class BackendFleet:
-    def __init__(self, config: GatewayConfig, client: httpx.AsyncClient, fetch_client: httpx.AsyncClient) -> None:
+    def __init__(self, config: GatewayConfig, wire: Wire, fetch_client: httpx.AsyncClient) -> None:
         self.config = config
-        self.client = client
+        self.wire = wire
         # Credentials read from the variables providers.yaml names (renamed ones
         # too) are scrubbed from logs by value, like the registry's own names.
         register_secrets(b.credential for b in config.backends)
@@ -95,7 +96,7 @@ class BackendFleet:
         baseline = sheets.get(baseline_name) if baseline_name else None
         self.backends: dict[str, Backend] = {}
         for resolved in config.enabled:
-            self.backends[resolved.name] = build_backend(resolved, client, fetch_client, baseline)
+            self.backends[resolved.name] = build_backend(resolved, wire, fetch_client, baseline)
         self.uploads: UploadLinks | None = None  # set once the image store exists (gateway.app)
 
     @property
@@ -122,7 +123,7 @@ class BackendFleet:
         return out
 
 
-def build_backend(resolved: ResolvedBackend, client: httpx.AsyncClient, fetch_client: httpx.AsyncClient, baseline: PriceSheet | None) -> Backend:
+def build_backend(resolved: ResolvedBackend, wire: Wire, fetch_client: httpx.AsyncClient, baseline: PriceSheet | None) -> Backend:
     cfg = resolved.config
     t = cfg.timeouts
     settings = AdapterSettings(
@@ -132,6 +133,6 @@ def build_backend(resolved: ResolvedBackend, client: httpx.AsyncClient, fetch_cl
         timeouts=Timeouts(connect=t.connect, request=t.request, poll_interval=t.poll_interval, max_poll_interval=t.max_poll_interval),
         options=cfg.options,
     )
-    adapter = adapter_class(cfg.kind)(settings, client)
+    adapter = adapter_class(cfg.kind)(settings, wire)
     caps = {k: capabilities_for(cfg.kind, cfg.options, cfg.capabilities, k) for k in JobKind}
     return Backend(resolved.name, cfg.kind, adapter, caps[JobKind.GENERATE], caps[JobKind.EDIT], resolved.sheet, cfg.expected_latency_s, fetch_client, baseline)

@@ -18,7 +18,10 @@ from typing import Any
 
 import httpx
 
+from gateway.net.wire import HttpxWire, Wire
 from gateway.settings import Settings
+
+USER_AGENT = "klein-gateway/0.1"
 
 SHARD_SIZE = 32
 
@@ -52,14 +55,19 @@ def upstream_client_choice(configured: str, env: Mapping[str, str]) -> str:
     return choice
 
 
-def upstream_transport(choice: str, max_connections: int, *, keepalive_expiry: float = 30.0) -> httpx.AsyncBaseTransport:
-    """The transport under the provider client: aiohttp's (the default, about half
-    the CPU per call, bench/README.md#upstream-client) or httpx's sharded pools."""
+def upstream_wire(choice: str, max_connections: int, *, keepalive_expiry: float = 30.0) -> Wire:
+    """What provider calls travel on: aiohttp with no client layer (the default,
+    bench/README.md#the-thin-wire) or an httpx client on httpx's sharded pools."""
     if choice == "aiohttp":
-        from gateway.net.aiohttp_transport import AiohttpTransport
+        from gateway.net.aiohttp_wire import AiohttpWire
 
-        return AiohttpTransport(max_connections, keepalive_expiry=keepalive_expiry)
-    return ShardedTransport(max_connections, keepalive_expiry=keepalive_expiry)
+        return AiohttpWire(max_connections, keepalive_expiry=keepalive_expiry)
+    return httpx_wire(ShardedTransport(max_connections, keepalive_expiry=keepalive_expiry))
+
+
+def httpx_wire(transport: httpx.AsyncBaseTransport) -> HttpxWire:
+    """An httpx client for provider calls over `transport`: no cookies, the gateway's user agent."""
+    return HttpxWire(httpx.AsyncClient(transport=transport, cookies=NoCookies(), headers={"user-agent": USER_AGENT}))
 
 
 class NoCookies(http.cookiejar.CookieJar):

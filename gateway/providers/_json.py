@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import msgspec
 
+from gateway.net.wire import WireResponse
+
 _decode = msgspec.json.Decoder().decode
+encode_json = msgspec.json.Encoder().encode  # compact UTF-8, as httpx's `json=` wrote it
 
 
-def response_json(response: httpx.Response) -> Any:
+def response_json(response: WireResponse) -> Any:
     """The response's JSON body; ValueError if it is not JSON."""
     try:
         return _decode(response.content)

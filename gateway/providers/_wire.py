@@ -28,8 +28,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import httpx
-
+from gateway.net.wire import WireResponse
 from gateway.providers._json import response_json
 from gateway.providers.base import Adapter, FailureClass, ProviderError, Timeouts, parse_retry_after, sleep_until_next_poll
 from gateway.redaction import mask_fragments, redact, registered_secrets, unescape
@@ -113,8 +112,8 @@ async def get_patiently(
     job_id: str,
     headers: Mapping[str, str],
     max_errors: int,
-    transient: Callable[[httpx.Response], bool] = lambda r: r.status_code in TRANSIENT_POLL_STATUSES,
-) -> httpx.Response:
+    transient: Callable[[WireResponse], bool] = lambda r: r.status_code in TRANSIENT_POLL_STATUSES,
+) -> WireResponse:
     """GET while following a job, waiting out up to `max_errors` consecutive transient failures.
 
     Returns the first answer that is not transient (success or a real error).
@@ -162,7 +161,7 @@ async def follow_job(poll: Callable[[], Awaitable[T | None]], *, timeouts: Timeo
         attempt += 1
 
 
-def maybe_json(response: httpx.Response) -> Any:
+def maybe_json(response: WireResponse) -> Any:
     """The JSON body, or None: for error bodies, which may be anything."""
     try:
         return response_json(response)
@@ -204,7 +203,7 @@ def classify_status(status: int, *, submitted: bool, overrides: StatusOverrides 
 
 
 def http_error(
-    response: httpx.Response,
+    response: WireResponse,
     message: str,
     *,
     job_id: str | None = None,

@@ -26,7 +26,8 @@ import httpx
 
 from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import ImageJob, JobKind
-from gateway.providers._json import response_json
+from gateway.net.wire import Wire, WireResponse, WireTimeout, as_wire
+from gateway.providers._json import encode_json, response_json
 from gateway.providers.options import AdapterOptions
 
 log = logging.getLogger(__name__)
@@ -171,9 +172,9 @@ class Adapter(ABC):
     sends_previews: ClassVar[bool] = False
     emulator: ClassVar[EmulatorHook | None] = None
 
-    def __init__(self, settings: AdapterSettings, client: httpx.AsyncClient) -> None:
+    def __init__(self, settings: AdapterSettings, wire: Wire | httpx.AsyncClient) -> None:
         self.settings = settings
-        self.client = client
+        self.wire = as_wire(wire)
         self.opts = self.options_type.parse(settings.options, self.kind)
 
     @classmethod
@@ -243,9 +244,12 @@ class Adapter(ABC):
         job_id: str | None = None,
         timeout: float | None = None,
         stream: bool = False,
-        **kw: Any,
-    ) -> httpx.Response:
-        """One HTTP exchange, with transport errors classified.
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+    ) -> WireResponse:
+        """One HTTP exchange on the wire, with transport errors classified.
+        `json` is sent encoded by msgspec; no redirect is followed.
 
         Before a job id exists a transport failure is UNREACHABLE (connect) or
         FAILED (the request may have reached the provider but nothing was
@@ -259,12 +263,13 @@ class Adapter(ABC):
             raise deadline_error(job_id)
         read = min(timeout or self.settings.timeouts.request, remaining)
         connect = min(self.settings.timeouts.connect, remaining)
-        t = httpx.Timeout(read, connect=connect)
+        sent = headers or {}
+        if json is not None:
+            content = encode_json(json)
+            sent = {**sent, "content-type": "application/json"}
         started = time.monotonic()
         try:
-            if stream:
-                return await self.client.send(self.client.build_request(method, url, timeout=t, **kw), stream=True)
-            return await self.client.request(method, url, timeout=t, **kw)
+            return await self.wire.send(method, url, headers=sent, content=content, timeout=WireTimeout(read=read, connect=connect), stream=stream)
         except httpx.ConnectTimeout:
             if time.monotonic() - started > 2 * connect + 1.0:
                 # The timer fired long after it was due: the gateway's own event loop
@@ -404,7 +409,7 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def json_body(response: httpx.Response, *, job_id: str | None = None) -> Any:
+def json_body(response: WireResponse, *, job_id: str | None = None) -> Any:
     """The JSON body, or a FAILED (garbage body) error."""
     try:
         return response_json(response)

@@ -57,11 +57,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
-import httpx
-
 from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import MEDIA_TYPES, ImageJob, JobKind
 from gateway.domain.media import sniff
+from gateway.net.wire import WireResponse
 from gateway.providers import register
 from gateway.providers._images import checked_b64, content_type_from_url, data_uri_b64, is_data_uri, parse_data_uri, reference_uri
 from gateway.providers._json import response_json
@@ -249,7 +248,7 @@ class EmpirioLabsAdapter(Adapter):
         if not self.settings.credential:
             raise ProviderError(FailureClass.REFUSED, "no API key configured", credentials_invalid=True)
         body = request_body(job, self.opts)
-        resp = await self.request("POST", f"{self.base}/v1/images/generations", deadline=deadline, headers=self._auth(), json=body, follow_redirects=False)
+        resp = await self.request("POST", f"{self.base}/v1/images/generations", deadline=deadline, headers=self._auth(), json=body)
         if not resp.is_success:
             raise self._error(resp)
         try:
@@ -272,7 +271,7 @@ class EmpirioLabsAdapter(Adapter):
             images = self.sizes_to_verify(images, job)
         return ProviderResult(images=images, seed=seed, raw=raw)
 
-    def _error(self, resp: httpx.Response) -> ProviderError:
+    def _error(self, resp: WireResponse) -> ProviderError:
         code, message = error_fields(maybe_json(resp))
         text = ": ".join(p for p in (code, message or resp.reason_phrase or "error") if p)
         # There is no job: the one call is the work, so a 408 or 504 may hide
@@ -294,7 +293,7 @@ class EmpirioLabsAdapter(Adapter):
         started = time.monotonic()
         headers = self._auth() if self.settings.credential else {}
         try:
-            resp = await self.request("GET", f"{self.base}/v1/models/{self.opts.model}", deadline=started + PROBE_TIMEOUT_S, timeout=PROBE_TIMEOUT_S, headers=headers, follow_redirects=False)
+            resp = await self.request("GET", f"{self.base}/v1/models/{self.opts.model}", deadline=started + PROBE_TIMEOUT_S, timeout=PROBE_TIMEOUT_S, headers=headers)
         except ProviderError as err:
             return ProbeResult(False, err.message, time.monotonic() - started)
         latency = time.monotonic() - started

@@ -62,6 +62,7 @@ import httpx
 
 from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import ImageJob, JobKind
+from gateway.net.wire import WireResponse
 from gateway.providers import register
 from gateway.providers._images import output_image, reference_uri
 from gateway.providers._json import response_json
@@ -170,7 +171,7 @@ class QueueUrls:
     cancel: str
 
 
-def error_detail(body: Any, response: httpx.Response) -> tuple[str, str | None, list[str]]:
+def error_detail(body: Any, response: WireResponse) -> tuple[str, str | None, list[str]]:
     """(message, error code, model error types) of a fal error response.
 
     Model errors: `{"detail": [{loc, msg, type}]}`; request errors: `{"detail": "...",
@@ -227,7 +228,7 @@ class FalOptions(AdapterOptions):
             raise ValueError(f"{prefix}option max_poll_errors must be 0 or more")
 
 
-def _result_transient(response: httpx.Response) -> bool:
+def _result_transient(response: WireResponse) -> bool:
     """What fal's own client retries (docs/providers/fal.md#result): 408/409/429 and ingress errors."""
     status = response.status_code
     if status in (408, 409, 429):
@@ -387,7 +388,7 @@ class FalAdapter(Adapter):
 
     # ---- errors --------------------------------------------------------------
 
-    def _error(self, response: httpx.Response, *, job_id: str | None = None) -> ProviderError:
+    def _error(self, response: WireResponse, *, job_id: str | None = None) -> ProviderError:
         """A fal error response as a ProviderError. Without `job_id` it is the submit's."""
         message, code, types = error_detail(maybe_json(response), response)
         message = provider_text(message, self.settings.credential)

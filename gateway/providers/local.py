@@ -68,6 +68,7 @@ from pydantic import ValidationError
 
 from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import ImageJob
+from gateway.net.wire import WireResponse
 from gateway.providers import register
 from gateway.providers._json import response_json
 from gateway.providers._wire import http_error, provider_text
@@ -146,7 +147,7 @@ def request_body(job: ImageJob, timeout_s: float, partial_images: int = 0) -> di
     return request.model_dump(mode="json", exclude_none=True)
 
 
-def error_text(response: httpx.Response) -> tuple[str | None, str]:
+def error_text(response: WireResponse) -> tuple[str | None, str]:
     """(code, message) from the service's `{"error": {...}}` envelope, fit for a caller (`provider_text`)."""
     try:
         error = response_json(response).get("error") or {}
@@ -159,7 +160,7 @@ def error_text(response: httpx.Response) -> tuple[str | None, str]:
     return (code and provider_text(code, None, 64)), provider_text(message, None)
 
 
-def error_from(response: httpx.Response) -> ProviderError:
+def error_from(response: WireResponse) -> ProviderError:
     """The classified error of a non-2xx answer (or of a stream's `error` event, as one)."""
     code, message = error_text(response)
     # Not `submitted`: the service answers an error only for work that
@@ -183,7 +184,7 @@ def result_from(status: int, content: bytes | str) -> ProviderResult:
     return to_result(payload)
 
 
-def stream_error_response(data: str) -> httpx.Response:
+def stream_error_response(data: str) -> WireResponse:
     """A stream's `error` event as the error answer it stands for."""
     try:
         event = StreamError.model_validate_json(data)
@@ -204,7 +205,7 @@ def preview_image(data: str) -> PreviewImage | None:
     return PreviewImage(raw, event.index, event.partial_image_index, event.content_type, event.width, event.height)
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+async def sse_events(response: WireResponse) -> AsyncIterator[tuple[str, str]]:
     """(event, data) of each server-sent event in a streamed body."""
     event = "message"
     data: list[str] = []
@@ -327,7 +328,7 @@ class LocalAdapter(Adapter):
         finally:
             await response.aclose()
 
-    async def _read_stream(self, response: httpx.Response, sink: PreviewSink) -> ProviderResult:
+    async def _read_stream(self, response: WireResponse, sink: PreviewSink) -> ProviderResult:
         if not response.is_success:
             await response.aread()
             raise error_from(response)

@@ -70,6 +70,7 @@ import httpx
 
 from gateway.domain.capabilities import Capabilities
 from gateway.domain.job import ImageJob, JobKind
+from gateway.net.wire import WireResponse
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
 from gateway.providers._wire import CREDENTIAL_STATUSES, StatusOverrides, as_outcome_unknown, follow_job, get_patiently, http_error, maybe_json, provider_text, trusted_url
@@ -171,7 +172,7 @@ def sizes_from(raw: Any) -> dict[tuple[int, int], SizeSpec]:
     return table
 
 
-def problem_message(body: Any, response: httpx.Response) -> str:
+def problem_message(body: Any, response: WireResponse) -> str:
     """The human part of an RFC 7807 problem details body (docs/providers/replicate.md#errors-and-their-classes)."""
     if isinstance(body, dict):
         message = str(body.get("detail") or body.get("title") or "")
@@ -414,7 +415,7 @@ class ReplicateAdapter(Adapter):
 
     # ---- errors and result ---------------------------------------------------
 
-    def _error(self, response: httpx.Response, *, job_id: str | None = None) -> ProviderError:
+    def _error(self, response: WireResponse, *, job_id: str | None = None) -> ProviderError:
         """A problem-details response (docs/providers/replicate.md#errors-and-their-classes) as a ProviderError."""
         message = provider_text(problem_message(maybe_json(response), response), self.settings.credential)
         status = response.status_code

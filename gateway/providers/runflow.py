@@ -90,6 +90,7 @@ import httpx
 
 from gateway.domain.capabilities import Capabilities, eligible
 from gateway.domain.job import ImageJob, JobKind
+from gateway.net.wire import WireResponse
 from gateway.providers import register
 from gateway.providers._images import content_type_from_url, output_image, reference_uri
 from gateway.providers._json import response_json
@@ -411,7 +412,7 @@ class RunflowAdapter(Adapter):
             if not ok:
                 raise ProviderError(FailureClass.REJECTED, f"edit endpoint: {ok.reason}")
         body = {"input": run_input(job, self.opts), "client_ref": job.request_id}
-        resp = await self.request("POST", self.create_urls[job.kind], deadline=deadline, headers=self._auth(), json=body, follow_redirects=False)
+        resp = await self.request("POST", self.create_urls[job.kind], deadline=deadline, headers=self._auth(), json=body)
         if not resp.is_success:
             raise self._create_error(resp)
         run = self._created_run(resp)
@@ -430,7 +431,7 @@ class RunflowAdapter(Adapter):
             raise ProviderError(FailureClass.FAILED, f"expected one Runflow run id to resume, got {len(job_ids)}")
         return self._outcome(await self._follow(job_ids[0], deadline), job_ids[0], job)
 
-    def _created_run(self, resp: httpx.Response) -> Mapping[str, Any]:
+    def _created_run(self, resp: WireResponse) -> Mapping[str, Any]:
         try:
             run = response_json(resp)
         except ValueError:
@@ -452,7 +453,7 @@ class RunflowAdapter(Adapter):
         async def poll() -> Mapping[str, Any] | None:
             nonlocal not_found, dropped
             try:
-                resp = await self.request("GET", url, deadline=deadline, job_id=run_id, headers=self._auth(), follow_redirects=False)
+                resp = await self.request("GET", url, deadline=deadline, job_id=run_id, headers=self._auth())
             except ProviderError:
                 dropped += 1
                 if dropped > POLL_TRANSPORT_RETRIES:
@@ -483,7 +484,7 @@ class RunflowAdapter(Adapter):
 
         return await follow_job(poll, timeouts=self.settings.timeouts, deadline=deadline, job_id=run_id, wait_first=True)
 
-    async def _wait_retry_after(self, resp: httpx.Response, deadline: float, run_id: str) -> None:
+    async def _wait_retry_after(self, resp: WireResponse, deadline: float, run_id: str) -> None:
         wait = parse_retry_after(resp.headers.get("retry-after"))
         if not wait:
             return
@@ -517,14 +518,14 @@ class RunflowAdapter(Adapter):
 
     # -- errors --
 
-    def _create_error(self, resp: httpx.Response) -> ProviderError:
+    def _create_error(self, resp: WireResponse) -> ProviderError:
         return self._http_error(resp, overrides=CREATE_STATUS_OVERRIDES)
 
-    def _lost_run(self, resp: httpx.Response, run_id: str) -> ProviderError:
+    def _lost_run(self, resp: WireResponse, run_id: str) -> ProviderError:
         """An error answer while following a run: the run may still go on (and bill)."""
         return as_outcome_unknown(self._http_error(resp, run_id), run_id)
 
-    def _http_error(self, resp: httpx.Response, run_id: str | None = None, *, overrides: StatusOverrides | None = None) -> ProviderError:
+    def _http_error(self, resp: WireResponse, run_id: str | None = None, *, overrides: StatusOverrides | None = None) -> ProviderError:
         code, message = error_fields(maybe_json(resp))
         text = ": ".join(p for p in (code, message or resp.reason_phrase or "error") if p)
         return http_error(resp, self._scrub(text), job_id=run_id, code=code and self._scrub(code, 64), overrides=overrides)
@@ -545,7 +546,7 @@ class RunflowAdapter(Adapter):
         """`GET /v1/health` (docs/providers/runflow.md#probe): free, and sent without the key."""
         started = time.monotonic()
         try:
-            resp = await self.request("GET", f"{self.base}/v1/health", deadline=started + PROBE_TIMEOUT_S, timeout=PROBE_TIMEOUT_S, follow_redirects=False)
+            resp = await self.request("GET", f"{self.base}/v1/health", deadline=started + PROBE_TIMEOUT_S, timeout=PROBE_TIMEOUT_S)
         except ProviderError as err:
             return ProbeResult(False, err.message, time.monotonic() - started)
         latency = time.monotonic() - started
@@ -566,7 +567,6 @@ class RunflowAdapter(Adapter):
                 job_id=job_id,
                 headers=self._auth(),
                 json={"reason": "cancelled by the gateway: deadline passed or outcome unknown"},
-                follow_redirects=False,
             )
         except ProviderError:
             return False
