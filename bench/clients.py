@@ -9,9 +9,11 @@ body, read the whole answer, decode its JSON) against compare.py's upstream
 client with keep-alive connections, as the gateway does. What is compared is
 this process's CPU time per call (`time.process_time`), which a shared
 machine disturbs far less than wall-clock rates, for a small answer (a URL)
-and for 1.1 MB of base64. Clients: httpx.AsyncClient (what the gateway uses),
-httpcore's AsyncConnectionPool (httpx without its client layer), and aiohttp's
-ClientSession; each decodes with msgspec, as the adapters now do.
+and for 1.1 MB of base64. Clients: httpx.AsyncClient, the gateway's own wire
+(`gateway/net/aiohttp_wire.py`: aiohttp with no client layer above it, what
+adapters call), httpcore's AsyncConnectionPool (httpx without its client
+layer), and aiohttp's ClientSession used directly; each decodes with msgspec,
+as the adapters do.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ async def measure(url: str, payload: str, concurrency: int, total: int) -> dict[
     import httpx
     import msgspec
 
-    from gateway.net.aiohttp_transport import AiohttpTransport
-    from gateway.net.transport import NoCookies
+    from gateway.net.aiohttp_wire import AiohttpWire
+    from gateway.net.wire import WireTimeout
 
     body = json.dumps({"model": "flux-2-klein-4b", "prompt": "a lighthouse", "size": "1024x1024", "response_format": "b64_json" if payload == "b64" else "url"}).encode()
     headers = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
@@ -74,21 +76,15 @@ async def measure(url: str, payload: str, concurrency: int, total: int) -> dict[
 
         out["httpx"] = await run(via_httpx, concurrency, total)
 
-    async with httpx.AsyncClient(transport=AiohttpTransport(200)) as client:
+    wire = AiohttpWire(200)
+    timeout = WireTimeout.of(30)
 
-        async def via_httpx_aiohttp() -> object:
-            resp = await client.post(url, content=body, headers=headers, timeout=30)
-            return decode(resp.content)
+    async def via_wire() -> object:
+        resp = await wire.send("POST", url, headers=headers, content=body, timeout=timeout)
+        return decode(resp.content)
 
-        out["httpx over aiohttp"] = await run(via_httpx_aiohttp, concurrency, total)
-
-    async with httpx.AsyncClient(transport=AiohttpTransport(200), cookies=NoCookies()) as client:
-
-        async def via_httpx_aiohttp_no_cookies() -> object:
-            resp = await client.post(url, content=body, headers=headers, timeout=30)
-            return decode(resp.content)
-
-        out["httpx over aiohttp, no cookie jar"] = await run(via_httpx_aiohttp_no_cookies, concurrency, total)
+    out["the gateway's wire (aiohttp, no client layer)"] = await run(via_wire, concurrency, total)
+    await wire.aclose()
 
     async with httpcore.AsyncConnectionPool(max_connections=200) as pool:
         hc_headers = [(k.encode(), v.encode()) for k, v in headers.items()]
