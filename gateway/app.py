@@ -43,8 +43,8 @@ from gateway.money.ratelimit import RateLimiter
 from gateway.money.reconcile import SOURCES
 from gateway.money.tab import Billing
 from gateway.net.pinning import PinnedTransport, SystemResolver
-from gateway.net.transport import USER_AGENT, httpx_wire, upstream_client_choice, upstream_wire
-from gateway.net.wire import Wire
+from gateway.net.transport import httpx_wire, upstream_client_choice, upstream_wire
+from gateway.net.wire import USER_AGENT, Wire
 from gateway.observability.logs import RequestLogger, configure_logging
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.metrics_access import MetricsAccess

@@ -37,9 +37,7 @@ import httpx
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from gateway.net.wire import WireTimeout
-
-USER_AGENT = "klein-gateway/0.1"
+from gateway.net.wire import USER_AGENT, WireTimeout
 
 # aiohttp adds a Content-Type of its own to a bytes body; the adapter already set the one it meant.
 _SKIP_AUTO_HEADERS = ("Content-Type",)

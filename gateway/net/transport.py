@@ -18,10 +18,8 @@ from typing import Any
 
 import httpx
 
-from gateway.net.wire import HttpxWire, Wire
+from gateway.net.wire import USER_AGENT, HttpxWire, Wire
 from gateway.settings import Settings
-
-USER_AGENT = "klein-gateway/0.1"
 
 SHARD_SIZE = 32
 

@@ -26,6 +26,8 @@ from typing import Protocol
 
 import httpx
 
+USER_AGENT = "klein-gateway/0.1"  # on every provider call, whichever wire carries it
+
 
 @dataclass(frozen=True, slots=True)
 class WireTimeout:
